@@ -1,0 +1,1 @@
+"""The chatbot's conversation, independent of any chat platform's API objects."""

@@ -1,0 +1,118 @@
+"""The behaviour every room consumer shares: join, catch up, relay, leave."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from channels.consumer import AsyncConsumer, get_handler_name
+from channels.db import database_sync_to_async
+from channels.exceptions import StopConsumer
+from django.conf import settings
+
+from gateway import selectors
+from gateway.events import RoomMessage
+from gateway.fanout import Delivery
+from gateway.logging import scope_log
+from gateway.runtime import Runtime, get_runtime
+
+logger = logging.getLogger(__name__)
+
+
+class RoomConsumer(AsyncConsumer):
+    """A scope in one room, fed by the process's hub rather than by its own layer channel.
+
+    Two departures from ``AsyncConsumer``, both for the fan-out path (shared/PERFORMANCE.md):
+    no per-consumer channel on the layer (the hub receives each room event once per
+    process), and no ``aclose_old_connections()`` thread hop before every handler (database
+    work goes through ``database_sync_to_async``, which manages connections itself).
+    """
+
+    protocol = ""
+
+    async def __call__(self, scope, receive, send) -> None:
+        self.scope = scope
+        self.base_send = send
+        self.scope_id = f"{self.protocol}-{uuid.uuid4().hex[:12]}"
+        self.room: str | None = None
+        self.runtime: Runtime | None = None
+        self.live = False
+        self.last_sent = 0
+        try:
+            while True:
+                await self.dispatch(await receive())
+        except StopConsumer:
+            pass
+        finally:
+            await self.room_leave()
+
+    async def dispatch(self, message) -> None:
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
+
+    def log_extra(self, **fields: object) -> dict[str, object]:
+        return scope_log(self.protocol, self.room, self.scope_id, **fields)
+
+    # --- room membership ---------------------------------------------------------------
+
+    async def room_join(
+        self, room: str, *, member_id: str, name: str, after: int | None = None
+    ) -> None:
+        """Join a room; with ``after``, first send every stored message after that id."""
+        self.runtime = await get_runtime()
+        await self.runtime.hub.subscribe(room, self)
+        self.room = room
+        self.runtime.presence.add(
+            scope=self.scope_id, room=room, protocol=self.protocol, member_id=member_id,
+            name=name,
+        )
+        await self._catch_up(after)
+        logger.info("joined room", extra=self.log_extra(member=member_id, after=after))
+
+    async def room_leave(self) -> None:
+        if self.room is None or self.runtime is None:
+            return
+        room, self.room = self.room, None
+        self.live = False
+        self.runtime.presence.remove(self.scope_id)
+        await self.runtime.hub.unsubscribe(room, self)
+        logger.info("left room", extra=scope_log(self.protocol, room, self.scope_id))
+
+    async def _catch_up(self, after: int | None) -> None:
+        """Send stored messages up to the hub's position, then switch to the live stream.
+
+        While catching up, live deliveries are ignored: they are at most the hub's position,
+        which the loop reads again before it goes live, so nothing is missed or sent twice.
+        """
+        assert self.runtime is not None and self.room is not None
+        hub = self.runtime.hub
+        position = hub.last_seq(self.room) if after is None else min(after, hub.last_seq(self.room))
+        page = settings.GATEWAY["HISTORY_MAX_PAGE_SIZE"]
+        while position < hub.last_seq(self.room):
+            events = await database_sync_to_async(selectors.room_messages_after)(
+                room=self.room, after=position, upto=hub.last_seq(self.room), limit=page
+            )
+            for event in events:
+                await self.send_room_event(event, Delivery(event))
+            position = events[-1]["id"] if events else hub.last_seq(self.room)
+        self.last_sent = position
+        self.live = True
+
+    # --- delivery (called by the hub) --------------------------------------------------
+
+    async def deliver(self, delivery: Delivery) -> None:
+        event = delivery.event
+        if not self.live or event["id"] <= self.last_sent:
+            return
+        self.last_sent = event["id"]
+        await self.send_room_event(event, delivery)
+
+    async def send_room_event(self, event: RoomMessage, delivery: Delivery) -> None:
+        """Translate a room event into this protocol; implemented per protocol."""
+        raise NotImplementedError
+
+    async def close(self, code: int) -> None:
+        """Close the scope from the server side (shutdown, admin action)."""
+        raise NotImplementedError

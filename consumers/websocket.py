@@ -1,0 +1,198 @@
+"""The browser chat consumer: ``ws://HOST/ws/chat/<room>/``.
+
+Wire format (JSON text frames), compatible with the Channels tutorial's client:
+
+client -> server  {"message": "hi"}                     tutorial form
+                  {"type": "message", "message": "hi", "client_id": "c1"}
+                  {"type": "ping"}
+server -> client  {"type": "message", "message": "hi", "id": 7, "room": "lobby",
+                   "sender": {"protocol": "web", "id": "anon:...", "name": "alice"},
+                   "ts": 1764057600.0, "client_id": "c1"}
+                  {"type": "ack", "client_id": "c1", "id": 7, "duplicate": false}
+                  {"type": "error", "code": "invalid_json", "detail": "..."}
+                  {"type": "pong"}
+
+Query parameters: ``after=<id>`` replays every stored message after that id before the live
+stream; ``name=<display name>`` and ``uid=<stable browser id>`` identify anonymous visitors.
+
+Close codes: 4400 invalid room name or query, 4401 login required (both before accept,
+which daphne answers with HTTP 403), 1011 the room could not be joined, 1012 server
+restart (reconnect and resume), 1009 frame too big and 1007 invalid UTF-8 (from the server).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+from urllib.parse import parse_qs
+
+from channels.db import database_sync_to_async
+from channels.exceptions import StopConsumer
+from django.conf import settings
+
+from consumers.base import RoomConsumer
+from gateway import events
+from gateway.fanout import Delivery
+from gateway.names import room_name_is_valid, ROOM_NAME_RULE
+from gateway.ratelimit import TokenBucket
+from gateway.services import GatewayError, room_message_post
+
+logger = logging.getLogger(__name__)
+
+CLOSE_INVALID = 4400
+CLOSE_LOGIN_REQUIRED = 4401
+CLOSE_JOIN_FAILED = 1011
+
+WIRE_FORMAT = "ws-json"
+UID_RE = re.compile(r"[A-Za-z0-9_\-]{8,64}")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+def message_frame(event: events.RoomMessage) -> str:
+    """The one WebSocket encoding of a room message."""
+    return json.dumps(
+        {
+            "type": "message",
+            "message": event["text"],
+            "id": event["id"],
+            "room": event["room"],
+            "sender": event["sender"],
+            "ts": event["ts"],
+            "client_id": event["client_id"],
+        },
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+
+
+def display_name_clean(raw: str) -> str:
+    """A display name as shown to others: no control characters, at most 64 characters."""
+    return " ".join(_CONTROL_RE.sub(" ", raw).split())[:64]
+
+
+class ChatConsumer(RoomConsumer):
+    protocol = "web"
+
+    # --- connection --------------------------------------------------------------------
+
+    async def websocket_connect(self, message) -> None:
+        room = self.scope["url_route"]["kwargs"]["room"]
+        if not room_name_is_valid(room):
+            return await self._refuse(CLOSE_INVALID, f"invalid room name: {ROOM_NAME_RULE}")
+        user = self.scope.get("user")
+        authenticated = bool(user is not None and user.is_authenticated)
+        if settings.GATEWAY["REQUIRE_LOGIN"] and not authenticated:
+            return await self._refuse(CLOSE_LOGIN_REQUIRED, "login required")
+        query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
+        try:
+            after = _int_param(query, "after")
+        except ValueError as exc:
+            return await self._refuse(CLOSE_INVALID, str(exc))
+        if authenticated:
+            member_id, name = f"user:{user.pk}", user.get_username()
+        else:
+            member_id, name = _anonymous_identity(query)
+        self.sender = events.sender(protocol=self.protocol, id=member_id, name=name)
+        self.bucket = TokenBucket(
+            rate=settings.GATEWAY["RATE_LIMIT_PER_SECOND"],
+            burst=settings.GATEWAY["RATE_LIMIT_BURST"],
+        )
+        await self.base_send({"type": "websocket.accept"})
+        try:
+            await self.room_join(room, member_id=member_id, name=name, after=after)
+        except Exception:
+            logger.exception("could not join room", extra=self.log_extra(joining=room))
+            await self.base_send({"type": "websocket.close", "code": CLOSE_JOIN_FAILED})
+
+    async def _refuse(self, code: int, detail: str) -> None:
+        logger.warning(
+            "refused connection: %s", detail,
+            extra=self.log_extra(path=self.scope.get("path"), code=code),
+        )
+        await self.base_send({"type": "websocket.close", "code": code})
+
+    async def websocket_disconnect(self, message) -> None:
+        raise StopConsumer()
+
+    async def close(self, code: int) -> None:
+        await self.base_send({"type": "websocket.close", "code": code})
+
+    # --- client -> room ----------------------------------------------------------------
+
+    async def websocket_receive(self, message) -> None:
+        if self.room is None:
+            return  # not joined (refused or failed); the socket is closing
+        text = message.get("text")
+        if text is None:
+            return await self.send_error("binary_not_supported", "send JSON as text frames")
+        try:
+            data = json.loads(text)
+        except ValueError:
+            return await self.send_error("invalid_json", "the frame is not valid JSON")
+        if not isinstance(data, dict):
+            return await self.send_error("not_an_object", "send a JSON object")
+        kind = data.get("type", "message")
+        if kind == "ping":
+            return await self.send_json({"type": "pong"})
+        if kind != "message":
+            return await self.send_error("unknown_type", f"unknown type {str(kind)[:32]!r}")
+        await self._post(data)
+
+    async def _post(self, data: dict) -> None:
+        if "message" not in data:
+            return await self.send_error("missing_message", "'message' is required")
+        if not self.bucket.allow():
+            return await self.send_error(
+                "rate_limited",
+                f"too many messages; retry in {self.bucket.retry_after():.1f}s",
+            )
+        client_id = data.get("client_id")
+        try:
+            event, created = await database_sync_to_async(room_message_post)(
+                room=self.room, text=data["message"], sender=self.sender,
+                origin=self.scope_id, client_id=client_id,
+            )
+        except GatewayError as exc:
+            return await self.send_error(exc.code, exc.detail)
+        if client_id is not None:
+            await self.send_json(
+                {"type": "ack", "client_id": client_id, "id": event["id"],
+                 "duplicate": not created}
+            )
+
+    # --- room -> client ----------------------------------------------------------------
+
+    async def send_room_event(self, event: events.RoomMessage, delivery: Delivery) -> None:
+        await self.base_send(
+            {"type": "websocket.send", "text": delivery.frame(WIRE_FORMAT, message_frame)}
+        )
+
+    async def send_json(self, payload: dict) -> None:
+        await self.base_send({"type": "websocket.send", "text": json.dumps(payload)})
+
+    async def send_error(self, code: str, detail: str) -> None:
+        logger.warning("client error %s: %s", code, detail, extra=self.log_extra(code=code))
+        await self.send_json({"type": "error", "code": code, "detail": detail})
+
+
+def _int_param(query: dict[str, list[str]], name: str) -> int | None:
+    values = query.get(name)
+    if not values:
+        return None
+    try:
+        value = int(values[-1])
+    except ValueError:
+        raise ValueError(f"'{name}' must be a non-negative integer") from None
+    if value < 0:
+        raise ValueError(f"'{name}' must be a non-negative integer")
+    return value
+
+
+def _anonymous_identity(query: dict[str, list[str]]) -> tuple[str, str]:
+    uid = (query.get("uid") or [""])[-1]
+    if not UID_RE.fullmatch(uid):
+        uid = secrets.token_hex(8)
+    name = display_name_clean((query.get("name") or [""])[-1])
+    return f"anon:{uid}", name or f"guest-{uid[:4]}"

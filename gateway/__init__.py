@@ -1,0 +1,1 @@
+"""The gateway core: rooms, the event contract, fan-out, web pages and the CLI."""

@@ -1,0 +1,259 @@
+"""Fan-out: one channel-layer subscription per process and room, shared by its members.
+
+The Channels tutorial joins every consumer to the room group, so a room message crosses the
+layer once per member, is JSON-encoded once per member and costs a thread hop per member
+(``AsyncConsumer.dispatch``). Here each process has one hub: it joins the room group once
+per room it serves, receives each event once, and hands the same ``Delivery`` to every local
+subscriber, which encodes its wire format once per message through ``Delivery.frame``.
+
+The hub also owns ordering and completeness. Message ids are assigned per room in commit
+order, so the hub delivers them strictly in sequence: a duplicate is dropped, and a gap
+(a message the layer lost, for instance while Redis restarted) is filled from the database
+before the newer message is delivered. A periodic resync compares each room with the
+database, so even a lost *last* message arrives within ``RESYNC_INTERVAL``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Protocol
+
+from channels.db import database_sync_to_async
+from django.conf import settings
+
+from gateway import selectors
+from gateway.events import EventError, RoomMessage, room_message_decode
+from gateway.names import room_group_name
+
+logger = logging.getLogger(__name__)
+
+GAP_FILL_PAGE = 500
+# The in-memory layer forgets group members after a day (group_expiry); rejoin well before.
+GROUP_REFRESH_SECONDS = 3600.0
+
+
+class Delivery:
+    """One room event on its way to local subscribers, with its encodings cached."""
+
+    __slots__ = ("event", "_frames")
+
+    def __init__(self, event: RoomMessage):
+        self.event = event
+        self._frames: dict[str, str] = {}
+
+    def frame(self, wire_format: str, encode: Callable[[RoomMessage], str]) -> str:
+        """The event encoded for ``wire_format``, computed once for all subscribers."""
+        try:
+            return self._frames[wire_format]
+        except KeyError:
+            frame = self._frames[wire_format] = encode(self.event)
+            return frame
+
+
+class Subscriber(Protocol):
+    async def deliver(self, delivery: Delivery) -> None: ...
+
+    async def close(self, code: int) -> None: ...
+
+
+class _RoomState:
+    __slots__ = ("subscribers", "last_seq", "pending", "ready")
+
+    def __init__(self) -> None:
+        self.subscribers: set[Subscriber] = set()
+        self.last_seq: int | None = None  # None until the room's position is read
+        self.pending: list[RoomMessage] = []
+        self.ready = asyncio.Event()
+
+
+class RoomHub:
+    """The process's single receiver of room events."""
+
+    def __init__(self, layer) -> None:
+        self.layer = layer
+        self.channel = ""
+        self.rooms: dict[str, _RoomState] = {}
+        self._lock = asyncio.Lock()  # serialises delivery, gap fill and resync
+        self._membership = asyncio.Lock()  # serialises group_add/group_discard
+        self._tasks: list[asyncio.Task[None]] = []
+        self.stats = {"received": 0, "delivered": 0, "duplicates": 0, "gap_filled": 0}
+
+    async def start(self) -> None:
+        self.channel = await self.layer.new_channel("hub.")
+        self._tasks = [
+            asyncio.create_task(self._receive_loop(), name="gateway-hub-receive"),
+            asyncio.create_task(self._resync_loop(), name="gateway-hub-resync"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        for room in list(self.rooms):
+            try:
+                await self.layer.group_discard(room_group_name(room), self.channel)
+            except Exception:
+                logger.warning("group_discard failed at stop", extra={"room": room})
+        self.rooms.clear()
+
+    # --- membership --------------------------------------------------------------------
+
+    async def subscribe(self, room: str, subscriber: Subscriber) -> None:
+        """Add a local subscriber; returns once the room's position is known."""
+        state = self.rooms.get(room)
+        if state is None:
+            state = self.rooms[room] = _RoomState()
+            state.subscribers.add(subscriber)
+            try:
+                await self._join(room, state)
+            except BaseException:
+                state.subscribers.discard(subscriber)
+                if self.rooms.get(room) is state:
+                    del self.rooms[room]
+                raise
+        else:
+            state.subscribers.add(subscriber)
+            await state.ready.wait()
+
+    async def unsubscribe(self, room: str, subscriber: Subscriber) -> None:
+        state = self.rooms.get(room)
+        if state is None:
+            return
+        state.subscribers.discard(subscriber)
+        if state.subscribers:
+            return
+        del self.rooms[room]
+        async with self._membership:
+            if room not in self.rooms:  # not re-joined while we waited for the lock
+                await self.layer.group_discard(room_group_name(room), self.channel)
+
+    def last_seq(self, room: str) -> int:
+        """The id of the newest message delivered to the room's local subscribers."""
+        state = self.rooms[room]
+        assert state.last_seq is not None
+        return state.last_seq
+
+    def subscribers(self) -> list[Subscriber]:
+        return [sub for state in self.rooms.values() for sub in state.subscribers]
+
+    async def _join(self, room: str, state: _RoomState) -> None:
+        async with self._membership:
+            await self.layer.group_add(room_group_name(room), self.channel)
+        seqs = await database_sync_to_async(selectors.room_last_seqs)(rooms=[room])
+        async with self._lock:
+            state.last_seq = seqs[room]
+            pending, state.pending = state.pending, []
+            for event in pending:
+                await self._advance(room, state, event)
+            state.ready.set()
+
+    # --- delivery ----------------------------------------------------------------------
+
+    async def _receive_loop(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                message = await self.layer.receive(self.channel)
+                backoff = 0.1
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("channel layer receive failed", extra={"protocol": "layer"})
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            try:
+                event = room_message_decode(message)
+            except EventError as exc:
+                logger.error("dropped malformed room event: %s", exc, extra={"protocol": "layer"})
+                continue
+            self.stats["received"] += 1
+            async with self._lock:
+                await self._on_event(event)
+
+    async def _on_event(self, event: RoomMessage) -> None:
+        state = self.rooms.get(event["room"])
+        if state is None:
+            return  # nobody here any more
+        if state.last_seq is None:
+            state.pending.append(event)
+            return
+        await self._advance(event["room"], state, event)
+
+    async def _advance(self, room: str, state: _RoomState, event: RoomMessage) -> None:
+        assert state.last_seq is not None
+        seq = event["id"]
+        if seq <= state.last_seq:
+            self.stats["duplicates"] += 1
+            return
+        if seq > state.last_seq + 1:
+            await self._fill_gap(room, state, upto=seq - 1)
+        await self._fanout(state, event)
+
+    async def _fill_gap(self, room: str, state: _RoomState, *, upto: int) -> None:
+        assert state.last_seq is not None
+        start = state.last_seq
+        while state.last_seq < upto:
+            missing = await database_sync_to_async(selectors.room_messages_after)(
+                room=room, after=state.last_seq, upto=upto, limit=GAP_FILL_PAGE
+            )
+            if not missing:
+                # Never happens while ids are committed in order; do not wait forever.
+                logger.error("gap not in history", extra={"room": room, "upto": upto})
+                state.last_seq = upto
+                break
+            for event in missing:
+                await self._fanout(state, event)
+        self.stats["gap_filled"] += state.last_seq - start
+        logger.info(
+            "filled gap from history",
+            extra={"protocol": "layer", "room": room, "after": start, "upto": upto},
+        )
+
+    async def _fanout(self, state: _RoomState, event: RoomMessage) -> None:
+        state.last_seq = event["id"]
+        delivery = Delivery(event)
+        for subscriber in tuple(state.subscribers):
+            try:
+                await subscriber.deliver(delivery)
+            except Exception:
+                logger.exception("delivery failed", extra={"room": event["room"]})
+        self.stats["delivered"] += len(state.subscribers)
+
+    # --- resync ------------------------------------------------------------------------
+
+    async def _resync_loop(self) -> None:
+        interval = settings.GATEWAY["RESYNC_INTERVAL"]
+        since_refresh = 0.0
+        while True:
+            await asyncio.sleep(interval)
+            since_refresh += interval
+            try:
+                await self.resync()
+                if since_refresh >= GROUP_REFRESH_SECONDS:
+                    since_refresh = 0.0
+                    await self._refresh_groups()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("resync failed; will retry", extra={"protocol": "layer"})
+
+    async def resync(self) -> None:
+        """Deliver anything stored that the layer has not brought yet."""
+        rooms = [room for room, state in self.rooms.items() if state.last_seq is not None]
+        if not rooms:
+            return
+        stored = await database_sync_to_async(selectors.room_last_seqs)(rooms=rooms)
+        async with self._lock:
+            for room, last in stored.items():
+                state = self.rooms.get(room)
+                if state is not None and state.last_seq is not None and last > state.last_seq:
+                    await self._fill_gap(room, state, upto=last)
+
+    async def _refresh_groups(self) -> None:
+        async with self._membership:
+            for room in list(self.rooms):
+                await self.layer.group_add(room_group_name(room), self.channel)

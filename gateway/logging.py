@@ -1,0 +1,34 @@
+"""Structured log lines: one JSON object per line, with protocol, room and scope."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+# Attributes every LogRecord has; anything else was passed through ``extra=``.
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+
+
+class StructuredFormatter(logging.Formatter):
+    """Format records as JSON lines: ts, level, logger, msg and any ``extra`` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+def scope_log(protocol: str, room: str | None, scope: str, **fields: object) -> dict[str, object]:
+    """The ``extra`` for a log line about one scope."""
+    return {"protocol": protocol, "room": room, "scope": scope, **fields}

@@ -1,0 +1,62 @@
+"""The room domain: rooms, their stored messages, and the live processes that hold members."""
+
+from __future__ import annotations
+
+from django.db import models
+from django.db.models import Q
+
+
+class Room(models.Model):
+    name = models.CharField(max_length=64, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    # The id of the room's newest message; incremented under the row lock, so ids are
+    # monotonic per room and commits happen in id order.
+    last_seq = models.BigIntegerField(default=0)
+    last_activity = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Message(models.Model):
+    room = models.ForeignKey(Room, on_delete=models.CASCADE, related_name="messages")
+    seq = models.BigIntegerField(help_text="Message id, monotonic per room")
+    text = models.TextField()
+    sender_protocol = models.CharField(max_length=16)
+    sender_id = models.CharField(max_length=128)
+    sender_name = models.CharField(max_length=128)
+    origin = models.CharField(max_length=128, help_text="The scope the message came from")
+    client_id = models.CharField(max_length=64, null=True, blank=True)
+    created_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["room", "seq"]
+        constraints = [
+            models.UniqueConstraint(fields=["room", "seq"], name="message_room_seq_unique"),
+            models.UniqueConstraint(
+                fields=["room", "sender_id", "client_id"],
+                condition=Q(client_id__isnull=False),
+                name="message_client_id_unique",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.room_id}#{self.seq} {self.sender_name}: {self.text[:40]}"
+
+
+class GatewayProcess(models.Model):
+    """A running gateway process; its heartbeat makes its members count as present."""
+
+    id = models.CharField(max_length=32, primary_key=True)
+    hostname = models.CharField(max_length=255)
+    pid = models.IntegerField()
+    started_at = models.DateTimeField()
+    heartbeat_at = models.DateTimeField(db_index=True)
+    # The process's open scopes: [{"room", "protocol", "id", "name", "scope"}, ...]
+    presence = models.JSONField(default=list)
+
+    def __str__(self) -> str:
+        return f"{self.hostname}:{self.pid}"

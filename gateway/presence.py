@@ -1,0 +1,105 @@
+"""Presence: which scopes of this process are in which room, published with a heartbeat.
+
+Each process keeps its open scopes in memory and writes them, with a heartbeat, to its own
+``GatewayProcess`` row (at most every ``FLUSH_DELAY`` seconds when something changed, and
+every ``HEARTBEAT_INTERVAL`` regardless). Readers only count processes whose heartbeat is
+fresh, so members of a crashed or killed process vanish within ``PRESENCE_TIMEOUT``; a
+process that starts also deletes the rows of dead ones, and, on the in-memory layer (where
+only one process can serve), every other row, so a restarted gateway shows no ghosts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from datetime import timedelta
+
+from channels.db import database_sync_to_async
+from django.conf import settings
+from django.utils import timezone
+
+from gateway.models import GatewayProcess
+
+logger = logging.getLogger(__name__)
+
+FLUSH_DELAY = 0.25
+
+
+class PresenceTracker:
+    def __init__(self, process_id: str, *, single_process: bool):
+        self.process_id = process_id
+        self.single_process = single_process
+        self.entries: dict[str, dict[str, str]] = {}
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, *, scope: str, room: str, protocol: str, member_id: str, name: str) -> None:
+        self.entries[scope] = {
+            "scope": scope, "room": room, "protocol": protocol, "id": member_id, "name": name
+        }
+        self._changed.set()
+
+    def remove(self, scope: str) -> None:
+        if self.entries.pop(scope, None) is not None:
+            self._changed.set()
+
+    async def start(self) -> None:
+        await database_sync_to_async(self._register)()
+        self._task = asyncio.create_task(self._publish_loop(), name="gateway-presence")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self.entries.clear()
+        await database_sync_to_async(GatewayProcess.objects.filter(pk=self.process_id).delete)()
+
+    async def flush(self) -> None:
+        """Write this process's presence now."""
+        self._changed.clear()
+        await database_sync_to_async(self._write)(list(self.entries.values()))
+
+    async def _publish_loop(self) -> None:
+        interval = settings.GATEWAY["HEARTBEAT_INTERVAL"]
+        while True:
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout=interval)
+                await asyncio.sleep(FLUSH_DELAY)  # gather a burst of joins into one write
+            except TimeoutError:
+                pass
+            try:
+                await self.flush()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("presence heartbeat failed; will retry")
+
+    def _register(self) -> None:
+        now = timezone.now()
+        stale = now - timedelta(seconds=settings.GATEWAY["PRESENCE_TIMEOUT"])
+        dead = GatewayProcess.objects.exclude(pk=self.process_id)
+        if not self.single_process:
+            dead = dead.filter(heartbeat_at__lt=stale)
+        removed, _ = dead.delete()
+        GatewayProcess.objects.update_or_create(
+            pk=self.process_id,
+            defaults={
+                "hostname": socket.gethostname()[:255],
+                "pid": os.getpid(),
+                "started_at": now,
+                "heartbeat_at": now,
+                "presence": [],
+            },
+        )
+        if removed:
+            logger.info("removed presence of %d dead process(es)", removed)
+
+    def _write(self, entries: list[dict[str, str]]) -> None:
+        updated = GatewayProcess.objects.filter(pk=self.process_id).update(
+            heartbeat_at=timezone.now(), presence=entries
+        )
+        if not updated:  # our row was removed (for instance by a test flush): re-register
+            self._register()
+            self._write(entries)

@@ -1,0 +1,78 @@
+"""The process's long-running parts (fan-out hub, presence), one set per event loop.
+
+They start on first use, so the gateway works under any ASGI server and in tests, and
+``gateway run`` stops them at shutdown (closing every open scope first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+import weakref
+
+from channels.layers import InMemoryChannelLayer, get_channel_layer
+
+from gateway.fanout import RoomHub
+from gateway.presence import PresenceTracker
+
+logger = logging.getLogger(__name__)
+
+# Close code sent to every open socket at shutdown: "service restart", so clients
+# reconnect (to another replica, if any) and resume from the last id they saw.
+SHUTDOWN_CLOSE_CODE = 1012
+
+
+class Runtime:
+    def __init__(self) -> None:
+        self.process_id = uuid.uuid4().hex
+        layer = get_channel_layer()
+        self.hub = RoomHub(layer)
+        self.presence = PresenceTracker(
+            self.process_id, single_process=isinstance(layer, InMemoryChannelLayer)
+        )
+
+    async def start(self) -> None:
+        await self.presence.start()
+        await self.hub.start()
+        logger.info("gateway runtime started", extra={"process_id": self.process_id})
+
+    async def stop(self) -> None:
+        """Close every open scope, then leave the layer and remove our presence."""
+        subscribers = self.hub.subscribers()
+        await asyncio.gather(
+            *(sub.close(SHUTDOWN_CLOSE_CODE) for sub in subscribers), return_exceptions=True
+        )
+        await self.hub.stop()
+        await self.presence.stop()
+        logger.info(
+            "gateway runtime stopped",
+            extra={"process_id": self.process_id, "closed": len(subscribers)},
+        )
+
+
+_runtimes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[Runtime]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def get_runtime() -> Runtime:
+    """The running loop's runtime, started on first use."""
+    loop = asyncio.get_running_loop()
+    task = _runtimes.get(loop)
+    if task is None or (task.done() and task.exception() is not None):
+        task = _runtimes[loop] = loop.create_task(_start(), name="gateway-runtime-start")
+    return await asyncio.shield(task)
+
+
+async def _start() -> Runtime:
+    runtime = Runtime()
+    await runtime.start()
+    return runtime
+
+
+async def stop_runtime() -> None:
+    """Stop the running loop's runtime, if it was started."""
+    task = _runtimes.pop(asyncio.get_running_loop(), None)
+    if task is not None and task.done() and task.exception() is None:
+        await task.result().stop()

@@ -1,0 +1,83 @@
+"""Selectors: read-only queries over rooms, history and presence."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from django.conf import settings
+from django.db.models import F
+from django.utils import timezone
+
+from gateway import events
+from gateway.models import GatewayProcess, Message, Room
+from gateway.services import message_event
+
+
+def room_messages_after(
+    *, room: str, after: int, limit: int, upto: int | None = None
+) -> list[events.RoomMessage]:
+    """Stored messages of a room with ``after < id <= upto``, oldest first, at most ``limit``."""
+    query = Message.objects.select_related("room").filter(room__name=room, seq__gt=after)
+    if upto is not None:
+        query = query.filter(seq__lte=upto)
+    return [message_event(m) for m in query.order_by("seq")[:limit]]
+
+
+def room_messages_last(*, room: str, limit: int) -> list[events.RoomMessage]:
+    """The newest ``limit`` messages of a room, oldest first."""
+    rows = Message.objects.select_related("room").filter(room__name=room).order_by("-seq")
+    return [message_event(m) for m in reversed(rows[:limit])]
+
+
+def room_last_seqs(*, rooms: list[str]) -> dict[str, int]:
+    """The newest message id of each room (0 for rooms with no messages yet)."""
+    found = dict(Room.objects.filter(name__in=rooms).values_list("name", "last_seq"))
+    return {room: found.get(room, 0) for room in rooms}
+
+
+def presence_live_entries() -> list[dict[str, str]]:
+    """Every open scope of every live process."""
+    timeout = settings.GATEWAY["PRESENCE_TIMEOUT"]
+    cutoff = timezone.now() - timedelta(seconds=timeout)
+    entries: list[dict[str, str]] = []
+    for snapshot in GatewayProcess.objects.filter(heartbeat_at__gte=cutoff).values_list(
+        "presence", flat=True
+    ):
+        entries.extend(snapshot)
+    return entries
+
+
+def room_member_list(*, room: str) -> list[dict[str, object]]:
+    """Who is in a room: one entry per person per protocol, with their connection count."""
+    members: dict[tuple[str, str], dict[str, object]] = {}
+    for entry in presence_live_entries():
+        if entry["room"] != room:
+            continue
+        key = (entry["protocol"], entry["id"])
+        member = members.setdefault(
+            key,
+            {"protocol": entry["protocol"], "id": entry["id"], "name": entry["name"],
+             "connections": 0},
+        )
+        member["connections"] = int(member["connections"]) + 1  # type: ignore[call-overload]
+    return sorted(members.values(), key=lambda m: (str(m["protocol"]), str(m["name"])))
+
+
+def room_list() -> list[dict[str, object]]:
+    """Every room with its members by protocol, newest activity first."""
+    counts: dict[str, dict[str, set[str]]] = {}
+    for entry in presence_live_entries():
+        counts.setdefault(entry["room"], {}).setdefault(entry["protocol"], set()).add(entry["id"])
+    rooms = []
+    for room in Room.objects.order_by(F("last_activity").desc(nulls_last=True), "name"):
+        by_protocol = {p: len(ids) for p, ids in sorted(counts.get(room.name, {}).items())}
+        rooms.append(
+            {
+                "name": room.name,
+                "members": sum(by_protocol.values()),
+                "members_by_protocol": by_protocol,
+                "last_id": room.last_seq,
+                "last_activity": room.last_activity.timestamp() if room.last_activity else None,
+            }
+        )
+    return rooms

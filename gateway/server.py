@@ -1,0 +1,66 @@
+"""daphne, started in-process by ``gateway run``, with a graceful shutdown.
+
+On SIGTERM or SIGINT: stop accepting connections, close every open scope with code 1012
+(clients reconnect and resume), leave the channel layer, remove this process's presence,
+then stop the reactor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import daphne.server  # isort:skip  (installs the asyncio reactor before twisted is imported)
+from twisted.internet import reactor
+
+from gateway.runtime import get_runtime, stop_runtime
+
+logger = logging.getLogger(__name__)
+
+
+class GatewayServer(daphne.server.Server):
+    def __init__(self, *args, on_listening=None, **kwargs):
+        super().__init__(*args, signal_handlers=False, **kwargs)
+        self.ports = []
+        self._on_listening = on_listening
+        self._stopping = False
+        self._runtime_start: asyncio.Future | None = None
+        self._shutdown_task: asyncio.Future | None = None
+
+    def run(self) -> None:
+        reactor.callWhenRunning(self._install_signal_handlers)
+        super().run()
+
+    def listen_success(self, port) -> None:
+        super().listen_success(port)
+        self.ports.append(port)
+        if self._on_listening is not None:
+            self._on_listening(port.getHost())
+        # Start the hub and presence now, so this process is registered before any client.
+        self._runtime_start = asyncio.ensure_future(get_runtime())
+
+    def _install_signal_handlers(self) -> None:
+        loop = asyncio.get_event_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self._stopping:
+            logger.warning("second %s: stopping now", sig.name)
+            reactor.stop()
+            return
+        self._stopping = True
+        logger.info("received %s: shutting down gracefully", sig.name)
+        self._shutdown_task = asyncio.ensure_future(self._shutdown())
+
+    async def _shutdown(self) -> None:
+        for port in self.ports:
+            port.stopListening()
+        try:
+            await asyncio.wait_for(stop_runtime(), timeout=10)
+            await asyncio.sleep(0.2)  # let close frames reach the wire
+        except Exception:
+            logger.exception("graceful shutdown incomplete")
+        finally:
+            reactor.stop()

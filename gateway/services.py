@@ -1,0 +1,127 @@
+"""Services: the only code that changes rooms and messages."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import F
+
+from gateway import events
+from gateway.broadcast import room_event_broadcast_on_commit
+from gateway.models import Message, Room
+from gateway.names import room_name_validate
+
+
+class GatewayError(Exception):
+    """A refusal with a stable code for the client and a readable detail."""
+
+    def __init__(self, code: str, detail: str):
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+def message_text_validate(text: object) -> str:
+    """The one message-text rule of every protocol: a non-empty string within the limit."""
+    limit = settings.GATEWAY["MAX_MESSAGE_LENGTH"]
+    if not isinstance(text, str):
+        raise GatewayError("invalid_message", "'message' must be a string")
+    if not text.strip():
+        raise GatewayError("empty_message", "'message' is empty")
+    if len(text) > limit:
+        raise GatewayError("message_too_long", f"message has {len(text)} characters; limit {limit}")
+    return text
+
+
+def client_id_validate(client_id: object) -> str | None:
+    if client_id is None:
+        return None
+    if not isinstance(client_id, str) or not 1 <= len(client_id) <= 64:
+        raise GatewayError("invalid_client_id", "'client_id' must be a string of 1-64 characters")
+    return client_id
+
+
+def message_event(message: Message) -> events.RoomMessage:
+    """The contract event for a stored message."""
+    return events.room_message(
+        id=message.seq,
+        room=message.room.name,
+        text=message.text,
+        sender=events.sender(
+            protocol=message.sender_protocol, id=message.sender_id, name=message.sender_name
+        ),
+        ts=message.created_at.timestamp(),
+        origin=message.origin,
+        client_id=message.client_id,
+    )
+
+
+def room_get_or_create(*, room: str) -> Room:
+    obj, _ = Room.objects.get_or_create(name=room_name_validate(room))
+    return obj
+
+
+def room_message_post(
+    *,
+    room: str,
+    text: str,
+    sender: events.Sender,
+    origin: str,
+    client_id: str | None = None,
+) -> tuple[events.RoomMessage, bool]:
+    """Store a message, then broadcast it once committed.
+
+    Returns the event and whether it was created; a repeated ``client_id`` from the same
+    sender returns the message stored the first time and broadcasts nothing.
+    """
+    text = message_text_validate(text)
+    client_id = client_id_validate(client_id)
+    room_obj = room_get_or_create(room=room)
+    if client_id is not None:
+        existing = _message_by_client_id(room_obj, sender["id"], client_id)
+        if existing is not None:
+            return message_event(existing), False
+    try:
+        with transaction.atomic():
+            message = _message_insert(room_obj, text, sender, origin, client_id)
+            event = message_event(message)
+            room_event_broadcast_on_commit(event)
+    except IntegrityError:
+        # The same client_id won a race in another process; answer with its message.
+        existing = _message_by_client_id(room_obj, sender["id"], client_id or "")
+        if existing is None:
+            raise
+        return message_event(existing), False
+    return event, True
+
+
+def _message_by_client_id(room: Room, sender_id: str, client_id: str) -> Message | None:
+    return (
+        Message.objects.select_related("room")
+        .filter(room=room, sender_id=sender_id, client_id=client_id)
+        .first()
+    )
+
+
+def _message_insert(
+    room: Room, text: str, sender: events.Sender, origin: str, client_id: str | None
+) -> Message:
+    now = datetime.fromtimestamp(time.time(), tz=UTC)
+    # The UPDATE takes the room's row lock (PostgreSQL) or the write lock (SQLite) until
+    # commit, so ids are assigned and committed in order.
+    Room.objects.filter(pk=room.pk).update(last_seq=F("last_seq") + 1, last_activity=now)
+    room.refresh_from_db(fields=["last_seq", "last_activity"])
+    return Message.objects.create(
+        room=room,
+        seq=room.last_seq,
+        text=text,
+        sender_protocol=sender["protocol"],
+        sender_id=sender["id"],
+        sender_name=sender["name"],
+        origin=origin,
+        client_id=client_id,
+        created_at=now,
+    )

@@ -1,0 +1,161 @@
+// The chat page: history, live messages, presence, and reconnect-and-resume.
+// Every user-supplied string is set with textContent, never as markup.
+(() => {
+  "use strict";
+  const root = document.getElementById("chat");
+  const room = root.dataset.room;
+  const historySize = parseInt(root.dataset.history, 10) || 50;
+  const loggedInAs = root.dataset.user;
+  const list = document.getElementById("messages");
+  const statusEl = document.getElementById("status");
+  const notice = document.getElementById("notice");
+  const form = document.getElementById("composer");
+  const textInput = document.getElementById("text");
+  const nameInput = document.getElementById("name");
+  const membersEl = document.getElementById("members");
+
+  let lastId = 0;          // newest message id shown; the server resumes after it
+  let socket = null;
+  let attempt = 0;
+  let reconnectTimer = null;
+  const outbox = new Map(); // client_id -> payload, until the server acks it
+
+  function randomId() {
+    const bytes = new Uint8Array(12);
+    crypto.getRandomValues(bytes);
+    return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+  }
+
+  const uid = localStorage.getItem("gateway.uid") || randomId();
+  localStorage.setItem("gateway.uid", uid);
+  if (nameInput) {
+    nameInput.value = localStorage.getItem("gateway.name") || "";
+    nameInput.addEventListener("change", () => {
+      localStorage.setItem("gateway.name", nameInput.value.trim());
+      if (socket) socket.close(4000, "name changed"); // reconnect under the new name
+    });
+  }
+
+  function setStatus(text, cls) {
+    statusEl.textContent = text;
+    statusEl.className = "status " + (cls || "");
+  }
+
+  function showNotice(text) {
+    notice.textContent = text;
+    notice.hidden = false;
+    clearTimeout(showNotice.timer);
+    showNotice.timer = setTimeout(() => { notice.hidden = true; }, 6000);
+  }
+
+  function render(msg) {
+    if (typeof msg.id !== "number" || msg.id <= lastId) return; // already shown
+    lastId = msg.id;
+    const li = document.createElement("li");
+    li.className = "message";
+    li.dataset.id = String(msg.id);
+    const meta = document.createElement("div");
+    meta.className = "meta";
+    const name = document.createElement("span");
+    name.className = "sender";
+    name.textContent = msg.sender.name;
+    const badge = document.createElement("span");
+    badge.className = "badge badge-" + msg.sender.protocol;
+    badge.textContent = msg.sender.protocol;
+    const time = document.createElement("time");
+    const when = new Date(msg.ts * 1000);
+    time.dateTime = when.toISOString();
+    time.textContent = when.toLocaleTimeString();
+    meta.append(name, badge, time);
+    const body = document.createElement("div");
+    body.className = "text";
+    body.textContent = msg.message;
+    li.append(meta, body);
+    const atBottom = list.scrollTop + list.clientHeight >= list.scrollHeight - 40;
+    list.append(li);
+    if (atBottom) list.scrollTop = list.scrollHeight;
+  }
+
+  async function loadHistory() {
+    const url = `/api/rooms/${encodeURIComponent(room)}/messages?limit=${historySize}`;
+    const response = await fetch(url, { credentials: "same-origin" });
+    if (!response.ok) throw new Error("history: HTTP " + response.status);
+    const page = await response.json();
+    page.messages.forEach(render);
+  }
+
+  function socketUrl() {
+    const scheme = location.protocol === "https:" ? "wss" : "ws";
+    const params = new URLSearchParams({ after: String(lastId) });
+    if (!loggedInAs) {
+      params.set("uid", uid);
+      const name = nameInput ? nameInput.value.trim() : "";
+      if (name) params.set("name", name);
+    }
+    return `${scheme}://${location.host}/ws/chat/${encodeURIComponent(room)}/?${params}`;
+  }
+
+  function connect() {
+    clearTimeout(reconnectTimer);
+    setStatus(attempt ? "reconnecting…" : "connecting…", "pending");
+    socket = new WebSocket(socketUrl());
+    socket.addEventListener("open", () => {
+      attempt = 0;
+      setStatus("connected", "ok");
+      for (const payload of outbox.values()) socket.send(JSON.stringify(payload));
+    });
+    socket.addEventListener("message", (e) => {
+      const frame = JSON.parse(e.data);
+      if (frame.type === "message") render(frame);
+      else if (frame.type === "ack") outbox.delete(frame.client_id);
+      else if (frame.type === "error") showNotice(frame.detail);
+    });
+    socket.addEventListener("close", (e) => {
+      socket = null;
+      if (e.code === 4400 || e.code === 4401) {
+        setStatus("refused", "bad");
+        showNotice(e.code === 4401 ? "Log in to chat." : "This room name is not valid.");
+        return;
+      }
+      // Exponential backoff with full jitter, capped at 15 s; resume after lastId.
+      const delay = Math.min(15000, 500 * 2 ** attempt) * (0.5 + Math.random() / 2);
+      attempt += 1;
+      setStatus("reconnecting…", "pending");
+      reconnectTimer = setTimeout(connect, e.code === 4000 ? 0 : delay);
+    });
+  }
+
+  form.addEventListener("submit", (e) => {
+    e.preventDefault();
+    const text = textInput.value;
+    if (!text.trim()) return;
+    const payload = { type: "message", message: text, client_id: randomId() };
+    outbox.set(payload.client_id, payload);
+    if (socket && socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify(payload));
+    textInput.value = "";
+    textInput.focus();
+  });
+
+  async function refreshMembers() {
+    try {
+      const response = await fetch(`/api/rooms/${encodeURIComponent(room)}/`, { credentials: "same-origin" });
+      if (!response.ok) return;
+      const info = await response.json();
+      membersEl.replaceChildren(...info.members.map((m) => {
+        const li = document.createElement("li");
+        const badge = document.createElement("span");
+        badge.className = "badge badge-" + m.protocol;
+        badge.textContent = m.protocol;
+        li.append(document.createTextNode(m.name + " "), badge);
+        return li;
+      }));
+    } catch (err) { /* offline: the next poll retries */ }
+  }
+
+  (async () => {
+    try { await loadHistory(); } catch (err) { showNotice("Could not load history; retrying live."); }
+    connect();
+    refreshMembers();
+    setInterval(refreshMembers, 3000);
+  })();
+})();

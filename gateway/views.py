@@ -1,0 +1,123 @@
+"""Web pages and the JSON history API."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.contrib.auth.views import redirect_to_login
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_GET
+
+from gateway import selectors
+from gateway.events import RoomMessage
+from gateway.names import ROOM_NAME_RULE, room_name_is_valid
+
+
+def _login_gate(request: HttpRequest) -> HttpResponse | None:
+    if settings.GATEWAY["REQUIRE_LOGIN"] and not request.user.is_authenticated:
+        return redirect_to_login(request.get_full_path())
+    return None
+
+
+def _error(status: int, code: str, detail: str) -> JsonResponse:
+    return JsonResponse({"type": "error", "code": code, "detail": detail}, status=status)
+
+
+def index(request: HttpRequest) -> HttpResponse:
+    if (gate := _login_gate(request)) is not None:
+        return gate
+    error = ""
+    room = request.GET.get("room", "").strip()
+    if room:
+        if room_name_is_valid(room):
+            return redirect("chat", room=room)
+        error = f"Invalid room name. Use {ROOM_NAME_RULE}."
+    return render(
+        request, "gateway/index.html",
+        {"rooms": selectors.room_list(), "error": error, "room": room,
+         "room_rule": ROOM_NAME_RULE},
+        status=400 if error else 200,
+    )
+
+
+def chat(request: HttpRequest, room: str) -> HttpResponse:
+    if (gate := _login_gate(request)) is not None:
+        return gate
+    if not room_name_is_valid(room):
+        return render(
+            request, "gateway/index.html",
+            {"rooms": selectors.room_list(), "error": f"Invalid room name. Use {ROOM_NAME_RULE}.",
+             "room": room, "room_rule": ROOM_NAME_RULE},
+            status=404,
+        )
+    return render(
+        request, "gateway/chat.html",
+        {"room": room, "max_length": settings.GATEWAY["MAX_MESSAGE_LENGTH"],
+         "history": settings.GATEWAY["HISTORY_PAGE_SIZE"]},
+    )
+
+
+@require_GET
+def api_rooms(request: HttpRequest) -> HttpResponse:
+    if settings.GATEWAY["REQUIRE_LOGIN"] and not request.user.is_authenticated:
+        return _error(401, "login_required", "log in first")
+    return JsonResponse({"rooms": selectors.room_list()})
+
+
+@require_GET
+def api_room(request: HttpRequest, room: str) -> HttpResponse:
+    if settings.GATEWAY["REQUIRE_LOGIN"] and not request.user.is_authenticated:
+        return _error(401, "login_required", "log in first")
+    if not room_name_is_valid(room):
+        return _error(400, "invalid_room", f"invalid room name: {ROOM_NAME_RULE}")
+    last = selectors.room_last_seqs(rooms=[room])[room]
+    return JsonResponse(
+        {"name": room, "last_id": last, "members": selectors.room_member_list(room=room)}
+    )
+
+
+@require_GET
+def api_messages(request: HttpRequest, room: str) -> HttpResponse:
+    """``?after=<id>&limit=<n>``: messages after an id, oldest first; ``next_after`` pages on.
+
+    Without ``after``, the newest ``limit`` messages.
+    """
+    if settings.GATEWAY["REQUIRE_LOGIN"] and not request.user.is_authenticated:
+        return _error(401, "login_required", "log in first")
+    if not room_name_is_valid(room):
+        return _error(400, "invalid_room", f"invalid room name: {ROOM_NAME_RULE}")
+    maximum = settings.GATEWAY["HISTORY_MAX_PAGE_SIZE"]
+    try:
+        limit = int(request.GET.get("limit", settings.GATEWAY["HISTORY_PAGE_SIZE"]))
+        after = request.GET.get("after")
+        after_id = None if after is None else int(after)
+    except ValueError:
+        return _error(400, "invalid_query", "'after' and 'limit' must be integers")
+    if not 1 <= limit <= maximum or (after_id is not None and after_id < 0):
+        return _error(400, "invalid_query", f"'limit' must be 1-{maximum}; 'after' >= 0")
+    if after_id is None:
+        messages = selectors.room_messages_last(room=room, limit=limit)
+    else:
+        messages = selectors.room_messages_after(room=room, after=after_id, limit=limit)
+    last = selectors.room_last_seqs(rooms=[room])[room]
+    next_after = messages[-1]["id"] if messages else (after_id or 0)
+    return JsonResponse(
+        {"room": room, "messages": [_message_json(m) for m in messages], "last_id": last,
+         "next_after": next_after if next_after < last else None}
+    )
+
+
+def _message_json(event: RoomMessage) -> dict[str, object]:
+    """A stored message as the API shows it: the WebSocket frame's fields, less ``type``."""
+    return {
+        "id": event["id"],
+        "room": event["room"],
+        "message": event["text"],
+        "sender": event["sender"],
+        "ts": event["ts"],
+        "client_id": event["client_id"],
+    }
+
+
+def healthz(request: HttpRequest) -> HttpResponse:
+    return JsonResponse({"status": "ok"})

@@ -1,0 +1,1 @@
+"""Protocol servers for protocols that are not HTTP/WebSocket (MQTT, Telegram)."""
