@@ -57,19 +57,17 @@ class RoomConsumer(AsyncConsumer):
 
     # --- room membership ---------------------------------------------------------------
 
-    async def room_join(
-        self, room: str, *, member_id: str, name: str, after: int | None = None
-    ) -> None:
-        """Join a room; with ``after``, first send every stored message after that id."""
+    async def room_join(self, room: str, *, member_id: str, name: str) -> None:
+        """Subscribe to a room; live events are held back until ``room_catch_up``."""
         self.runtime = await get_runtime()
         await self.runtime.hub.subscribe(room, self)
         self.room = room
+        self.joined_at = self.runtime.hub.last_seq(room)
         self.runtime.presence.add(
             scope=self.scope_id, room=room, protocol=self.protocol, member_id=member_id,
             name=name,
         )
-        await self._catch_up(after)
-        logger.info("joined room", extra=self.log_extra(member=member_id, after=after))
+        logger.info("joined room", extra=self.log_extra(member=member_id))
 
     async def room_leave(self) -> None:
         if self.room is None or self.runtime is None:
@@ -80,15 +78,15 @@ class RoomConsumer(AsyncConsumer):
         await self.runtime.hub.unsubscribe(room, self)
         logger.info("left room", extra=scope_log(self.protocol, room, self.scope_id))
 
-    async def _catch_up(self, after: int | None) -> None:
-        """Send stored messages up to the hub's position, then switch to the live stream.
+    async def room_catch_up(self, after: int | None) -> None:
+        """Send stored messages after ``after`` (or from the join), then go live.
 
         While catching up, live deliveries are ignored: they are at most the hub's position,
         which the loop reads again before it goes live, so nothing is missed or sent twice.
         """
         assert self.runtime is not None and self.room is not None
         hub = self.runtime.hub
-        position = hub.last_seq(self.room) if after is None else min(after, hub.last_seq(self.room))
+        position = self.joined_at if after is None else min(after, hub.last_seq(self.room))
         page = settings.GATEWAY["HISTORY_MAX_PAGE_SIZE"]
         while position < hub.last_seq(self.room):
             events = await database_sync_to_async(selectors.room_messages_after)(

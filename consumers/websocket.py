@@ -16,7 +16,7 @@ Query parameters: ``after=<id>`` replays every stored message after that id befo
 stream; ``name=<display name>`` and ``uid=<stable browser id>`` identify anonymous visitors.
 
 Close codes: 4400 invalid room name or query, 4401 login required (both before accept,
-which daphne answers with HTTP 403), 1011 the room could not be joined, 1012 server
+which daphne answers with HTTP 403), 1011 the room could not be joined (before accept: HTTP 403), 1012 server
 restart (reconnect and resume), 1009 frame too big and 1007 invalid UTF-8 (from the server).
 """
 
@@ -99,12 +99,14 @@ class ChatConsumer(RoomConsumer):
             rate=settings.GATEWAY["RATE_LIMIT_PER_SECOND"],
             burst=settings.GATEWAY["RATE_LIMIT_BURST"],
         )
-        await self.base_send({"type": "websocket.accept"})
         try:
-            await self.room_join(room, member_id=member_id, name=name, after=after)
+            await self.room_join(room, member_id=member_id, name=name)
         except Exception:
+            # Before accept: the client sees the handshake refused and retries.
             logger.exception("could not join room", extra=self.log_extra(joining=room))
-            await self.base_send({"type": "websocket.close", "code": CLOSE_JOIN_FAILED})
+            return await self.base_send({"type": "websocket.close", "code": CLOSE_JOIN_FAILED})
+        await self.base_send({"type": "websocket.accept"})
+        await self.room_catch_up(after)
 
     async def _refuse(self, code: int, detail: str) -> None:
         logger.warning(

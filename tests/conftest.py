@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import pytest
+
+from gateway.runtime import stop_runtime
+from tests.servers import Gateway, RedisServer
+
+
+@pytest.fixture
+async def runtime_stopped():
+    """Stop the event loop's gateway runtime after a consumer test."""
+    yield
+    await stop_runtime()
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def gateway_factory(tmp_path):
+    started: list[Gateway] = []
+
+    def make(*, env: dict[str, str] | None = None, datadir=None, port=None) -> Gateway:
+        gw = Gateway(datadir or tmp_path / "gw", env=env, port=port)
+        started.append(gw)
+        return gw
+
+    yield make
+    for gw in started:
+        gw.stop()
