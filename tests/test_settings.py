@@ -52,7 +52,7 @@ def test_gateway_manage_reaches_createsuperuser(tmp_path):
     result = manage("createsuperuser", "--noinput", "--username", "root", env=env,
                     tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr
-    shell = manage("shell", "-c",
+    shell = manage("shell", "-v0", "-c",
                    "from django.contrib.auth.models import User;"
                    "print(User.objects.get(username='root').is_superuser)",
                    env=env, tmp_path=tmp_path)
