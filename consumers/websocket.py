@@ -16,8 +16,8 @@ Query parameters: ``after=<id>`` replays every stored message after that id befo
 stream; ``name=<display name>`` and ``uid=<stable browser id>`` identify anonymous visitors.
 
 Close codes: 4400 invalid room name or query, 4401 login required (both before accept,
-which daphne answers with HTTP 403), 1011 the room could not be joined (before accept: HTTP 403), 1012 server
-restart (reconnect and resume), 1009 frame too big and 1007 invalid UTF-8 (from the server).
+which daphne answers with HTTP 403), 1011 the room could not be joined (before accept: HTTP 403), 4012 server
+restarting (reconnect and resume), 1009 frame too big and 1007 invalid UTF-8 (from the server).
 """
 
 from __future__ import annotations

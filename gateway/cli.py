@@ -24,6 +24,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         call_command("migrate", interactive=False, verbosity=0)
     call_command("check", fail_level="ERROR")
 
+    from channels.layers import InMemoryChannelLayer, get_channel_layer
+
+    from gateway.presence import presence_purge
+
+    # Before serving: a restarted gateway must not show the members of its previous life.
+    presence_purge(single_process=isinstance(get_channel_layer(), InMemoryChannelLayer))
+
     from gateway.asgi import application
     from gateway.server import GatewayServer
 

@@ -23,7 +23,7 @@ from typing import Protocol
 from channels.db import database_sync_to_async
 from django.conf import settings
 
-from gateway import selectors
+from gateway import selectors, services
 from gateway.events import EventError, RoomMessage, room_message_decode
 from gateway.names import room_group_name
 
@@ -142,9 +142,9 @@ class RoomHub:
     async def _join(self, room: str, state: _RoomState) -> None:
         async with self._membership:
             await self.layer.group_add(room_group_name(room), self.channel)
-        seqs = await database_sync_to_async(selectors.room_last_seqs)(rooms=[room])
+        last_seq = await database_sync_to_async(services.room_open)(room=room)
         async with self._lock:
-            state.last_seq = seqs[room]
+            state.last_seq = last_seq
             pending, state.pending = state.pending, []
             for event in pending:
                 await self._advance(room, state, event)

@@ -78,11 +78,7 @@ class PresenceTracker:
 
     def _register(self) -> None:
         now = timezone.now()
-        stale = now - timedelta(seconds=settings.GATEWAY["PRESENCE_TIMEOUT"])
-        dead = GatewayProcess.objects.exclude(pk=self.process_id)
-        if not self.single_process:
-            dead = dead.filter(heartbeat_at__lt=stale)
-        removed, _ = dead.delete()
+        presence_purge(single_process=self.single_process, keep=self.process_id)
         GatewayProcess.objects.update_or_create(
             pk=self.process_id,
             defaults={
@@ -93,8 +89,6 @@ class PresenceTracker:
                 "presence": [],
             },
         )
-        if removed:
-            logger.info("removed presence of %d dead process(es)", removed)
 
     def _write(self, entries: list[dict[str, str]]) -> None:
         updated = GatewayProcess.objects.filter(pk=self.process_id).update(
@@ -103,3 +97,15 @@ class PresenceTracker:
         if not updated:  # our row was removed (for instance by a test flush): re-register
             self._register()
             self._write(entries)
+
+
+def presence_purge(*, single_process: bool, keep: str = "") -> int:
+    """Delete the presence of dead processes (of every other process on a one-process layer)."""
+    stale = timezone.now() - timedelta(seconds=settings.GATEWAY["PRESENCE_TIMEOUT"])
+    dead = GatewayProcess.objects.exclude(pk=keep)
+    if not single_process:
+        dead = dead.filter(heartbeat_at__lt=stale)
+    removed, _ = dead.delete()
+    if removed:
+        logger.info("removed presence of %d dead process(es)", removed)
+    return removed

@@ -18,9 +18,10 @@ from gateway.presence import PresenceTracker
 
 logger = logging.getLogger(__name__)
 
-# Close code sent to every open socket at shutdown: "service restart", so clients
-# reconnect (to another replica, if any) and resume from the last id they saw.
-SHUTDOWN_CLOSE_CODE = 1012
+# Close code sent to every open socket at shutdown, so clients reconnect (to another
+# replica, if any) and resume from the last id they saw. It mirrors 1012 "service restart",
+# which daphne (autobahn) does not let an application send: only 1000 and 3000-4999.
+SHUTDOWN_CLOSE_CODE = 4012
 
 
 class Runtime:

@@ -30,7 +30,23 @@ class GatewayServer(daphne.server.Server):
 
     def run(self) -> None:
         reactor.callWhenRunning(self._install_signal_handlers)
+        reactor.callWhenRunning(self._configure_websockets)
         super().run()
+        self._finish_loop()
+
+    @staticmethod
+    def _finish_loop() -> None:
+        """Cancel what is still pending and close the loop, rather than leave suspended
+        coroutines to the interpreter's final garbage collection (which crashed CPython
+        3.11 here when a socket closed during shutdown)."""
+        loop = reactor._asyncioEventloop
+        pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
 
     def listen_success(self, port) -> None:
         super().listen_success(port)
@@ -39,6 +55,12 @@ class GatewayServer(daphne.server.Server):
             self._on_listening(port.getHost())
         # Start the hub and presence now, so this process is registered before any client.
         self._runtime_start = asyncio.ensure_future(get_runtime())
+
+    def _configure_websockets(self) -> None:
+        # On a protocol violation (invalid UTF-8, a frame over the size limit) send the
+        # close frame with its code (1007, 1009) instead of dropping the TCP connection,
+        # so the client learns why.
+        self.ws_factory.setProtocolOptions(failByDrop=False)
 
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_event_loop()

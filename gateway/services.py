@@ -64,6 +64,11 @@ def room_get_or_create(*, room: str) -> Room:
     return obj
 
 
+def room_open(*, room: str) -> int:
+    """Create the room if it is new; return the id of its newest message."""
+    return room_get_or_create(room=room).last_seq
+
+
 def room_message_post(
     *,
     room: str,

@@ -1,0 +1,289 @@
+"""End to end: ``gateway run`` (daphne) on a free port, real WebSocket clients.
+
+Run once on the in-memory channel layer and once on Redis (a private redis-server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import socket
+import struct
+import time
+
+import pytest
+import websockets
+
+pytestmark = pytest.mark.slow
+
+FAST = {"GATEWAY_RATE_LIMIT_PER_SECOND": "1000", "GATEWAY_RATE_LIMIT_BURST": "1000"}
+
+
+@pytest.fixture(params=["memory", "redis"])
+def gateway(request, gateway_factory, tmp_path):
+    env = dict(FAST)
+    if request.param == "redis":
+        redis = request.getfixturevalue("redis_server")
+        env["REDIS_URL"] = redis.url
+    return gateway_factory(env=env).start()
+
+
+def connect(gw, path: str):
+    return websockets.connect(gw.ws(path), origin=gw.origin, open_timeout=10)
+
+
+async def next_message(ws, timeout: float = 10) -> dict:
+    while True:
+        frame = json.loads(await asyncio.wait_for(ws.recv(), timeout))
+        if frame["type"] == "message":
+            return frame
+
+
+async def collect(ws, n: int, timeout: float = 20) -> list[dict]:
+    return [await next_message(ws, timeout) for _ in range(n)]
+
+
+async def test_tutorial_clients_chat_and_everyone_gets_every_message_once_in_order(gateway):
+    async with connect(gateway, "/ws/chat/lobby/?name=ann") as ann, \
+            connect(gateway, "/ws/chat/lobby/?name=ben") as ben, \
+            connect(gateway, "/ws/chat/lobby/") as watcher:
+        await ann.send(json.dumps({"message": "hi"}))
+        for ws in (ann, ben, watcher):
+            frame = await next_message(ws)
+            assert frame["message"] == "hi" and frame["id"] == 1
+            assert frame["sender"]["name"] == "ann" and frame["sender"]["protocol"] == "web"
+
+        async def send_many(ws, tag: str) -> None:
+            for i in range(100):
+                await ws.send(json.dumps({"message": f"{tag}{i}"}))
+
+        late: list[dict] = []
+
+        async def late_joiner() -> None:
+            # Connects mid-stream with after=0: history and live must join without a seam.
+            await asyncio.sleep(0.05)
+            async with connect(gateway, "/ws/chat/lobby/?after=0") as ws:
+                late.extend(await collect(ws, 201))
+
+        await asyncio.gather(send_many(ann, "a"), send_many(ben, "b"), late_joiner())
+        for frames in [await collect(ws, 200) for ws in (ann, ben, watcher)] + [late[1:]]:
+            ids = [f["id"] for f in frames]
+            assert ids == list(range(2, 202))
+            texts = [f["message"] for f in frames]
+            assert [t for t in texts if t[0] == "a"] == [f"a{i}" for i in range(100)]
+            assert [t for t in texts if t[0] == "b"] == [f"b{i}" for i in range(100)]
+        assert late[0]["message"] == "hi"
+        for ws in (ann, ben, watcher):
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(ws.recv(), 0.3)
+
+
+async def test_a_client_resumes_after_a_drop_with_no_gap_and_no_duplicate(gateway):
+    async with connect(gateway, "/ws/chat/resume/") as sender:
+        async with connect(gateway, "/ws/chat/resume/") as reader:
+            for i in range(5):
+                await sender.send(json.dumps({"message": f"m{i}"}))
+            seen = await collect(reader, 5)
+        for i in range(5, 12):  # sent while the reader is away
+            await sender.send(json.dumps({"message": f"m{i}"}))
+        await collect(sender, 12)
+        async with connect(gateway, f"/ws/chat/resume/?after={seen[-1]['id']}") as reader:
+            await sender.send(json.dumps({"message": "m12"}))
+            resumed = await collect(reader, 8)
+            assert [f["message"] for f in seen + resumed] == [f"m{i}" for i in range(13)]
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(reader.recv(), 0.3)
+    history = gateway.get_json("/api/rooms/resume/messages?after=0&limit=100")
+    assert [m["message"] for m in history["messages"]] == [f"m{i}" for i in range(13)]
+
+
+async def test_redis_restart_mid_conversation_loses_nothing(gateway_factory, redis_server):
+    gw = gateway_factory(env={**FAST, "REDIS_URL": redis_server.url,
+                              "GATEWAY_RESYNC_INTERVAL": "0.5"}).start()
+    total = 60
+    received: dict[str, list[int]] = {"r1": [], "r2": []}
+    done = asyncio.Event()
+
+    async def reader(name: str) -> None:
+        # A page's behaviour: on any close, reconnect and resume after the last id seen.
+        while not done.is_set():
+            after = received[name][-1] if received[name] else 0
+            try:
+                async with connect(gw, f"/ws/chat/storm/?after={after}") as ws:
+                    while len(received[name]) < total:
+                        received[name].append((await next_message(ws, 30))["id"])
+                    return
+            except (OSError, websockets.ConnectionClosed, websockets.InvalidStatus):
+                await asyncio.sleep(0.2)
+
+    async def sender() -> None:
+        acked: set[str] = set()
+        pending = [f"c{i}" for i in range(total)]
+        while pending:
+            try:
+                async with connect(gw, "/ws/chat/storm/?uid=storm-sender-1") as ws:
+                    for cid in list(pending):
+                        await ws.send(json.dumps({"message": cid, "client_id": cid}))
+                        while True:
+                            frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                            if frame["type"] == "ack":
+                                acked.add(frame["client_id"])
+                                pending.remove(frame["client_id"])
+                                break
+                        await asyncio.sleep(0.03)
+                        if len(acked) == total // 3:
+                            await asyncio.to_thread(redis_server.restart, 1.0)
+            except (OSError, websockets.ConnectionClosed, websockets.InvalidStatus):
+                await asyncio.sleep(0.2)
+
+    readers = [asyncio.create_task(reader(n)) for n in received]
+    await asyncio.sleep(0.5)
+    await asyncio.wait_for(sender(), 60)
+    await asyncio.wait_for(asyncio.gather(*readers), 60)
+    done.set()
+    history = gw.get_json(f"/api/rooms/storm/messages?after=0&limit={total + 10}")
+    assert [m["id"] for m in history["messages"]] == list(range(1, total + 1))
+    assert sorted(m["message"] for m in history["messages"]) == sorted(f"c{i}" for i in range(total))
+    for ids in received.values():
+        assert ids == list(range(1, total + 1))
+
+
+async def test_a_burst_of_1000_browsers_is_all_accepted(gateway_factory, redis_server):
+    gw = gateway_factory(env={**FAST, "REDIS_URL": redis_server.url}).start()
+
+    async def one(i: int):
+        return await websockets.connect(gw.ws(f"/ws/chat/crowd/?uid=crowd-member-{i:04d}"),
+                                        origin=gw.origin, open_timeout=60)
+
+    sockets = await asyncio.gather(*(one(i) for i in range(1000)), return_exceptions=True)
+    failures = [s for s in sockets if isinstance(s, BaseException)]
+    assert failures == []
+    try:
+        await sockets[0].send(json.dumps({"message": "hello crowd"}))
+        frames = await asyncio.gather(*(next_message(ws, 30) for ws in sockets))
+        assert {f["message"] for f in frames} == {"hello crowd"}
+        deadline = time.monotonic() + 10
+        while gw.get_json("/api/rooms/crowd/")["members"].__len__() < 1000:
+            assert time.monotonic() < deadline, "presence did not reach 1000"
+            await asyncio.sleep(0.2)
+    finally:
+        await asyncio.gather(*(ws.close() for ws in sockets))
+
+
+async def test_presence_shows_no_ghosts_after_kill_9(gateway_factory, tmp_path):
+    gw = gateway_factory(env=FAST).start()
+    async with connect(gw, "/ws/chat/ghosts/?name=casper&uid=casper-browser"):
+        deadline = time.monotonic() + 5
+        while not gw.get_json("/api/rooms/ghosts/")["members"]:
+            assert time.monotonic() < deadline, "member never appeared"
+            await asyncio.sleep(0.1)
+        gw.kill()
+    restarted = gateway_factory(env=FAST, port=gw.port).start()
+    assert restarted.get_json("/api/rooms/ghosts/")["members"] == []
+    assert restarted.get_json("/api/rooms/")["rooms"][0]["members"] == 0
+
+
+async def test_presence_of_a_killed_replica_expires_on_redis(gateway_factory, redis_server, tmp_path):
+    env = {**FAST, "REDIS_URL": redis_server.url, "GATEWAY_PRESENCE_TIMEOUT": "2",
+           "GATEWAY_HEARTBEAT_INTERVAL": "0.5"}
+    a = gateway_factory(env=env, datadir=tmp_path / "shared").start()
+    b = gateway_factory(env=env, datadir=tmp_path / "shared").start()
+    async with connect(a, "/ws/chat/replicas/?uid=on-replica-a"), \
+            connect(b, "/ws/chat/replicas/?uid=on-replica-b"):
+        deadline = time.monotonic() + 5
+        while len(b.get_json("/api/rooms/replicas/")["members"]) < 2:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        a.kill()
+        deadline = time.monotonic() + 6
+        while len(b.get_json("/api/rooms/replicas/")["members"]) != 1:
+            assert time.monotonic() < deadline, "the dead replica's member stayed"
+            await asyncio.sleep(0.2)
+        assert b.get_json("/api/rooms/replicas/")["members"][0]["id"] == "anon:on-replica-b"
+
+
+async def test_sigterm_closes_sockets_with_4012_and_exits_cleanly(gateway_factory):
+    gw = gateway_factory(env=FAST).start()
+    async with connect(gw, "/ws/chat/bye/") as ws:
+        await asyncio.sleep(0.3)
+        code = await asyncio.to_thread(gw.terminate)
+        assert code == 0, gw.log()
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), 5)
+        assert closed.value.rcvd.code == 4012
+    assert "shutting down gracefully" in gw.log()
+
+
+# --- frames no well-behaved client library will send -------------------------------------
+
+
+def raw_socket(gw, path: str) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{gw.port}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+        f"Origin: {gw.origin}\r\n\r\n".encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+def send_frame(sock: socket.socket, opcode: int, payload: bytes) -> None:
+    mask = os.urandom(4)
+    length = len(payload)
+    if length < 126:
+        header = struct.pack("!BB", 0x80 | opcode, 0x80 | length)
+    elif length < 65536:
+        header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, length)
+    else:
+        header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, length)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    sock.sendall(header + mask + masked)
+
+
+def close_code(sock: socket.socket) -> int:
+    """Read frames until the server's close frame; return its code."""
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed without a close frame")
+        data += chunk
+        while len(data) >= 2:
+            opcode, length = data[0] & 0x0F, data[1] & 0x7F
+            offset = 2
+            if length == 126:
+                length, offset = struct.unpack("!H", data[2:4])[0], 4
+            elif length == 127:
+                length, offset = struct.unpack("!Q", data[2:10])[0], 10
+            if len(data) < offset + length:
+                break
+            payload, data = data[offset:offset + length], data[offset + length:]
+            if opcode == 0x8:
+                return struct.unpack("!H", payload[:2])[0]
+
+
+@pytest.mark.parametrize(
+    ("opcode", "payload", "expected"),
+    [
+        (0x1, b'{"message": "\xff\xfe"}', 1007),  # invalid UTF-8 in a text frame
+        (0x1, b"x" * 70_000, 1009),  # beyond GATEWAY_WS_MAX_FRAME_BYTES (64 KiB)
+    ],
+    ids=["invalid-utf8", "oversized"],
+)
+async def test_protocol_violations_close_only_that_socket(gateway_factory, opcode, payload,
+                                                          expected):
+    gw = gateway_factory(env=FAST).start()
+    async with connect(gw, "/ws/chat/violations/") as bystander:
+        sock = raw_socket(gw, "/ws/chat/violations/")
+        send_frame(sock, opcode, payload)
+        assert await asyncio.to_thread(close_code, sock) == expected
+        sock.close()
+        await bystander.send(json.dumps({"message": "unaffected"}))
+        assert (await next_message(bystander))["message"] == "unaffected"
