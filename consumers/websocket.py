@@ -17,7 +17,8 @@ stream; ``name=<display name>`` and ``uid=<stable browser id>`` identify anonymo
 
 Close codes: 4400 invalid room name or query, 4401 login required (both before accept,
 which daphne answers with HTTP 403), 1011 the room could not be joined (before accept: HTTP 403), 4012 server
-restarting (reconnect and resume), 1009 frame too big and 1007 invalid UTF-8 (from the server).
+restarting (reconnect and resume), 4008 the client fell behind the room (reconnect with
+``after`` to resume from history), 1009 frame too big and 1007 invalid UTF-8 (from the server).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from django.conf import settings
 
 from consumers.base import RoomConsumer
 from gateway import events
-from gateway.fanout import Delivery
+from gateway.fanout import FRAME_WRITER_EXTENSION, Delivery
 from gateway.names import room_name_is_valid, ROOM_NAME_RULE
 from gateway.ratelimit import TokenBucket
 from gateway.services import GatewayError, room_message_post
@@ -44,8 +45,10 @@ logger = logging.getLogger(__name__)
 CLOSE_INVALID = 4400
 CLOSE_LOGIN_REQUIRED = 4401
 CLOSE_JOIN_FAILED = 1011
+CLOSE_FELL_BEHIND = 4008
 
 WIRE_FORMAT = "ws-json"
+PREPARED_FORMAT = "ws-prepared"
 UID_RE = re.compile(r"[A-Za-z0-9_\-]{8,64}")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]+")
 
@@ -95,6 +98,8 @@ class ChatConsumer(RoomConsumer):
         else:
             member_id, name = _anonymous_identity(query)
         self.sender = events.sender(protocol=self.protocol, id=member_id, name=name)
+        self.writer = self.scope.get("extensions", {}).get(FRAME_WRITER_EXTENSION)
+        self.send_buffer_limit = settings.GATEWAY["WS_SEND_BUFFER_LIMIT"]
         self.bucket = TokenBucket(
             rate=settings.GATEWAY["RATE_LIMIT_PER_SECOND"],
             burst=settings.GATEWAY["RATE_LIMIT_BURST"],
@@ -167,9 +172,29 @@ class ChatConsumer(RoomConsumer):
     # --- room -> client ----------------------------------------------------------------
 
     async def send_room_event(self, event: events.RoomMessage, delivery: Delivery) -> None:
-        await self.base_send(
-            {"type": "websocket.send", "text": delivery.frame(WIRE_FORMAT, message_frame)}
+        writer = self.writer
+        if writer is None:  # a server without the frame writer: plain ASGI
+            text = delivery.frame(WIRE_FORMAT, message_frame)
+            return await self.base_send({"type": "websocket.send", "text": text})
+        if not writer.is_open():
+            return
+        if writer.buffered() > self.send_buffer_limit:
+            return await self._fell_behind(event)
+        writer.send(delivery.frame(PREPARED_FORMAT, self._prepare))
+
+    def _prepare(self, event: events.RoomMessage):
+        return self.writer.prepare(message_frame(event))
+
+    async def _fell_behind(self, event: events.RoomMessage) -> None:
+        """Bounded, not lost: close the lagging socket; it resumes from history by id."""
+        self.live = False
+        self.runtime.hub.stats["fell_behind"] += 1
+        logger.warning(
+            "client fell behind; closing so it resumes from history",
+            extra=self.log_extra(code=CLOSE_FELL_BEHIND, last_sent=self.last_sent,
+                                 dropped_from=event["id"]),
         )
+        await self.base_send({"type": "websocket.close", "code": CLOSE_FELL_BEHIND})
 
     async def send_json(self, payload: dict) -> None:
         await self.base_send({"type": "websocket.send", "text": json.dumps(payload)})

@@ -1,11 +1,15 @@
 """The one choke point for room traffic: the only caller of ``group_send`` for rooms.
 
 Services call ``room_event_broadcast_on_commit`` inside the transaction that stores the
-message, so nobody hears about a message that was not stored.
+message, so nobody hears about a message that was not stored. When the process runs a
+gateway runtime, committed events are handed to its ``Publisher`` without blocking the
+database thread (one task publishes them in commit order); elsewhere (a management
+command, a test without a runtime) they are published synchronously.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from asgiref.sync import async_to_sync
@@ -34,6 +38,53 @@ async def room_event_broadcast(event: RoomMessage) -> None:
         )
 
 
+class Publisher:
+    """Publishes committed events from any thread, in order, on the runtime's loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[RoomMessage] = asyncio.Queue()
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.task = self.loop.create_task(self._run(), name="gateway-publisher")
+
+    async def stop(self) -> None:
+        """Publish what is queued, then stop."""
+        await self.queue.join()
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+
+    def submit(self, event: RoomMessage) -> None:
+        """Queue an event; safe from any thread, never blocks."""
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+    async def _run(self) -> None:
+        while True:
+            event = await self.queue.get()
+            try:
+                await room_event_broadcast(event)
+            finally:
+                self.queue.task_done()
+
+
+_publisher: Publisher | None = None
+
+
+def publisher_install(publisher: Publisher | None) -> None:
+    global _publisher
+    _publisher = publisher
+
+
+def _publish(event: RoomMessage) -> None:
+    publisher = _publisher
+    if publisher is not None and not publisher.loop.is_closed():
+        publisher.submit(event)
+    else:
+        async_to_sync(room_event_broadcast)(event)
+
+
 def room_event_broadcast_on_commit(event: RoomMessage) -> None:
     """Broadcast the event once the current transaction commits."""
-    transaction.on_commit(lambda: async_to_sync(room_event_broadcast)(event))
+    transaction.on_commit(lambda: _publish(event))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from channels.db import database_sync_to_async
 from django.conf import settings
@@ -30,6 +30,9 @@ from gateway.names import room_group_name
 logger = logging.getLogger(__name__)
 
 GAP_FILL_PAGE = 500
+# The scope extension through which a server offers to write one prepared frame to many
+# sockets (gateway/server.py for daphne).
+FRAME_WRITER_EXTENSION = "gateway.frame_writer"
 # The in-memory layer forgets group members after a day (group_expiry); rejoin well before.
 GROUP_REFRESH_SECONDS = 3600.0
 
@@ -41,9 +44,9 @@ class Delivery:
 
     def __init__(self, event: RoomMessage):
         self.event = event
-        self._frames: dict[str, str] = {}
+        self._frames: dict[str, Any] = {}
 
-    def frame(self, wire_format: str, encode: Callable[[RoomMessage], str]) -> str:
+    def frame(self, wire_format: str, encode: Callable[[RoomMessage], Any]) -> Any:
         """The event encoded for ``wire_format``, computed once for all subscribers."""
         try:
             return self._frames[wire_format]
@@ -78,7 +81,9 @@ class RoomHub:
         self._lock = asyncio.Lock()  # serialises delivery, gap fill and resync
         self._membership = asyncio.Lock()  # serialises group_add/group_discard
         self._tasks: list[asyncio.Task[None]] = []
-        self.stats = {"received": 0, "delivered": 0, "duplicates": 0, "gap_filled": 0}
+        self.stats = {
+            "received": 0, "delivered": 0, "duplicates": 0, "gap_filled": 0, "fell_behind": 0
+        }
 
     async def start(self) -> None:
         self.channel = await self.layer.new_channel("hub.")

@@ -13,6 +13,7 @@ import weakref
 
 from channels.layers import InMemoryChannelLayer, get_channel_layer
 
+from gateway.broadcast import Publisher, publisher_install
 from gateway.fanout import RoomHub
 from gateway.presence import PresenceTracker
 
@@ -34,6 +35,9 @@ class Runtime:
         )
 
     async def start(self) -> None:
+        self.publisher = Publisher(asyncio.get_running_loop())
+        self.publisher.start()
+        publisher_install(self.publisher)
         await self.presence.start()
         await self.hub.start()
         logger.info("gateway runtime started", extra={"process_id": self.process_id})
@@ -44,6 +48,8 @@ class Runtime:
         await asyncio.gather(
             *(sub.close(SHUTDOWN_CLOSE_CODE) for sub in subscribers), return_exceptions=True
         )
+        publisher_install(None)
+        await self.publisher.stop()
         await self.hub.stop()
         await self.presence.stop()
         logger.info(

@@ -6,8 +6,7 @@ import time
 from datetime import UTC, datetime
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db import IntegrityError, connection, transaction
 
 from gateway import events
 from gateway.broadcast import room_event_broadcast_on_commit
@@ -44,11 +43,11 @@ def client_id_validate(client_id: object) -> str | None:
     return client_id
 
 
-def message_event(message: Message) -> events.RoomMessage:
-    """The contract event for a stored message."""
+def message_event(message: Message, *, room: str | None = None) -> events.RoomMessage:
+    """The contract event for a stored message (``room`` spares a query for its name)."""
     return events.room_message(
         id=message.seq,
-        room=message.room.name,
+        room=room if room is not None else message.room.name,
         text=message.text,
         sender=events.sender(
             protocol=message.sender_protocol, id=message.sender_id, name=message.sender_name
@@ -82,46 +81,63 @@ def room_message_post(
     Returns the event and whether it was created; a repeated ``client_id`` from the same
     sender returns the message stored the first time and broadcasts nothing.
     """
+    room = room_name_validate(room)
     text = message_text_validate(text)
     client_id = client_id_validate(client_id)
-    room_obj = room_get_or_create(room=room)
     if client_id is not None:
-        existing = _message_by_client_id(room_obj, sender["id"], client_id)
+        existing = _message_by_client_id(room, sender["id"], client_id)
         if existing is not None:
-            return message_event(existing), False
+            return message_event(existing, room=room), False
     try:
         with transaction.atomic():
-            message = _message_insert(room_obj, text, sender, origin, client_id)
-            event = message_event(message)
+            message = _message_insert(room, text, sender, origin, client_id)
+            event = message_event(message, room=room)
             room_event_broadcast_on_commit(event)
     except IntegrityError:
         # The same client_id won a race in another process; answer with its message.
-        existing = _message_by_client_id(room_obj, sender["id"], client_id or "")
+        existing = _message_by_client_id(room, sender["id"], client_id or "")
         if existing is None:
             raise
-        return message_event(existing), False
+        return message_event(existing, room=room), False
     return event, True
 
 
-def _message_by_client_id(room: Room, sender_id: str, client_id: str) -> Message | None:
-    return (
-        Message.objects.select_related("room")
-        .filter(room=room, sender_id=sender_id, client_id=client_id)
-        .first()
-    )
+def _message_by_client_id(room: str, sender_id: str, client_id: str) -> Message | None:
+    return Message.objects.filter(
+        room__name=room, sender_id=sender_id, client_id=client_id
+    ).first()
+
+
+def _room_advance(room: str, now: datetime) -> tuple[int, int] | None:
+    """Take the room's next message id: ``(room pk, id)``, or None if the room is new.
+
+    One ``UPDATE ... RETURNING`` (SQLite 3.35+, PostgreSQL): it takes the room's row lock
+    (PostgreSQL) or the write lock (SQLite) until commit, so ids are assigned and committed
+    in order, without a separate read.
+    """
+    table = connection.ops.quote_name(Room._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {table} SET last_seq = last_seq + 1, last_activity = %s "  # noqa: S608
+            "WHERE name = %s RETURNING id, last_seq",
+            [connection.ops.adapt_datetimefield_value(now), room],
+        )
+        return cursor.fetchone()
 
 
 def _message_insert(
-    room: Room, text: str, sender: events.Sender, origin: str, client_id: str | None
+    room: str, text: str, sender: events.Sender, origin: str, client_id: str | None
 ) -> Message:
     now = datetime.fromtimestamp(time.time(), tz=UTC)
-    # The UPDATE takes the room's row lock (PostgreSQL) or the write lock (SQLite) until
-    # commit, so ids are assigned and committed in order.
-    Room.objects.filter(pk=room.pk).update(last_seq=F("last_seq") + 1, last_activity=now)
-    room.refresh_from_db(fields=["last_seq", "last_activity"])
-    return Message.objects.create(
-        room=room,
-        seq=room.last_seq,
+    advanced = _room_advance(room, now)
+    if advanced is None:
+        Room.objects.get_or_create(name=room)
+        advanced = _room_advance(room, now)
+        assert advanced is not None
+    room_pk, seq = advanced
+    message = Message(
+        room_id=room_pk,
+        seq=seq,
         text=text,
         sender_protocol=sender["protocol"],
         sender_id=sender["id"],
@@ -130,3 +146,5 @@ def _message_insert(
         client_id=client_id,
         created_at=now,
     )
+    message.save(force_insert=True)
+    return message

@@ -134,17 +134,28 @@ _SQLITE_OPTIONS = {
     "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
 }
 
+# Connections are kept (CONN_MAX_AGE; network databases are health-checked): channels'
+# database_sync_to_async closes expired connections around every call, so a zero age would
+# reconnect for every message.
+_CONN_MAX_AGE = env_int("DATABASE_CONN_MAX_AGE", 600)
+
 DATABASE_URL = env_str("DATABASE_URL")
 if DATABASE_URL:
-    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60)}
+    DATABASES = {
+        "default": dj_database_url.parse(
+            DATABASE_URL, conn_max_age=_CONN_MAX_AGE, conn_health_checks=True
+        )
+    }
     if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
-        DATABASES["default"]["OPTIONS"] = dict(_SQLITE_OPTIONS)
+        # A local file needs no health check (which would cost a query per message).
+        DATABASES["default"].update(OPTIONS=dict(_SQLITE_OPTIONS), CONN_HEALTH_CHECKS=False)
 else:
     DATABASES = {
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": str(DATA_DIR / "gateway.sqlite3"),
             "OPTIONS": dict(_SQLITE_OPTIONS),
+            "CONN_MAX_AGE": _CONN_MAX_AGE,
         }
     }
 
@@ -204,6 +215,9 @@ GATEWAY = {
     "MAX_MESSAGE_LENGTH": env_int("GATEWAY_MAX_MESSAGE_LENGTH", 4096, minimum=1),
     # WebSocket frames above this many bytes are refused by the server (close code 1009).
     "WS_MAX_FRAME_BYTES": env_int("GATEWAY_WS_MAX_FRAME_BYTES", 65_536, minimum=1024),
+    # A socket whose unsent backlog passes this many bytes has fallen behind: it is closed
+    # with code 4008 and resumes from history when it reconnects.
+    "WS_SEND_BUFFER_LIMIT": env_int("GATEWAY_WS_SEND_BUFFER_LIMIT", 1_048_576, minimum=65_536),
     # Token bucket per connection: sustained messages per second and burst size.
     "RATE_LIMIT_PER_SECOND": env_float("GATEWAY_RATE_LIMIT_PER_SECOND", 5.0, minimum=0.01),
     "RATE_LIMIT_BURST": env_int("GATEWAY_RATE_LIMIT_BURST", 20, minimum=1),
