@@ -29,8 +29,16 @@ async def room_event_broadcast(event: RoomMessage) -> None:
     from the database on its next resync (gateway/fanout.py).
     """
     layer = get_channel_layer()
+    group = room_group_name(event["room"])
     try:
-        await layer.group_send(room_group_name(event["room"]), event)
+        await layer.group_send(group, event)
+        return
+    except Exception:
+        # The first publish after a Redis restart fails on a stale pooled connection;
+        # one retry gets a fresh one.
+        logger.warning("broadcast failed; retrying once", extra={"room": event["room"]})
+    try:
+        await layer.group_send(group, event)
     except Exception:
         logger.exception(
             "broadcast failed; receivers will resync from history",

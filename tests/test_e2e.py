@@ -219,8 +219,12 @@ async def test_sigterm_closes_sockets_with_4012_and_exits_cleanly(gateway_factor
 # --- frames no well-behaved client library will send -------------------------------------
 
 
-def raw_socket(gw, path: str) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+def raw_socket(gw, path: str, rcvbuf: int | None = None) -> socket.socket:
+    sock = socket.socket()
+    if rcvbuf is not None:  # before connect, so the TCP window stays small
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", gw.port))
     key = base64.b64encode(os.urandom(16)).decode()
     sock.sendall(
         f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{gw.port}\r\nUpgrade: websocket\r\n"
@@ -249,9 +253,19 @@ def send_frame(sock: socket.socket, opcode: int, payload: bytes) -> None:
 
 def close_code(sock: socket.socket) -> int:
     """Read frames until the server's close frame; return its code."""
+    return read_until_close(sock)[1]
+
+
+def read_until_close(sock: socket.socket) -> tuple[list[dict], int | None]:
+    """Read frames until the server's close frame: the text frames and the close code
+    (None if the connection was reset before a close frame arrived)."""
+    frames: list[dict] = []
     data = b""
     while True:
-        chunk = sock.recv(65536)
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return frames, None
         if not chunk:
             raise ConnectionError("closed without a close frame")
         data += chunk
@@ -266,7 +280,9 @@ def close_code(sock: socket.socket) -> int:
                 break
             payload, data = data[offset:offset + length], data[offset + length:]
             if opcode == 0x8:
-                return struct.unpack("!H", payload[:2])[0]
+                return frames, struct.unpack("!H", payload[:2])[0]
+            if opcode == 0x1:
+                frames.append(json.loads(payload))
 
 
 @pytest.mark.parametrize(
@@ -287,3 +303,26 @@ async def test_protocol_violations_close_only_that_socket(gateway_factory, opcod
         sock.close()
         await bystander.send(json.dumps({"message": "unaffected"}))
         assert (await next_message(bystander))["message"] == "unaffected"
+
+
+async def test_a_client_that_stops_reading_is_closed_and_resumes_from_history(gateway_factory):
+    gw = gateway_factory(env={**FAST, "GATEWAY_WS_SEND_BUFFER_LIMIT": "65536"}).start()
+    # More than the kernel buffers on both ends (tcp_wmem reaches 4 MiB) plus our 64 KiB.
+    total, text = 1600, "y" * 4000
+    slow = raw_socket(gw, "/ws/chat/slow/", rcvbuf=4096)
+    async with connect(gw, "/ws/chat/slow/") as sender:
+        for i in range(total):
+            await sender.send(json.dumps({"message": f"{i:04d}{text}"}))
+        assert len(await collect(sender, total)) == total  # the room itself keeps going
+    # Only now does the slow client read: what was sent to it, then the 4008 close (or a
+    # reset, if the server gave up waiting for the close handshake). Either way it
+    # reconnects after the last id it saw, as the page does.
+    frames, code = await asyncio.to_thread(read_until_close, slow)
+    slow.close()
+    assert code in (4008, None)
+    ids = [f["id"] for f in frames if f["type"] == "message"]
+    assert ids == list(range(1, len(ids) + 1)) and len(ids) < total
+    async with connect(gw, f"/ws/chat/slow/?after={ids[-1]}") as resumed:
+        rest = await collect(resumed, total - len(ids))
+    assert [f["id"] for f in rest] == list(range(len(ids) + 1, total + 1))
+    assert "fell behind" in gw.log()
