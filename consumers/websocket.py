@@ -15,10 +15,11 @@ server -> client  {"type": "message", "message": "hi", "id": 7, "room": "lobby",
 Query parameters: ``after=<id>`` replays every stored message after that id before the live
 stream; ``name=<display name>`` and ``uid=<stable browser id>`` identify anonymous visitors.
 
-Close codes: 4400 invalid room name or query, 4401 login required (both before accept,
-which daphne answers with HTTP 403), 1011 the room could not be joined (before accept: HTTP 403), 4012 server
-restarting (reconnect and resume), 4008 the client fell behind the room (reconnect with
-``after`` to resume from history), 1009 frame too big and 1007 invalid UTF-8 (from the server).
+Close codes: 4400 invalid room name or query, 4401 login required, 1011 the room could not
+be joined (all three before accept, which daphne answers with HTTP 403); 4008 the client
+fell behind the room (reconnect with ``after`` to resume from history); 4012 server
+restarting (reconnect and resume); 1009 frame too big and 1007 invalid UTF-8 (from the
+server library).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from django.conf import settings
 from consumers.base import RoomConsumer
 from gateway import events
 from gateway.fanout import FRAME_WRITER_EXTENSION, Delivery
-from gateway.names import room_name_is_valid, ROOM_NAME_RULE
+from gateway.names import ROOM_NAME_RULE, room_name_is_valid
 from gateway.ratelimit import TokenBucket
 from gateway.services import GatewayError, room_message_post
 

@@ -29,7 +29,8 @@ class Message(models.Model):
     sender_id = models.CharField(max_length=128)
     sender_name = models.CharField(max_length=128)
     origin = models.CharField(max_length=128, help_text="The scope the message came from")
-    client_id = models.CharField(max_length=64, null=True, blank=True)
+    # NULL, not "", means "no key": the uniqueness constraint below covers only real keys.
+    client_id = models.CharField(max_length=64, null=True, blank=True)  # noqa: DJ001
     created_at = models.DateTimeField()
 
     class Meta:

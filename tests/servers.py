@@ -70,10 +70,14 @@ class RedisServer:
 class Gateway:
     """``gateway run`` in a subprocess, on a free port, with its own data directory."""
 
-    def __init__(self, datadir: Path, *, env: dict[str, str] | None = None, port: int | None = None):
+    def __init__(
+        self, datadir: Path, *, env: dict[str, str] | None = None, port: int | None = None
+    ):
         self.datadir = datadir
         self.port = port or free_port()
-        inherited = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
+        inherited = {
+            k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")
+        }
         self.env = {
             **inherited,
             "GATEWAY_DATA_DIR": str(datadir),

@@ -145,7 +145,8 @@ async def test_redis_restart_mid_conversation_loses_nothing(gateway_factory, red
     done.set()
     history = gw.get_json(f"/api/rooms/storm/messages?after=0&limit={total + 10}")
     assert [m["id"] for m in history["messages"]] == list(range(1, total + 1))
-    assert sorted(m["message"] for m in history["messages"]) == sorted(f"c{i}" for i in range(total))
+    stored = sorted(m["message"] for m in history["messages"])
+    assert stored == sorted(f"c{i}" for i in range(total))
     for ids in received.values():
         assert ids == list(range(1, total + 1))
 
@@ -185,7 +186,8 @@ async def test_presence_shows_no_ghosts_after_kill_9(gateway_factory, tmp_path):
     assert restarted.get_json("/api/rooms/")["rooms"][0]["members"] == 0
 
 
-async def test_presence_of_a_killed_replica_expires_on_redis(gateway_factory, redis_server, tmp_path):
+async def test_presence_of_a_killed_replica_expires_on_redis(gateway_factory, redis_server,
+                                                             tmp_path):
     env = {**FAST, "REDIS_URL": redis_server.url, "GATEWAY_PRESENCE_TIMEOUT": "2",
            "GATEWAY_HEARTBEAT_INTERVAL": "0.5"}
     a = gateway_factory(env=env, datadir=tmp_path / "shared").start()

@@ -55,7 +55,9 @@ def test_room_list_and_index_page(client):
     post("alpha", 1)
     post("beta", 2)
     rooms = client.get("/api/rooms/").json()["rooms"]
-    assert [(r["name"], r["last_id"], r["members"]) for r in rooms] == [("beta", 2, 0), ("alpha", 1, 0)]
+    assert [(r["name"], r["last_id"], r["members"]) for r in rooms] == [
+        ("beta", 2, 0), ("alpha", 1, 0)
+    ]
     page = client.get("/")
     assert page.status_code == 200
     assert b'href="/chat/alpha/"' in page.content

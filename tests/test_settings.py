@@ -47,7 +47,8 @@ def test_bad_numbers_in_the_environment_are_explained(tmp_path):
 
 
 def test_gateway_manage_reaches_createsuperuser(tmp_path):
-    env = {"DJANGO_SUPERUSER_PASSWORD": "a-long-pass-phrase-1", "DJANGO_SUPERUSER_EMAIL": "root@example.com"}
+    env = {"DJANGO_SUPERUSER_PASSWORD": "a-long-pass-phrase-1",
+           "DJANGO_SUPERUSER_EMAIL": "root@example.com"}
     assert manage("migrate", "-v0", env=env, tmp_path=tmp_path).returncode == 0
     result = manage("createsuperuser", "--noinput", "--username", "root", env=env,
                     tmp_path=tmp_path)
