@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import pytest
+from asgiref.sync import sync_to_async
+from django.db import connections
 
 from gateway.runtime import stop_runtime
 from tests.servers import Gateway, RedisServer
@@ -8,9 +10,11 @@ from tests.servers import Gateway, RedisServer
 
 @pytest.fixture
 async def runtime_stopped():
-    """Stop the event loop's gateway runtime after a consumer test."""
+    """Stop the event loop's gateway runtime after a consumer test, and close the database
+    thread's kept connection so the test database can be dropped."""
     yield
     await stop_runtime()
+    await sync_to_async(connections.close_all, thread_sensitive=True)()
 
 
 @pytest.fixture
