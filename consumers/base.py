@@ -37,6 +37,7 @@ class RoomConsumer(AsyncConsumer):
         self.room: str | None = None
         self.runtime: Runtime | None = None
         self.live = False
+        self.closed = False  # set once the server decided to close this scope
         self.last_sent = 0
         try:
             while True:
@@ -62,7 +63,7 @@ class RoomConsumer(AsyncConsumer):
         self.runtime = await get_runtime()
         await self.runtime.hub.subscribe(room, self)
         self.room = room
-        self.joined_at = self.runtime.hub.last_seq(room)
+        self.joined_at = self.runtime.hub.last_seq(room) or 0
         self.runtime.presence.add(
             scope=self.scope_id, room=room, protocol=self.protocol, member_id=member_id,
             name=name,
@@ -83,20 +84,33 @@ class RoomConsumer(AsyncConsumer):
 
         While catching up, live deliveries are ignored: they are at most the hub's position,
         which the loop reads again before it goes live, so nothing is missed or sent twice.
+        The loop stops as soon as the scope is closing (the client left or fell behind).
         """
         assert self.runtime is not None and self.room is not None
-        hub = self.runtime.hub
-        position = self.joined_at if after is None else min(after, hub.last_seq(self.room))
+        hub, room = self.runtime.hub, self.room
         page = settings.GATEWAY["HISTORY_MAX_PAGE_SIZE"]
-        while position < hub.last_seq(self.room):
+        target = hub.last_seq(room)
+        position = self.joined_at if after is None else min(after, target or 0)
+        while target is not None and position < target and self.is_open():
             events = await database_sync_to_async(selectors.room_messages_after)(
-                room=self.room, after=position, upto=hub.last_seq(self.room), limit=page
+                room=room, after=position, upto=target, limit=page
             )
             for event in events:
+                if not self.is_open():
+                    return
                 await self.send_room_event(event, Delivery(event))
-            position = events[-1]["id"] if events else hub.last_seq(self.room)
-        self.last_sent = position
+            position = events[-1]["id"] if events else target
+            target = hub.last_seq(room)
+        if target is None or not self.is_open():
+            return  # the hub left the room (shutdown) or the scope is closing
+        # A client that has seen more than this process has delivered (another replica got
+        # there first) must not get those messages twice when they arrive here.
+        self.last_sent = max(position, after or 0)
         self.live = True
+
+    def is_open(self) -> bool:
+        """Whether the scope can still take messages; protocols may know more."""
+        return not self.closed
 
     # --- delivery (called by the hub) --------------------------------------------------
 

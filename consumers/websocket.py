@@ -24,6 +24,8 @@ server library).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import re
@@ -33,6 +35,7 @@ from urllib.parse import parse_qs
 from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
 from django.conf import settings
+from django.db import DatabaseError
 
 from consumers.base import RoomConsumer
 from gateway import events
@@ -72,7 +75,9 @@ def message_frame(event: events.RoomMessage) -> str:
 
 
 def display_name_clean(raw: str) -> str:
-    """A display name as shown to others: no control characters, at most 64 characters."""
+    """A display name as shown to others: no control characters or lone surrogates, at most
+    64 characters."""
+    raw = raw.encode("utf-8", "replace").decode("utf-8")
     return " ".join(_CONTROL_RE.sub(" ", raw).split())[:64]
 
 
@@ -95,7 +100,7 @@ class ChatConsumer(RoomConsumer):
         except ValueError as exc:
             return await self._refuse(CLOSE_INVALID, str(exc))
         if authenticated:
-            member_id, name = f"user:{user.pk}", user.get_username()
+            member_id, name = f"user:{user.pk}", user.get_username()[:128]
         else:
             member_id, name = _anonymous_identity(query)
         self.sender = events.sender(protocol=self.protocol, id=member_id, name=name)
@@ -125,7 +130,11 @@ class ChatConsumer(RoomConsumer):
         raise StopConsumer()
 
     async def close(self, code: int) -> None:
+        self.closed, self.live = True, False
         await self.base_send({"type": "websocket.close", "code": code})
+
+    def is_open(self) -> bool:
+        return not self.closed and (self.writer is None or self.writer.is_open())
 
     # --- client -> room ----------------------------------------------------------------
 
@@ -137,7 +146,7 @@ class ChatConsumer(RoomConsumer):
             return await self.send_error("binary_not_supported", "send JSON as text frames")
         try:
             data = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             return await self.send_error("invalid_json", "the frame is not valid JSON")
         if not isinstance(data, dict):
             return await self.send_error("not_an_object", "send a JSON object")
@@ -149,21 +158,28 @@ class ChatConsumer(RoomConsumer):
         await self._post(data)
 
     async def _post(self, data: dict) -> None:
+        client_id = data.get("client_id")
+        echo = client_id if isinstance(client_id, str) else None  # lets the client match errors
         if "message" not in data:
-            return await self.send_error("missing_message", "'message' is required")
+            return await self.send_error("missing_message", "'message' is required", echo)
         if not self.bucket.allow():
             return await self.send_error(
                 "rate_limited",
                 f"too many messages; retry in {self.bucket.retry_after():.1f}s",
+                echo,
             )
-        client_id = data.get("client_id")
         try:
             event, created = await database_sync_to_async(room_message_post)(
                 room=self.room, text=data["message"], sender=self.sender,
                 origin=self.scope_id, client_id=client_id,
             )
         except GatewayError as exc:
-            return await self.send_error(exc.code, exc.detail)
+            return await self.send_error(exc.code, exc.detail, echo)
+        except DatabaseError:
+            logger.exception("could not store a message", extra=self.log_extra())
+            return await self.send_error(
+                "unavailable", "the message could not be stored; send it again", echo
+            )
         if client_id is not None:
             await self.send_json(
                 {"type": "ack", "client_id": client_id, "id": event["id"],
@@ -188,7 +204,7 @@ class ChatConsumer(RoomConsumer):
 
     async def _fell_behind(self, event: events.RoomMessage) -> None:
         """Bounded, not lost: close the lagging socket; it resumes from history by id."""
-        self.live = False
+        self.closed, self.live = True, False
         self.runtime.hub.stats["fell_behind"] += 1
         logger.warning(
             "client fell behind; closing so it resumes from history",
@@ -200,9 +216,12 @@ class ChatConsumer(RoomConsumer):
     async def send_json(self, payload: dict) -> None:
         await self.base_send({"type": "websocket.send", "text": json.dumps(payload)})
 
-    async def send_error(self, code: str, detail: str) -> None:
+    async def send_error(self, code: str, detail: str, client_id: str | None = None) -> None:
         logger.warning("client error %s: %s", code, detail, extra=self.log_extra(code=code))
-        await self.send_json({"type": "error", "code": code, "detail": detail})
+        frame = {"type": "error", "code": code, "detail": detail}
+        if client_id is not None:
+            frame["client_id"] = client_id
+        await self.send_json(frame)
 
 
 def _int_param(query: dict[str, list[str]], name: str) -> int | None:
@@ -219,8 +238,20 @@ def _int_param(query: dict[str, list[str]], name: str) -> int | None:
 
 
 def _anonymous_identity(query: dict[str, list[str]]) -> tuple[str, str]:
+    """``(sender id, display name)`` of an anonymous visitor.
+
+    The browser's ``uid`` is its secret; others only ever see a keyed hash of it, so nobody
+    can take over an anonymous identity from what the room shows.
+    """
     uid = (query.get("uid") or [""])[-1]
     if not UID_RE.fullmatch(uid):
         uid = secrets.token_hex(8)
+    public = anonymous_id(uid)
     name = display_name_clean((query.get("name") or [""])[-1])
-    return f"anon:{uid}", name or f"guest-{uid[:4]}"
+    return public, name or f"guest-{public[5:9]}"
+
+
+def anonymous_id(uid: str) -> str:
+    """The public sender id of the browser whose secret ``uid`` this is."""
+    digest = hmac.new(settings.SECRET_KEY.encode(), uid.encode(), hashlib.sha256).hexdigest()
+    return f"anon:{digest[:16]}"

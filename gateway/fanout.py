@@ -62,13 +62,14 @@ class Subscriber(Protocol):
 
 
 class _RoomState:
-    __slots__ = ("subscribers", "last_seq", "pending", "ready")
+    __slots__ = ("subscribers", "last_seq", "pending", "ready", "error")
 
     def __init__(self) -> None:
         self.subscribers: set[Subscriber] = set()
         self.last_seq: int | None = None  # None until the room's position is read
         self.pending: list[RoomMessage] = []
         self.ready = asyncio.Event()
+        self.error: BaseException | None = None
 
 
 class RoomHub:
@@ -107,53 +108,77 @@ class RoomHub:
     # --- membership --------------------------------------------------------------------
 
     async def subscribe(self, room: str, subscriber: Subscriber) -> None:
-        """Add a local subscriber; returns once the room's position is known."""
+        """Add a local subscriber; returns once the room's position is known.
+
+        Raises (and leaves nothing behind) if the room cannot be joined, for the first
+        subscriber and for every one waiting on the same join.
+        """
         state = self.rooms.get(room)
+        first = state is None
         if state is None:
             state = self.rooms[room] = _RoomState()
-            state.subscribers.add(subscriber)
-            try:
+        state.subscribers.add(subscriber)
+        try:
+            if first:
                 await self._join(room, state)
-            except BaseException:
-                state.subscribers.discard(subscriber)
-                if self.rooms.get(room) is state:
-                    del self.rooms[room]
-                raise
-        else:
-            state.subscribers.add(subscriber)
-            await state.ready.wait()
+            else:
+                await state.ready.wait()
+                if state.error is not None:
+                    raise RuntimeError(f"could not join room {room}") from state.error
+        except BaseException:
+            await self.unsubscribe(room, subscriber)
+            raise
 
     async def unsubscribe(self, room: str, subscriber: Subscriber) -> None:
         state = self.rooms.get(room)
-        if state is None:
+        if state is None or subscriber not in state.subscribers:
             return
         state.subscribers.discard(subscriber)
         if state.subscribers:
             return
         del self.rooms[room]
-        async with self._membership:
-            if room not in self.rooms:  # not re-joined while we waited for the lock
-                await self.layer.group_discard(room_group_name(room), self.channel)
+        await self._leave_group(room)
 
-    def last_seq(self, room: str) -> int:
-        """The id of the newest message delivered to the room's local subscribers."""
-        state = self.rooms[room]
-        assert state.last_seq is not None
-        return state.last_seq
+    async def _leave_group(self, room: str) -> None:
+        async with self._membership:
+            if room in self.rooms:
+                return  # re-joined while we waited for the lock
+            try:
+                await self.layer.group_discard(room_group_name(room), self.channel)
+            except Exception:
+                # Harmless: events for a room we no longer serve are ignored.
+                logger.warning("could not leave room group", extra={"room": room})
+
+    def last_seq(self, room: str) -> int | None:
+        """The id of the newest message delivered to the room's local subscribers (None if
+        this process no longer serves the room)."""
+        state = self.rooms.get(room)
+        return None if state is None else state.last_seq
 
     def subscribers(self) -> list[Subscriber]:
         return [sub for state in self.rooms.values() for sub in state.subscribers]
 
     async def _join(self, room: str, state: _RoomState) -> None:
-        async with self._membership:
-            await self.layer.group_add(room_group_name(room), self.channel)
-        last_seq = await database_sync_to_async(services.room_open)(room=room)
-        async with self._lock:
-            state.last_seq = last_seq
-            pending, state.pending = state.pending, []
-            for event in pending:
-                await self._advance(room, state, event)
-            state.ready.set()
+        added = False
+        try:
+            async with self._membership:
+                await self.layer.group_add(room_group_name(room), self.channel)
+                added = True
+            last_seq = await database_sync_to_async(services.room_open)(room=room)
+            async with self._lock:
+                state.last_seq = last_seq
+                pending, state.pending = state.pending, []
+                for event in pending:
+                    await self._advance(room, state, event)
+        except BaseException as exc:
+            state.error = exc
+            if self.rooms.get(room) is state:
+                del self.rooms[room]
+            if added:
+                await self._leave_group(room)
+            raise
+        finally:
+            state.ready.set()  # waiters check state.error
 
     # --- delivery ----------------------------------------------------------------------
 
@@ -176,8 +201,13 @@ class RoomHub:
                 logger.error("dropped malformed room event: %s", exc, extra={"protocol": "layer"})
                 continue
             self.stats["received"] += 1
-            async with self._lock:
-                await self._on_event(event)
+            try:
+                async with self._lock:
+                    await self._on_event(event)
+            except Exception:
+                # For instance the database failing during a gap fill: the room keeps its
+                # position, and the next event or resync fills the gap. Never stop receiving.
+                logger.exception("room event not delivered yet", extra={"room": event["room"]})
 
     async def _on_event(self, event: RoomMessage) -> None:
         state = self.rooms.get(event["room"])

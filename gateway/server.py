@@ -56,8 +56,11 @@ class FrameWriter:
         # changes and a loop turn per socket. Like asyncio's transports (and the floor),
         # try the socket first when nothing is queued; only a remainder goes to Twisted.
         # Plain TCP only: under TLS the transport is a wrapper, and takes the normal path.
-        idle = not transport.dataBuffer and not transport._tempDataLen
-        if type(transport) is tcp.Server and idle:
+        if (
+            type(transport) is tcp.Server
+            and not transport.dataBuffer
+            and not transport._tempDataLen
+        ):
             try:
                 sent = transport.socket.send(data)
             except BlockingIOError:

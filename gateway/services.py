@@ -28,6 +28,7 @@ def message_text_validate(text: object) -> str:
     limit = settings.GATEWAY["MAX_MESSAGE_LENGTH"]
     if not isinstance(text, str):
         raise GatewayError("invalid_message", "'message' must be a string")
+    _unicode_check(text, "message")
     if not text.strip():
         raise GatewayError("empty_message", "'message' is empty")
     if len(text) > limit:
@@ -40,7 +41,18 @@ def client_id_validate(client_id: object) -> str | None:
         return None
     if not isinstance(client_id, str) or not 1 <= len(client_id) <= 64:
         raise GatewayError("invalid_client_id", "'client_id' must be a string of 1-64 characters")
+    _unicode_check(client_id, "client_id", code="invalid_client_id")
     return client_id
+
+
+def _unicode_check(value: str, field: str, *, code: str = "invalid_message") -> None:
+    """Refuse what no database stores as text: lone surrogates and NUL characters."""
+    if "\x00" in value:
+        raise GatewayError(code, f"'{field}' contains a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise GatewayError(code, f"'{field}' is not valid Unicode text") from None
 
 
 def message_event(message: Message, *, room: str | None = None) -> events.RoomMessage:
@@ -141,7 +153,7 @@ def _message_insert(
         text=text,
         sender_protocol=sender["protocol"],
         sender_id=sender["id"],
-        sender_name=sender["name"],
+        sender_name=sender["name"][:128],
         origin=origin,
         client_id=client_id,
         created_at=now,

@@ -10,6 +10,7 @@ from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import User
 
+from consumers.websocket import anonymous_id
 from gateway import events
 from gateway.models import Message
 from gateway.routing import websocket_urlpatterns
@@ -55,7 +56,9 @@ async def test_tutorial_client_round_trip():
         assert frame["message"] == "hi"
         assert frame["id"] == 1
         assert frame["room"] == "lobby"
-        assert frame["sender"] == {"protocol": "web", "id": "anon:alice-browser-1", "name": "alice"}
+        assert frame["sender"] == {
+            "protocol": "web", "id": anonymous_id("alice-browser-1"), "name": "alice"
+        }
         assert isinstance(frame["ts"], float)
     assert await bob.receive_nothing(timeout=0.2)
     await alice.disconnect()
@@ -152,6 +155,10 @@ async def test_a_message_the_layer_lost_is_filled_from_history(settings):
         ('{"message": "' + "x" * 4097 + '"}', "message_too_long"),
         ('{"type": "shout", "message": "hi"}', "unknown_type"),
         ('{"message": "hi", "client_id": ""}', "invalid_client_id"),
+        ("[" * 100_000, "invalid_json"),  # nesting deep enough to exhaust the parser
+        ('{"message": "lone \\ud800 surrogate"}', "invalid_message"),
+        ('{"message": "nul \\u0000 inside"}', "invalid_message"),
+        ('{"message": "hi", "client_id": "a\\u0000"}', "invalid_client_id"),
     ],
 )
 async def test_bad_input_gets_an_error_frame_and_nothing_else_happens(frame, code):
@@ -238,11 +245,38 @@ async def test_presence_lists_members_by_protocol_and_forgets_them(settings):
     await runtime.presence.flush()
     members = await database_sync_to_async(selectors.room_member_list)(room="here")
     assert members == [
-        {"protocol": "web", "id": "anon:alice-browser-1", "name": "alice", "connections": 2},
-        {"protocol": "web", "id": "anon:bob-browser-22", "name": "bob", "connections": 1},
+        {"protocol": "web", "id": anonymous_id("alice-browser-1"), "name": "alice",
+         "connections": 2},
+        {"protocol": "web", "id": anonymous_id("bob-browser-22"), "name": "bob", "connections": 1},
     ]
     await alice.disconnect()
     await alice2.disconnect()
     await bob.disconnect()
     await runtime.presence.flush()
     assert await database_sync_to_async(selectors.room_member_list)(room="here") == []
+
+
+async def test_errors_name_the_client_id_they_refuse(settings):
+    # Refused messages spend tokens too: a flood of junk is a flood.
+    settings.GATEWAY = {**settings.GATEWAY, "RATE_LIMIT_BURST": 2, "RATE_LIMIT_PER_SECOND": 0.1}
+    comm = await connect("/ws/chat/errors/")
+    await comm.send_to(text_data=json.dumps({"message": "", "client_id": "c-empty"}))
+    assert await recv(comm) == {
+        "type": "error", "code": "empty_message", "detail": "'message' is empty",
+        "client_id": "c-empty",
+    }
+    await comm.send_to(text_data=json.dumps({"message": "one", "client_id": "c-1"}))
+    assert {f["type"] for f in [await recv(comm), await recv(comm)]} == {"message", "ack"}
+    await comm.send_to(text_data=json.dumps({"message": "two", "client_id": "c-2"}))
+    frame = await recv(comm)
+    assert (frame["code"], frame["client_id"]) == ("rate_limited", "c-2")
+    await comm.disconnect()
+
+
+async def test_anonymous_ids_do_not_reveal_the_browser_secret():
+    comm = await connect("/ws/chat/secret/?uid=my-secret-browser-id")
+    await comm.send_to(text_data=json.dumps({"message": "hi"}))
+    frame = await recv(comm)
+    assert frame["sender"]["id"].startswith("anon:")
+    assert "my-secret-browser-id" not in json.dumps(frame)
+    await comm.disconnect()

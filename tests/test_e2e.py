@@ -16,6 +16,8 @@ import time
 import pytest
 import websockets
 
+from consumers.websocket import anonymous_id
+
 pytestmark = pytest.mark.slow
 
 FAST = {"GATEWAY_RATE_LIMIT_PER_SECOND": "1000", "GATEWAY_RATE_LIMIT_BURST": "1000"}
@@ -151,6 +153,21 @@ async def test_redis_restart_mid_conversation_loses_nothing(gateway_factory, red
         assert ids == list(range(1, total + 1))
 
 
+async def test_joining_while_redis_is_down_is_refused_then_works(gateway_factory,
+                                                                 redis_server):
+    gw = gateway_factory(env={**FAST, "REDIS_URL": redis_server.url}).start()
+    redis_server.stop()
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        async with connect(gw, "/ws/chat/down/"):
+            pass
+    assert refused.value.response.status_code == 403
+    redis_server.start()
+    async with connect(gw, "/ws/chat/down/") as ws:
+        await ws.send(json.dumps({"message": "back"}))
+        assert (await next_message(ws))["message"] == "back"
+    assert "could not join room" in gw.log()
+
+
 async def test_a_burst_of_1000_browsers_is_all_accepted(gateway_factory, redis_server):
     gw = gateway_factory(env={**FAST, "REDIS_URL": redis_server.url}).start()
 
@@ -203,7 +220,8 @@ async def test_presence_of_a_killed_replica_expires_on_redis(gateway_factory, re
         while len(b.get_json("/api/rooms/replicas/")["members"]) != 1:
             assert time.monotonic() < deadline, "the dead replica's member stayed"
             await asyncio.sleep(0.2)
-        assert b.get_json("/api/rooms/replicas/")["members"][0]["id"] == "anon:on-replica-b"
+        member = b.get_json("/api/rooms/replicas/")["members"][0]
+        assert member["id"] == anonymous_id("on-replica-b")
 
 
 async def test_sigterm_closes_sockets_with_4012_and_exits_cleanly(gateway_factory):

@@ -15,6 +15,7 @@
   const membersEl = document.getElementById("members");
 
   let lastId = 0;          // newest message id shown; the server resumes after it
+  let historyLoaded = false;
   let socket = null;
   let attempt = 0;
   let reconnectTimer = null;
@@ -82,6 +83,10 @@
     if (!response.ok) throw new Error("history: HTTP " + response.status);
     const page = await response.json();
     page.messages.forEach(render);
+    // An empty room's history ends at its last id (0 for a new room): resume from there,
+    // never replay a whole room.
+    lastId = Math.max(lastId, page.last_id);
+    historyLoaded = true;
   }
 
   function socketUrl() {
@@ -95,9 +100,20 @@
     return `${scheme}://${location.host}/ws/chat/${encodeURIComponent(room)}/?${params}`;
   }
 
-  function connect() {
+  function retryLater() {
+    // Exponential backoff with jitter, capped at 15 s.
+    const delay = Math.min(15000, 500 * 2 ** attempt) * (0.5 + Math.random() / 2);
+    attempt += 1;
+    setStatus("reconnecting…", "pending");
+    reconnectTimer = setTimeout(connect, delay);
+  }
+
+  async function connect() {
     clearTimeout(reconnectTimer);
     setStatus(attempt ? "reconnecting…" : "connecting…", "pending");
+    if (!historyLoaded) {
+      try { await loadHistory(); } catch (err) { retryLater(); return; }
+    }
     socket = new WebSocket(socketUrl());
     socket.addEventListener("open", () => {
       attempt = 0;
@@ -108,7 +124,7 @@
       const frame = JSON.parse(e.data);
       if (frame.type === "message") render(frame);
       else if (frame.type === "ack") outbox.delete(frame.client_id);
-      else if (frame.type === "error") showNotice(frame.detail);
+      else if (frame.type === "error") onError(frame);
     });
     socket.addEventListener("close", (e) => {
       socket = null;
@@ -117,12 +133,24 @@
         showNotice(e.code === 4401 ? "Log in to chat." : "This room name is not valid.");
         return;
       }
-      // Exponential backoff with full jitter, capped at 15 s; resume after lastId.
-      const delay = Math.min(15000, 500 * 2 ** attempt) * (0.5 + Math.random() / 2);
-      attempt += 1;
-      setStatus("reconnecting…", "pending");
-      reconnectTimer = setTimeout(connect, e.code === 4000 ? 0 : delay);
+      if (e.code === 4000) connect(); // our own reconnect (name changed)
+      else retryLater();                // resumes after lastId
     });
+  }
+
+  function onError(frame) {
+    const payload = frame.client_id && outbox.get(frame.client_id);
+    if (payload && (frame.code === "rate_limited" || frame.code === "unavailable")) {
+      // Transient: send the same message (same client_id, so stored once) a bit later.
+      setTimeout(() => {
+        if (outbox.has(payload.client_id) && socket && socket.readyState === WebSocket.OPEN) {
+          socket.send(JSON.stringify(payload));
+        }
+      }, 1500);
+      return;
+    }
+    if (payload) outbox.delete(frame.client_id); // refused for good: do not resend it
+    showNotice(frame.detail);
   }
 
   form.addEventListener("submit", (e) => {
@@ -152,10 +180,7 @@
     } catch (err) { /* offline: the next poll retries */ }
   }
 
-  (async () => {
-    try { await loadHistory(); } catch (err) { showNotice("Could not load history; retrying live."); }
-    connect();
-    refreshMembers();
-    setInterval(refreshMembers, 3000);
-  })();
+  connect();
+  refreshMembers();
+  setInterval(refreshMembers, 3000);
 })();
