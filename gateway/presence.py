@@ -18,6 +18,7 @@ from datetime import timedelta
 
 from channels.db import database_sync_to_async
 from django.conf import settings
+from django.db.models import Q
 from django.utils import timezone
 
 from gateway.models import GatewayProcess
@@ -100,12 +101,29 @@ class PresenceTracker:
 
 
 def presence_purge(*, single_process: bool, keep: str = "") -> int:
-    """Delete the presence of dead processes (of every other process on a one-process layer)."""
+    """Delete the presence of dead processes: every other process on a one-process layer;
+    otherwise those whose heartbeat is stale, and those of this host whose pid is gone (or
+    is ours now: a restarted container), so a quick restart after a crash shows no ghosts."""
     stale = timezone.now() - timedelta(seconds=settings.GATEWAY["PRESENCE_TIMEOUT"])
-    dead = GatewayProcess.objects.exclude(pk=keep)
-    if not single_process:
-        dead = dead.filter(heartbeat_at__lt=stale)
-    removed, _ = dead.delete()
+    others = GatewayProcess.objects.exclude(pk=keep)
+    if single_process:
+        removed, _ = others.delete()
+    else:
+        here = others.filter(hostname=socket.gethostname()[:255]).values_list("pk", "pid")
+        gone = [pk for pk, pid in here if not _pid_alive(pid)]
+        removed, _ = others.filter(Q(heartbeat_at__lt=stale) | Q(pk__in=gone)).delete()
     if removed:
         logger.info("removed presence of %d dead process(es)", removed)
     return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # an earlier process of ours with the same pid: it is gone
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True

@@ -61,11 +61,18 @@ class Runtime:
 _runtimes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[Runtime]] = (
     weakref.WeakKeyDictionary()
 )
+_stopped: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+
+
+class ShuttingDown(RuntimeError):
+    """The process is stopping: no new scope may join a room."""
 
 
 async def get_runtime() -> Runtime:
     """The running loop's runtime, started on first use."""
     loop = asyncio.get_running_loop()
+    if loop in _stopped:
+        raise ShuttingDown("the gateway is shutting down")
     task = _runtimes.get(loop)
     if task is None or (task.done() and task.exception() is not None):
         task = _runtimes[loop] = loop.create_task(_start(), name="gateway-runtime-start")
@@ -79,7 +86,9 @@ async def _start() -> Runtime:
 
 
 async def stop_runtime() -> None:
-    """Stop the running loop's runtime, if it was started."""
-    task = _runtimes.pop(asyncio.get_running_loop(), None)
+    """Stop the running loop's runtime, if it was started; the loop gets no new one."""
+    loop = asyncio.get_running_loop()
+    _stopped.add(loop)
+    task = _runtimes.pop(loop, None)
     if task is not None and task.done() and task.exception() is None:
         await task.result().stop()

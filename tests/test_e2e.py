@@ -203,6 +203,21 @@ async def test_presence_shows_no_ghosts_after_kill_9(gateway_factory, tmp_path):
     assert restarted.get_json("/api/rooms/")["rooms"][0]["members"] == 0
 
 
+async def test_a_quick_restart_after_kill_9_shows_no_ghosts_on_redis(gateway_factory,
+                                                                     redis_server):
+    env = {**FAST, "REDIS_URL": redis_server.url}  # default 15 s presence timeout
+    gw = gateway_factory(env=env).start()
+    async with connect(gw, "/ws/chat/ghosts/?uid=ghost-browser-1"):
+        deadline = time.monotonic() + 5
+        while not gw.get_json("/api/rooms/ghosts/")["members"]:
+            assert time.monotonic() < deadline, "member never appeared"
+            await asyncio.sleep(0.1)
+        gw.kill()
+    restarted = gateway_factory(env=env, port=gw.port).start()
+    # Same host, its pid gone: purged at start, long before the heartbeat would expire.
+    assert restarted.get_json("/api/rooms/ghosts/")["members"] == []
+
+
 async def test_presence_of_a_killed_replica_expires_on_redis(gateway_factory, redis_server,
                                                              tmp_path):
     env = {**FAST, "REDIS_URL": redis_server.url, "GATEWAY_PRESENCE_TIMEOUT": "2",
