@@ -38,6 +38,7 @@ class RoomConsumer(AsyncConsumer):
         self.runtime: Runtime | None = None
         self.live = False
         self.closed = False  # set once the server decided to close this scope
+        self.listening = False
         self.last_sent = 0
         try:
             while True:
@@ -58,17 +59,23 @@ class RoomConsumer(AsyncConsumer):
 
     # --- room membership ---------------------------------------------------------------
 
-    async def room_join(self, room: str, *, member_id: str, name: str) -> None:
-        """Subscribe to a room; live events are held back until ``room_catch_up``."""
+    async def room_join(
+        self, room: str, *, member_id: str | None, name: str = "", listen: bool = True
+    ) -> None:
+        """Join a room: with ``listen``, subscribe to its messages (held back until
+        ``room_catch_up``); with a ``member_id``, show in its presence."""
         self.runtime = await get_runtime()
-        await self.runtime.hub.subscribe(room, self)
+        if listen:
+            await self.runtime.hub.subscribe(room, self)
+            self.joined_at = self.runtime.hub.last_seq(room) or 0
+        self.listening = listen
         self.room = room
-        self.joined_at = self.runtime.hub.last_seq(room) or 0
-        self.runtime.presence.add(
-            scope=self.scope_id, room=room, protocol=self.protocol, member_id=member_id,
-            name=name,
-        )
-        logger.info("joined room", extra=self.log_extra(member=member_id))
+        if member_id is not None:
+            self.runtime.presence.add(
+                scope=self.scope_id, room=room, protocol=self.protocol, member_id=member_id,
+                name=name,
+            )
+        logger.info("joined room", extra=self.log_extra(member=member_id, listen=listen))
 
     async def room_leave(self) -> None:
         if self.room is None or self.runtime is None:
@@ -76,7 +83,8 @@ class RoomConsumer(AsyncConsumer):
         room, self.room = self.room, None
         self.live = False
         self.runtime.presence.remove(self.scope_id)
-        await self.runtime.hub.unsubscribe(room, self)
+        if self.listening:
+            await self.runtime.hub.unsubscribe(room, self)
         logger.info("left room", extra=scope_log(self.protocol, room, self.scope_id))
 
     async def room_catch_up(self, after: int | None) -> None:

@@ -44,6 +44,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     frame_limit = settings.GATEWAY["WS_MAX_FRAME_BYTES"]
     server = GatewayServer(
         application,
+        services=_protocol_services(args, application),
         endpoints=[f"tcp:port={args.port}:interface={interface}"],
         websocket_max_message_size=frame_limit,
         websocket_max_frame_size=frame_limit,
@@ -51,7 +52,48 @@ def cmd_run(args: argparse.Namespace) -> int:
         verbosity=0,
     )
     server.run()
-    return 0
+    return server.exit_code
+
+
+def _protocol_services(args: argparse.Namespace, application) -> list:
+    """The protocol servers besides daphne that this process runs (MQTT, for now)."""
+    from django.conf import settings
+
+    mqtt = settings.MQTT
+    if args.no_mqtt or not mqtt["ENABLED"]:
+        return []
+    from protocols.mqtt.broker import EmbeddedBroker
+    from protocols.mqtt.server import BrokerAddress, MqttServer
+
+    services: list = []
+    if mqtt["URL"]:
+        address = BrokerAddress.from_url(mqtt["URL"])
+    else:
+        port = args.mqtt_port if args.mqtt_port is not None else mqtt["EMBEDDED_PORT"]
+        if args.mqtt_port is None and not _port_free("127.0.0.1", port):
+            print(f"MQTT left out: port {port} is taken (another broker?). Use it with "
+                  f"MQTT_URL=mqtt://127.0.0.1:{port}, or move ours with --mqtt-port.",
+                  file=sys.stderr, flush=True)
+            return []
+        services.append(EmbeddedBroker("127.0.0.1", port))
+        address = BrokerAddress(host="127.0.0.1", port=port)
+    services.append(MqttServer(
+        application, address=address, prefix=mqtt["TOPIC_PREFIX"],
+        client_id=mqtt["CLIENT_ID"], idle_timeout=mqtt["IDLE_TIMEOUT"],
+        keepalive=mqtt["KEEPALIVE"],
+    ))
+    return services
+
+
+def _port_free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def cmd_manage(args: argparse.Namespace) -> int:
@@ -69,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--host", default=os.environ.get("GATEWAY_HOST", "127.0.0.1"))
     run.add_argument("--port", type=int, default=int(os.environ.get("GATEWAY_PORT", "8000")))
     run.add_argument("--no-migrate", action="store_true", help="do not apply migrations")
+    run.add_argument("--mqtt-port", type=int, default=None,
+                     help="port of the embedded MQTT broker (default MQTT_EMBEDDED_PORT, 1883)")
+    run.add_argument("--no-mqtt", action="store_true", help="leave MQTT out")
     run.set_defaults(func=cmd_run)
     manage = sub.add_parser("manage", help="Django management commands (createsuperuser, ...)")
     manage.add_argument("rest", nargs=argparse.REMAINDER)

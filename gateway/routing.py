@@ -1,10 +1,30 @@
-"""WebSocket routes. The room segment is matched loosely so a bad name reaches the consumer,
-which refuses it with a clear close code and a log line."""
+"""Routes per scope type. The WebSocket room segment is matched loosely so a bad name
+reaches the consumer, which refuses it with a clear close code and a log line."""
 
 from django.urls import re_path
 
+from consumers.mqtt import MqttDeviceConsumer, MqttRoomConsumer
 from consumers.websocket import ChatConsumer
 
 websocket_urlpatterns = [
     re_path(r"^ws/chat/(?P<room>[^/]*)/$", ChatConsumer.as_asgi()),
 ]
+
+
+class ScopeRoleRouter:
+    """Route ``mqtt`` scopes by their ``role``: a device, or a room's relay."""
+
+    def __init__(self, routes: dict) -> None:
+        self.routes = routes
+
+    async def __call__(self, scope, receive, send):
+        try:
+            application = self.routes[scope["role"]]
+        except KeyError:
+            raise ValueError(f"no route for mqtt scope role {scope.get('role')!r}") from None
+        return await application(scope, receive, send)
+
+
+mqtt_application = ScopeRoleRouter(
+    {"device": MqttDeviceConsumer.as_asgi(), "out": MqttRoomConsumer.as_asgi()}
+)

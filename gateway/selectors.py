@@ -35,6 +35,11 @@ def room_last_seqs(*, rooms: list[str]) -> dict[str, int]:
     return {room: found.get(room, 0) for room in rooms}
 
 
+def room_positions() -> dict[str, int]:
+    """Every room with the id of its newest message."""
+    return dict(Room.objects.values_list("name", "last_seq"))
+
+
 def presence_live_entries() -> list[dict[str, str]]:
     """Every open scope of every live process."""
     timeout = settings.GATEWAY["PRESENCE_TIMEOUT"]

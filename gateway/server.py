@@ -74,17 +74,25 @@ class FrameWriter:
 
 
 class GatewayServer(daphne.server.Server):
-    def __init__(self, *args, on_listening=None, **kwargs):
+    """daphne plus the other protocol servers (``services``: objects with async ``start`` and
+    ``stop``, started in order once the loop runs and stopped in reverse at shutdown)."""
+
+    def __init__(self, *args, on_listening=None, services=(), **kwargs):
         super().__init__(*args, signal_handlers=False, **kwargs)
+        self.services = list(services)
+        self._started_services: list = []
+        self._services_task: asyncio.Future | None = None
         self.ports = []
         self._on_listening = on_listening
         self._stopping = False
+        self.exit_code = 0
         self._runtime_start: asyncio.Future | None = None
         self._shutdown_task: asyncio.Future | None = None
 
     def run(self) -> None:
         reactor.callWhenRunning(self._install_signal_handlers)
         reactor.callWhenRunning(self._configure_websockets)
+        reactor.callWhenRunning(self._start_services)
         super().run()
         self._finish_loop()
 
@@ -123,6 +131,21 @@ class GatewayServer(daphne.server.Server):
         # so the client learns why.
         self.ws_factory.setProtocolOptions(failByDrop=False)
 
+    def _start_services(self) -> None:
+        self._services_task = asyncio.ensure_future(self._run_services())
+
+    async def _run_services(self) -> None:
+        for service in self.services:
+            try:
+                await service.start()
+            except Exception:
+                logger.critical("could not start %s; stopping", type(service).__name__,
+                                exc_info=True)
+                self.exit_code = 1
+                self._on_signal(signal.SIGTERM)
+                return
+            self._started_services.append(service)
+
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_event_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -141,6 +164,8 @@ class GatewayServer(daphne.server.Server):
         for port in self.ports:
             port.stopListening()
         try:
+            for service in reversed(self._started_services):
+                await asyncio.wait_for(service.stop(), timeout=10)
             await asyncio.wait_for(stop_runtime(), timeout=10)
             await asyncio.sleep(0.2)  # let close frames reach the wire
         except Exception:

@@ -231,6 +231,23 @@ GATEWAY = {
     "RESYNC_INTERVAL": env_float("GATEWAY_RESYNC_INTERVAL", 2.0, minimum=0.1),
 }
 
+# --- MQTT --------------------------------------------------------------------------------
+
+# Empty: `gateway run` starts an embedded broker (amqtt) on 127.0.0.1:MQTT_EMBEDDED_PORT.
+# Otherwise mqtt://user:pass@host:1883 or mqtts://... (TLS) for a broker of your own.
+MQTT_URL = env_str("MQTT_URL")
+MQTT = {
+    "ENABLED": env_bool("MQTT_ENABLED", True),
+    "URL": MQTT_URL,
+    "EMBEDDED_PORT": env_int("MQTT_EMBEDDED_PORT", 1883, minimum=0),
+    "TOPIC_PREFIX": env_str("MQTT_TOPIC_PREFIX", "rooms"),
+    # Fixed, so the broker keeps the gateway's session (clean session off) across restarts.
+    "CLIENT_ID": env_str("MQTT_CLIENT_ID", "rt-gateway"),
+    # A device's scope closes after this many seconds without a message.
+    "IDLE_TIMEOUT": env_float("MQTT_IDLE_TIMEOUT", 300.0, minimum=1.0),
+    "KEEPALIVE": env_int("MQTT_KEEPALIVE", 30, minimum=5),
+}
+
 # --- Production hardening (manage.py check --deploy is clean with the defaults) ----------
 
 if not DEBUG:
@@ -259,5 +276,8 @@ LOGGING = {
         # daphne logs every HTTP request at INFO through its access log; keep it at WARNING.
         "daphne": {"level": "WARNING"},
         "django.channels.server": {"level": "WARNING"},
+        # The embedded broker logs every packet and state change at INFO.
+        "amqtt": {"level": "WARNING"},
+        "transitions": {"level": "WARNING"},
     },
 }

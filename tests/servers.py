@@ -83,6 +83,7 @@ class Gateway:
             "GATEWAY_DATA_DIR": str(datadir),
             "DJANGO_SETTINGS_MODULE": "settings",
             "PYTHONUNBUFFERED": "1",
+            "MQTT_ENABLED": "0",  # tests that want MQTT say so (and never use port 1883)
             **(env or {}),
         }
         self.proc: subprocess.Popen | None = None

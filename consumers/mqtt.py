@@ -1,0 +1,99 @@
+"""MQTT consumers: devices posting into a room, and a room's relay to ``<prefix>/<room>/out``.
+
+The protocol server (protocols/mqtt/server.py) opens the scopes; these translate between
+its ``mqtt.*`` events and the room.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from channels.db import database_sync_to_async
+from channels.exceptions import StopConsumer
+from django.conf import settings
+from django.db import DatabaseError
+
+from consumers.base import RoomConsumer
+from consumers.websocket import display_name_clean
+from gateway import events
+from gateway import mqtt as topics
+from gateway.fanout import Delivery
+from gateway.ratelimit import TokenBucket
+from gateway.services import GatewayError, room_message_post
+
+logger = logging.getLogger(__name__)
+
+WIRE_FORMAT = "mqtt-json"
+
+
+class MqttDeviceConsumer(RoomConsumer):
+    """One device in one room: what it publishes on ``<prefix>/<room>/in/<device>``."""
+
+    protocol = "mqtt"
+
+    async def mqtt_connect(self, message) -> None:
+        self.device_id = self.scope["device_id"]
+        self.prefix = self.scope["prefix"]
+        self.bucket = TokenBucket(
+            rate=settings.GATEWAY["RATE_LIMIT_PER_SECOND"],
+            burst=settings.GATEWAY["RATE_LIMIT_BURST"],
+        )
+        await self.room_join(
+            self.scope["room"], member_id=self.device_id, name=self.device_id, listen=False
+        )
+
+    async def mqtt_message(self, message) -> None:
+        client_id = None
+        try:
+            payload = topics.payload_decode(message["payload"])
+            client_id = payload.client_id
+            if not self.bucket.allow():
+                raise GatewayError("rate_limited", "too many messages from this device")
+            name = display_name_clean(payload.name or "") or self.device_id
+            sender = events.sender(protocol=self.protocol, id=self.device_id, name=name)
+            await database_sync_to_async(room_message_post)(
+                room=self.room, text=payload.text, sender=sender, origin=self.scope_id,
+                client_id=client_id,
+            )
+        except GatewayError as exc:
+            await self._refuse(exc.code, exc.detail, client_id)
+        except DatabaseError:
+            logger.exception("could not store a device message", extra=self.log_extra())
+            await self._refuse("unavailable", "the message could not be stored", client_id)
+
+    async def _refuse(self, code: str, detail: str, client_id: object) -> None:
+        logger.warning("refused device message %s: %s", code, detail,
+                       extra=self.log_extra(code=code))
+        await self.base_send({
+            "type": "mqtt.publish",
+            "topic": topics.error_topic(self.prefix, self.room, self.device_id),
+            "payload": topics.error_payload(code, detail, client_id),
+        })
+
+    async def mqtt_disconnect(self, message) -> None:
+        raise StopConsumer()
+
+
+class MqttRoomConsumer(RoomConsumer):
+    """A room's relay: each room message published once on ``<prefix>/<room>/out``."""
+
+    protocol = "mqtt"
+
+    async def mqtt_connect(self, message) -> None:
+        self.scope_id = f"mqtt-out-{self.scope['room']}"
+        self.topic = topics.out_topic(self.scope["prefix"], self.scope["room"])
+        await self.room_join(self.scope["room"], member_id=None)
+        await self.room_catch_up(self.scope.get("after"))
+
+    async def send_room_event(self, event: events.RoomMessage, delivery: Delivery) -> None:
+        await self.base_send({
+            "type": "mqtt.publish",
+            "topic": self.topic,
+            "payload": delivery.frame(WIRE_FORMAT, topics.out_payload),
+        })
+
+    async def close(self, code: int) -> None:
+        self.closed, self.live = True, False
+
+    async def mqtt_disconnect(self, message) -> None:
+        raise StopConsumer()

@@ -1,0 +1,278 @@
+"""The MQTT protocol server: owns the broker connection and the ``mqtt`` scopes.
+
+Like daphne for WebSockets, it knows nothing of rooms: it turns broker traffic into scopes
+and events for the root ASGI application, and carries the application's ``mqtt.publish``
+events back to the broker.
+
+- A device scope per (device, room), ``{"type": "mqtt", "role": "device", ...}``, opened
+  on the device's first message and fed ``mqtt.message`` events; closed (``mqtt.disconnect``)
+  after ``MQTT_IDLE_TIMEOUT`` without a message, and at shutdown.
+- A room scope per room, ``{"type": "mqtt", "role": "out", ...}``, whose consumer publishes
+  each room message once on ``<prefix>/<room>/out``. Rooms are found in the database; one
+  created after the server started is relayed from its first message.
+
+One connection, QoS 1 both ways, a fixed client id with clean session off (the broker keeps
+what devices publish while the gateway is away), reconnects with exponential backoff and
+jitter. Outbound messages wait in order while the broker is unreachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+import time
+from dataclasses import dataclass, field
+from urllib.parse import unquote, urlsplit
+
+import aiomqtt
+from channels.db import database_sync_to_async
+
+from gateway import mqtt as topics
+from gateway import selectors
+from gateway.logging import scope_log
+from gateway.services import GatewayError
+
+logger = logging.getLogger(__name__)
+
+ROOM_SCAN_INTERVAL = 2.0
+
+
+@dataclass
+class BrokerAddress:
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+
+    @classmethod
+    def from_url(cls, url: str) -> BrokerAddress:
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError(f"MQTT_URL must be mqtt://host:port or mqtts://host:port: {url!r}")
+        tls = parts.scheme == "mqtts"
+        return cls(
+            host=parts.hostname,
+            port=parts.port or (8883 if tls else 1883),
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+            tls=tls,
+        )
+
+    def __str__(self) -> str:  # never the password
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+@dataclass
+class _Scope:
+    queue: asyncio.Queue
+    task: asyncio.Task
+    last_seen: float = field(default_factory=time.monotonic)
+
+
+class MqttServer:
+    def __init__(
+        self,
+        application,
+        *,
+        address: BrokerAddress,
+        prefix: str,
+        client_id: str,
+        idle_timeout: float,
+        keepalive: int = 30,
+    ) -> None:
+        self.application = application
+        self.address = address
+        self.prefix = prefix
+        self.client_id = client_id
+        self.idle_timeout = idle_timeout
+        self.keepalive = keepalive
+        self.devices: dict[tuple[str, str], _Scope] = {}
+        self.relays: dict[str, _Scope] = {}
+        self.outbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        self.connected = asyncio.Event()
+        self.stats = {"received": 0, "published": 0, "rejected": 0, "reconnects": 0}
+        self._client: aiomqtt.Client | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._known_rooms: set[str] = set()
+        self._scanned = False
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._scan_rooms()  # before any device message: see _scan_rooms
+        self._tasks = [
+            asyncio.create_task(self._connection_loop(), name="mqtt-connection"),
+            asyncio.create_task(self._publish_loop(), name="mqtt-publish"),
+            asyncio.create_task(self._housekeeping_loop(), name="mqtt-housekeeping"),
+        ]
+
+    async def stop(self) -> None:
+        """Close every scope, publish what is already queued (briefly), then disconnect."""
+        for scope in [*self.devices.values(), *self.relays.values()]:
+            scope.queue.put_nowait({"type": "mqtt.disconnect"})
+        pending = [s.task for s in [*self.devices.values(), *self.relays.values()]]
+        if pending:
+            await asyncio.wait(pending, timeout=5)
+        self.devices.clear()
+        self.relays.clear()
+        if self.connected.is_set():
+            try:
+                await asyncio.wait_for(self.outbox.join(), timeout=3)
+            except TimeoutError:
+                logger.warning("stopped with %d MQTT messages unpublished", self.outbox.qsize(),
+                               extra={"protocol": "mqtt"})
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        logger.info("mqtt server stopped", extra={"protocol": "mqtt", **self.stats})
+
+    # --- the broker connection ---------------------------------------------------------
+
+    async def _connection_loop(self) -> None:
+        backoff = 0.5
+        while True:
+            try:
+                async with self._connect() as client:
+                    await client.subscribe(topics.in_filter(self.prefix), qos=1)
+                    self._client = client
+                    self.connected.set()
+                    backoff = 0.5
+                    logger.info("connected to the MQTT broker",
+                                extra={"protocol": "mqtt", "broker": str(self.address)})
+                    async for message in client.messages:
+                        await self._on_message(message)
+            except aiomqtt.MqttError as exc:
+                self.connected.clear()
+                self._client = None
+                self.stats["reconnects"] += 1
+                delay = backoff * (0.5 + random.random())
+                logger.warning("MQTT broker unreachable (%s); retrying in %.1fs", exc, delay,
+                               extra={"protocol": "mqtt", "broker": str(self.address)})
+                await asyncio.sleep(delay)
+                backoff = min(backoff * 2, 30.0)
+
+    def _connect(self) -> aiomqtt.Client:
+        tls = aiomqtt.TLSParameters(cert_reqs=ssl.CERT_REQUIRED) if self.address.tls else None
+        return aiomqtt.Client(
+            self.address.host,
+            self.address.port,
+            username=self.address.username,
+            password=self.address.password,
+            identifier=self.client_id,
+            clean_session=False,
+            keepalive=self.keepalive,
+            tls_params=tls,
+        )
+
+    async def _publish_loop(self) -> None:
+        while True:
+            topic, payload = await self.outbox.get()
+            while True:
+                await self.connected.wait()
+                client = self._client
+                try:
+                    assert client is not None
+                    await client.publish(topic, payload, qos=1)
+                    self.stats["published"] += 1
+                    self.outbox.task_done()
+                    break
+                except (aiomqtt.MqttError, AssertionError):
+                    # Kept in order: wait for the reconnect, then publish it again.
+                    self.connected.clear()
+                    await asyncio.sleep(0.1)
+
+    # --- inbound -----------------------------------------------------------------------
+
+    async def _on_message(self, message: aiomqtt.Message) -> None:
+        topic = str(message.topic)
+        if message.retain:
+            # Replayed by the broker on (re)subscribe: already stored when it was live.
+            logger.info("ignored a retained message", extra={"protocol": "mqtt", "topic": topic})
+            return
+        try:
+            where = topics.in_topic_parse(self.prefix, topic)
+        except GatewayError as exc:
+            self.stats["rejected"] += 1
+            logger.warning("refused MQTT message: %s", exc.detail,
+                           extra={"protocol": "mqtt", "topic": topic[:200], "code": exc.code})
+            return
+        self.stats["received"] += 1
+        scope = self.devices.get((where.device_id, where.room))
+        if scope is None:
+            scope = self.devices[(where.device_id, where.room)] = self._open(
+                {"type": "mqtt", "role": "device", "room": where.room,
+                 "device_id": where.device_id, "prefix": self.prefix},
+                name=f"mqtt-device-{where.device_id}-{where.room}",
+            )
+            if where.room not in self._known_rooms:  # a new room: relay from its first message
+                self._known_rooms.add(where.room)
+                self._relay(where.room, after=0)
+        scope.last_seen = time.monotonic()
+        scope.queue.put_nowait({"type": "mqtt.message", "payload": bytes(message.payload)})
+
+    def _open(self, scope: dict, *, name: str) -> _Scope:
+        queue: asyncio.Queue = asyncio.Queue()
+        queue.put_nowait({"type": "mqtt.connect"})
+        task = asyncio.create_task(self._run_app(scope, queue), name=name)
+        return _Scope(queue=queue, task=task)
+
+    async def _run_app(self, scope: dict, queue: asyncio.Queue) -> None:
+        try:
+            await self.application(scope, queue.get, self._send)
+        except Exception:
+            logger.exception("mqtt application instance failed",
+                             extra=scope_log("mqtt", scope.get("room"), scope.get("device_id", "")))
+        finally:
+            if scope["role"] == "device":
+                key = (scope["device_id"], scope["room"])
+                if self.devices.get(key) is not None and self.devices[key].queue is queue:
+                    del self.devices[key]
+            elif self.relays.get(scope["room"]) is not None and \
+                    self.relays[scope["room"]].queue is queue:
+                del self.relays[scope["room"]]
+
+    async def _send(self, message: dict) -> None:
+        if message["type"] != "mqtt.publish":
+            raise ValueError(f"unknown mqtt event {message['type']!r}")
+        self.outbox.put_nowait((message["topic"], message["payload"]))
+
+    # --- rooms and idle scopes ---------------------------------------------------------
+
+    def _relay(self, room: str, *, after: int | None) -> None:
+        if room not in self.relays:
+            self.relays[room] = self._open(
+                {"type": "mqtt", "role": "out", "room": room, "prefix": self.prefix,
+                 "after": after},
+                name=f"mqtt-out-{room}",
+            )
+
+    async def _housekeeping_loop(self) -> None:
+        while True:
+            try:
+                await self._scan_rooms()
+                self._close_idle()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("mqtt housekeeping failed; will retry", extra={"protocol": "mqtt"})
+            await asyncio.sleep(min(ROOM_SCAN_INTERVAL, self.idle_timeout / 2))
+
+    async def _scan_rooms(self) -> None:
+        """Relay every room: those that exist at start from their current position, those
+        created later from their first message (so none is missed while it is found)."""
+        positions = await database_sync_to_async(selectors.room_positions)()
+        for room, last_seq in positions.items():
+            if room not in self._known_rooms:
+                self._known_rooms.add(room)
+                self._relay(room, after=last_seq if not self._scanned else 0)
+        self._scanned = True
+
+    def _close_idle(self) -> None:
+        cutoff = time.monotonic() - self.idle_timeout
+        for key, scope in list(self.devices.items()):
+            if scope.last_seen < cutoff:
+                del self.devices[key]
+                scope.queue.put_nowait({"type": "mqtt.disconnect"})
