@@ -7,6 +7,8 @@ source scripts/venv.sh
 
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+{ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; } || missing+=(mosquitto)
+command -v mosquitto_pub >/dev/null 2>&1 || missing+=(mosquitto-clients)
 { command -v chromium >/dev/null 2>&1 || [ -n "${CHROMIUM_PATH:-}" ]; } || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "Installing system packages: ${missing[*]}"

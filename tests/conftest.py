@@ -5,7 +5,7 @@ from asgiref.sync import sync_to_async
 from django.db import connections
 
 from gateway.runtime import stop_runtime
-from tests.servers import Gateway, RedisServer
+from tests.servers import Gateway, Mosquitto, RedisServer
 
 
 @pytest.fixture
@@ -23,6 +23,14 @@ def redis_server(tmp_path):
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def mosquitto(tmp_path):
+    broker = Mosquitto(tmp_path)
+    broker.start()
+    yield broker
+    broker.stop()
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import signal
@@ -65,6 +66,46 @@ class RedisServer:
         self.stop()
         time.sleep(downtime)
         self.start()
+
+
+class Mosquitto:
+    """A private mosquitto (with persistence, so a restart keeps sessions and queues)."""
+
+    def __init__(self, workdir: Path, *, extra_config: str = ""):
+        self.binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        if not Path(self.binary).exists():
+            raise RuntimeError("mosquitto is not installed (scripts/test.sh installs it)")
+        self.port = free_port()
+        self.workdir = workdir / f"mosquitto-{self.port}"
+        self.workdir.mkdir(parents=True)
+        self.config = self.workdir / "mosquitto.conf"
+        self.config.write_text(
+            # Started as root, mosquitto would switch to a 'mosquitto' user that cannot write
+            # its database here; as anyone else, this line changes nothing.
+            f"user {getpass.getuser()}\n"
+            f"listener {self.port} 127.0.0.1\n"
+            f"persistence true\npersistence_location {self.workdir}/\n"
+            + (extra_config or "allow_anonymous true\n")
+        )
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        with open(self.workdir / "log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [self.binary, "-c", str(self.config)],
+                stdout=subprocess.DEVNULL, stderr=log,
+            )
+        wait_for_port(self.port)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()  # mosquitto saves its persistence file on SIGTERM
+            self.proc.wait(timeout=10)
+            self.proc = None
 
 
 class Gateway:

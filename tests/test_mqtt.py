@@ -1,0 +1,238 @@
+"""MQTT devices in the rooms: a real broker (a private mosquitto, or the embedded amqtt),
+real MQTT clients (aiomqtt, mosquitto_pub) and real WebSocket clients, against
+``gateway run``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+
+import aiomqtt
+import pytest
+import websockets
+
+from tests.servers import free_port
+from tests.test_e2e import FAST, collect, connect, members, next_message, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def mqtt_env(broker, **extra: str) -> dict[str, str]:
+    return {**FAST, "MQTT_ENABLED": "1", "MQTT_URL": broker.url, **extra}
+
+
+def device(broker, identifier: str | None = None, **kwargs) -> aiomqtt.Client:
+    return aiomqtt.Client("127.0.0.1", broker.port, identifier=identifier, **kwargs)
+
+
+async def gather_out(client: aiomqtt.Client, n: int, timeout: float = 10) -> list[dict]:
+    """The next ``n`` messages a subscribed client receives, decoded."""
+    received: list[dict] = []
+
+    async def take() -> None:
+        async for message in client.messages:
+            received.append({"topic": str(message.topic), **json.loads(message.payload)})
+            if len(received) == n:
+                return
+
+    await asyncio.wait_for(take(), timeout)
+    return received
+
+
+async def nothing_more(client: aiomqtt.Client, wait: float = 0.5) -> bool:
+    try:
+        await asyncio.wait_for(anext(aiter(client.messages)), wait)
+    except TimeoutError:
+        return True
+    return False
+
+
+async def test_devices_and_browsers_share_a_room(gateway_factory, mosquitto):
+    gw = gateway_factory(env=mqtt_env(mosquitto)).start()
+    async with connect(gw, "/ws/chat/plant/?name=web") as browser, \
+            device(mosquitto) as d1, device(mosquitto) as d2:
+        for d in (d1, d2):
+            await d.subscribe("rooms/plant/out", qos=1)
+        await asyncio.sleep(0.3)
+
+        # device -> browser, and -> every device through out (the sender too), once each
+        await d1.publish("rooms/plant/in/sensor1", b"21.5 C", qos=1)
+        frame = await next_message(browser)
+        assert frame["message"] == "21.5 C"
+        assert frame["sender"] == {"protocol": "mqtt", "id": "sensor1", "name": "sensor1"}
+        for d in (d1, d2):
+            [out] = await gather_out(d, 1)
+            assert (out["topic"], out["text"], out["id"]) == ("rooms/plant/out", "21.5 C", 1)
+            assert out["type"] == "room.message" and out["sender"]["protocol"] == "mqtt"
+
+        # browser -> devices
+        await browser.send(json.dumps({"message": "hello devices"}))
+        assert (await next_message(browser))["message"] == "hello devices"  # its own copy
+        for d in (d1, d2):
+            [out] = await gather_out(d, 1)
+            assert (out["text"], out["sender"]["protocol"]) == ("hello devices", "web")
+
+        # a JSON payload with a display name and an idempotency key, sent twice
+        payload = json.dumps({"message": "hi all", "name": "Boiler", "client_id": "b-1"})
+        await d2.publish("rooms/plant/in/boiler", payload.encode(), qos=1)
+        await d2.publish("rooms/plant/in/boiler", payload.encode(), qos=1)
+        frame = await next_message(browser)
+        assert (frame["message"], frame["sender"]["name"]) == ("hi all", "Boiler")
+        for d in (d1, d2):
+            [out] = await gather_out(d, 1)
+            assert out["text"] == "hi all" and out["client_id"] == "b-1"
+            assert await nothing_more(d)  # no echo, no second copy, no re-ingestion
+
+        history = gw.get_json("/api/rooms/plant/messages?after=0")
+        assert [m["message"] for m in history["messages"]] == [
+            "21.5 C", "hello devices", "hi all"
+        ]
+        await wait_until(lambda: members(gw, "plant") == 3, 5, "devices not in presence")
+        room = gw.get_json("/api/rooms/plant/")
+        assert sorted((m["protocol"], m["id"]) for m in room["members"])[:2] == [
+            ("mqtt", "boiler"), ("mqtt", "sensor1")
+        ]
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        (b"\xff\xfe not utf-8", "invalid_utf8"),
+        (b"{not json", "invalid_json"),
+        (b'{"text": "wrong key"}', "unknown_field"),
+        (b'{"name": "no message"}', "missing_message"),
+        (b'{"message": ""}', "empty_message"),
+        (b"   ", "empty_message"),
+        (b"x" * 4097, "message_too_long"),
+        (b'{"message": 7}', "invalid_message"),
+    ],
+)
+async def test_bad_payloads_are_refused_on_the_error_topic(gateway_factory, mosquitto,
+                                                           payload, code):
+    gw = gateway_factory(env=mqtt_env(mosquitto)).start()
+    async with device(mosquitto) as d:
+        await d.subscribe("rooms/lab/error/probe", qos=1)
+        await d.subscribe("rooms/lab/out", qos=1)
+        await asyncio.sleep(0.3)
+        await d.publish("rooms/lab/in/probe", payload, qos=1)
+        [error] = await gather_out(d, 1)
+        assert (error["topic"], error["type"], error["code"]) == (
+            "rooms/lab/error/probe", "error", code
+        )
+        # The bridge keeps serving: a good message still goes through.
+        await d.publish("rooms/lab/in/probe", b"fine", qos=1)
+        [out] = await gather_out(d, 1)
+        assert out["text"] == "fine"
+    assert [m["message"] for m in gw.get_json("/api/rooms/lab/messages")["messages"]] == ["fine"]
+    assert f"refused device message {code}" in gw.log()
+
+
+@pytest.mark.parametrize("topic", ["rooms/bad room/in/dev1", "rooms/lab/in/bad$device",
+                                   "rooms/" + "r" * 65 + "/in/dev1"])
+async def test_invalid_topics_are_logged_and_dropped(gateway_factory, mosquitto, topic):
+    gw = gateway_factory(env=mqtt_env(mosquitto)).start()
+    async with device(mosquitto) as d:
+        await d.subscribe("rooms/#", qos=1)
+        await asyncio.sleep(0.3)
+        await d.publish(topic, b"hello", qos=1)
+        await gather_out_raw(d, 1)  # our own publish, echoed by the broker to rooms/#
+        assert await nothing_more(d, 1.0)  # no error topic: room or device is not valid
+    assert gw.get_json("/api/rooms/")["rooms"] == []
+    assert "refused MQTT message" in gw.log()
+
+
+async def gather_out_raw(client: aiomqtt.Client, n: int) -> None:
+    count = 0
+    async for _ in client.messages:
+        count += 1
+        if count == n:
+            return
+
+
+async def test_retained_messages_are_not_stored_again(gateway_factory, mosquitto):
+    env = mqtt_env(mosquitto)
+    gw = gateway_factory(env=env).start()
+    async with device(mosquitto) as d:
+        await d.publish("rooms/shelf/in/lamp", b"on", qos=1, retain=True)
+        await wait_until(lambda: gw.get_json("/api/rooms/shelf/")["last_id"] == 1, 5,
+                         "retained message not stored live")
+    gw.terminate()
+    again = gateway_factory(env=env, port=gw.port, datadir=gw.datadir).start()
+    await asyncio.sleep(1.5)  # the broker replays the retained message on subscribe
+    assert again.get_json("/api/rooms/shelf/")["last_id"] == 1
+    assert "ignored a retained message" in again.log()
+
+
+async def test_broker_restart_mid_stream_loses_nothing_it_accepted(gateway_factory, mosquitto):
+    gw = gateway_factory(env=mqtt_env(mosquitto)).start()
+    total, acked = 60, []
+
+    async def publisher() -> None:
+        i = 0
+        while i < total:
+            try:
+                async with device(mosquitto, identifier="stream-dev", clean_session=False) as d:
+                    while i < total:
+                        body = json.dumps({"message": f"m{i}", "client_id": f"s-{i}"})
+                        await d.publish("rooms/stream/in/meter", body.encode(), qos=1)
+                        acked.append(i)  # the broker answered PUBACK: it accepted it
+                        i += 1
+                        if i == total // 2:
+                            await asyncio.to_thread(mosquitto.stop)
+                            await asyncio.sleep(1.0)
+                            await asyncio.to_thread(mosquitto.start)
+                        await asyncio.sleep(0.02)
+            except aiomqtt.MqttError:
+                await asyncio.sleep(0.3)
+
+    await asyncio.wait_for(publisher(), 60)
+    await wait_until(
+        lambda: gw.get_json("/api/rooms/stream/")["last_id"] >= len(acked), 20,
+        "not every accepted message was stored",
+    )
+    stored = [m["message"] for m in
+              gw.get_json("/api/rooms/stream/messages?after=0&limit=500")["messages"]]
+    assert sorted(stored) == sorted({f"m{i}" for i in acked})  # all of them, each once
+    assert "MQTT broker unreachable" in gw.log()
+
+
+async def test_embedded_broker_and_idle_device_scopes(gateway_factory):
+    port = free_port()
+    gw = gateway_factory(env={**FAST, "MQTT_ENABLED": "1", "MQTT_EMBEDDED_PORT": str(port),
+                              "MQTT_IDLE_TIMEOUT": "1"}).start()
+    await asyncio.sleep(0.5)
+    async with connect(gw, "/ws/chat/lobby/") as browser:
+        await asyncio.to_thread(
+            subprocess.run, ["mosquitto_pub", "-p", str(port), "-q", "1",
+                             "-t", "rooms/lobby/in/sensor1", "-m", "21.5 C"],
+            check=True, timeout=10,
+        )
+        frame = await next_message(browser)
+        assert (frame["message"], frame["sender"]["id"]) == ("21.5 C", "sensor1")
+        await wait_until(lambda: members(gw, "lobby") == 2, 5, "device not present")
+        # Idle for longer than MQTT_IDLE_TIMEOUT: the device's scope closes.
+        await wait_until(lambda: members(gw, "lobby") == 1, 6, "idle device still present")
+    assert "embedded MQTT broker listening" in gw.log()
+
+
+async def test_a_browser_message_reaches_devices_subscribed_with_mosquitto_sub(
+    gateway_factory, mosquitto
+):
+    gw = gateway_factory(env=mqtt_env(mosquitto)).start()
+    sub = await asyncio.to_thread(
+        subprocess.Popen,
+        ["mosquitto_sub", "-p", str(mosquitto.port), "-q", "1", "-t", "rooms/hall/out",
+         "-C", "2", "-W", "15"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    await asyncio.sleep(0.5)
+    async with connect(gw, "/ws/chat/hall/") as browser:
+        for text in ("one", "two"):
+            await browser.send(json.dumps({"message": text}))
+        await collect(browser, 2)
+    out, _ = await asyncio.to_thread(sub.communicate, timeout=20)
+    assert [json.loads(line)["text"] for line in out.splitlines()] == ["one", "two"]
+    with pytest.raises(websockets.InvalidStatus):  # unrelated: MQTT adds no web routes
+        async with connect(gw, "/ws/mqtt/"):
+            pass
