@@ -90,6 +90,8 @@ class MqttRoomConsumer(RoomConsumer):
             "type": "mqtt.publish",
             "topic": self.topic,
             "payload": delivery.frame(WIRE_FORMAT, topics.out_payload),
+            "room": event["room"],  # so the server can record how far the room got
+            "id": event["id"],
         })
 
     async def close(self, code: int) -> None:

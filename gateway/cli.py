@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 
 
@@ -77,17 +78,16 @@ def _protocol_services(args: argparse.Namespace, application) -> list:
             return []
         services.append(EmbeddedBroker("127.0.0.1", port))
         address = BrokerAddress(host="127.0.0.1", port=port)
+    client_id = mqtt["CLIENT_ID"] or f"rt-gateway-{socket.gethostname()}-{args.port}"
     services.append(MqttServer(
         application, address=address, prefix=mqtt["TOPIC_PREFIX"],
-        client_id=mqtt["CLIENT_ID"], idle_timeout=mqtt["IDLE_TIMEOUT"],
-        keepalive=mqtt["KEEPALIVE"],
+        client_id=client_id[:128], idle_timeout=mqtt["IDLE_TIMEOUT"],
+        keepalive=mqtt["KEEPALIVE"], shared_group=mqtt["SHARED_GROUP"],
     ))
     return services
 
 
 def _port_free(host: str, port: int) -> bool:
-    import socket
-
     with socket.socket() as sock:
         try:
             sock.bind((host, port))

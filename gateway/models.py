@@ -61,3 +61,30 @@ class GatewayProcess(models.Model):
 
     def __str__(self) -> str:
         return f"{self.hostname}:{self.pid}"
+
+
+class Lease(models.Model):
+    """A role that one process at a time may hold (for instance publishing rooms to MQTT)."""
+
+    name = models.CharField(max_length=64, primary_key=True)
+    holder = models.CharField(max_length=64)
+    expires_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"{self.name} held by {self.holder}"
+
+
+class RelayCursor(models.Model):
+    """How far a relay (such as rooms -> MQTT ``out``) has published each room."""
+
+    relay = models.CharField(max_length=64)
+    room = models.CharField(max_length=64)
+    last_seq = models.BigIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["relay", "room"], name="relay_cursor_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.relay}:{self.room}@{self.last_seq}"

@@ -9,7 +9,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from gateway import events
-from gateway.models import GatewayProcess, Message, Room
+from gateway.models import GatewayProcess, Message, RelayCursor, Room
 from gateway.services import message_event
 
 
@@ -33,6 +33,11 @@ def room_last_seqs(*, rooms: list[str]) -> dict[str, int]:
     """The newest message id of each room (0 for rooms with no messages yet)."""
     found = dict(Room.objects.filter(name__in=rooms).values_list("name", "last_seq"))
     return {room: found.get(room, 0) for room in rooms}
+
+
+def relay_cursors(*, relay: str) -> dict[str, int]:
+    """How far a relay has published each room."""
+    return dict(RelayCursor.objects.filter(relay=relay).values_list("room", "last_seq"))
 
 
 def room_positions() -> dict[str, int]:

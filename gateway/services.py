@@ -7,10 +7,11 @@ from datetime import UTC, datetime
 
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
+from django.db.models import Q
 
 from gateway import events
 from gateway.broadcast import room_event_broadcast_on_commit
-from gateway.models import Message, Room
+from gateway.models import Lease, Message, RelayCursor, Room
 from gateway.names import room_name_validate
 
 
@@ -160,3 +161,36 @@ def _message_insert(
     )
     message.save(force_insert=True)
     return message
+
+
+def lease_acquire(*, name: str, holder: str, ttl: float) -> bool:
+    """Take or renew a lease; True if ``holder`` now holds it for ``ttl`` seconds."""
+    now = datetime.fromtimestamp(time.time(), tz=UTC)
+    expires = datetime.fromtimestamp(time.time() + ttl, tz=UTC)
+    taken = Lease.objects.filter(
+        Q(holder=holder) | Q(expires_at__lt=now), name=name
+    ).update(holder=holder, expires_at=expires)
+    if taken:
+        return True
+    try:
+        with transaction.atomic():
+            Lease.objects.create(name=name, holder=holder, expires_at=expires)
+    except IntegrityError:
+        return False  # someone else holds it
+    return True
+
+
+def lease_release(*, name: str, holder: str) -> None:
+    Lease.objects.filter(name=name, holder=holder).delete()
+
+
+def relay_cursors_save(*, relay: str, positions: dict[str, int]) -> None:
+    """Record how far a relay has published each room (positions only move forward)."""
+    for room, last_seq in positions.items():
+        cursor, created = RelayCursor.objects.get_or_create(
+            relay=relay, room=room, defaults={"last_seq": last_seq}
+        )
+        if not created and cursor.last_seq < last_seq:
+            RelayCursor.objects.filter(pk=cursor.pk, last_seq__lt=last_seq).update(
+                last_seq=last_seq
+            )

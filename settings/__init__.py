@@ -241,8 +241,12 @@ MQTT = {
     "URL": MQTT_URL,
     "EMBEDDED_PORT": env_int("MQTT_EMBEDDED_PORT", 1883, minimum=0),
     "TOPIC_PREFIX": env_str("MQTT_TOPIC_PREFIX", "rooms"),
-    # Fixed, so the broker keeps the gateway's session (clean session off) across restarts.
-    "CLIENT_ID": env_str("MQTT_CLIENT_ID", "rt-gateway"),
+    # Fixed, so the broker keeps the gateway's session (clean session off) across restarts;
+    # unique per process. Default: rt-gateway-<hostname>-<HTTP port>.
+    "CLIENT_ID": env_str("MQTT_CLIENT_ID"),
+    # Set (for example to "gateway") when several gateway processes share one broker: they
+    # then subscribe as $share/<group>/..., so each device message reaches one of them.
+    "SHARED_GROUP": env_str("MQTT_SHARED_GROUP"),
     # A device's scope closes after this many seconds without a message.
     "IDLE_TIMEOUT": env_float("MQTT_IDLE_TIMEOUT", 300.0, minimum=1.0),
     "KEEPALIVE": env_int("MQTT_KEEPALIVE", 30, minimum=5),

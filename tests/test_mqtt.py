@@ -236,3 +236,33 @@ async def test_a_browser_message_reaches_devices_subscribed_with_mosquitto_sub(
     with pytest.raises(websockets.InvalidStatus):  # unrelated: MQTT adds no web routes
         async with connect(gw, "/ws/mqtt/"):
             pass
+
+
+async def test_two_gateways_share_one_broker_without_duplicates(gateway_factory, mosquitto,
+                                                                redis_server, tmp_path):
+    env = mqtt_env(mosquitto, REDIS_URL=redis_server.url, MQTT_SHARED_GROUP="gateway")
+    a = gateway_factory(env=env, datadir=tmp_path / "shared").start()
+    b = gateway_factory(env=env, datadir=tmp_path / "shared").start()
+    total_devices, total_web = 40, 10
+    async with connect(a, "/ws/chat/duo/") as on_a, connect(b, "/ws/chat/duo/") as on_b, \
+            device(mosquitto) as listener, device(mosquitto) as meter:
+        await listener.subscribe("rooms/duo/out", qos=1)
+        await asyncio.sleep(1.0)
+        for i in range(total_devices):
+            # No client_id: a message that reached both gateways would be stored twice.
+            await meter.publish("rooms/duo/in/meter", f"d{i}".encode(), qos=1)
+        for i in range(total_web):
+            await on_b.send(json.dumps({"message": f"w{i}"}))
+        total = total_devices + total_web
+        for ws in (on_a, on_b):
+            frames = await collect(ws, total)
+            assert [f["id"] for f in frames] == list(range(1, total + 1))
+        out = await gather_out(listener, total, timeout=20)
+        assert sorted(m["id"] for m in out) == list(range(1, total + 1))  # each exactly once
+        assert await nothing_more(listener, 1.0)
+    history = a.get_json("/api/rooms/duo/messages?after=0&limit=100")["messages"]
+    assert sorted(m["message"] for m in history) == sorted(
+        [f"d{i}" for i in range(total_devices)] + [f"w{i}" for i in range(total_web)]
+    )
+    # Exactly one of the two relays the rooms to MQTT.
+    assert ("relaying rooms to MQTT" in a.log()) != ("relaying rooms to MQTT" in b.log())

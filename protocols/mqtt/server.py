@@ -9,7 +9,11 @@ events back to the broker.
   after ``MQTT_IDLE_TIMEOUT`` without a message, and at shutdown.
 - A room scope per room, ``{"type": "mqtt", "role": "out", ...}``, whose consumer publishes
   each room message once on ``<prefix>/<room>/out``. Rooms are found in the database; one
-  created after the server started is relayed from its first message.
+  created after the server started is relayed from its first message. With several
+  gateway processes on one broker, only the holder of the ``mqtt-out`` lease relays (so each
+  message is published once); it records how far it got per room, and a process that takes
+  the lease over (within ``LEASE_TTL``) resumes there. Inbound, each process subscribes
+  through a shared subscription (``MQTT_SHARED_GROUP``), so each device message reaches one.
 
 One connection, QoS 1 both ways, a fixed client id with clean session off (the broker keeps
 what devices publish while the gateway is away), reconnects with exponential backoff and
@@ -23,6 +27,7 @@ import logging
 import random
 import ssl
 import time
+import uuid
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
@@ -30,13 +35,15 @@ import aiomqtt
 from channels.db import database_sync_to_async
 
 from gateway import mqtt as topics
-from gateway import selectors
+from gateway import selectors, services
 from gateway.logging import scope_log
 from gateway.services import GatewayError
 
 logger = logging.getLogger(__name__)
 
 ROOM_SCAN_INTERVAL = 2.0
+RELAY = "mqtt-out"  # the lease and cursor name of the rooms -> MQTT relay
+LEASE_TTL = 10.0
 
 
 @dataclass
@@ -82,6 +89,7 @@ class MqttServer:
         client_id: str,
         idle_timeout: float,
         keepalive: int = 30,
+        shared_group: str = "",
     ) -> None:
         self.application = application
         self.address = address
@@ -89,9 +97,14 @@ class MqttServer:
         self.client_id = client_id
         self.idle_timeout = idle_timeout
         self.keepalive = keepalive
+        self.shared_group = shared_group
+        self.process_id = uuid.uuid4().hex
+        self.leader = False
+        self.published: dict[str, int] = {}  # room -> newest id published on out
+        self._saved: dict[str, int] = {}
         self.devices: dict[tuple[str, str], _Scope] = {}
         self.relays: dict[str, _Scope] = {}
-        self.outbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        self.outbox: asyncio.Queue[tuple[str, bytes, str | None, int | None]] = asyncio.Queue()
         self.connected = asyncio.Event()
         self.stats = {"received": 0, "published": 0, "rejected": 0, "reconnects": 0}
         self._client: aiomqtt.Client | None = None
@@ -102,7 +115,7 @@ class MqttServer:
     # --- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        await self._scan_rooms()  # before any device message: see _scan_rooms
+        await self._lead()  # before any device message: see _lead
         self._tasks = [
             asyncio.create_task(self._connection_loop(), name="mqtt-connection"),
             asyncio.create_task(self._publish_loop(), name="mqtt-publish"),
@@ -124,6 +137,11 @@ class MqttServer:
             except TimeoutError:
                 logger.warning("stopped with %d MQTT messages unpublished", self.outbox.qsize(),
                                extra={"protocol": "mqtt"})
+        if self.leader:  # hand over: the next holder resumes where we stopped
+            await self._save_cursors()
+            await database_sync_to_async(services.lease_release)(
+                name=RELAY, holder=self.process_id
+            )
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -136,7 +154,7 @@ class MqttServer:
         while True:
             try:
                 async with self._connect() as client:
-                    await client.subscribe(topics.in_filter(self.prefix), qos=1)
+                    await client.subscribe(self.in_filter, qos=1)
                     self._client = client
                     self.connected.set()
                     backoff = 0.5
@@ -154,6 +172,11 @@ class MqttServer:
                 await asyncio.sleep(delay)
                 backoff = min(backoff * 2, 30.0)
 
+    @property
+    def in_filter(self) -> str:
+        plain = topics.in_filter(self.prefix)
+        return f"$share/{self.shared_group}/{plain}" if self.shared_group else plain
+
     def _connect(self) -> aiomqtt.Client:
         tls = aiomqtt.TLSParameters(cert_reqs=ssl.CERT_REQUIRED) if self.address.tls else None
         return aiomqtt.Client(
@@ -169,7 +192,7 @@ class MqttServer:
 
     async def _publish_loop(self) -> None:
         while True:
-            topic, payload = await self.outbox.get()
+            topic, payload, room, seq = await self.outbox.get()
             while True:
                 await self.connected.wait()
                 client = self._client
@@ -177,6 +200,8 @@ class MqttServer:
                     assert client is not None
                     await client.publish(topic, payload, qos=1)
                     self.stats["published"] += 1
+                    if room is not None and seq is not None:
+                        self.published[room] = max(seq, self.published.get(room, 0))
                     self.outbox.task_done()
                     break
                 except (aiomqtt.MqttError, AssertionError):
@@ -207,8 +232,8 @@ class MqttServer:
                  "device_id": where.device_id, "prefix": self.prefix},
                 name=f"mqtt-device-{where.device_id}-{where.room}",
             )
-            if where.room not in self._known_rooms:  # a new room: relay from its first message
-                self._known_rooms.add(where.room)
+            if self.leader and where.room not in self._known_rooms:
+                self._known_rooms.add(where.room)  # a new room: relay from its first message
                 self._relay(where.room, after=0)
         scope.last_seen = time.monotonic()
         scope.queue.put_nowait({"type": "mqtt.message", "payload": bytes(message.payload)})
@@ -237,7 +262,9 @@ class MqttServer:
     async def _send(self, message: dict) -> None:
         if message["type"] != "mqtt.publish":
             raise ValueError(f"unknown mqtt event {message['type']!r}")
-        self.outbox.put_nowait((message["topic"], message["payload"]))
+        self.outbox.put_nowait(
+            (message["topic"], message["payload"], message.get("room"), message.get("id"))
+        )
 
     # --- rooms and idle scopes ---------------------------------------------------------
 
@@ -252,7 +279,10 @@ class MqttServer:
     async def _housekeeping_loop(self) -> None:
         while True:
             try:
-                await self._scan_rooms()
+                await self._lead()
+                if self.leader:
+                    await self._scan_rooms()
+                    await self._save_cursors()
                 self._close_idle()
             except asyncio.CancelledError:
                 raise
@@ -260,15 +290,44 @@ class MqttServer:
                 logger.exception("mqtt housekeeping failed; will retry", extra={"protocol": "mqtt"})
             await asyncio.sleep(min(ROOM_SCAN_INTERVAL, self.idle_timeout / 2))
 
+    async def _lead(self) -> None:
+        """Take or renew the relay lease; start or stop relaying accordingly."""
+        held = await database_sync_to_async(services.lease_acquire)(
+            name=RELAY, holder=self.process_id, ttl=LEASE_TTL
+        )
+        if held and not self.leader:
+            self.leader = True
+            cursors = await database_sync_to_async(selectors.relay_cursors)(relay=RELAY)
+            positions = await database_sync_to_async(selectors.room_positions)()
+            for room, last_seq in positions.items():
+                # Where the previous holder stopped; a room never relayed starts from now.
+                self._known_rooms.add(room)
+                self._relay(room, after=cursors.get(room, last_seq))
+            logger.info("relaying rooms to MQTT", extra={"protocol": "mqtt",
+                                                         "rooms": len(positions)})
+        elif not held and self.leader:
+            self.leader = False
+            for relay in self.relays.values():
+                relay.queue.put_nowait({"type": "mqtt.disconnect"})
+            self._known_rooms.clear()
+            logger.warning("lost the MQTT relay lease; another process relays now",
+                           extra={"protocol": "mqtt"})
+
     async def _scan_rooms(self) -> None:
-        """Relay every room: those that exist at start from their current position, those
-        created later from their first message (so none is missed while it is found)."""
+        """Relay rooms created since: from their first message, so none is missed."""
         positions = await database_sync_to_async(selectors.room_positions)()
-        for room, last_seq in positions.items():
+        for room in positions:
             if room not in self._known_rooms:
                 self._known_rooms.add(room)
-                self._relay(room, after=last_seq if not self._scanned else 0)
-        self._scanned = True
+                self._relay(room, after=0)
+
+    async def _save_cursors(self) -> None:
+        changed = {r: s for r, s in self.published.items() if self._saved.get(r) != s}
+        if changed:
+            await database_sync_to_async(services.relay_cursors_save)(
+                relay=RELAY, positions=changed
+            )
+            self._saved.update(changed)
 
     def _close_idle(self) -> None:
         cutoff = time.monotonic() - self.idle_timeout
