@@ -12,7 +12,7 @@ import aiomqtt
 import pytest
 import websockets
 
-from tests.servers import free_port
+from tests.servers import ROOT, Mosquitto, free_port
 from tests.test_e2e import FAST, collect, connect, members, next_message, wait_until
 
 pytestmark = pytest.mark.slow
@@ -266,3 +266,45 @@ async def test_two_gateways_share_one_broker_without_duplicates(gateway_factory,
     )
     # Exactly one of the two relays the rooms to MQTT.
     assert ("relaying rooms to MQTT" in a.log()) != ("relaying rooms to MQTT" in b.log())
+
+
+def secured_mosquitto(tmp_path) -> Mosquitto:
+    """A mosquitto running deploy/mosquitto/mosquitto.conf, with only paths and port
+    rewritten, and a password file made with mosquitto_passwd."""
+    deploy = ROOT / "deploy" / "mosquitto"
+    passwd = tmp_path / "passwd"
+    for i, (user, password) in enumerate([("gateway", "gw-secret"), ("sensor1", "s1-secret"),
+                                          ("sensor2", "s2-secret")]):
+        subprocess.run(["mosquitto_passwd", *(["-c"] if i == 0 else []), "-b", str(passwd),
+                        user, password], check=True, timeout=10)
+    passwd.chmod(0o644)
+    config = (deploy / "mosquitto.conf").read_text()
+    config = config.replace("/mosquitto/config/passwd", str(passwd))
+    config = config.replace("/mosquitto/config/acl", str(deploy / "acl"))
+    lines = [line for line in config.splitlines()
+             if not line.startswith(("listener", "persistence"))]
+    return Mosquitto(tmp_path, extra_config="\n".join(lines) + "\n")
+
+
+async def test_the_deploy_acl_lets_a_device_publish_only_as_itself(gateway_factory, tmp_path):
+    broker = secured_mosquitto(tmp_path)
+    broker.start()
+    try:
+        env = mqtt_env(broker, MQTT_URL=f"mqtt://gateway:gw-secret@127.0.0.1:{broker.port}")
+        gw = gateway_factory(env=env).start()
+        await wait_until(lambda: "connected to the MQTT broker" in gw.log(), 10,
+                         "the gateway could not log in")
+        with pytest.raises(aiomqtt.MqttError):  # no anonymous clients
+            async with device(broker) as anonymous:
+                await anonymous.publish("rooms/acl/in/sensor1", b"anon", qos=1)
+        async with device(broker, username="sensor1", password="s1-secret") as s1:
+            await s1.subscribe("rooms/acl/out", qos=1)
+            await s1.publish("rooms/acl/in/sensor2", b"pretending to be sensor2", qos=1)
+            await s1.publish("rooms/acl/in/sensor1", b"as myself", qos=1)
+            [out] = await gather_out(s1, 1)
+            assert (out["text"], out["sender"]["id"]) == ("as myself", "sensor1")
+            assert await nothing_more(s1, 1.0)
+        history = gw.get_json("/api/rooms/acl/messages")["messages"]
+        assert [m["message"] for m in history] == ["as myself"]
+    finally:
+        broker.stop()
