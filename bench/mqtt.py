@@ -73,9 +73,10 @@ async def paced(send, count: int, rate: float | None) -> None:
                 await asyncio.sleep(delay)
 
 
-async def wait_quiet(meter: Meter, expected: int, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while len(meter.seen) < expected and time.monotonic() < deadline:
+async def wait_quiet(meter: Meter, expected: int, limit: float = 15) -> None:
+    """Poll until ``expected`` messages arrived or ``limit`` seconds passed (losses count)."""
+    deadline = time.monotonic() + limit
+    while len(meter.seen) < expected and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.05)
 
 
@@ -158,6 +159,10 @@ def start_gateway(workdir: Path, redis_url: str, mqtt_url: str) -> tuple[subproc
     return proc, port
 
 
+def fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def show(title: str, rows: dict[str, dict], base: str) -> None:
     print(f"\n{title}")
     print(f"{'path':<28}{'msgs/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'lost':>6}{'dup':>5}")
@@ -165,7 +170,6 @@ def show(title: str, rows: dict[str, dict], base: str) -> None:
         ratio = ""
         if name != base and r["msgs_per_s"] and rows[base]["msgs_per_s"]:
             ratio = f"   {r['msgs_per_s'] / rows[base]['msgs_per_s']:.2f}x floor msgs/s"
-        fmt = (lambda v: "-" if v is None else f"{v:.2f}")
         print(f"{name:<28}{r['msgs_per_s'] or 0:9.0f}{fmt(r['p50_ms']):>9}{fmt(r['p99_ms']):>9}"
               f"{r['lost']:6d}{r['duplicates']:5d}{ratio}")
 

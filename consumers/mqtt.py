@@ -68,6 +68,7 @@ class MqttDeviceConsumer(RoomConsumer):
             "type": "mqtt.publish",
             "topic": topics.error_topic(self.prefix, self.room, self.device_id),
             "payload": topics.error_payload(code, detail, client_id),
+            "refused": code,  # counted by the server
         })
 
     async def mqtt_disconnect(self, message) -> None:

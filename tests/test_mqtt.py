@@ -126,6 +126,8 @@ async def test_bad_payloads_are_refused_on_the_error_topic(gateway_factory, mosq
         assert out["text"] == "fine"
     assert [m["message"] for m in gw.get_json("/api/rooms/lab/messages")["messages"]] == ["fine"]
     assert f"refused device message {code}" in gw.log()
+    gw.terminate()
+    assert f'"refused": {{"{code}": 1}}' in gw.log()  # the counter, reported at stop
 
 
 @pytest.mark.parametrize("topic", ["rooms/bad room/in/dev1", "rooms/lab/in/bad$device",
@@ -308,3 +310,20 @@ async def test_the_deploy_acl_lets_a_device_publish_only_as_itself(gateway_facto
         assert [m["message"] for m in history] == ["as myself"]
     finally:
         broker.stop()
+
+
+async def test_what_devices_publish_while_the_gateway_restarts_is_stored_once(
+    gateway_factory, mosquitto
+):
+    env = mqtt_env(mosquitto)
+    gw = gateway_factory(env=env).start()
+    await wait_until(lambda: "connected to the MQTT broker" in gw.log(), 10, "not connected")
+    assert gw.terminate() == 0
+    async with device(mosquitto) as d:  # the gateway is away: its session queues these
+        for i in range(5):
+            await d.publish("rooms/away/in/meter", f"while away {i}".encode(), qos=1)
+    back = gateway_factory(env=env, port=gw.port, datadir=gw.datadir).start()
+    await wait_until(lambda: back.get_json("/api/rooms/away/")["last_id"] == 5, 10,
+                     "queued messages were not delivered")
+    history = back.get_json("/api/rooms/away/messages?after=0")["messages"]
+    assert [m["message"] for m in history] == [f"while away {i}" for i in range(5)]

@@ -28,6 +28,7 @@ import random
 import ssl
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
@@ -107,6 +108,7 @@ class MqttServer:
         self.outbox: asyncio.Queue[tuple[str, bytes, str | None, int | None]] = asyncio.Queue()
         self.connected = asyncio.Event()
         self.stats = {"received": 0, "published": 0, "rejected": 0, "reconnects": 0}
+        self.refused: Counter[str] = Counter()  # device messages refused, by error code
         self._client: aiomqtt.Client | None = None
         self._tasks: list[asyncio.Task] = []
         self._known_rooms: set[str] = set()
@@ -145,7 +147,8 @@ class MqttServer:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        logger.info("mqtt server stopped", extra={"protocol": "mqtt", **self.stats})
+        logger.info("mqtt server stopped",
+                    extra={"protocol": "mqtt", **self.stats, "refused": dict(self.refused)})
 
     # --- the broker connection ---------------------------------------------------------
 
@@ -262,6 +265,8 @@ class MqttServer:
     async def _send(self, message: dict) -> None:
         if message["type"] != "mqtt.publish":
             raise ValueError(f"unknown mqtt event {message['type']!r}")
+        if "refused" in message:
+            self.refused[message["refused"]] += 1
         self.outbox.put_nowait(
             (message["topic"], message["payload"], message.get("room"), message.get("id"))
         )
