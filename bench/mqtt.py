@@ -80,6 +80,19 @@ async def wait_quiet(meter: Meter, expected: int, limit: float = 15) -> None:
         await asyncio.sleep(0.05)
 
 
+async def measure(meter: Meter, readers, send, count: int, rate: float | None,
+                  settle: float = 0.3) -> dict:
+    """Run the readers, send ``count`` messages, wait for them, and summarise."""
+    tasks = [asyncio.create_task(reader()) for reader in readers]
+    await asyncio.sleep(settle)
+    started = time.monotonic()
+    await paced(send, count, rate)
+    await wait_quiet(meter, count)
+    for task in tasks:
+        task.cancel()
+    return meter.summary(count, started)
+
+
 async def floor(port: int, count: int, rate: float | None) -> dict:
     meter = Meter()
     async with aiomqtt.Client("127.0.0.1", port) as sub, aiomqtt.Client("127.0.0.1", port) as pub:
@@ -89,13 +102,10 @@ async def floor(port: int, count: int, rate: float | None) -> dict:
             async for message in sub.messages:
                 meter.record(message.payload.decode())
 
-        reader = asyncio.create_task(take())
-        await asyncio.sleep(0.3)
-        started = time.monotonic()
-        await paced(lambda body: pub.publish("floor/t", body.encode(), qos=1), count, rate)
-        await wait_quiet(meter, count)
-        reader.cancel()
-    return meter.summary(count, started)
+        def send(body: str):
+            return pub.publish("floor/t", body.encode(), qos=1)
+
+        return await measure(meter, [take], send, count, rate)
 
 
 async def mqtt_to_ws(port: int, http: int, room: str, count: int, rate: float | None) -> dict:
@@ -109,15 +119,11 @@ async def mqtt_to_ws(port: int, http: int, room: str, count: int, rate: float | 
                 if data.get("type") == "message":
                     meter.record(data["message"])
 
-        reader = asyncio.create_task(take())
-        await asyncio.sleep(0.3)
-        started = time.monotonic()
-        topic = f"rooms/{room}/in/bench-device"
-        await paced(lambda body: pub.publish(topic, json.dumps({"message": body}).encode(),
-                                             qos=1), count, rate)
-        await wait_quiet(meter, count)
-        reader.cancel()
-    return meter.summary(count, started)
+        def send(body: str):
+            payload = json.dumps({"message": body}).encode()
+            return pub.publish(f"rooms/{room}/in/bench-device", payload, qos=1)
+
+        return await measure(meter, [take], send, count, rate)
 
 
 async def ws_to_mqtt(port: int, http: int, room: str, count: int, rate: float | None) -> dict:
@@ -135,14 +141,11 @@ async def ws_to_mqtt(port: int, http: int, room: str, count: int, rate: float | 
             async for _ in ws:
                 pass
 
-        reader, drainer = asyncio.create_task(take()), asyncio.create_task(drain_ws())
-        await asyncio.sleep(2.5)  # the room is new: let the relay find it
-        started = time.monotonic()
-        await paced(lambda body: ws.send(json.dumps({"message": body})), count, rate)
-        await wait_quiet(meter, count)
-        reader.cancel()
-        drainer.cancel()
-    return meter.summary(count, started)
+        def send(body: str):
+            return ws.send(json.dumps({"message": body}))
+
+        # The room is new: give the MQTT relay time to find it.
+        return await measure(meter, [take, drain_ws], send, count, rate, settle=2.5)
 
 
 def start_gateway(workdir: Path, redis_url: str, mqtt_url: str) -> tuple[subprocess.Popen, int]:

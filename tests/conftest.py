@@ -17,20 +17,23 @@ async def runtime_stopped():
     await sync_to_async(connections.close_all, thread_sensitive=True)()
 
 
+def running(server):
+    """Start a test's private server and stop it afterwards, whatever happened."""
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def redis_server(tmp_path):
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.stop()
+    yield from running(RedisServer(tmp_path))
 
 
 @pytest.fixture
 def mosquitto(tmp_path):
-    broker = Mosquitto(tmp_path)
-    broker.start()
-    yield broker
-    broker.stop()
+    yield from running(Mosquitto(tmp_path))
 
 
 @pytest.fixture
