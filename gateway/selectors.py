@@ -73,13 +73,14 @@ def room_member_list(*, room: str) -> list[dict[str, object]]:
     return sorted(members.values(), key=lambda m: (str(m["protocol"]), str(m["name"])))
 
 
-def room_list() -> list[dict[str, object]]:
-    """Every room with its members by protocol, newest activity first."""
+def room_list(*, limit: int = 200) -> list[dict[str, object]]:
+    """The ``limit`` most recently active rooms with their members by protocol."""
     counts: dict[str, dict[str, set[str]]] = {}
     for entry in presence_live_entries():
         counts.setdefault(entry["room"], {}).setdefault(entry["protocol"], set()).add(entry["id"])
     rooms = []
-    for room in Room.objects.order_by(F("last_activity").desc(nulls_last=True), "name"):
+    recent = Room.objects.order_by(F("last_activity").desc(nulls_last=True), "name")
+    for room in recent[:limit]:
         by_protocol = {p: len(ids) for p, ids in sorted(counts.get(room.name, {}).items())}
         rooms.append(
             {

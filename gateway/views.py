@@ -59,9 +59,17 @@ def chat(request: HttpRequest, room: str) -> HttpResponse:
 
 @require_GET
 def api_rooms(request: HttpRequest) -> HttpResponse:
+    """``?limit=<n>`` (default 200): the most recently active rooms first."""
     if settings.GATEWAY["REQUIRE_LOGIN"] and not request.user.is_authenticated:
         return _error(401, "login_required", "log in first")
-    return JsonResponse({"rooms": selectors.room_list()})
+    maximum = settings.GATEWAY["HISTORY_MAX_PAGE_SIZE"]
+    try:
+        limit = int(request.GET.get("limit", 200))
+    except ValueError:
+        return _error(400, "invalid_query", "'limit' must be an integer")
+    if not 1 <= limit <= max(maximum, 200):
+        return _error(400, "invalid_query", f"'limit' must be 1-{max(maximum, 200)}")
+    return JsonResponse({"rooms": selectors.room_list(limit=limit)})
 
 
 @require_GET

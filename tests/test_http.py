@@ -58,6 +58,8 @@ def test_room_list_and_index_page(client):
     assert [(r["name"], r["last_id"], r["members"]) for r in rooms] == [
         ("beta", 2, 0), ("alpha", 1, 0)
     ]
+    assert [r["name"] for r in client.get("/api/rooms/?limit=1").json()["rooms"]] == ["beta"]
+    assert client.get("/api/rooms/?limit=0").status_code == 400
     page = client.get("/")
     assert page.status_code == 200
     assert b'href="/chat/alpha/"' in page.content
