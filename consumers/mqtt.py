@@ -38,9 +38,15 @@ class MqttDeviceConsumer(RoomConsumer):
             rate=settings.GATEWAY["RATE_LIMIT_PER_SECOND"],
             burst=settings.GATEWAY["RATE_LIMIT_BURST"],
         )
-        await self.room_join(
-            self.scope["room"], member_id=self.device_id, name=self.device_id, listen=False
-        )
+        try:
+            await self.room_join(
+                self.scope["room"], member_id=self.device_id, name=self.device_id, listen=False
+            )
+        except Exception:
+            # Presence is all a device needs the runtime for: keep taking its messages.
+            self.room = self.scope["room"]
+            logger.warning("device not shown in presence (runtime unavailable)",
+                           extra=self.log_extra(), exc_info=True)
 
     async def mqtt_message(self, message) -> None:
         client_id = None

@@ -86,7 +86,6 @@ class GatewayServer(daphne.server.Server):
         self._on_listening = on_listening
         self._stopping = False
         self.exit_code = 0
-        self._runtime_start: asyncio.Future | None = None
         self._shutdown_task: asyncio.Future | None = None
 
     def run(self) -> None:
@@ -122,8 +121,6 @@ class GatewayServer(daphne.server.Server):
         self.ports.append(port)
         if self._on_listening is not None:
             self._on_listening(port.getHost())
-        # Start the hub and presence now, so this process is registered before any client.
-        self._runtime_start = asyncio.ensure_future(get_runtime())
 
     def _configure_websockets(self) -> None:
         # On a protocol violation (invalid UTF-8, a frame over the size limit) send the
@@ -135,6 +132,12 @@ class GatewayServer(daphne.server.Server):
         self._services_task = asyncio.ensure_future(self._run_services())
 
     async def _run_services(self) -> None:
+        # The hub and presence first, so this process is registered before any client. If
+        # the channel layer is down now, the first scope that needs it starts them later.
+        try:
+            await get_runtime()
+        except Exception:
+            logger.exception("could not start the runtime yet; will retry on first use")
         for service in self.services:
             try:
                 await service.start()

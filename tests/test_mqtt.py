@@ -327,3 +327,24 @@ async def test_what_devices_publish_while_the_gateway_restarts_is_stored_once(
                      "queued messages were not delivered")
     history = back.get_json("/api/rooms/away/messages?after=0")["messages"]
     assert [m["message"] for m in history] == [f"while away {i}" for i in range(5)]
+
+
+async def test_a_room_created_while_the_layer_is_down_is_still_relayed(
+    gateway_factory, mosquitto, redis_server
+):
+    gw = gateway_factory(env=mqtt_env(mosquitto, REDIS_URL=redis_server.url)).start()
+    await wait_until(lambda: "connected to the MQTT broker" in gw.log(), 10, "not connected")
+    async with device(mosquitto) as d:
+        await d.subscribe("rooms/late/out", qos=1)
+        redis_server.stop()  # the new room's relay cannot join its group now
+        await d.publish("rooms/late/in/probe", b"stored while the layer is down", qos=1)
+        await wait_until(lambda: gw.get_json("/api/rooms/late/")["last_id"] == 1, 10,
+                         "not stored")
+        # Its relay either failed to join (and the next scan starts it again from where it
+        # got) or joined a layer that resubscribes on reconnect; either way, once Redis is
+        # back, the room's message reaches out exactly once.
+        await asyncio.sleep(1.0)
+        redis_server.start()
+        [out] = await gather_out(d, 1, timeout=15)
+        assert (out["id"], out["text"]) == (1, "stored while the layer is down")
+        assert await nothing_more(d, 1.0)

@@ -103,6 +103,7 @@ class MqttServer:
         self.leader = False
         self.published: dict[str, int] = {}  # room -> newest id published on out
         self._saved: dict[str, int] = {}
+        self._resume: dict[str, int] = {}  # rooms whose relay failed: where to start again
         self.devices: dict[tuple[str, str], _Scope] = {}
         self.relays: dict[str, _Scope] = {}
         self.outbox: asyncio.Queue[tuple[str, bytes, str | None, int | None]] = asyncio.Queue()
@@ -253,6 +254,12 @@ class MqttServer:
         except Exception:
             logger.exception("mqtt application instance failed",
                              extra=scope_log("mqtt", scope.get("room"), scope.get("device_id", "")))
+            if scope["role"] == "out" and self.leader:
+                # For instance the layer was down when it joined: the next scan starts the
+                # room's relay again from where this one got.
+                room = scope["room"]
+                self._known_rooms.discard(room)
+                self._resume[room] = max(self.published.get(room, 0), scope["after"] or 0)
         finally:
             if scope["role"] == "device":
                 key = (scope["device_id"], scope["room"])
@@ -315,6 +322,7 @@ class MqttServer:
             for relay in self.relays.values():
                 relay.queue.put_nowait({"type": "mqtt.disconnect"})
             self._known_rooms.clear()
+            self._resume.clear()
             logger.warning("lost the MQTT relay lease; another process relays now",
                            extra={"protocol": "mqtt"})
 
@@ -324,7 +332,7 @@ class MqttServer:
         for room in positions:
             if room not in self._known_rooms:
                 self._known_rooms.add(room)
-                self._relay(room, after=0)
+                self._relay(room, after=self._resume.pop(room, 0))
 
     async def _save_cursors(self) -> None:
         changed = {r: s for r, s in self.published.items() if self._saved.get(r) != s}
