@@ -108,11 +108,15 @@ async def floor(port: int, count: int, rate: float | None) -> dict:
         return await measure(meter, [take], send, count, rate)
 
 
+def room_socket(http: int, room: str):
+    """A browser in ``room`` on the gateway at ``http``."""
+    return websockets.connect(f"ws://127.0.0.1:{http}/ws/chat/{room}/",
+                              origin=f"http://127.0.0.1:{http}")
+
+
 async def mqtt_to_ws(port: int, http: int, room: str, count: int, rate: float | None) -> dict:
     meter = Meter()
-    url, origin = f"ws://127.0.0.1:{http}/ws/chat/{room}/", f"http://127.0.0.1:{http}"
-    async with websockets.connect(url, origin=origin) as ws, \
-            aiomqtt.Client("127.0.0.1", port) as pub:
+    async with room_socket(http, room) as ws, aiomqtt.Client("127.0.0.1", port) as pub:
         async def take() -> None:
             async for frame in ws:
                 data = json.loads(frame)
@@ -128,9 +132,7 @@ async def mqtt_to_ws(port: int, http: int, room: str, count: int, rate: float | 
 
 async def ws_to_mqtt(port: int, http: int, room: str, count: int, rate: float | None) -> dict:
     meter = Meter()
-    url, origin = f"ws://127.0.0.1:{http}/ws/chat/{room}/", f"http://127.0.0.1:{http}"
-    async with websockets.connect(url, origin=origin) as ws, \
-            aiomqtt.Client("127.0.0.1", port) as sub:
+    async with room_socket(http, room) as ws, aiomqtt.Client("127.0.0.1", port) as sub:
         await sub.subscribe(f"rooms/{room}/out", qos=1)
 
         async def take() -> None:

@@ -10,15 +10,14 @@ import logging
 
 from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
-from django.conf import settings
 from django.db import DatabaseError
 
 from consumers.base import RoomConsumer
-from consumers.websocket import display_name_clean
 from gateway import events
 from gateway import mqtt as topics
 from gateway.fanout import Delivery
-from gateway.ratelimit import TokenBucket
+from gateway.names import display_name_clean
+from gateway.ratelimit import flood_limit
 from gateway.services import GatewayError, room_message_post
 
 logger = logging.getLogger(__name__)
@@ -34,10 +33,7 @@ class MqttDeviceConsumer(RoomConsumer):
     async def mqtt_connect(self, message) -> None:
         self.device_id = self.scope["device_id"]
         self.prefix = self.scope["prefix"]
-        self.bucket = TokenBucket(
-            rate=settings.GATEWAY["RATE_LIMIT_PER_SECOND"],
-            burst=settings.GATEWAY["RATE_LIMIT_BURST"],
-        )
+        self.bucket = flood_limit()
         try:
             await self.room_join(
                 self.scope["room"], member_id=self.device_id, name=self.device_id, listen=False

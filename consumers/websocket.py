@@ -40,8 +40,8 @@ from django.db import DatabaseError
 from consumers.base import RoomConsumer
 from gateway import events
 from gateway.fanout import FRAME_WRITER_EXTENSION, Delivery
-from gateway.names import ROOM_NAME_RULE, room_name_is_valid
-from gateway.ratelimit import TokenBucket
+from gateway.names import ROOM_NAME_RULE, display_name_clean, room_name_is_valid
+from gateway.ratelimit import flood_limit
 from gateway.services import GatewayError, room_message_post
 
 logger = logging.getLogger(__name__)
@@ -54,31 +54,15 @@ CLOSE_FELL_BEHIND = 4008
 WIRE_FORMAT = "ws-json"
 PREPARED_FORMAT = "ws-prepared"
 UID_RE = re.compile(r"[A-Za-z0-9_\-]{8,64}")
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]+")
 
 
 def message_frame(event: events.RoomMessage) -> str:
     """The one WebSocket encoding of a room message."""
     return json.dumps(
-        {
-            "type": "message",
-            "message": event["text"],
-            "id": event["id"],
-            "room": event["room"],
-            "sender": event["sender"],
-            "ts": event["ts"],
-            "client_id": event["client_id"],
-        },
+        {"type": "message", **events.message_public(event)},
         ensure_ascii=False,
         separators=(",", ":"),
     )
-
-
-def display_name_clean(raw: str) -> str:
-    """A display name as shown to others: no control characters or lone surrogates, at most
-    64 characters."""
-    raw = raw.encode("utf-8", "replace").decode("utf-8")
-    return " ".join(_CONTROL_RE.sub(" ", raw).split())[:64]
 
 
 class ChatConsumer(RoomConsumer):
@@ -106,10 +90,7 @@ class ChatConsumer(RoomConsumer):
         self.sender = events.sender(protocol=self.protocol, id=member_id, name=name)
         self.writer = self.scope.get("extensions", {}).get(FRAME_WRITER_EXTENSION)
         self.send_buffer_limit = settings.GATEWAY["WS_SEND_BUFFER_LIMIT"]
-        self.bucket = TokenBucket(
-            rate=settings.GATEWAY["RATE_LIMIT_PER_SECOND"],
-            burst=settings.GATEWAY["RATE_LIMIT_BURST"],
-        )
+        self.bucket = flood_limit()
         try:
             await self.room_join(room, member_id=member_id, name=name)
         except Exception:

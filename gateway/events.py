@@ -97,3 +97,16 @@ def room_message_decode(data: object) -> RoomMessage:
         raise EventError(f"type {data['type']!r} is not {ROOM_MESSAGE!r}")
     _check_keys(data["sender"], _SENDER_KEYS, "sender")
     return data  # type: ignore[return-value]
+
+
+def message_public(event: RoomMessage) -> dict[str, Any]:
+    """What clients see of a room message (API, WebSocket): the contract less its internal
+    ``type`` and ``origin``, with the text under the Channels tutorial's key ``message``."""
+    return {
+        "id": event["id"],
+        "room": event["room"],
+        "message": event["text"],
+        "sender": event["sender"],
+        "ts": event["ts"],
+        "client_id": event["client_id"],
+    }

@@ -1,4 +1,5 @@
-"""Room names: one validator for every protocol, and the group name built from it."""
+"""Names: the room-name rule of every protocol, the group name built from it, and how
+display names are cleaned."""
 
 from __future__ import annotations
 
@@ -33,3 +34,13 @@ def room_name_validate(name: object) -> str:
 def room_group_name(room: str) -> str:
     """The channel-layer group that carries a room's events."""
     return GROUP_PREFIX + room_name_validate(room)
+
+
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+def display_name_clean(raw: str) -> str:
+    """A display name as shown to others: no control characters or lone surrogates, at most
+    64 characters."""
+    raw = raw.encode("utf-8", "replace").decode("utf-8")
+    return " ".join(_CONTROL_RE.sub(" ", raw).split())[:64]

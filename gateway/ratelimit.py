@@ -28,3 +28,12 @@ class TokenBucket:
     def retry_after(self) -> float:
         """Seconds until the next event would be allowed."""
         return max(0.0, (1.0 - self._tokens) / self.rate)
+
+
+def flood_limit() -> TokenBucket:
+    """A connection's flood limit, as configured (the same for every protocol)."""
+    from django.conf import settings
+
+    return TokenBucket(
+        rate=settings.GATEWAY["RATE_LIMIT_PER_SECOND"], burst=settings.GATEWAY["RATE_LIMIT_BURST"]
+    )

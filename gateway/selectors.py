@@ -40,9 +40,11 @@ def relay_cursors(*, relay: str) -> dict[str, int]:
     return dict(RelayCursor.objects.filter(relay=relay).values_list("room", "last_seq"))
 
 
-def room_positions() -> dict[str, int]:
-    """Every room with the id of its newest message."""
-    return dict(Room.objects.values_list("name", "last_seq"))
+def room_positions(*, created_after: int = 0) -> list[tuple[int, str, int]]:
+    """``(pk, name, newest message id)`` of the rooms created after the room ``created_after``
+    (all of them by default), oldest first."""
+    rows = Room.objects.filter(pk__gt=created_after).order_by("pk")
+    return list(rows.values_list("pk", "name", "last_seq"))
 
 
 def presence_live_entries() -> list[dict[str, str]]:

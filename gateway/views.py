@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 from django.conf import settings
 from django.contrib.auth.views import redirect_to_login
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET
 
-from gateway import selectors
-from gateway.events import RoomMessage
+from gateway import events, selectors
 from gateway.names import ROOM_NAME_RULE, room_name_is_valid
 
 
@@ -23,32 +25,31 @@ def _error(status: int, code: str, detail: str) -> JsonResponse:
     return JsonResponse({"type": "error", "code": code, "detail": detail}, status=status)
 
 
-def index(request: HttpRequest) -> HttpResponse:
-    if (gate := _login_gate(request)) is not None:
-        return gate
-    error = ""
-    room = request.GET.get("room", "").strip()
-    if room:
-        if room_name_is_valid(room):
-            return redirect("chat", room=room)
-        error = f"Invalid room name. Use {ROOM_NAME_RULE}."
+def _index_page(request: HttpRequest, *, room: str, error: str, status: int) -> HttpResponse:
     return render(
         request, "gateway/index.html",
         {"rooms": selectors.room_list(), "error": error, "room": room,
          "room_rule": ROOM_NAME_RULE},
-        status=400 if error else 200,
+        status=status,
     )
+
+
+def index(request: HttpRequest) -> HttpResponse:
+    if (gate := _login_gate(request)) is not None:
+        return gate
+    room = request.GET.get("room", "").strip()
+    if room and room_name_is_valid(room):
+        return redirect("chat", room=room)
+    error = f"Invalid room name. Use {ROOM_NAME_RULE}." if room else ""
+    return _index_page(request, room=room, error=error, status=400 if error else 200)
 
 
 def chat(request: HttpRequest, room: str) -> HttpResponse:
     if (gate := _login_gate(request)) is not None:
         return gate
     if not room_name_is_valid(room):
-        return render(
-            request, "gateway/index.html",
-            {"rooms": selectors.room_list(), "error": f"Invalid room name. Use {ROOM_NAME_RULE}.",
-             "room": room, "room_rule": ROOM_NAME_RULE},
-            status=404,
+        return _index_page(
+            request, room=room, error=f"Invalid room name. Use {ROOM_NAME_RULE}.", status=404
         )
     return render(
         request, "gateway/chat.html",
@@ -57,43 +58,48 @@ def chat(request: HttpRequest, room: str) -> HttpResponse:
     )
 
 
-@require_GET
+def api(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+    """A JSON API view: GET only, the login rule, and a valid ``room`` when the URL has one."""
+
+    @require_GET
+    @functools.wraps(view)
+    def wrapper(request: HttpRequest, **kwargs: str) -> HttpResponse:
+        if settings.GATEWAY["REQUIRE_LOGIN"] and not request.user.is_authenticated:
+            return _error(401, "login_required", "log in first")
+        if "room" in kwargs and not room_name_is_valid(kwargs["room"]):
+            return _error(400, "invalid_room", f"invalid room name: {ROOM_NAME_RULE}")
+        return view(request, **kwargs)
+
+    return wrapper
+
+
+@api
 def api_rooms(request: HttpRequest) -> HttpResponse:
     """``?limit=<n>`` (default 200): the most recently active rooms first."""
-    if settings.GATEWAY["REQUIRE_LOGIN"] and not request.user.is_authenticated:
-        return _error(401, "login_required", "log in first")
-    maximum = settings.GATEWAY["HISTORY_MAX_PAGE_SIZE"]
+    maximum = max(settings.GATEWAY["HISTORY_MAX_PAGE_SIZE"], 200)
     try:
         limit = int(request.GET.get("limit", 200))
     except ValueError:
         return _error(400, "invalid_query", "'limit' must be an integer")
-    if not 1 <= limit <= max(maximum, 200):
-        return _error(400, "invalid_query", f"'limit' must be 1-{max(maximum, 200)}")
+    if not 1 <= limit <= maximum:
+        return _error(400, "invalid_query", f"'limit' must be 1-{maximum}")
     return JsonResponse({"rooms": selectors.room_list(limit=limit)})
 
 
-@require_GET
+@api
 def api_room(request: HttpRequest, room: str) -> HttpResponse:
-    if settings.GATEWAY["REQUIRE_LOGIN"] and not request.user.is_authenticated:
-        return _error(401, "login_required", "log in first")
-    if not room_name_is_valid(room):
-        return _error(400, "invalid_room", f"invalid room name: {ROOM_NAME_RULE}")
     last = selectors.room_last_seqs(rooms=[room])[room]
     return JsonResponse(
         {"name": room, "last_id": last, "members": selectors.room_member_list(room=room)}
     )
 
 
-@require_GET
+@api
 def api_messages(request: HttpRequest, room: str) -> HttpResponse:
     """``?after=<id>&limit=<n>``: messages after an id, oldest first; ``next_after`` pages on.
 
     Without ``after``, the newest ``limit`` messages.
     """
-    if settings.GATEWAY["REQUIRE_LOGIN"] and not request.user.is_authenticated:
-        return _error(401, "login_required", "log in first")
-    if not room_name_is_valid(room):
-        return _error(400, "invalid_room", f"invalid room name: {ROOM_NAME_RULE}")
     maximum = settings.GATEWAY["HISTORY_MAX_PAGE_SIZE"]
     try:
         limit = int(request.GET.get("limit", settings.GATEWAY["HISTORY_PAGE_SIZE"]))
@@ -110,21 +116,9 @@ def api_messages(request: HttpRequest, room: str) -> HttpResponse:
     last = selectors.room_last_seqs(rooms=[room])[room]
     next_after = messages[-1]["id"] if messages else (after_id or 0)
     return JsonResponse(
-        {"room": room, "messages": [_message_json(m) for m in messages], "last_id": last,
-         "next_after": next_after if next_after < last else None}
+        {"room": room, "messages": [events.message_public(m) for m in messages],
+         "last_id": last, "next_after": next_after if next_after < last else None}
     )
-
-
-def _message_json(event: RoomMessage) -> dict[str, object]:
-    """A stored message as the API shows it: the WebSocket frame's fields, less ``type``."""
-    return {
-        "id": event["id"],
-        "room": event["room"],
-        "message": event["text"],
-        "sender": event["sender"],
-        "ts": event["ts"],
-        "client_id": event["client_id"],
-    }
 
 
 def healthz(request: HttpRequest) -> HttpResponse:

@@ -113,7 +113,7 @@ class MqttServer:
         self._client: aiomqtt.Client | None = None
         self._tasks: list[asyncio.Task] = []
         self._known_rooms: set[str] = set()
-        self._scanned = False
+        self._room_pk = 0  # the newest room seen by a scan
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -310,29 +310,36 @@ class MqttServer:
         if held and not self.leader:
             self.leader = True
             cursors = await database_sync_to_async(selectors.relay_cursors)(relay=RELAY)
-            positions = await database_sync_to_async(selectors.room_positions)()
-            for room, last_seq in positions.items():
+            rooms = await database_sync_to_async(selectors.room_positions)()
+            for pk, room, last_seq in rooms:
                 # Where the previous holder stopped; a room never relayed starts from now.
                 self._known_rooms.add(room)
                 self._relay(room, after=cursors.get(room, last_seq))
-            logger.info("relaying rooms to MQTT", extra={"protocol": "mqtt",
-                                                         "rooms": len(positions)})
+                self._room_pk = max(self._room_pk, pk)
+            logger.info("relaying rooms to MQTT", extra={"protocol": "mqtt", "rooms": len(rooms)})
         elif not held and self.leader:
             self.leader = False
             for relay in self.relays.values():
                 relay.queue.put_nowait({"type": "mqtt.disconnect"})
             self._known_rooms.clear()
             self._resume.clear()
+            self._room_pk = 0
             logger.warning("lost the MQTT relay lease; another process relays now",
                            extra={"protocol": "mqtt"})
 
     async def _scan_rooms(self) -> None:
-        """Relay rooms created since: from their first message, so none is missed."""
-        positions = await database_sync_to_async(selectors.room_positions)()
-        for room in positions:
+        """Relay the rooms created since the last scan from their first message, so none is
+        missed, and start again the relays that failed, from where they got."""
+        for room, after in list(self._resume.items()):
+            del self._resume[room]
+            self._known_rooms.add(room)
+            self._relay(room, after=after)
+        new = await database_sync_to_async(selectors.room_positions)(created_after=self._room_pk)
+        for pk, room, _ in new:
+            self._room_pk = max(self._room_pk, pk)
             if room not in self._known_rooms:
                 self._known_rooms.add(room)
-                self._relay(room, after=self._resume.pop(room, 0))
+                self._relay(room, after=0)
 
     async def _save_cursors(self) -> None:
         changed = {r: s for r, s in self.published.items() if self._saved.get(r) != s}
