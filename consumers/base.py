@@ -19,20 +19,46 @@ from gateway.runtime import Runtime, get_runtime
 logger = logging.getLogger(__name__)
 
 
-class RoomConsumer(AsyncConsumer):
-    """A scope in one room, fed by the process's hub rather than by its own layer channel.
+class ScopeConsumer(AsyncConsumer):
+    """A consumer fed only by its scope's protocol server.
 
     Two departures from ``AsyncConsumer``, both for the fan-out path (shared/PERFORMANCE.md):
-    no per-consumer channel on the layer (the hub receives each room event once per
-    process), and no ``aclose_old_connections()`` thread hop before every handler (database
-    work goes through ``database_sync_to_async``, which manages connections itself).
+    no per-consumer channel on the layer (room events reach consumers through the process's
+    hub), and no ``aclose_old_connections()`` thread hop before every handler (database work
+    goes through ``database_sync_to_async``, which manages connections itself).
     """
-
-    protocol = ""
 
     async def __call__(self, scope, receive, send) -> None:
         self.scope = scope
         self.base_send = send
+        self.setup()
+        try:
+            while True:
+                await self.dispatch(await receive())
+        except StopConsumer:
+            pass
+        finally:
+            await self.finish()
+
+    def setup(self) -> None:
+        """Set the instance up before its first event."""
+
+    async def finish(self) -> None:
+        """Clean up after the last event, however the scope ended."""
+
+    async def dispatch(self, message) -> None:
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
+
+
+class RoomConsumer(ScopeConsumer):
+    """A scope in one room, fed by the process's hub."""
+
+    protocol = ""
+
+    def setup(self) -> None:
         self.scope_id = f"{self.protocol}-{uuid.uuid4().hex[:12]}"
         self.room: str | None = None
         self.runtime: Runtime | None = None
@@ -40,19 +66,9 @@ class RoomConsumer(AsyncConsumer):
         self.closed = False  # set once the server decided to close this scope
         self.listening = False
         self.last_sent = 0
-        try:
-            while True:
-                await self.dispatch(await receive())
-        except StopConsumer:
-            pass
-        finally:
-            await self.room_leave()
 
-    async def dispatch(self, message) -> None:
-        handler = getattr(self, get_handler_name(message), None)
-        if handler is None:
-            raise ValueError(f"No handler for message type {message['type']}")
-        await handler(message)
+    async def finish(self) -> None:
+        await self.room_leave()
 
     def log_extra(self, **fields: object) -> dict[str, object]:
         return scope_log(self.protocol, self.room, self.scope_id, **fields)

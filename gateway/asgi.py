@@ -13,7 +13,11 @@ from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
-from gateway.routing import mqtt_application, websocket_urlpatterns  # noqa: E402
+from gateway.routing import (  # noqa: E402
+    mqtt_application,
+    telegram_application,
+    websocket_urlpatterns,
+)
 
 application = ProtocolTypeRouter(
     {
@@ -23,5 +27,7 @@ application = ProtocolTypeRouter(
         ),
         # Opened by protocols/mqtt: one scope per device and room, one per room's relay.
         "mqtt": mqtt_application,
+        # Opened by protocols/telegram: one scope per chat, one per relayed room.
+        "telegram": telegram_application,
     }
 )

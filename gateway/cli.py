@@ -57,7 +57,33 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _protocol_services(args: argparse.Namespace, application) -> list:
-    """The protocol servers besides daphne that this process runs (MQTT, for now)."""
+    """The protocol servers besides daphne that this process runs."""
+    return [*_mqtt_services(args, application), *_telegram_services(application)]
+
+
+def _telegram_services(application) -> list:
+    from django.conf import settings
+
+    telegram = settings.TELEGRAM
+    if not telegram["TOKEN"]:
+        return []
+    from protocols.telegram.server import SendLimits, TelegramServer, telegram_bot
+
+    return [TelegramServer(
+        application,
+        bot=telegram_bot(telegram["TOKEN"], api_url=telegram["API_URL"]),
+        webhook_url=telegram["WEBHOOK_URL"],
+        webhook_secret=telegram["WEBHOOK_SECRET"],
+        poll_timeout=telegram["POLL_TIMEOUT"],
+        idle_timeout=telegram["IDLE_TIMEOUT"],
+        limits=SendLimits(
+            chat_per_second=telegram["CHAT_RATE"], group_per_minute=telegram["GROUP_RATE"],
+            overall_per_second=telegram["OVERALL_RATE"], backlog=telegram["CHAT_BACKLOG"],
+        ),
+    )]
+
+
+def _mqtt_services(args: argparse.Namespace, application) -> list:
     from django.conf import settings
 
     mqtt = settings.MQTT

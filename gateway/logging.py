@@ -11,9 +11,20 @@ _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskN
 
 
 class StructuredFormatter(logging.Formatter):
-    """Format records as JSON lines: ts, level, logger, msg and any ``extra`` fields."""
+    """Format records as JSON lines: ts, level, logger, msg and any ``extra`` fields, with
+    every one of ``secrets`` masked wherever it appears (message, fields, traceback)."""
+
+    def __init__(self, *args, secrets: list[str] | tuple[str, ...] = (), **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.secrets = [secret for secret in secrets if secret]
 
     def format(self, record: logging.LogRecord) -> str:
+        line = self._format(record)
+        for secret in self.secrets:
+            line = line.replace(secret, "<redacted>")
+        return line
+
+    def _format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",

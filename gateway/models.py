@@ -88,3 +88,46 @@ class RelayCursor(models.Model):
 
     def __str__(self) -> str:
         return f"{self.relay}:{self.room}@{self.last_seq}"
+
+
+class BotChat(models.Model):
+    """A chat with the gateway's bot (on ``platform``, e.g. Telegram) and the room it joined.
+
+    It outlives the chat's scope: a chat keeps receiving its room while nobody writes.
+    """
+
+    platform = models.CharField(max_length=16)
+    chat_id = models.CharField(max_length=64)
+    kind = models.CharField(max_length=16, help_text="private, group, supergroup, ...")
+    title = models.CharField(max_length=128, help_text="The group's title or the user's name")
+    room = models.CharField(max_length=64, blank=True, db_index=True, help_text="'' = none")
+    # The newest message of ``room`` sent to this chat: where its delivery resumes.
+    delivered_seq = models.BigIntegerField(default=0)
+    # Display names chosen with /name, by the platform's user id.
+    names = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["platform", "chat_id"]
+        constraints = [
+            models.UniqueConstraint(fields=["platform", "chat_id"], name="bot_chat_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.platform}:{self.chat_id} ({self.title}) in {self.room or '-'}"
+
+
+class BotUpdate(models.Model):
+    """An update from a chat platform that has been handled, so a repeat is not."""
+
+    platform = models.CharField(max_length=16)
+    update_id = models.BigIntegerField()
+    handled_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["platform", "update_id"], name="bot_update_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.platform}:{self.update_id}"

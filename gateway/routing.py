@@ -4,6 +4,7 @@ reaches the consumer, which refuses it with a clear close code and a log line.""
 from django.urls import re_path
 
 from consumers.mqtt import MqttDeviceConsumer, MqttRoomConsumer
+from consumers.telegram import TelegramChatConsumer, TelegramRoomConsumer, TelegramRoomsConsumer
 from consumers.websocket import ChatConsumer
 
 websocket_urlpatterns = [
@@ -12,7 +13,7 @@ websocket_urlpatterns = [
 
 
 class ScopeRoleRouter:
-    """Route ``mqtt`` scopes by their ``role``: a device, or a room's relay."""
+    """Route the scopes of a protocol server by their ``role``."""
 
     def __init__(self, routes: dict) -> None:
         self.routes = routes
@@ -21,10 +22,20 @@ class ScopeRoleRouter:
         try:
             application = self.routes[scope["role"]]
         except KeyError:
-            raise ValueError(f"no route for mqtt scope role {scope.get('role')!r}") from None
+            raise ValueError(
+                f"no route for {scope['type']} scope role {scope.get('role')!r}"
+            ) from None
         return await application(scope, receive, send)
 
 
 mqtt_application = ScopeRoleRouter(
     {"device": MqttDeviceConsumer.as_asgi(), "out": MqttRoomConsumer.as_asgi()}
+)
+
+telegram_application = ScopeRoleRouter(
+    {
+        "chat": TelegramChatConsumer.as_asgi(),
+        "room": TelegramRoomConsumer.as_asgi(),
+        "rooms": TelegramRoomsConsumer.as_asgi(),
+    }
 )

@@ -9,7 +9,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from gateway import events
-from gateway.models import GatewayProcess, Message, RelayCursor, Room
+from gateway.models import BotChat, GatewayProcess, Message, RelayCursor, Room
 from gateway.services import message_event
 
 
@@ -59,12 +59,25 @@ def presence_live_entries() -> list[dict[str, str]]:
     return entries
 
 
+def member_entries(*, room: str | None = None) -> list[dict[str, str]]:
+    """Everyone in the rooms (or in ``room``): every open scope of every live process, and
+    the bot's chats, which are in their room whether or not anyone is writing."""
+    entries = [e for e in presence_live_entries() if room is None or e["room"] == room]
+    chats = BotChat.objects.exclude(room="")
+    if room is not None:
+        chats = chats.filter(room=room)
+    for platform, chat_id, title, chat_room in chats.values_list(
+        "platform", "chat_id", "title", "room"
+    ):
+        entries.append({"room": chat_room, "protocol": platform, "id": bot_chat_origin(
+            platform, chat_id), "name": title, "scope": ""})
+    return entries
+
+
 def room_member_list(*, room: str) -> list[dict[str, object]]:
     """Who is in a room: one entry per person per protocol, with their connection count."""
     members: dict[tuple[str, str], dict[str, object]] = {}
-    for entry in presence_live_entries():
-        if entry["room"] != room:
-            continue
+    for entry in member_entries(room=room):
         key = (entry["protocol"], entry["id"])
         member = members.setdefault(
             key,
@@ -78,7 +91,7 @@ def room_member_list(*, room: str) -> list[dict[str, object]]:
 def room_list(*, limit: int = 200) -> list[dict[str, object]]:
     """The ``limit`` most recently active rooms with their members by protocol."""
     counts: dict[str, dict[str, set[str]]] = {}
-    for entry in presence_live_entries():
+    for entry in member_entries():
         counts.setdefault(entry["room"], {}).setdefault(entry["protocol"], set()).add(entry["id"])
     rooms = []
     recent = Room.objects.order_by(F("last_activity").desc(nulls_last=True), "name")
@@ -94,3 +107,25 @@ def room_list(*, limit: int = 200) -> list[dict[str, object]]:
             }
         )
     return rooms
+
+
+def bot_chat_origin(platform: str, chat_id: str) -> str:
+    """The origin of the messages a bot chat posts, and its member id: a chat is never sent
+    what came from it."""
+    return f"{platform}-chat-{chat_id}"
+
+
+def bot_chat_get(*, platform: str, chat_id: str) -> BotChat | None:
+    return BotChat.objects.filter(platform=platform, chat_id=chat_id).first()
+
+
+def bot_chat_rooms(*, platform: str) -> list[str]:
+    """The rooms that at least one chat of ``platform`` has joined."""
+    chats = BotChat.objects.filter(platform=platform).exclude(room="")
+    return sorted(set(chats.values_list("room", flat=True)))
+
+
+def room_bot_chats(*, platform: str, room: str) -> dict[str, int]:
+    """The chats of ``platform`` in ``room``, with the newest message each has been sent."""
+    chats = BotChat.objects.filter(platform=platform, room=room)
+    return dict(chats.values_list("chat_id", "delivered_seq"))

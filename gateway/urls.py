@@ -11,6 +11,7 @@ urlpatterns = [
     re_path(r"^api/rooms/(?P<room>[^/]*)/$", views.api_room, name="api-room"),
     re_path(r"^api/rooms/(?P<room>[^/]*)/messages$", views.api_messages, name="api-messages"),
     path("healthz", views.healthz, name="healthz"),
+    path("telegram/webhook/", views.telegram_webhook, name="telegram-webhook"),
     path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),

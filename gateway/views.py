@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import functools
+import hmac
+import json
+import logging
 from collections.abc import Callable
 
 from django.conf import settings
 from django.contrib.auth.views import redirect_to_login
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
-from django.views.decorators.http import require_GET
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_GET, require_POST
 
-from gateway import events, selectors
+from gateway import events, ingress, selectors
 from gateway.names import ROOM_NAME_RULE, room_name_is_valid
+
+logger = logging.getLogger(__name__)
 
 
 def _login_gate(request: HttpRequest) -> HttpResponse | None:
@@ -123,3 +129,43 @@ def api_messages(request: HttpRequest, room: str) -> HttpResponse:
 
 def healthz(request: HttpRequest) -> HttpResponse:
     return JsonResponse({"status": "ok"})
+
+
+TELEGRAM_SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
+
+
+@csrf_exempt
+@require_POST
+async def telegram_webhook(request: HttpRequest) -> HttpResponse:
+    """Telegram posts each update here when ``TELEGRAM_WEBHOOK_URL`` is set.
+
+    403 without the right secret header, 400 for a body that is not an update, 503 when the
+    bot cannot take it now (Telegram delivers it again), 200 once it is handled.
+    """
+    log = {"protocol": "telegram", "scope": "webhook"}
+    secret = settings.TELEGRAM["WEBHOOK_SECRET"]
+    if not settings.TELEGRAM["WEBHOOK_URL"]:
+        return _error(404, "not_found", "the Telegram webhook is not enabled")
+    given = request.headers.get(TELEGRAM_SECRET_HEADER, "")
+    if not hmac.compare_digest(given.encode(), secret.encode()):
+        logger.warning("refused a webhook call: wrong or missing secret", extra=log)
+        return _error(403, "forbidden", "wrong or missing secret token")
+    try:
+        update = json.loads(request.body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        update = None
+    if not isinstance(update, dict) or type(update.get("update_id")) is not int:
+        logger.warning("refused a webhook call: not an update", extra=log)
+        return _error(400, "invalid_update", "the body must be a JSON update with an update_id")
+    handler = ingress.handler("telegram")
+    if handler is None:
+        return _error(503, "unavailable", "the bot is not running in this process")
+    try:
+        await handler(update)
+    except ingress.Rejected as exc:
+        logger.warning("refused a webhook call: %s", exc, extra=log)
+        return _error(400, "invalid_update", str(exc))
+    except (TimeoutError, ingress.Unavailable) as exc:
+        logger.warning("could not take a webhook update now: %s", exc or "timed out", extra=log)
+        return _error(503, "unavailable", "try again later")
+    return JsonResponse({"ok": True})

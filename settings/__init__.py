@@ -7,6 +7,7 @@ Every variable is documented with its default in ``env.example``. Development mo
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -252,6 +253,36 @@ MQTT = {
     "KEEPALIVE": env_int("MQTT_KEEPALIVE", 30, minimum=5),
 }
 
+# --- Telegram ----------------------------------------------------------------------------
+
+# The bot runs only when a token is set (from @BotFather). Never commit it: it is a secret,
+# and it is masked in every log line.
+TELEGRAM_BOT_TOKEN = env_str("TELEGRAM_BOT_TOKEN")
+TELEGRAM = {
+    "TOKEN": TELEGRAM_BOT_TOKEN,
+    # Another Bot API server (a self-hosted one, or a test stand-in).
+    "API_URL": env_str("TELEGRAM_API_URL", "https://api.telegram.org").rstrip("/"),
+    # Set (https://your.host/telegram/webhook/) to receive updates by webhook on this server's
+    # route /telegram/webhook/ instead of polling.
+    "WEBHOOK_URL": env_str("TELEGRAM_WEBHOOK_URL"),
+    # The secret Telegram sends with each webhook call; default derived from the token, so
+    # every replica agrees. 1-256 of A-Z a-z 0-9 _ -.
+    "WEBHOOK_SECRET": env_str("TELEGRAM_WEBHOOK_SECRET") or (
+        hashlib.sha256(f"telegram-webhook:{TELEGRAM_BOT_TOKEN}".encode()).hexdigest()
+        if TELEGRAM_BOT_TOKEN else ""
+    ),
+    "POLL_TIMEOUT": env_int("TELEGRAM_POLL_TIMEOUT", 30, minimum=0),
+    # A chat's scope closes after this many seconds without a message (its room stays).
+    "IDLE_TIMEOUT": env_float("TELEGRAM_IDLE_TIMEOUT", 300.0, minimum=1.0),
+    # Telegram's flood limits: messages per second to one chat, per minute to one group,
+    # per second in all.
+    "CHAT_RATE": env_float("TELEGRAM_CHAT_RATE", 1.0, minimum=0.01),
+    "GROUP_RATE": env_float("TELEGRAM_GROUP_RATE", 20.0, minimum=0.1),
+    "OVERALL_RATE": env_float("TELEGRAM_OVERALL_RATE", 30.0, minimum=0.1),
+    # Room messages waiting for one chat before the oldest are skipped (the chat is told).
+    "CHAT_BACKLOG": env_int("TELEGRAM_CHAT_BACKLOG", 100, minimum=1),
+}
+
 # --- Production hardening (manage.py check --deploy is clean with the defaults) ----------
 
 if not DEBUG:
@@ -266,22 +297,34 @@ if not DEBUG:
 
 # --- Logging -----------------------------------------------------------------------------
 
+LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {
-        "structured": {"()": "gateway.logging.StructuredFormatter"},
+        # Secrets are masked in every line: python-telegram-bot and httpx log URLs that
+        # contain the bot token.
+        "structured": {
+            "()": "gateway.logging.StructuredFormatter",
+            "secrets": [TELEGRAM_BOT_TOKEN],
+        },
     },
     "handlers": {
         "console": {"class": "logging.StreamHandler", "formatter": "structured"},
     },
-    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO").upper()},
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
+        # Only through the root handler: in DEBUG, Django's own console handler would print
+        # its warnings a second time, unstructured.
+        "django": {"level": "INFO"},
         # daphne logs every HTTP request at INFO through its access log; keep it at WARNING.
         "daphne": {"level": "WARNING"},
         "django.channels.server": {"level": "WARNING"},
         # The embedded broker logs every packet and state change at INFO.
         "amqtt": {"level": "WARNING"},
         "transitions": {"level": "WARNING"},
+        # httpx logs every Bot API request (each long poll) at INFO.
+        "httpx": {"level": "DEBUG" if LOG_LEVEL == "DEBUG" else "WARNING"},
     },
 }

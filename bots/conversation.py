@@ -1,0 +1,218 @@
+"""The chatbot's conversation: commands, replies, and text posted to the joined room.
+
+Platform-neutral: a protocol's consumer turns its platform's message into an ``Incoming``
+and sends the returned replies (HTML: b, i, code) back to the chat. Runs in a database
+thread, one update at a time per chat.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from django.db import transaction
+
+from bots import formatting
+from gateway import events, selectors, services
+from gateway.models import BotChat
+from gateway.names import ROOM_NAME_RULE, InvalidRoomName, display_name_clean
+from gateway.services import GatewayError
+
+logger = logging.getLogger(__name__)
+
+HISTORY_DEFAULT = 10
+HISTORY_MAX = 50
+ROOMS_SHOWN = 20
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """One message to the bot, from a user in a chat."""
+
+    platform: str  # also the sender's protocol, e.g. "telegram"
+    chat_id: str
+    chat_kind: str  # "private", or a group kind
+    chat_title: str
+    user_id: str
+    user_name: str  # the platform's display name of the user
+    text: str
+    update_id: int | None = None  # the platform's id of this update: handled once
+
+    @property
+    def private(self) -> bool:
+        return self.chat_kind == "private"
+
+
+def handle(incoming: Incoming, *, bot_username: str = "") -> list[str]:
+    """Answer one message: the replies to send to its chat (none for a repeated update)."""
+    with transaction.atomic():
+        if incoming.update_id is not None and not services.bot_update_claim(
+            platform=incoming.platform, update_id=incoming.update_id
+        ):
+            logger.info("ignored a repeated update", extra=_log(incoming))
+            return []
+        chat = services.bot_chat_open(
+            platform=incoming.platform, chat_id=incoming.chat_id, kind=incoming.chat_kind,
+            title=incoming.chat_title,
+        )
+        command, argument = command_parse(incoming.text, bot_username)
+        if command is None:
+            return _post(chat, incoming)
+        if command == "":
+            return []  # a command for another bot in the group
+        action = COMMANDS.get(command)
+        if action is None:
+            return [f"Unknown command /{formatting.escape(command)}. /help lists the commands."]
+        return action(chat, incoming, argument)
+
+
+def command_parse(text: str, bot_username: str) -> tuple[str | None, str]:
+    """``("join", "lobby")`` for ``/join lobby`` or ``/join@this_bot lobby``; ``(None, text)``
+    for plain text; ``("", "")`` for a command addressed to another bot."""
+    if not text.startswith("/"):
+        return None, text
+    head, _, argument = text[1:].partition(" ")
+    command, _, addressee = head.partition("@")
+    if addressee and addressee.lower() != bot_username.lower():
+        return "", ""
+    return command.lower(), argument.strip()
+
+
+def _log(incoming: Incoming, **fields: object) -> dict[str, object]:
+    return {"protocol": incoming.platform, "chat": incoming.chat_id, **fields}
+
+
+def _sender(chat: BotChat, incoming: Incoming) -> events.Sender:
+    name = chat.names.get(incoming.user_id) or display_name_clean(incoming.user_name)
+    return events.sender(
+        protocol=incoming.platform, id=f"{incoming.platform}-{incoming.user_id}",
+        name=name or incoming.user_id,
+    )
+
+
+def _post(chat: BotChat, incoming: Incoming) -> list[str]:
+    if not chat.room:
+        # In a group, people talk among themselves: only a private chat gets the hint.
+        return [JOIN_HINT] if incoming.private else []
+    client_id = None if incoming.update_id is None else f"update-{incoming.update_id}"
+    try:
+        services.room_message_post(
+            room=chat.room, text=incoming.text, sender=_sender(chat, incoming),
+            origin=selectors.bot_chat_origin(incoming.platform, incoming.chat_id),
+            client_id=client_id,
+        )
+    except GatewayError as exc:
+        logger.warning("refused a chat message %s: %s", exc.code, exc.detail,
+                       extra=_log(incoming, room=chat.room, code=exc.code))
+        return [f"Not sent: {formatting.escape(exc.detail)}"]
+    return []
+
+
+# --- commands ------------------------------------------------------------------------------
+
+JOIN_HINT = "Join a room first: /join &lt;room&gt; (/rooms lists them)."
+
+HELP = (
+    "I bridge this chat to a room of the gateway: browsers, devices and other chats.\n"
+    "/rooms: active rooms\n"
+    "/join &lt;room&gt;: receive a room and write to it\n"
+    "/leave: leave the room\n"
+    "/who: who is in the room\n"
+    f"/history [n]: the last n messages (up to {HISTORY_MAX})\n"
+    "/name &lt;name&gt;: the name others see\n"
+    "/help: this help"
+)
+
+
+def _start(chat: BotChat, incoming: Incoming, argument: str) -> list[str]:
+    return [f"Welcome! {HELP}\n\n{_where(chat)}"]
+
+
+def _help(chat: BotChat, incoming: Incoming, argument: str) -> list[str]:
+    return [f"{HELP}\n\n{_where(chat)}"]
+
+
+def _where(chat: BotChat) -> str:
+    if chat.room:
+        return f"You are in <b>{formatting.escape(chat.room)}</b>."
+    return "You are in no room yet."
+
+
+def _rooms(chat: BotChat, incoming: Incoming, argument: str) -> list[str]:
+    rooms = selectors.room_list(limit=ROOMS_SHOWN)
+    if not rooms:
+        return ["No rooms yet: /join &lt;room&gt; opens one."]
+    items = ["Rooms, most recently active first:"]
+    for room in rooms:
+        by_protocol = ", ".join(f"{p} {n}" for p, n in room["members_by_protocol"].items())
+        members = f"{room['members']} ({by_protocol})" if by_protocol else "0"
+        items.append(f"• <b>{formatting.escape(room['name'])}</b>: {members}")
+    return formatting.lines(items)
+
+
+def _join(chat: BotChat, incoming: Incoming, argument: str) -> list[str]:
+    if not argument:
+        return [f"Usage: /join &lt;room&gt; ({ROOM_NAME_RULE})"]
+    try:
+        services.bot_chat_join(chat=chat, room=argument)
+    except InvalidRoomName as exc:
+        return [formatting.escape(str(exc))]
+    logger.info("chat joined a room", extra=_log(incoming, room=chat.room))
+    room = formatting.escape(chat.room)
+    return [f"You joined <b>{room}</b>: its messages come here, and what you write goes there. "
+            "/history shows what was said; /leave stops."]
+
+
+def _leave(chat: BotChat, incoming: Incoming, argument: str) -> list[str]:
+    if not chat.room:
+        return ["You are in no room."]
+    room = chat.room
+    services.bot_chat_leave(chat=chat)
+    logger.info("chat left a room", extra=_log(incoming, room=room))
+    return [f"You left <b>{formatting.escape(room)}</b>."]
+
+
+def _who(chat: BotChat, incoming: Incoming, argument: str) -> list[str]:
+    if not chat.room:
+        return [JOIN_HINT]
+    members = selectors.room_member_list(room=chat.room)
+    items = [f"In <b>{formatting.escape(chat.room)}</b>:"]
+    for member in members:
+        label = formatting.PROTOCOL_LABELS.get(str(member["protocol"]), str(member["protocol"]))
+        items.append(f"• {formatting.escape(str(member['name']))} ({label})")
+    return formatting.lines(items)
+
+
+def _history(chat: BotChat, incoming: Incoming, argument: str) -> list[str]:
+    if not chat.room:
+        return [JOIN_HINT]
+    count = HISTORY_DEFAULT
+    if argument:
+        if not argument.isdigit() or not 1 <= int(argument) <= HISTORY_MAX:
+            return [f"Usage: /history [n], n from 1 to {HISTORY_MAX}"]
+        count = int(argument)
+    history = selectors.room_messages_last(room=chat.room, limit=count)
+    if not history:
+        return [f"No messages in <b>{formatting.escape(chat.room)}</b> yet."]
+    return formatting.lines([formatting.history_line(event) for event in history])
+
+
+def _name(chat: BotChat, incoming: Incoming, argument: str) -> list[str]:
+    name = display_name_clean(argument)
+    if not name:
+        return ["Usage: /name &lt;display name&gt;"]
+    services.bot_chat_name_set(chat=chat, user_id=incoming.user_id, name=name)
+    return [f"Others now see you as <b>{formatting.escape(name)}</b>."]
+
+
+COMMANDS: dict[str, Callable[[BotChat, Incoming, str], list[str]]] = {
+    "start": _start,
+    "help": _help,
+    "rooms": _rooms,
+    "join": _join,
+    "leave": _leave,
+    "who": _who,
+    "history": _history,
+    "name": _name,
+}

@@ -1,0 +1,177 @@
+"""Telegram consumers: a chat talking to the bot, and the rooms relayed to the chats.
+
+The protocol server (protocols/telegram/server.py) opens the scopes; these translate between
+its ``chat.*`` events and the conversation (bots/) and rooms.
+
+- ``role: chat``, one per chat, is fed ``chat.received_message`` and answers with
+  ``chat.send_message``; it reports each update as handled (``chat.handled``) once its
+  effect is stored, so the server confirms it to Telegram only then.
+- ``role: room``, one per room that chats have joined (on the process that relays), sends
+  each room message to every chat in the room but the one it came from, and records how
+  far each chat has been sent (``chat.delivered`` from the server, once sent).
+- ``role: rooms``, one on the relaying process, answers the server's ``telegram.scan`` with
+  the rooms to relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from channels.db import database_sync_to_async
+from channels.exceptions import StopConsumer
+from django.db import DatabaseError
+
+from bots import conversation, formatting
+from consumers.base import RoomConsumer, ScopeConsumer
+from gateway import events, selectors, services
+from gateway.fanout import Delivery
+from gateway.logging import scope_log
+from gateway.ratelimit import flood_limit
+
+logger = logging.getLogger(__name__)
+
+PLATFORM = "telegram"
+UPDATES_KEPT = 48 * 3600.0  # Telegram redelivers an update for at most 24 hours
+
+
+class TelegramChatConsumer(ScopeConsumer):
+    """One chat: what its people write is answered by the bot or posted to its room."""
+
+    def setup(self) -> None:
+        chat = self.scope["chat"]
+        self.chat_id = chat["id"]
+        self.log = scope_log(PLATFORM, None, f"telegram-chat-{self.chat_id}")
+        self.bucket = flood_limit()
+
+    async def chat_connect(self, message) -> None:
+        pass
+
+    async def chat_received_message(self, message) -> None:
+        chat, user = self.scope["chat"], message["user"]
+        incoming = conversation.Incoming(
+            platform=PLATFORM, chat_id=self.chat_id, chat_kind=chat["kind"],
+            chat_title=chat["title"], user_id=user["id"], user_name=user["name"],
+            text=message["text"], update_id=message["update_id"],
+        )
+        if not self.bucket.allow():
+            logger.warning("refused a chat message: rate limited", extra=self.log)
+            replies = ["Slow down: too many messages. This one was not sent."]
+        else:
+            try:
+                replies = await database_sync_to_async(conversation.handle)(
+                    incoming, bot_username=self.scope["bot_username"]
+                )
+            except DatabaseError:
+                logger.exception("could not handle a chat message", extra=self.log)
+                replies = ["Sorry, that could not be stored. Please send it again."]
+        for text in replies:
+            await self.base_send({"type": "chat.send_message", "chat_id": self.chat_id,
+                                  "text": text})
+        await self.base_send({"type": "chat.handled", "update_id": message["update_id"]})
+
+    async def chat_disconnect(self, message) -> None:
+        raise StopConsumer()
+
+
+class TelegramRoomConsumer(RoomConsumer):
+    """A room's relay to the chats that joined it.
+
+    The hub hands it each room message in order; a worker reads the room's chats (once per
+    batch of messages, off the fan-out path) and queues one ``chat.send_message`` per chat
+    and piece of text. A chat is sent only messages newer than what it has been sent, so a
+    relay taking over or starting again resumes each chat where it got.
+    """
+
+    protocol = PLATFORM
+
+    async def chat_connect(self, message) -> None:
+        room = self.scope["room"]
+        self.scope_id = f"telegram-out-{room}"
+        self.pending: list[events.RoomMessage] = []
+        self.wakeup = asyncio.Event()
+        self.worker = asyncio.create_task(self._work(), name=self.scope_id)
+        chats = await database_sync_to_async(selectors.room_bot_chats)(
+            platform=PLATFORM, room=room
+        )
+        await self.room_join(room, member_id=None)
+        await self.room_catch_up(min(chats.values()) if chats else None)
+
+    async def send_room_event(self, event: events.RoomMessage, delivery: Delivery) -> None:
+        self.pending.append(event)
+        self.wakeup.set()
+
+    async def _work(self) -> None:
+        while True:
+            await self.wakeup.wait()
+            self.wakeup.clear()
+            batch, self.pending = self.pending, []
+            try:
+                chats = await database_sync_to_async(selectors.room_bot_chats)(
+                    platform=PLATFORM, room=self.scope["room"]
+                )
+            except DatabaseError:
+                logger.exception("could not read the room's chats; retrying",
+                                 extra=self.log_extra())
+                self.pending[:0] = batch
+                await asyncio.sleep(1.0)
+                self.wakeup.set()
+                continue
+            for event in batch:
+                await self._relay(event, chats)
+
+    async def _relay(self, event: events.RoomMessage, chats: dict[str, int]) -> None:
+        pieces: list[str] | None = None
+        for chat_id, delivered in chats.items():
+            if event["id"] <= delivered or event["origin"] == selectors.bot_chat_origin(
+                PLATFORM, chat_id
+            ):
+                continue
+            pieces = pieces or formatting.room_message(event)
+            for index, text in enumerate(pieces):
+                last = index == len(pieces) - 1
+                await self.base_send({
+                    "type": "chat.send_message", "chat_id": chat_id, "text": text,
+                    # Once the last piece is sent, the chat has been sent this message.
+                    "room": event["room"] if last else None, "id": event["id"] if last else None,
+                })
+
+    async def chat_delivered(self, message) -> None:
+        await database_sync_to_async(services.bot_chats_delivered_save)(
+            platform=PLATFORM, room=self.scope["room"], positions=message["positions"]
+        )
+
+    async def chat_unreachable(self, message) -> None:
+        """The chat blocked the bot or removed it: it leaves the room."""
+        await database_sync_to_async(services.bot_chat_leave_unreachable)(
+            platform=PLATFORM, chat_id=message["chat_id"], room=self.scope["room"]
+        )
+        logger.warning("chat unreachable: it left the room",
+                       extra=self.log_extra(chat=message["chat_id"]))
+
+    async def close(self, code: int) -> None:
+        self.closed, self.live = True, False
+
+    async def chat_disconnect(self, message) -> None:
+        raise StopConsumer()
+
+    async def finish(self) -> None:
+        if hasattr(self, "worker"):
+            self.worker.cancel()
+        await super().finish()
+
+
+class TelegramRoomsConsumer(ScopeConsumer):
+    """Tells the relaying server which rooms have chats, and forgets old updates."""
+
+    async def telegram_scan(self, message) -> None:
+        rooms = await database_sync_to_async(selectors.bot_chat_rooms)(platform=PLATFORM)
+        await self.base_send({"type": "telegram.relay_rooms", "rooms": rooms})
+
+    async def telegram_prune(self, message) -> None:
+        await database_sync_to_async(services.bot_updates_prune)(
+            platform=PLATFORM, older_than=UPDATES_KEPT
+        )
+
+    async def chat_disconnect(self, message) -> None:
+        raise StopConsumer()

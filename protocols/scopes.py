@@ -1,0 +1,75 @@
+"""Application instances that a protocol server opens on the root ASGI application.
+
+Like daphne for a socket, a protocol server gives each of its scopes a queue of events in
+and a ``send`` callable out, and runs the application as a task until the scope ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from gateway.logging import scope_log
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Scope:
+    scope: dict
+    queue: asyncio.Queue
+    task: asyncio.Task | None = None
+    last_seen: float = field(default_factory=time.monotonic)
+
+    def put(self, event: dict) -> None:
+        self.queue.put_nowait(event)
+
+
+def scope_open(
+    application,
+    scope: dict,
+    send: Callable[[dict], Awaitable[None]],
+    *,
+    first: dict,
+    name: str,
+    on_exit: Callable[[Scope, BaseException | None], None],
+) -> Scope:
+    """Start an application instance for ``scope``, fed ``first`` and then what is put.
+
+    ``on_exit`` is called when the instance ends, with the exception it failed with (logged
+    here), or None.
+    """
+    opened = Scope(scope=scope, queue=asyncio.Queue())
+    opened.put(first)
+
+    async def run() -> None:
+        failure: BaseException | None = None
+        try:
+            await application(scope, opened.queue.get, send)
+        except Exception as exc:
+            failure = exc
+            logger.exception(
+                "%s application instance failed", scope["type"],
+                extra=scope_log(scope["type"], scope.get("room"), name),
+            )
+        finally:
+            on_exit(opened, failure)
+
+    # A context of its own, as daphne gives each connection: a scope opened while handling a
+    # request (Telegram's webhook) must not inherit that request's executor, which ends
+    # with it.
+    opened.task = asyncio.create_task(run(), name=name, context=contextvars.Context())
+    return opened
+
+
+async def scopes_close(scopes: list[Scope], event: dict, *, wait: float) -> None:
+    """Send each scope ``event`` (its disconnect) and wait a while for them to end."""
+    for opened in scopes:
+        opened.put(event)
+    tasks = [opened.task for opened in scopes if opened.task is not None]
+    if tasks:
+        await asyncio.wait(tasks, timeout=wait)

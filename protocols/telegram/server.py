@@ -1,0 +1,499 @@
+"""The Telegram protocol server: owns the Bot API connection and the ``telegram`` scopes.
+
+Like daphne for WebSockets, it knows nothing of rooms or commands. It turns Telegram
+updates into scopes and events for the root ASGI application, and carries the
+application's ``chat.send_message`` events to Telegram.
+
+- A chat scope per chat, ``{"type": "telegram", "role": "chat", "chat": {...}, "user": {...}}``
+  (the user who opened it), fed ``chat.received_message`` events; closed after
+  ``TELEGRAM_IDLE_TIMEOUT`` without a message, and at shutdown. An update is confirmed to
+  Telegram (by the next ``getUpdates`` offset, or the webhook's answer) only once the
+  application reports it handled (``chat.handled``); a repeated update is recognised by
+  its ``update_id`` in the application, so nothing is lost or posted twice.
+- Updates come by long polling (``getUpdates``), or, with ``TELEGRAM_WEBHOOK_URL``, by
+  Telegram posting them to the web server's webhook route (gateway/views.py, which checks
+  the secret and hands them here through gateway/ingress.py).
+- With several gateway processes, one holds the ``telegram`` lease: it polls (webhooks reach
+  every process) and relays the rooms to the chats, through a ``rooms`` scope that names
+  the rooms with chats and a ``room`` scope per such room. Another process takes the lease
+  over within ``LEASE_TTL`` if it dies.
+- Sending: one ordered queue per chat, each paced by the chat's limit (private chats,
+  groups) and all by the bot's overall limit; ``RetryAfter`` pauses only that chat, network
+  errors are retried with backoff, keeping the order. A chat with more than
+  ``TELEGRAM_CHAT_BACKLOG`` room messages waiting loses the oldest of them and is told how
+  many it missed (``/history`` shows them): a chat far behind costs bounded memory and
+  never holds up another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+import uuid
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+# Opt in to python-telegram-bot's v23 time periods (RetryAfter.retry_after as a timedelta)
+# rather than be warned about the change on every flood-control answer.
+os.environ.setdefault("PTB_TIMEDELTA", "true")
+
+from aiolimiter import AsyncLimiter  # noqa: E402
+from channels.db import database_sync_to_async  # noqa: E402
+from telegram import Bot, LinkPreviewOptions, Update  # noqa: E402
+from telegram.constants import ParseMode  # noqa: E402
+from telegram.error import (  # noqa: E402
+    BadRequest,
+    Forbidden,
+    InvalidToken,
+    NetworkError,
+    RetryAfter,
+    TelegramError,
+)
+from telegram.request import HTTPXRequest  # noqa: E402
+
+from gateway import ingress, services  # noqa: E402
+from protocols.scopes import Scope, scope_open, scopes_close  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+LEASE = "telegram"  # held by the process that polls and relays rooms to chats
+LEASE_TTL = 10.0
+TICK = 1.0  # lease renewal, rooms scan, delivered positions, idle scopes
+PRUNE_INTERVAL = 3600.0
+ALLOWED_UPDATES = ["message"]
+HANDLE_TIMEOUT = 30.0  # an update not handled by then is fetched (or delivered) again
+SKIPPED = ("… {count} earlier messages were skipped here (this chat fell behind); "
+           "/history shows them.")
+LOG = {"protocol": "telegram"}
+
+
+@dataclass(frozen=True)
+class SendLimits:
+    """Telegram's flood limits: about one message a second per chat, 20 a minute per group,
+    30 a second in all (https://core.telegram.org/bots/faq#my-bot-is-hitting-limits-how-do-i-avoid-this)."""
+
+    chat_per_second: float = 1.0
+    group_per_minute: float = 20.0
+    overall_per_second: float = 30.0
+    backlog: int = 100  # room messages waiting per chat before the oldest are skipped
+
+
+@dataclass
+class _Outgoing:
+    text: str
+    room: str | None = None  # for room messages: which one this is, so it can be recorded
+    seq: int | None = None
+
+
+@dataclass
+class _Outbox:
+    """A chat's messages waiting to be sent, in order."""
+
+    limiter: AsyncLimiter
+    items: deque[_Outgoing] = field(default_factory=deque)
+    waiting: int = 0  # room messages among the items
+    skipped: int = 0
+    task: asyncio.Task | None = None
+
+
+class TelegramServer:
+    def __init__(
+        self,
+        application,
+        *,
+        bot: Bot,
+        webhook_url: str = "",
+        webhook_secret: str = "",
+        poll_timeout: int = 30,
+        idle_timeout: float = 300.0,
+        limits: SendLimits | None = None,
+    ) -> None:
+        limits = limits or SendLimits()
+        self.application = application
+        self.bot = bot
+        self.webhook_url = webhook_url
+        self.webhook_secret = webhook_secret
+        self.poll_timeout = poll_timeout
+        self.idle_timeout = idle_timeout
+        self.limits = limits
+        self.process_id = uuid.uuid4().hex
+        self.leader = False
+        self.ready = asyncio.Event()
+        self.chats: dict[str, Scope] = {}
+        self.relays: dict[str, Scope] = {}
+        self.directory: Scope | None = None
+        self.outboxes: dict[str, _Outbox] = {}
+        self.delivered: dict[str, dict[str, int]] = {}  # room -> chat -> newest id sent
+        self.handling: dict[int, asyncio.Future] = {}  # update_id -> handled
+        self.overall = AsyncLimiter(limits.overall_per_second, 1)
+        self.stats: Counter[str] = Counter()
+        self._poller: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    @property
+    def mode(self) -> str:
+        return "webhook" if self.webhook_url else "polling"
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.webhook_url:
+            ingress.register("telegram", self.webhook_update)
+        self._tasks = [asyncio.create_task(self._run(), name="telegram")]
+
+    async def stop(self) -> None:
+        """Stop taking updates, close the chats, send what is queued (briefly), hand over."""
+        ingress.unregister("telegram", self.webhook_update)
+        if self._poller is not None:
+            self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
+        await scopes_close(list(self.chats.values()), {"type": "chat.disconnect"}, wait=5)
+        drains = [box.task for box in self.outboxes.values() if box.task is not None]
+        if drains:
+            _, unsent = await asyncio.wait(drains, timeout=3)
+            if unsent:
+                logger.warning("stopped with %d chats' messages unsent", len(unsent), extra=LOG)
+        self._flush_delivered()
+        await self._unlead()
+        if self.leader:
+            await database_sync_to_async(services.lease_release)(
+                name=LEASE, holder=self.process_id
+            )
+        for task in [*self._tasks, *(b.task for b in self.outboxes.values() if b.task)]:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.ready.is_set():
+            await self.bot.shutdown()
+        logger.info("telegram server stopped", extra={**LOG, **self.stats})
+
+    async def _run(self) -> None:
+        if not await self._connect():
+            return
+        next_prune = 0.0
+        while True:
+            try:
+                await self._lead()
+                if self.leader and self.directory is not None:
+                    self.directory.put({"type": "telegram.scan"})
+                    if time.monotonic() >= next_prune:
+                        self.directory.put({"type": "telegram.prune"})
+                        next_prune = time.monotonic() + PRUNE_INTERVAL
+                    self._flush_delivered()
+                self._close_idle()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("telegram housekeeping failed; will retry", extra=LOG)
+            await asyncio.sleep(TICK)
+
+    async def _connect(self) -> bool:
+        """Ask Telegram who the bot is (getMe) until it answers; False for a refused token."""
+        backoff = 1.0
+        while True:
+            try:
+                await self.bot.initialize()
+            except InvalidToken:
+                logger.error("Telegram refused TELEGRAM_BOT_TOKEN; the bot is not started",
+                             extra=LOG)
+                return False
+            except TelegramError as exc:
+                delay = _jitter(backoff)
+                logger.warning("Telegram Bot API unreachable (%s); retrying in %.1fs", exc,
+                               delay, extra=LOG)
+                await asyncio.sleep(delay)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            self.ready.set()
+            logger.info("connected to Telegram as @%s", self.bot.username,
+                        extra={**LOG, "mode": self.mode})
+            return True
+
+    # --- leadership: polling and relaying rooms ----------------------------------------
+
+    async def _lead(self) -> None:
+        held = await database_sync_to_async(services.lease_acquire)(
+            name=LEASE, holder=self.process_id, ttl=LEASE_TTL
+        )
+        if held and not self.leader:
+            if self.webhook_url:
+                await self.bot.set_webhook(
+                    self.webhook_url, secret_token=self.webhook_secret,
+                    allowed_updates=ALLOWED_UPDATES,
+                )
+            else:
+                self._poller = asyncio.create_task(self._poll(), name="telegram-poll")
+            self.directory = scope_open(
+                self.application, {"type": "telegram", "role": "rooms"}, self._send,
+                first={"type": "telegram.scan"}, name="telegram-rooms", on_exit=self._exited,
+            )
+            self.leader = True
+            logger.info("this process now %s Telegram and relays rooms to chats",
+                        "receives the webhook of" if self.webhook_url else "polls",
+                        extra={**LOG, "mode": self.mode})
+        elif not held and self.leader:
+            self.leader = False
+            if self._poller is not None:
+                self._poller.cancel()
+                self._poller = None
+            await self._unlead()
+            logger.warning("lost the telegram lease; another process relays now", extra=LOG)
+
+    async def _unlead(self) -> None:
+        scopes = list(self.relays.values())
+        if self.directory is not None:
+            scopes.append(self.directory)
+        await scopes_close(scopes, {"type": "chat.disconnect"}, wait=5)
+
+    async def _poll(self) -> None:
+        offset: int | None = None
+        backoff = 1.0
+        webhook_deleted = False
+        while True:
+            try:
+                if not webhook_deleted:  # getUpdates is refused while a webhook is set
+                    await self.bot.delete_webhook()
+                    webhook_deleted = True
+                updates = await self.bot.get_updates(
+                    offset=offset, timeout=self.poll_timeout, allowed_updates=ALLOWED_UPDATES
+                )
+                backoff = 1.0
+            except RetryAfter as exc:
+                await asyncio.sleep(exc.retry_after.total_seconds())  # type: ignore[union-attr]
+                continue
+            except TelegramError as exc:
+                delay = _jitter(backoff)
+                logger.warning("polling Telegram failed (%s); retrying in %.1fs", exc, delay,
+                               extra=LOG)
+                await asyncio.sleep(delay)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            if not updates:
+                continue
+            handled = [f for f in map(self._dispatch, updates) if f is not None]
+            late: set = set()
+            if handled:
+                _, late = await asyncio.wait(handled, timeout=HANDLE_TIMEOUT)
+            if late:
+                logger.warning("%d updates not handled in time; fetching them again", len(late),
+                               extra=LOG)
+                continue
+            offset = updates[-1].update_id + 1  # confirms them to Telegram
+
+    # --- inbound -----------------------------------------------------------------------
+
+    async def webhook_update(self, data: dict) -> None:
+        """An update posted to the webhook: returns once handled."""
+        if not self.ready.is_set():
+            raise ingress.Unavailable("the bot has not reached Telegram yet")
+        try:
+            update = Update.de_json(data, self.bot)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ingress.Rejected(f"not a Telegram update: {exc}") from None
+        handled = self._dispatch(update)
+        if handled is not None:
+            await asyncio.wait_for(asyncio.shield(handled), HANDLE_TIMEOUT)
+
+    def _dispatch(self, update: Update) -> asyncio.Future | None:
+        """Feed a message update to its chat's scope; the future is done once it is handled."""
+        message = update.message
+        if message is None:
+            return None  # another kind of update (not asked for)
+        pending = self.handling.get(update.update_id)
+        if pending is not None:
+            return pending  # delivered again while still being handled
+        self.stats["received"] += 1
+        chat_id = str(message.chat.id)
+        user = message.from_user
+        person = {
+            "id": str(user.id) if user else chat_id,
+            "username": (user.username or "") if user else "",
+            "name": user.full_name if user else (message.chat.title or chat_id),
+        }
+        scope = self.chats.get(chat_id)
+        if scope is None:
+            chat = {"id": chat_id, "kind": message.chat.type,
+                    "title": message.chat.title or message.chat.full_name or person["name"]}
+            scope = self.chats[chat_id] = scope_open(
+                self.application,
+                {"type": "telegram", "role": "chat", "chat": chat, "user": person,
+                 "bot_username": self.bot.username},
+                self._send, first={"type": "chat.connect"}, name=f"telegram-chat-{chat_id}",
+                on_exit=self._exited,
+            )
+        handled = self.handling[update.update_id] = asyncio.get_running_loop().create_future()
+        scope.last_seen = time.monotonic()
+        scope.put({"type": "chat.received_message", "update_id": update.update_id,
+                   "text": message.text or "", "user": person})
+        return handled
+
+    def _exited(self, scope: Scope, failure: BaseException | None) -> None:
+        info = scope.scope
+        if info["role"] == "chat":
+            chat_id = info["chat"]["id"]
+            if self.chats.get(chat_id) is scope:
+                del self.chats[chat_id]
+        elif info["role"] == "room":
+            if self.relays.get(info["room"]) is scope:
+                del self.relays[info["room"]]  # a failed relay is opened again by the next scan
+        elif self.directory is scope:
+            self.directory = None
+            if self.leader:  # it failed: open it again at once
+                self.leader = False
+                if self._poller is not None:
+                    self._poller.cancel()
+                    self._poller = None
+
+    # --- from the application ----------------------------------------------------------
+
+    async def _send(self, message: dict) -> None:
+        kind = message["type"]
+        if kind == "chat.send_message":
+            self._queue(str(message["chat_id"]), _Outgoing(
+                message["text"], message.get("room"), message.get("id")
+            ))
+        elif kind == "chat.handled":
+            handled = self.handling.pop(message["update_id"], None)
+            if handled is not None and not handled.done():
+                handled.set_result(None)
+        elif kind == "telegram.relay_rooms":
+            self._relay_rooms(message["rooms"])
+        else:
+            raise ValueError(f"unknown telegram event {kind!r}")
+
+    def _relay_rooms(self, rooms: list[str]) -> None:
+        if not self.leader:
+            return
+        for room in set(rooms) - self.relays.keys():
+            self.relays[room] = scope_open(
+                self.application, {"type": "telegram", "role": "room", "room": room},
+                self._send, first={"type": "chat.connect"}, name=f"telegram-out-{room}",
+                on_exit=self._exited,
+            )
+        for room in self.relays.keys() - set(rooms):
+            self.relays[room].put({"type": "chat.disconnect"})
+
+    # --- outbound ----------------------------------------------------------------------
+
+    def _queue(self, chat_id: str, item: _Outgoing) -> None:
+        box = self.outboxes.get(chat_id)
+        if box is None:
+            group = chat_id.startswith("-")  # Telegram's group and channel ids are negative
+            limiter = (AsyncLimiter(self.limits.group_per_minute, 60) if group
+                       else AsyncLimiter(self.limits.chat_per_second, 1))
+            box = self.outboxes[chat_id] = _Outbox(limiter=limiter)
+        box.items.append(item)
+        if item.room is not None:
+            box.waiting += 1
+            if box.waiting > self.limits.backlog:
+                self._skip_oldest(box)
+                self.stats["skipped"] += 1
+        if box.task is None:
+            box.task = asyncio.create_task(
+                self._drain(chat_id, box), name=f"telegram-send-{chat_id}"
+            )
+
+    @staticmethod
+    def _skip_oldest(box: _Outbox) -> None:
+        for index, waiting in enumerate(box.items):
+            if waiting.room is not None:
+                del box.items[index]
+                box.waiting -= 1
+                box.skipped += 1
+                return
+
+    async def _drain(self, chat_id: str, box: _Outbox) -> None:
+        try:
+            while box.items:
+                if box.skipped:
+                    count, box.skipped = box.skipped, 0
+                    await self._deliver(chat_id, box, SKIPPED.format(count=count))
+                item = box.items.popleft()
+                if item.room is not None:
+                    box.waiting -= 1
+                if await self._deliver(chat_id, box, item.text) and item.seq is not None:
+                    assert item.room is not None
+                    sent = self.delivered.setdefault(item.room, {})
+                    sent[chat_id] = max(item.seq, sent.get(chat_id, 0))
+                elif item.room is not None and chat_id not in self.outboxes:
+                    # Unreachable: tell the room's relay, which takes the chat out of it.
+                    relay = self.relays.get(item.room)
+                    if relay is not None:
+                        relay.put({"type": "chat.unreachable", "chat_id": chat_id})
+        finally:
+            box.task = None
+            if not box.items and self.outboxes.get(chat_id) is box:
+                del self.outboxes[chat_id]
+
+    async def _deliver(self, chat_id: str, box: _Outbox, text: str) -> bool:
+        """Send one message, waiting out flood limits and outages; False if Telegram refused
+        it for good (the chat is gone, or the message is invalid)."""
+        backoff = 1.0
+        while True:
+            try:
+                async with box.limiter, self.overall:
+                    await self.bot.send_message(
+                        chat_id=int(chat_id), text=text, parse_mode=ParseMode.HTML,
+                        link_preview_options=LinkPreviewOptions(is_disabled=True),
+                    )
+                self.stats["sent"] += 1
+                return True
+            except RetryAfter as exc:
+                wait = exc.retry_after.total_seconds()  # type: ignore[union-attr]
+                self.stats["retry_after"] += 1
+                logger.warning("Telegram flood control: chat waits %.0fs", wait,
+                               extra={**LOG, "chat": chat_id})
+                await asyncio.sleep(wait)
+            except (Forbidden, BadRequest) as exc:
+                self.stats["refused"] += 1
+                gone = isinstance(exc, Forbidden) or "chat not found" in str(exc).lower()
+                logger.warning("Telegram refused a message to the chat: %s", exc,
+                               extra={**LOG, "chat": chat_id, "gone": gone})
+                if gone:
+                    box.items.clear()
+                    box.waiting = box.skipped = 0
+                    self.outboxes.pop(chat_id, None)
+                return False
+            except NetworkError as exc:  # includes TimedOut: kept, in order, and tried again
+                delay = _jitter(backoff)
+                logger.warning("sending to Telegram failed (%s); retrying in %.1fs", exc, delay,
+                               extra={**LOG, "chat": chat_id})
+                await asyncio.sleep(delay)
+                backoff = min(backoff * 2, 30.0)
+            except TelegramError:
+                self.stats["refused"] += 1
+                logger.exception("Telegram refused a message", extra={**LOG, "chat": chat_id})
+                return False
+
+    def _flush_delivered(self) -> None:
+        """Tell each room's relay how far its chats have been sent (once a tick)."""
+        for room, positions in self.delivered.items():
+            relay = self.relays.get(room)
+            if relay is not None:
+                relay.put({"type": "chat.delivered", "positions": positions})
+        self.delivered = {}
+
+    def _close_idle(self) -> None:
+        cutoff = time.monotonic() - self.idle_timeout
+        for chat_id, scope in list(self.chats.items()):
+            if scope.last_seen < cutoff:
+                del self.chats[chat_id]
+                scope.put({"type": "chat.disconnect"})
+
+
+def _jitter(delay: float) -> float:
+    return delay * (0.5 + random.random())  # noqa: S311 (not for security)
+
+
+def telegram_bot(token: str, *, api_url: str) -> Bot:
+    """The python-telegram-bot client for ``api_url`` (Telegram's, or another Bot API server)."""
+    return Bot(
+        token,
+        base_url=f"{api_url}/bot",
+        base_file_url=f"{api_url}/file/bot",
+        # Chats are sent to concurrently (each in order): more than PTB's single connection.
+        # (Polls have their own connection; PTB adds the poll timeout to their read timeout.)
+        request=HTTPXRequest(connection_pool_size=16),
+    )
