@@ -53,7 +53,7 @@ async def stored(gw, room: str) -> list[dict]:
     ]
 
 
-async def test_join_then_chat_both_ways_with_browsers(gateway_factory, api):
+async def test_join_then_chat_both_ways_with_browsers(api, gateway_factory):
     gw = gateway_factory(env=tg_env(api)).start()
     (joined,) = await say(api, ALICE, "/join lobby", first_name="Alice")
     assert "You joined lobby" in joined
@@ -85,7 +85,7 @@ async def test_join_then_chat_both_ways_with_browsers(gateway_factory, api):
     ]
 
 
-async def test_every_command(gateway_factory, api):
+async def test_every_command(api, gateway_factory):
     gw = gateway_factory(env=tg_env(api)).start()
     (start,) = await say(api, ALICE, "/start")
     assert start.startswith("Welcome!") and "/join <room>" in start and "no room yet" in start
@@ -140,7 +140,7 @@ async def test_every_command(gateway_factory, api):
     ]
 
 
-async def test_a_group_bridges_to_one_room(gateway_factory, api):
+async def test_a_group_bridges_to_one_room(api, gateway_factory):
     group = -100123
     gw = gateway_factory(env=tg_env(api)).start()
     group_kw = {"chat_type": "supergroup", "title": "Plant crew"}
@@ -164,7 +164,7 @@ async def test_a_group_bridges_to_one_room(gateway_factory, api):
         ).items()
 
 
-async def test_html_and_texts_over_4096_characters(gateway_factory, api):
+async def test_html_and_texts_over_4096_characters(api, gateway_factory):
     gw = gateway_factory(env=tg_env(api, GATEWAY_MAX_MESSAGE_LENGTH="6000")).start()
     await say(api, ALICE, "/join long")
     text = ("<script>&amp;</script> " * 250)[:5000]
@@ -179,7 +179,7 @@ async def test_html_and_texts_over_4096_characters(gateway_factory, api):
     assert len(api.sent_to(ALICE)) == 3
 
 
-async def test_flood_control_waits_for_that_chat_only_and_keeps_its_order(gateway_factory, api):
+async def test_flood_control_waits_for_that_chat_only_and_keeps_its_order(api, gateway_factory):
     gw = gateway_factory(env=tg_env(api)).start()
     await say(api, ALICE, "/join busy")
     await say(api, BEN, "/join busy")
@@ -199,7 +199,7 @@ async def test_flood_control_waits_for_that_chat_only_and_keeps_its_order(gatewa
     assert "Telegram flood control" in gw.log()
 
 
-async def test_bot_api_down_and_back_loses_and_doubles_nothing(gateway_factory, api):
+async def test_bot_api_down_and_back_loses_and_doubles_nothing(api, gateway_factory):
     gw = gateway_factory(env=tg_env(api)).start()
     await say(api, ALICE, "/join outage")
     async with connect(gw, "/ws/chat/outage/?name=ann") as browser:
@@ -223,7 +223,7 @@ async def test_bot_api_down_and_back_loses_and_doubles_nothing(gateway_factory, 
 
 
 async def test_a_repeated_update_is_handled_once_and_rooms_survive_a_restart(
-    gateway_factory, api
+    api, gateway_factory
 ):
     gw = gateway_factory(env=tg_env(api)).start()
     await say(api, ALICE, "/join keep")
@@ -261,7 +261,7 @@ def post_update(gw, body: bytes | None, secret: str | None, method: str = "POST"
         return error.code
 
 
-async def test_webhook_checks_the_secret_and_handles_each_update_once(gateway_factory, api):
+async def test_webhook_checks_the_secret_and_handles_each_update_once(api, gateway_factory):
     secret = "s3cret-Token_for-tests"
     port = None
     gw = gateway_factory(env={})  # to learn the port the webhook URL names
@@ -298,7 +298,7 @@ async def test_webhook_checks_the_secret_and_handles_each_update_once(gateway_fa
     assert await call(post_update, gw, None, secret, "GET") == 405
 
 
-async def test_the_token_never_reaches_the_logs(gateway_factory, api):
+async def test_the_token_never_reaches_the_logs(api, gateway_factory):
     gw = gateway_factory(env=tg_env(api, LOG_LEVEL="DEBUG")).start()
     await say(api, ALICE, "/join secrets")
     api.stop()  # errors, with the URLs that hold the token, are logged too
@@ -311,7 +311,7 @@ async def test_the_token_never_reaches_the_logs(gateway_factory, api):
 
 
 async def test_two_gateways_one_poller_each_message_sent_once(
-    gateway_factory, api, redis_server, tmp_path
+    api, gateway_factory, redis_server, tmp_path
 ):
     env = tg_env(api, REDIS_URL=redis_server.url)
     a = gateway_factory(env=env, datadir=tmp_path / "shared").start()
@@ -340,3 +340,46 @@ async def test_two_gateways_one_poller_each_message_sent_once(
         assert relayed["visible_text"] == "Alice (telegram): after the takeover"
     await asyncio.sleep(1.0)
     assert len(api.sent_to(ALICE)) == 2 and len(api.sent_to(BEN)) == 3
+
+
+async def test_a_chat_far_behind_skips_the_oldest_and_is_told(api, gateway_factory):
+    gw = gateway_factory(
+        env=tg_env(api, TELEGRAM_CHAT_RATE="2", TELEGRAM_CHAT_BACKLOG="5")
+    ).start()
+    await say(api, ALICE, "/join flood")
+    await say(api, BEN, "/join flood")
+    async with connect(gw, "/ws/chat/flood/?name=ann") as browser:
+        for i in range(20):
+            await browser.send(json.dumps({"message": f"m{i}"}))
+        for _ in range(20):
+            await next_message(browser)  # all stored and live for the browser
+    await wait_until(
+        lambda: any(m["visible_text"].endswith(": m19") for m in api.sent_to(ALICE)), 30,
+        "the newest message never came",
+    )
+    await asyncio.sleep(1.0)
+    texts = [m["visible_text"] for m in api.sent_to(ALICE)][1:]
+    notice = next(t for t in texts if "skipped" in t)
+    skipped = int(notice.split()[1])
+    relayed = [t.removeprefix("ann (web): ") for t in texts if t != notice]
+    assert len(relayed) + skipped == 20
+    assert relayed[-5:] == [f"m{i}" for i in range(15, 20)]  # the newest kept, in order
+    assert relayed == sorted(relayed, key=lambda t: int(t[1:]))
+    assert "/history shows them" in notice
+
+
+async def test_a_chat_that_blocked_the_bot_leaves_its_room(api, gateway_factory):
+    gw = gateway_factory(env=tg_env(api)).start()
+    await say(api, ALICE, "/join quiet")
+    await say(api, BEN, "/join quiet")
+    api.fail("sendMessage", status=403, retry_after=None, chat_id=BEN, times=100)
+    async with connect(gw, "/ws/chat/quiet/?name=ann") as browser:
+        await browser.send(json.dumps({"message": "one"}))
+        await api.wait_sent_async(ALICE, 2)
+        await wait_until(lambda: members(gw, "quiet") == 2, 10, "the blocked chat stayed")
+        await browser.send(json.dumps({"message": "two"}))
+        await api.wait_sent_async(ALICE, 3)
+    await asyncio.sleep(1.0)
+    tries = [p for method, p in api.calls if method == "sendMessage" and p["chat_id"] == BEN]
+    assert len(tries) == 2  # the /join reply, then "one", refused; "two" was not tried
+    assert "chat unreachable: it left the room" in gw.log()

@@ -29,7 +29,7 @@ import ssl
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
@@ -37,8 +37,8 @@ from channels.db import database_sync_to_async
 
 from gateway import mqtt as topics
 from gateway import selectors, services
-from gateway.logging import scope_log
 from gateway.services import GatewayError
+from protocols.scopes import Scope, scope_open, scopes_close
 
 logger = logging.getLogger(__name__)
 
@@ -73,13 +73,6 @@ class BrokerAddress:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
 
-@dataclass
-class _Scope:
-    queue: asyncio.Queue
-    task: asyncio.Task
-    last_seen: float = field(default_factory=time.monotonic)
-
-
 class MqttServer:
     def __init__(
         self,
@@ -104,8 +97,8 @@ class MqttServer:
         self.published: dict[str, int] = {}  # room -> newest id published on out
         self._saved: dict[str, int] = {}
         self._resume: dict[str, int] = {}  # rooms whose relay failed: where to start again
-        self.devices: dict[tuple[str, str], _Scope] = {}
-        self.relays: dict[str, _Scope] = {}
+        self.devices: dict[tuple[str, str], Scope] = {}
+        self.relays: dict[str, Scope] = {}
         self.outbox: asyncio.Queue[tuple[str, bytes, str | None, int | None]] = asyncio.Queue()
         self.connected = asyncio.Event()
         self.stats = {"received": 0, "published": 0, "rejected": 0, "reconnects": 0}
@@ -127,11 +120,8 @@ class MqttServer:
 
     async def stop(self) -> None:
         """Close every scope, publish what is already queued (briefly), then disconnect."""
-        for scope in [*self.devices.values(), *self.relays.values()]:
-            scope.queue.put_nowait({"type": "mqtt.disconnect"})
-        pending = [s.task for s in [*self.devices.values(), *self.relays.values()]]
-        if pending:
-            await asyncio.wait(pending, timeout=5)
+        await scopes_close([*self.devices.values(), *self.relays.values()],
+                           {"type": "mqtt.disconnect"}, wait=5)
         self.devices.clear()
         self.relays.clear()
         if self.connected.is_set():
@@ -240,34 +230,26 @@ class MqttServer:
                 self._known_rooms.add(where.room)  # a new room: relay from its first message
                 self._relay(where.room, after=0)
         scope.last_seen = time.monotonic()
-        scope.queue.put_nowait({"type": "mqtt.message", "payload": bytes(message.payload)})
+        scope.put({"type": "mqtt.message", "payload": bytes(message.payload)})
 
-    def _open(self, scope: dict, *, name: str) -> _Scope:
-        queue: asyncio.Queue = asyncio.Queue()
-        queue.put_nowait({"type": "mqtt.connect"})
-        task = asyncio.create_task(self._run_app(scope, queue), name=name)
-        return _Scope(queue=queue, task=task)
+    def _open(self, scope: dict, *, name: str) -> Scope:
+        return scope_open(self.application, scope, self._send, first={"type": "mqtt.connect"},
+                          name=name, on_exit=self._exited)
 
-    async def _run_app(self, scope: dict, queue: asyncio.Queue) -> None:
-        try:
-            await self.application(scope, queue.get, self._send)
-        except Exception:
-            logger.exception("mqtt application instance failed",
-                             extra=scope_log("mqtt", scope.get("room"), scope.get("device_id", "")))
-            if scope["role"] == "out" and self.leader:
-                # For instance the layer was down when it joined: the next scan starts the
-                # room's relay again from where this one got.
-                room = scope["room"]
-                self._known_rooms.discard(room)
-                self._resume[room] = max(self.published.get(room, 0), scope["after"] or 0)
-        finally:
-            if scope["role"] == "device":
-                key = (scope["device_id"], scope["room"])
-                if self.devices.get(key) is not None and self.devices[key].queue is queue:
-                    del self.devices[key]
-            elif self.relays.get(scope["room"]) is not None and \
-                    self.relays[scope["room"]].queue is queue:
-                del self.relays[scope["room"]]
+    def _exited(self, opened: Scope, failure: BaseException | None) -> None:
+        scope = opened.scope
+        if failure is not None and scope["role"] == "out" and self.leader:
+            # For instance the layer was down when it joined: the next scan starts the
+            # room's relay again from where this one got.
+            room = scope["room"]
+            self._known_rooms.discard(room)
+            self._resume[room] = max(self.published.get(room, 0), scope["after"] or 0)
+        if scope["role"] == "device":
+            key = (scope["device_id"], scope["room"])
+            if self.devices.get(key) is opened:
+                del self.devices[key]
+        elif self.relays.get(scope["room"]) is opened:
+            del self.relays[scope["room"]]
 
     async def _send(self, message: dict) -> None:
         if message["type"] != "mqtt.publish":
@@ -320,7 +302,7 @@ class MqttServer:
         elif not held and self.leader:
             self.leader = False
             for relay in self.relays.values():
-                relay.queue.put_nowait({"type": "mqtt.disconnect"})
+                relay.put({"type": "mqtt.disconnect"})
             self._known_rooms.clear()
             self._resume.clear()
             self._room_pk = 0
@@ -354,4 +336,4 @@ class MqttServer:
         for key, scope in list(self.devices.items()):
             if scope.last_seen < cutoff:
                 del self.devices[key]
-                scope.queue.put_nowait({"type": "mqtt.disconnect"})
+                scope.put({"type": "mqtt.disconnect"})
