@@ -56,6 +56,8 @@ def handle(incoming: Incoming, *, bot_username: str = "") -> list[str]:
             platform=incoming.platform, chat_id=incoming.chat_id, kind=incoming.chat_kind,
             title=incoming.chat_title,
         )
+        if not incoming.text:  # a photo, a sticker, someone joining the group...
+            return [ONLY_TEXT] if incoming.private else []
         command, argument = command_parse(incoming.text, bot_username)
         if command is None:
             return _post(chat, incoming)
@@ -111,6 +113,7 @@ def _post(chat: BotChat, incoming: Incoming) -> list[str]:
 
 # --- commands ------------------------------------------------------------------------------
 
+ONLY_TEXT = "Only text messages are passed on to the room."
 JOIN_HINT = "Join a room first: /join &lt;room&gt; (/rooms lists them)."
 
 HELP = (

@@ -45,7 +45,7 @@ class TelegramChatConsumer(ScopeConsumer):
         self.bucket = flood_limit()
 
     async def chat_connect(self, message) -> None:
-        pass
+        logger.info("chat scope opened", extra=self.log)
 
     async def chat_received_message(self, message) -> None:
         chat, user = self.scope["chat"], message["user"]
@@ -72,6 +72,9 @@ class TelegramChatConsumer(ScopeConsumer):
 
     async def chat_disconnect(self, message) -> None:
         raise StopConsumer()
+
+    async def finish(self) -> None:
+        logger.info("chat scope closed", extra=self.log)
 
 
 class TelegramRoomConsumer(RoomConsumer):

@@ -383,3 +383,21 @@ async def test_a_chat_that_blocked_the_bot_leaves_its_room(api, gateway_factory)
     tries = [p for method, p in api.calls if method == "sendMessage" and p["chat_id"] == BEN]
     assert len(tries) == 2  # the /join reply, then "one", refused; "two" was not tried
     assert "chat unreachable: it left the room" in gw.log()
+
+
+async def test_idle_chat_scopes_close_and_reopen_and_only_text_is_taken(api, gateway_factory):
+    gw = gateway_factory(env=tg_env(api, TELEGRAM_IDLE_TIMEOUT="1")).start()
+    await say(api, ALICE, "/join idle")
+    await wait_until(lambda: "chat scope closed" in gw.log(), 10, "the idle scope stayed open")
+    photo = {"message_id": 9, "date": int(time.time()), "photo": [],
+             "chat": {"id": ALICE, "type": "private", "first_name": "Alice"},
+             "from": {"id": ALICE, "is_bot": False, "first_name": "Alice"}}
+    api.push_update({"message": photo})
+    (only_text,) = [m["visible_text"] for m in (await api.wait_sent_async(ALICE, 2))[1:]]
+    assert only_text == "Only text messages are passed on to the room."
+    assert gw.log().count("chat scope opened") == 2
+    group_photo = {**photo, "chat": {"id": -5, "type": "group", "title": "G"}}
+    api.push_update({"message": group_photo})  # in a group: not worth an answer
+    await say(api, ALICE, "/who")
+    assert api.sent_to(-5) == []
+    assert gw.get_json("/api/rooms/idle/")["last_id"] == 0
