@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from django.db import transaction
 
 from bots import formatting
-from gateway import events, selectors, services
+from gateway import events, metrics, selectors, services
 from gateway.models import BotChat
 from gateway.names import ROOM_NAME_RULE, InvalidRoomName, display_name_clean
 from gateway.services import GatewayError
@@ -56,6 +56,9 @@ def handle(incoming: Incoming, *, bot_username: str = "") -> list[str]:
             platform=incoming.platform, chat_id=incoming.chat_id, kind=incoming.chat_kind,
             title=incoming.chat_title,
         )
+        if chat.blocked:
+            logger.info("ignored a blocked chat", extra=_log(incoming))
+            return []
         if not incoming.text:  # a photo, a sticker, someone joining the group...
             return [ONLY_TEXT] if incoming.private else []
         command, argument = command_parse(incoming.text, bot_username)
@@ -107,6 +110,7 @@ def _post(chat: BotChat, incoming: Incoming) -> list[str]:
     except GatewayError as exc:
         logger.warning("refused a chat message %s: %s", exc.code, exc.detail,
                        extra=_log(incoming, room=chat.room, code=exc.code))
+        metrics.refused(incoming.platform, exc.code)
         return [f"Not sent: {formatting.escape(exc.detail)}"]
     return []
 

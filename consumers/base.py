@@ -149,6 +149,10 @@ class RoomConsumer(ScopeConsumer):
         """Translate a room event into this protocol; implemented per protocol."""
         raise NotImplementedError
 
+    async def room_control(self, event: dict) -> None:
+        """A staff action on the room (a message deleted, the room closed); by default
+        nothing (relays keep relaying; history no longer has a deleted message)."""
+
     async def close(self, code: int) -> None:
         """Close the scope from the server side (shutdown, admin action)."""
         raise NotImplementedError

@@ -7,13 +7,14 @@ its ``mqtt.*`` events and the room.
 from __future__ import annotations
 
 import logging
+import time
 
 from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
 from django.db import DatabaseError
 
 from consumers.base import RoomConsumer
-from gateway import events
+from gateway import events, metrics, services
 from gateway import mqtt as topics
 from gateway.fanout import Delivery
 from gateway.names import display_name_clean
@@ -23,6 +24,7 @@ from gateway.services import GatewayError, room_message_post
 logger = logging.getLogger(__name__)
 
 WIRE_FORMAT = "mqtt-json"
+SEEN_INTERVAL = 60.0  # how often a device's last_seen is written while it is active
 
 
 class MqttDeviceConsumer(RoomConsumer):
@@ -34,6 +36,7 @@ class MqttDeviceConsumer(RoomConsumer):
         self.device_id = self.scope["device_id"]
         self.prefix = self.scope["prefix"]
         self.bucket = flood_limit()
+        self.seen_at = 0.0
         try:
             await self.room_join(
                 self.scope["room"], member_id=self.device_id, name=self.device_id, listen=False
@@ -51,6 +54,11 @@ class MqttDeviceConsumer(RoomConsumer):
             client_id = payload.client_id
             if not self.bucket.allow():
                 raise GatewayError("rate_limited", "too many messages from this device")
+            if time.monotonic() - self.seen_at > SEEN_INTERVAL:
+                self.seen_at = time.monotonic()
+                await database_sync_to_async(services.device_seen)(
+                    device_id=self.device_id, room=self.room
+                )
             name = display_name_clean(payload.name or "") or self.device_id
             sender = events.sender(protocol=self.protocol, id=self.device_id, name=name)
             await database_sync_to_async(room_message_post)(
@@ -66,6 +74,7 @@ class MqttDeviceConsumer(RoomConsumer):
     async def _refuse(self, code: str, detail: str, client_id: object) -> None:
         logger.warning("refused device message %s: %s", code, detail,
                        extra=self.log_extra(code=code))
+        metrics.refused(self.protocol, code)
         await self.base_send({
             "type": "mqtt.publish",
             "topic": topics.error_topic(self.prefix, self.room, self.device_id),

@@ -63,8 +63,12 @@ class TelegramChatConsumer(ScopeConsumer):
                     incoming, bot_username=self.scope["bot_username"]
                 )
             except DatabaseError:
-                logger.exception("could not handle a chat message", extra=self.log)
-                replies = ["Sorry, that could not be stored. Please send it again."]
+                # Not stored and not claimed: the server fetches it again (or Telegram
+                # delivers it again), so it is neither lost nor posted twice.
+                logger.exception("could not handle a chat message; it will come again",
+                                 extra=self.log)
+                await self.base_send({"type": "chat.failed", "update_id": message["update_id"]})
+                return
         for text in replies:
             await self.base_send({"type": "chat.send_message", "chat_id": self.chat_id,
                                   "text": text})
@@ -113,7 +117,7 @@ class TelegramRoomConsumer(RoomConsumer):
                 chats = await database_sync_to_async(selectors.room_bot_chats)(
                     platform=PLATFORM, room=self.scope["room"]
                 )
-            except DatabaseError:
+            except Exception:
                 logger.exception("could not read the room's chats; retrying",
                                  extra=self.log_extra())
                 self.pending[:0] = batch
@@ -121,7 +125,11 @@ class TelegramRoomConsumer(RoomConsumer):
                 self.wakeup.set()
                 continue
             for event in batch:
-                await self._relay(event, chats)
+                try:
+                    await self._relay(event, chats)
+                except Exception:  # never stop relaying the room for one message
+                    logger.exception("could not relay a message to the chats",
+                                     extra=self.log_extra(id=event["id"]))
 
     async def _relay(self, event: events.RoomMessage, chats: dict[str, int]) -> None:
         pieces: list[str] | None = None
@@ -132,23 +140,32 @@ class TelegramRoomConsumer(RoomConsumer):
                 continue
             pieces = pieces or formatting.room_message(event)
             for index, text in enumerate(pieces):
-                last = index == len(pieces) - 1
                 await self.base_send({
                     "type": "chat.send_message", "chat_id": chat_id, "text": text,
+                    "room": event["room"], "id": event["id"],
                     # Once the last piece is sent, the chat has been sent this message.
-                    "room": event["room"] if last else None, "id": event["id"] if last else None,
+                    "last": index == len(pieces) - 1,
                 })
 
     async def chat_delivered(self, message) -> None:
-        await database_sync_to_async(services.bot_chats_delivered_save)(
-            platform=PLATFORM, room=self.scope["room"], positions=message["positions"]
-        )
+        try:
+            await database_sync_to_async(services.bot_chats_delivered_save)(
+                platform=PLATFORM, room=self.scope["room"], positions=message["positions"]
+            )
+        except DatabaseError:
+            # Only the record of progress: at worst a later relay sends these again.
+            logger.exception("could not record how far chats were sent", extra=self.log_extra())
 
     async def chat_unreachable(self, message) -> None:
         """The chat blocked the bot or removed it: it leaves the room."""
-        await database_sync_to_async(services.bot_chat_leave_unreachable)(
-            platform=PLATFORM, chat_id=message["chat_id"], room=self.scope["room"]
-        )
+        try:
+            await database_sync_to_async(services.bot_chat_leave_unreachable)(
+                platform=PLATFORM, chat_id=message["chat_id"], room=self.scope["room"]
+            )
+        except DatabaseError:
+            logger.exception("could not take an unreachable chat out of the room",
+                             extra=self.log_extra(chat=message["chat_id"]))
+            return
         logger.warning("chat unreachable: it left the room",
                        extra=self.log_extra(chat=message["chat_id"]))
 

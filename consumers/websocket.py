@@ -8,6 +8,7 @@ client -> server  {"message": "hi"}                     tutorial form
 server -> client  {"type": "message", "message": "hi", "id": 7, "room": "lobby",
                    "sender": {"protocol": "web", "id": "anon:...", "name": "alice"},
                    "ts": 1764057600.0, "client_id": "c1"}
+                  {"type": "deleted", "room": "lobby", "id": 7}   staff deleted it
                   {"type": "ack", "client_id": "c1", "id": 7, "duplicate": false}
                   {"type": "error", "code": "invalid_json", "detail": "..."}
                   {"type": "pong"}
@@ -18,7 +19,8 @@ stream; ``name=<display name>`` and ``uid=<stable browser id>`` identify anonymo
 Close codes: 4400 invalid room name or query, 4401 login required, 1011 the room could not
 be joined (all three before accept, which daphne answers with HTTP 403); 4008 the client
 fell behind the room (reconnect with ``after`` to resume from history); 4012 server
-restarting (reconnect and resume); 1009 frame too big and 1007 invalid UTF-8 (from the
+restarting (reconnect and resume); 4403 disconnected by staff and 4410 room closed by staff
+(do not reconnect by themselves); 1009 frame too big and 1007 invalid UTF-8 (from the
 server library).
 """
 
@@ -38,7 +40,7 @@ from django.conf import settings
 from django.db import DatabaseError
 
 from consumers.base import RoomConsumer
-from gateway import events
+from gateway import events, metrics, selectors
 from gateway.fanout import FRAME_WRITER_EXTENSION, Delivery
 from gateway.names import ROOM_NAME_RULE, display_name_clean, room_name_is_valid
 from gateway.ratelimit import flood_limit
@@ -50,6 +52,7 @@ CLOSE_INVALID = 4400
 CLOSE_LOGIN_REQUIRED = 4401
 CLOSE_JOIN_FAILED = 1011
 CLOSE_FELL_BEHIND = 4008
+CLOSE_ROOM_CLOSED = 4410
 
 WIRE_FORMAT = "ws-json"
 PREPARED_FORMAT = "ws-prepared"
@@ -92,6 +95,8 @@ class ChatConsumer(RoomConsumer):
         self.send_buffer_limit = settings.GATEWAY["WS_SEND_BUFFER_LIMIT"]
         self.bucket = flood_limit()
         try:
+            if await database_sync_to_async(selectors.room_is_closed)(room=room):
+                return await self._refuse(CLOSE_ROOM_CLOSED, "the room is closed")
             await self.room_join(room, member_id=member_id, name=name)
         except Exception:
             # Before accept: the client sees the handshake refused and retries.
@@ -116,6 +121,13 @@ class ChatConsumer(RoomConsumer):
 
     def is_open(self) -> bool:
         return not self.closed and (self.writer is None or self.writer.is_open())
+
+    async def room_control(self, event: dict) -> None:
+        if event["type"] == events.MESSAGE_DELETED:
+            await self.send_json({"type": "deleted", "room": event["room"], "id": event["id"]})
+        elif event["type"] == events.ROOM_CLOSED:
+            logger.info("room closed by staff", extra=self.log_extra(code=CLOSE_ROOM_CLOSED))
+            await self.close(CLOSE_ROOM_CLOSED)
 
     # --- client -> room ----------------------------------------------------------------
 
@@ -187,6 +199,7 @@ class ChatConsumer(RoomConsumer):
         """Bounded, not lost: close the lagging socket; it resumes from history by id."""
         self.closed, self.live = True, False
         self.runtime.hub.stats["fell_behind"] += 1
+        metrics.dropped(self.protocol, "fell_behind")
         logger.warning(
             "client fell behind; closing so it resumes from history",
             extra=self.log_extra(code=CLOSE_FELL_BEHIND, last_sent=self.last_sent,
@@ -199,6 +212,7 @@ class ChatConsumer(RoomConsumer):
 
     async def send_error(self, code: str, detail: str, client_id: str | None = None) -> None:
         logger.warning("client error %s: %s", code, detail, extra=self.log_extra(code=code))
+        metrics.refused(self.protocol, code)
         frame = {"type": "error", "code": code, "detail": detail}
         if client_id is not None:
             frame["client_id"] = client_id

@@ -16,7 +16,7 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.db import transaction
 
-from gateway.events import RoomMessage
+from gateway.events import CONTROL_GROUP, ROOM_MESSAGE, RoomMessage
 from gateway.names import room_group_name
 
 logger = logging.getLogger(__name__)
@@ -28,21 +28,30 @@ async def room_event_broadcast(event: RoomMessage) -> None:
     A failure is logged, not raised: the message is stored, and every process fills the gap
     from the database on its next resync (gateway/fanout.py).
     """
+    await _group_send(room_group_name(event["room"]), event)
+
+
+async def control_broadcast(event: dict) -> None:
+    """Send a control event (gateway/events.py) to every process."""
+    await _group_send(CONTROL_GROUP, event)
+
+
+async def _group_send(group: str, event: dict) -> None:
     layer = get_channel_layer()
-    group = room_group_name(event["room"])
     try:
         await layer.group_send(group, event)
         return
     except Exception:
         # The first publish after a Redis restart fails on a stale pooled connection;
         # one retry gets a fresh one.
-        logger.warning("broadcast failed; retrying once", extra={"room": event["room"]})
+        logger.warning("broadcast failed; retrying once", extra={"group": group})
     try:
         await layer.group_send(group, event)
     except Exception:
         logger.exception(
             "broadcast failed; receivers will resync from history",
-            extra={"room": event["room"], "id": event["id"], "protocol": "layer"},
+            extra={"group": group, "type": event["type"], "id": event.get("id"),
+                   "protocol": "layer"},
         )
 
 
@@ -51,7 +60,7 @@ class Publisher:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.queue: asyncio.Queue[RoomMessage] = asyncio.Queue()
+        self.queue: asyncio.Queue[dict] = asyncio.Queue()
         self.task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -64,7 +73,7 @@ class Publisher:
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
 
-    def submit(self, event: RoomMessage) -> None:
+    def submit(self, event: dict) -> None:
         """Queue an event; safe from any thread, never blocks."""
         self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
 
@@ -72,7 +81,7 @@ class Publisher:
         while True:
             event = await self.queue.get()
             try:
-                await room_event_broadcast(event)
+                await _broadcast(event)
             finally:
                 self.queue.task_done()
 
@@ -85,14 +94,22 @@ def publisher_install(publisher: Publisher | None) -> None:
     _publisher = publisher
 
 
-def _publish(event: RoomMessage) -> None:
+async def _broadcast(event: dict) -> None:
+    if event["type"] == ROOM_MESSAGE:
+        await room_event_broadcast(event)  # type: ignore[arg-type]
+    else:
+        await control_broadcast(event)
+
+
+def _publish(event: dict) -> None:
     publisher = _publisher
     if publisher is not None and not publisher.loop.is_closed():
         publisher.submit(event)
     else:
-        async_to_sync(room_event_broadcast)(event)
+        async_to_sync(_broadcast)(event)
 
 
-def room_event_broadcast_on_commit(event: RoomMessage) -> None:
-    """Broadcast the event once the current transaction commits."""
+def room_event_broadcast_on_commit(event: RoomMessage | dict) -> None:
+    """Broadcast a room or control event once the current transaction commits (in commit
+    order with every other)."""
     transaction.on_commit(lambda: _publish(event))

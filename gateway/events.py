@@ -11,6 +11,11 @@ from __future__ import annotations
 from typing import Any, TypedDict
 
 ROOM_MESSAGE = "room.message"
+# Control events, on the group every process joins (CONTROL_GROUP): staff actions.
+MESSAGE_DELETED = "room.message_deleted"  # {"room", "id"}: gone from history and pages
+ROOM_CLOSED = "room.closed"  # {"room"}: its members are disconnected
+SCOPE_DISCONNECT = "scope.disconnect"  # {"scope"}: that connection is closed
+CONTROL_GROUP = "gateway.control"
 
 PROTOCOLS = ("web", "mqtt", "telegram", "system")
 
@@ -110,3 +115,31 @@ def message_public(event: RoomMessage) -> dict[str, Any]:
         "ts": event["ts"],
         "client_id": event["client_id"],
     }
+
+
+_CONTROL_KEYS: dict[str, dict[str, type]] = {
+    MESSAGE_DELETED: {"type": str, "room": str, "id": int},
+    ROOM_CLOSED: {"type": str, "room": str},
+    SCOPE_DISCONNECT: {"type": str, "scope": str},
+}
+
+
+def message_deleted(*, room: str, id: int) -> dict[str, Any]:
+    return {"type": MESSAGE_DELETED, "room": room, "id": id}
+
+
+def room_closed(*, room: str) -> dict[str, Any]:
+    return {"type": ROOM_CLOSED, "room": room}
+
+
+def scope_disconnect(*, scope: str) -> dict[str, Any]:
+    return {"type": SCOPE_DISCONNECT, "scope": scope}
+
+
+def control_decode(data: dict[str, Any]) -> dict[str, Any]:
+    """Validate a received control event against the contract and return it."""
+    spec = _CONTROL_KEYS.get(data.get("type"))  # type: ignore[arg-type]
+    if spec is None:
+        raise EventError(f"unknown event type {data.get('type')!r}")
+    _check_keys(data, spec, data["type"])
+    return data

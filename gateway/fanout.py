@@ -17,14 +17,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from channels.db import database_sync_to_async
 from django.conf import settings
 
-from gateway import selectors, services
-from gateway.events import EventError, RoomMessage, room_message_decode
+from gateway import metrics, selectors, services
+from gateway.events import (
+    CONTROL_GROUP,
+    ROOM_MESSAGE,
+    SCOPE_DISCONNECT,
+    EventError,
+    RoomMessage,
+    control_decode,
+    room_message_decode,
+)
 from gateway.names import room_group_name
 
 logger = logging.getLogger(__name__)
@@ -35,6 +44,8 @@ GAP_FILL_PAGE = 500
 FRAME_WRITER_EXTENSION = "gateway.frame_writer"
 # The in-memory layer forgets group members after a day (group_expiry); rejoin well before.
 GROUP_REFRESH_SECONDS = 3600.0
+# Sent to a connection that staff disconnected (a page does not reconnect by itself).
+DISCONNECT_CLOSE_CODE = 4403
 
 
 class Delivery:
@@ -56,7 +67,12 @@ class Delivery:
 
 
 class Subscriber(Protocol):
+    protocol: str
+    scope_id: str
+
     async def deliver(self, delivery: Delivery) -> None: ...
+
+    async def room_control(self, event: dict[str, Any]) -> None: ...
 
     async def close(self, code: int) -> None: ...
 
@@ -88,6 +104,7 @@ class RoomHub:
 
     async def start(self) -> None:
         self.channel = await self.layer.new_channel("hub.")
+        await self.layer.group_add(CONTROL_GROUP, self.channel)
         self._tasks = [
             asyncio.create_task(self._receive_loop(), name="gateway-hub-receive"),
             asyncio.create_task(self._resync_loop(), name="gateway-hub-resync"),
@@ -195,6 +212,9 @@ class RoomHub:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
+            if message.get("type") != ROOM_MESSAGE:
+                await self._on_control(message)
+                continue
             try:
                 event = room_message_decode(message)
             except EventError as exc:
@@ -208,6 +228,25 @@ class RoomHub:
                 # For instance the database failing during a gap fill: the room keeps its
                 # position, and the next event or resync fills the gap. Never stop receiving.
                 logger.exception("room event not delivered yet", extra={"room": event["room"]})
+
+    async def _on_control(self, message: dict[str, Any]) -> None:
+        """A staff action: to the room's subscribers, or the connection it names."""
+        try:
+            event = control_decode(message)
+        except EventError as exc:
+            logger.error("dropped malformed control event: %s", exc, extra={"protocol": "layer"})
+            return
+        if event["type"] == SCOPE_DISCONNECT:
+            targets = [s for s in self.subscribers() if s.scope_id == event["scope"]]
+            for subscriber in targets:
+                await subscriber.close(DISCONNECT_CLOSE_CODE)
+            return
+        state = self.rooms.get(event["room"])
+        for subscriber in tuple(state.subscribers) if state is not None else ():
+            try:
+                await subscriber.room_control(event)
+            except Exception:
+                logger.exception("control event not delivered", extra={"room": event["room"]})
 
     async def _on_event(self, event: RoomMessage) -> None:
         state = self.rooms.get(event["room"])
@@ -251,12 +290,17 @@ class RoomHub:
     async def _fanout(self, state: _RoomState, event: RoomMessage) -> None:
         state.last_seq = event["id"]
         delivery = Delivery(event)
+        by_protocol: dict[str, int] = {}
         for subscriber in tuple(state.subscribers):
+            by_protocol[subscriber.protocol] = by_protocol.get(subscriber.protocol, 0) + 1
             try:
                 await subscriber.deliver(delivery)
             except Exception:
                 logger.exception("delivery failed", extra={"room": event["room"]})
         self.stats["delivered"] += len(state.subscribers)
+        for protocol, count in by_protocol.items():
+            metrics.MESSAGES_OUT.labels(protocol).inc(count)
+        metrics.BROADCAST_LATENCY.observe(max(0.0, time.time() - event["ts"]))
 
     # --- resync ------------------------------------------------------------------------
 
@@ -290,5 +334,6 @@ class RoomHub:
 
     async def _refresh_groups(self) -> None:
         async with self._membership:
+            await self.layer.group_add(CONTROL_GROUP, self.channel)
             for room in list(self.rooms):
                 await self.layer.group_add(room_group_name(room), self.channel)

@@ -13,6 +13,8 @@ class Room(models.Model):
     # monotonic per room and commits happen in id order.
     last_seq = models.BigIntegerField(default=0)
     last_activity = models.DateTimeField(null=True, blank=True)
+    # Closed by staff: refuses new messages and members until reopened.
+    closed = models.BooleanField(default=False)
 
     class Meta:
         ordering = ["name"]
@@ -58,6 +60,8 @@ class GatewayProcess(models.Model):
     heartbeat_at = models.DateTimeField(db_index=True)
     # The process's open scopes: [{"room", "protocol", "id", "name", "scope"}, ...]
     presence = models.JSONField(default=list)
+    # How its parts are doing (gateway/status.py): {"web": {"ready": true, ...}, ...}
+    status = models.JSONField(default=dict)
 
     def __str__(self) -> str:
         return f"{self.hostname}:{self.pid}"
@@ -106,6 +110,8 @@ class BotChat(models.Model):
     # Display names chosen with /name, by the platform's user id.
     names = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
+    # Blocked by staff: the bot ignores the chat and sends it nothing.
+    blocked = models.BooleanField(default=False)
 
     class Meta:
         ordering = ["platform", "chat_id"]
@@ -131,3 +137,39 @@ class BotUpdate(models.Model):
 
     def __str__(self) -> str:
         return f"{self.platform}:{self.update_id}"
+
+
+class Device(models.Model):
+    """An MQTT device the gateway has seen."""
+
+    device_id = models.CharField(max_length=64, unique=True)
+    first_seen = models.DateTimeField(auto_now_add=True)
+    last_seen = models.DateTimeField()
+    rooms = models.JSONField(default=list, blank=True, help_text="Rooms it has posted to")
+    # Blocked by staff: its messages are dropped (not stored, not broadcast).
+    blocked = models.BooleanField(default=False)
+
+    class Meta:
+        ordering = ["device_id"]
+
+    def __str__(self) -> str:
+        return self.device_id
+
+
+class WebBlock(models.Model):
+    """A blocked web sender: a sender id (``user:<pk>``, ``anon:<hash>``) or a display name."""
+
+    KIND_ID = "id"
+    KIND_NAME = "name"
+    kind = models.CharField(max_length=8, choices=[(KIND_ID, "sender id"), (KIND_NAME, "name")])
+    value = models.CharField(max_length=128, help_text="Names match without regard to case")
+    note = models.CharField(max_length=255, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["kind", "value"], name="web_block_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.value}"

@@ -21,6 +21,7 @@ from django.conf import settings
 from django.db.models import Q
 from django.utils import timezone
 
+from gateway import status as parts
 from gateway.models import GatewayProcess
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class PresenceTracker:
         self.entries: dict[str, dict[str, str]] = {}
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self.status: dict[str, dict] = {}
 
     def add(self, *, scope: str, room: str, protocol: str, member_id: str, name: str) -> None:
         self.entries[scope] = {
@@ -48,30 +50,41 @@ class PresenceTracker:
 
     async def start(self) -> None:
         await database_sync_to_async(self._register)()
+        parts.listen(self._status_changed)
+        self._changed.set()  # report the parts already running
         self._task = asyncio.create_task(self._publish_loop(), name="gateway-presence")
 
+    def _status_changed(self) -> None:
+        self.status = {}  # a part came or went: report them all with the next write
+        self._changed.set()
+
     async def stop(self) -> None:
+        parts.unlisten(self._status_changed)
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         self.entries.clear()
         await database_sync_to_async(GatewayProcess.objects.filter(pk=self.process_id).delete)()
 
-    async def flush(self) -> None:
-        """Write this process's presence now."""
+    async def flush(self, *, status: bool = False) -> None:
+        """Write this process's presence now (and how its parts are doing, with ``status``;
+        otherwise the last such report)."""
         self._changed.clear()
-        await database_sync_to_async(self._write)(list(self.entries.values()))
+        if status or not self.status:
+            self.status = await parts.process_status()
+        await database_sync_to_async(self._write)(list(self.entries.values()), self.status)
 
     async def _publish_loop(self) -> None:
         interval = settings.GATEWAY["HEARTBEAT_INTERVAL"]
         while True:
+            heartbeat = False
             try:
                 await asyncio.wait_for(self._changed.wait(), timeout=interval)
                 await asyncio.sleep(FLUSH_DELAY)  # gather a burst of joins into one write
             except TimeoutError:
-                pass
+                heartbeat = True
             try:
-                await self.flush()
+                await self.flush(status=heartbeat)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -91,13 +104,13 @@ class PresenceTracker:
             },
         )
 
-    def _write(self, entries: list[dict[str, str]]) -> None:
+    def _write(self, entries: list[dict[str, str]], status: dict[str, dict]) -> None:
         updated = GatewayProcess.objects.filter(pk=self.process_id).update(
-            heartbeat_at=timezone.now(), presence=entries
+            heartbeat_at=timezone.now(), presence=entries, status=status
         )
         if not updated:  # our row was removed (for instance by a test flush): re-register
             self._register()
-            self._write(entries)
+            self._write(entries, status)
 
 
 def presence_purge(*, single_process: bool, keep: str = "") -> int:

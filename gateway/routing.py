@@ -3,12 +3,14 @@ reaches the consumer, which refuses it with a clear close code and a log line.""
 
 from django.urls import re_path
 
+from consumers.dashboard import DashboardConsumer
 from consumers.mqtt import MqttDeviceConsumer, MqttRoomConsumer
 from consumers.telegram import TelegramChatConsumer, TelegramRoomConsumer, TelegramRoomsConsumer
 from consumers.websocket import ChatConsumer
 
 websocket_urlpatterns = [
     re_path(r"^ws/chat/(?P<room>[^/]*)/$", ChatConsumer.as_asgi()),
+    re_path(r"^ws/dashboard/$", DashboardConsumer.as_asgi()),
 ]
 
 

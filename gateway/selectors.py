@@ -63,7 +63,7 @@ def member_entries(*, room: str | None = None) -> list[dict[str, str]]:
     """Everyone in the rooms (or in ``room``): every open scope of every live process, and
     the bot's chats, which are in their room whether or not anyone is writing."""
     entries = [e for e in presence_live_entries() if room is None or e["room"] == room]
-    chats = BotChat.objects.exclude(room="")
+    chats = BotChat.objects.exclude(room="").filter(blocked=False)
     if room is not None:
         chats = chats.filter(room=room)
     for platform, chat_id, title, chat_room in chats.values_list(
@@ -121,11 +121,15 @@ def bot_chat_get(*, platform: str, chat_id: str) -> BotChat | None:
 
 def bot_chat_rooms(*, platform: str) -> list[str]:
     """The rooms that at least one chat of ``platform`` has joined."""
-    chats = BotChat.objects.filter(platform=platform).exclude(room="")
+    chats = BotChat.objects.filter(platform=platform, blocked=False).exclude(room="")
     return sorted(set(chats.values_list("room", flat=True)))
 
 
 def room_bot_chats(*, platform: str, room: str) -> dict[str, int]:
     """The chats of ``platform`` in ``room``, with the newest message each has been sent."""
-    chats = BotChat.objects.filter(platform=platform, room=room)
+    chats = BotChat.objects.filter(platform=platform, room=room, blocked=False)
     return dict(chats.values_list("chat_id", "delivered_seq"))
+
+
+def room_is_closed(*, room: str) -> bool:
+    return Room.objects.filter(name=room, closed=True).exists()

@@ -14,6 +14,7 @@ import signal
 import daphne.server  # isort:skip  (installs the asyncio reactor before twisted is imported)
 from twisted.internet import reactor, tcp
 
+from gateway import status
 from gateway.fanout import FRAME_WRITER_EXTENSION
 from gateway.runtime import get_runtime, stop_runtime
 
@@ -119,8 +120,14 @@ class GatewayServer(daphne.server.Server):
     def listen_success(self, port) -> None:
         super().listen_success(port)
         self.ports.append(port)
+        status.register("web", self.status)
         if self._on_listening is not None:
             self._on_listening(port.getHost())
+
+    def status(self) -> dict:
+        """For /readyz and the dashboard: listening, and not shutting down."""
+        return {"ready": bool(self.ports) and not self._stopping,
+                "listening": [port.getHost().port for port in self.ports]}
 
     def _configure_websockets(self) -> None:
         # On a protocol violation (invalid UTF-8, a frame over the size limit) send the

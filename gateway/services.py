@@ -9,9 +9,18 @@ from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.db.models import Q
 
-from gateway import events
+from gateway import events, metrics
 from gateway.broadcast import room_event_broadcast_on_commit
-from gateway.models import BotChat, BotUpdate, Lease, Message, RelayCursor, Room
+from gateway.models import (
+    BotChat,
+    BotUpdate,
+    Device,
+    Lease,
+    Message,
+    RelayCursor,
+    Room,
+    WebBlock,
+)
 from gateway.names import room_name_validate
 
 
@@ -97,6 +106,8 @@ def room_message_post(
     room = room_name_validate(room)
     text = message_text_validate(text)
     client_id = client_id_validate(client_id)
+    if sender_blocked(sender):
+        raise GatewayError("blocked", "staff blocked this sender; the message was dropped")
     if client_id is not None:
         existing = _message_by_client_id(room, sender["id"], client_id)
         if existing is not None:
@@ -112,7 +123,20 @@ def room_message_post(
         if existing is None:
             raise
         return message_event(existing, room=room), False
+    metrics.MESSAGES_IN.labels(sender["protocol"]).inc()
     return event, True
+
+
+def sender_blocked(sender: events.Sender) -> bool:
+    """Whether staff blocked this sender (an MQTT device, a web sender id or name)."""
+    if sender["protocol"] == "mqtt":
+        return Device.objects.filter(device_id=sender["id"], blocked=True).exists()
+    if sender["protocol"] == "web":
+        return WebBlock.objects.filter(
+            Q(kind=WebBlock.KIND_ID, value=sender["id"])
+            | Q(kind=WebBlock.KIND_NAME, value__iexact=sender["name"])
+        ).exists()
+    return False  # Telegram chats are blocked as chats (bots/conversation.py)
 
 
 def _message_by_client_id(room: str, sender_id: str, client_id: str) -> Message | None:
@@ -126,13 +150,13 @@ def _room_advance(room: str, now: datetime) -> tuple[int, int] | None:
 
     One ``UPDATE ... RETURNING`` (SQLite 3.35+, PostgreSQL): it takes the room's row lock
     (PostgreSQL) or the write lock (SQLite) until commit, so ids are assigned and committed
-    in order, without a separate read.
+    in order, without a separate read. A closed room is not advanced (None).
     """
     table = connection.ops.quote_name(Room._meta.db_table)
     with connection.cursor() as cursor:
         cursor.execute(
             f"UPDATE {table} SET last_seq = last_seq + 1, last_activity = %s "  # noqa: S608
-            "WHERE name = %s RETURNING id, last_seq",
+            "WHERE name = %s AND NOT closed RETURNING id, last_seq",
             [connection.ops.adapt_datetimefield_value(now), room],
         )
         return cursor.fetchone()
@@ -144,7 +168,8 @@ def _message_insert(
     now = datetime.fromtimestamp(time.time(), tz=UTC)
     advanced = _room_advance(room, now)
     if advanced is None:
-        Room.objects.get_or_create(name=room)
+        if Room.objects.get_or_create(name=room)[0].closed:
+            raise GatewayError("room_closed", f"room {room} is closed")
         advanced = _room_advance(room, now)
         assert advanced is not None
     room_pk, seq = advanced
@@ -260,3 +285,44 @@ def bot_chats_delivered_save(*, platform: str, room: str, positions: dict[str, i
         BotChat.objects.filter(
             platform=platform, chat_id=chat_id, room=room, delivered_seq__lt=seq
         ).update(delivered_seq=seq)
+
+
+# --- staff actions (admin, dashboard) -------------------------------------------------------
+
+
+def messages_delete(*, messages: list[tuple[str, int]]) -> int:
+    """Delete stored messages by ``(room, id)``: gone from history, and from the pages that
+    show them (a control event once committed). Returns how many were deleted."""
+    deleted = 0
+    with transaction.atomic():
+        for room, seq in messages:
+            count, _ = Message.objects.filter(room__name=room, seq=seq).delete()
+            if count:
+                deleted += 1
+                room_event_broadcast_on_commit(events.message_deleted(room=room, id=seq))
+    return deleted
+
+
+def room_close(*, room: str) -> None:
+    """Close a room: its members are disconnected and nobody can post until it reopens."""
+    with transaction.atomic():
+        room_get_or_create(room=room)
+        Room.objects.filter(name=room).update(closed=True)
+        room_event_broadcast_on_commit(events.room_closed(room=room))
+
+
+def room_reopen(*, room: str) -> None:
+    Room.objects.filter(name=room_name_validate(room)).update(closed=False)
+
+
+def device_seen(*, device_id: str, room: str) -> None:
+    """Record that an MQTT device was active in a room."""
+    now = datetime.fromtimestamp(time.time(), tz=UTC)
+    device, created = Device.objects.get_or_create(
+        device_id=device_id, defaults={"last_seen": now, "rooms": [room]}
+    )
+    if not created:
+        device.last_seen = now
+        if room not in device.rooms:
+            device.rooms = [*device.rooms, room]
+        device.save(update_fields=["last_seen", "rooms"])

@@ -10,12 +10,13 @@ from collections.abc import Callable
 
 from django.conf import settings
 from django.contrib.auth.views import redirect_to_login
+from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
-from gateway import events, ingress, selectors
+from gateway import events, ingress, selectors, status
 from gateway.names import ROOM_NAME_RULE, room_name_is_valid
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ def chat(request: HttpRequest, room: str) -> HttpResponse:
         return _index_page(
             request, room=room, error=f"Invalid room name. Use {ROOM_NAME_RULE}.", status=404
         )
+    if selectors.room_is_closed(room=room):
+        return _index_page(request, room=room, error=f"Room {room} is closed.", status=410)
     return render(
         request, "gateway/chat.html",
         {"room": room, "max_length": settings.GATEWAY["MAX_MESSAGE_LENGTH"],
@@ -128,7 +131,44 @@ def api_messages(request: HttpRequest, room: str) -> HttpResponse:
 
 
 def healthz(request: HttpRequest) -> HttpResponse:
+    """The process is alive (for liveness probes): no dependency is checked."""
     return JsonResponse({"status": "ok"})
+
+
+async def readyz(request: HttpRequest) -> HttpResponse:
+    """Whether this process can serve (for load balancers): the database, the channel layer,
+    and every protocol server it runs. 503 with the failing parts otherwise."""
+    checks = await status.process_status(database=True)
+    ready = all(part.get("ready") for part in checks.values())
+    return JsonResponse(
+        {"status": "ready" if ready else "not ready", "checks": checks},
+        status=200 if ready else 503,
+    )
+
+
+async def metrics(request: HttpRequest) -> HttpResponse:
+    """Prometheus metrics of this process (each replica is scraped on its own)."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    from gateway import metrics as gauges
+    from gateway.runtime import get_runtime
+
+    runtime = await get_runtime()
+    counts: dict[str, int] = {"web": 0, "mqtt": 0}
+    for entry in runtime.presence.entries.values():
+        counts[entry["protocol"]] = counts.get(entry["protocol"], 0) + 1
+    for protocol, count in counts.items():
+        gauges.CONNECTIONS.labels(protocol).set(count)
+    return HttpResponse(generate_latest(), content_type=CONTENT_TYPE_LATEST)
+
+
+def dashboard(request: HttpRequest) -> HttpResponse:
+    """The staff dashboard: anonymous visitors log in first, other users are refused."""
+    if not request.user.is_authenticated:
+        return redirect_to_login(request.get_full_path())
+    if not request.user.is_staff:
+        raise PermissionDenied("staff only")
+    return render(request, "gateway/dashboard.html", {"chart_minutes": 60})
 
 
 TELEGRAM_SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"

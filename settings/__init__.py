@@ -307,7 +307,7 @@ LOGGING = {
         # contain the bot token.
         "structured": {
             "()": "gateway.logging.StructuredFormatter",
-            "secrets": [TELEGRAM_BOT_TOKEN],
+            "secrets": [TELEGRAM_BOT_TOKEN, TELEGRAM["WEBHOOK_SECRET"]],
         },
     },
     "handlers": {

@@ -185,6 +185,49 @@ class Gateway:
                 self.kill()
         self.proc = None
 
+    def manage(self, *args: str, env: dict[str, str] | None = None) -> str:
+        """``gateway manage ...`` against this gateway's database; its output."""
+        self.datadir.mkdir(parents=True, exist_ok=True)
+        result = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "manage", *args],
+            cwd=ROOT, env={**self.env, **(env or {})}, capture_output=True, text=True,
+            timeout=60,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"gateway manage {' '.join(args)} failed:\n{result.stderr}")
+        return result.stdout
+
+    def create_user(self, username: str, password: str, *, staff: bool) -> None:
+        self.manage("shell", "-c", (
+            "from django.contrib.auth.models import User; "
+            f"User.objects.create_user({username!r}, password={password!r}, "
+            f"is_staff={staff}, is_superuser={staff})"
+        ))
+
+    def login(self, username: str, password: str) -> str:
+        """Log in through the login form, as a browser does; the Cookie header to use."""
+        import http.cookiejar
+        import re
+        import urllib.parse
+
+        jar = http.cookiejar.CookieJar()
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+        with opener.open(self.http + "/accounts/login/", timeout=10) as page:
+            form = page.read().decode()
+        token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', form)
+        assert token is not None, form
+        body = urllib.parse.urlencode({
+            "username": username, "password": password, "csrfmiddlewaretoken": token[1],
+        }).encode()
+        request = urllib.request.Request(
+            self.http + "/accounts/login/", data=body, headers={"Referer": self.http + "/"}
+        )
+        with opener.open(request, timeout=10):
+            pass
+        cookies = {cookie.name: cookie.value for cookie in jar}
+        assert "sessionid" in cookies, "login failed"
+        return "; ".join(f"{name}={value}" for name, value in cookies.items())
+
     def get_json(self, path: str) -> dict:
         import json
 

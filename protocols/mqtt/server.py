@@ -35,8 +35,8 @@ from urllib.parse import unquote, urlsplit
 import aiomqtt
 from channels.db import database_sync_to_async
 
+from gateway import metrics, selectors, services, status
 from gateway import mqtt as topics
-from gateway import selectors, services
 from gateway.services import GatewayError
 from protocols.scopes import Scope, scope_open, scopes_close
 
@@ -110,7 +110,13 @@ class MqttServer:
 
     # --- lifecycle ---------------------------------------------------------------------
 
+    def status(self) -> dict:
+        """For /readyz and the dashboard."""
+        return {"ready": self.connected.is_set(), "broker": str(self.address),
+                "relaying": self.leader, **self.stats}
+
     async def start(self) -> None:
+        status.register("mqtt", self.status)
         await self._lead()  # before any device message: see _lead
         self._tasks = [
             asyncio.create_task(self._connection_loop(), name="mqtt-connection"),
@@ -120,6 +126,7 @@ class MqttServer:
 
     async def stop(self) -> None:
         """Close every scope, publish what is already queued (briefly), then disconnect."""
+        status.unregister("mqtt")
         await scopes_close([*self.devices.values(), *self.relays.values()],
                            {"type": "mqtt.disconnect"}, wait=5)
         self.devices.clear()
@@ -215,6 +222,7 @@ class MqttServer:
             where = topics.in_topic_parse(self.prefix, topic)
         except GatewayError as exc:
             self.stats["rejected"] += 1
+            metrics.refused("mqtt", exc.code)
             logger.warning("refused MQTT message: %s", exc.detail,
                            extra={"protocol": "mqtt", "topic": topic[:200], "code": exc.code})
             return

@@ -42,6 +42,7 @@ os.environ.setdefault("PTB_TIMEDELTA", "true")
 
 from aiolimiter import AsyncLimiter  # noqa: E402
 from channels.db import database_sync_to_async  # noqa: E402
+from django.db import DatabaseError  # noqa: E402
 from telegram import Bot, LinkPreviewOptions, Update  # noqa: E402
 from telegram.constants import ParseMode  # noqa: E402
 from telegram.error import (  # noqa: E402
@@ -54,7 +55,7 @@ from telegram.error import (  # noqa: E402
 )
 from telegram.request import HTTPXRequest  # noqa: E402
 
-from gateway import ingress, services  # noqa: E402
+from gateway import ingress, metrics, services, status  # noqa: E402
 from protocols.scopes import Scope, scope_open, scopes_close  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ TICK = 1.0  # lease renewal, rooms scan, delivered positions, idle scopes
 PRUNE_INTERVAL = 3600.0
 ALLOWED_UPDATES = ["message"]
 HANDLE_TIMEOUT = 30.0  # an update not handled by then is fetched (or delivered) again
+MAX_ATTEMPTS = 5  # an update that fails this often is given up (logged), not retried forever
 SKIPPED = ("… {count} earlier messages were skipped here (this chat fell behind); "
            "/history shows them.")
 LOG = {"protocol": "telegram"}
@@ -86,6 +88,11 @@ class _Outgoing:
     text: str
     room: str | None = None  # for room messages: which one this is, so it can be recorded
     seq: int | None = None
+    last: bool = True  # the last piece of its message (long messages are split)
+
+    @property
+    def message(self) -> tuple[str | None, int | None]:
+        return self.room, self.seq
 
 
 @dataclass
@@ -96,6 +103,7 @@ class _Outbox:
     items: deque[_Outgoing] = field(default_factory=deque)
     waiting: int = 0  # room messages among the items
     skipped: int = 0
+    sending: tuple[str | None, int | None] | None = None  # the room message being sent
     task: asyncio.Task | None = None
 
 
@@ -127,9 +135,14 @@ class TelegramServer:
         self.directory: Scope | None = None
         self.outboxes: dict[str, _Outbox] = {}
         self.delivered: dict[str, dict[str, int]] = {}  # room -> chat -> newest id sent
-        self.handling: dict[int, asyncio.Future] = {}  # update_id -> handled
+        # update_id -> (whether handled, the chat scope handling it)
+        self.handling: dict[int, tuple[asyncio.Future, Scope]] = {}
         self.overall = AsyncLimiter(limits.overall_per_second, 1)
         self.stats: Counter[str] = Counter()
+        self.last_update: float | None = None  # epoch seconds
+        self.renewed_at = 0.0  # when the lease was last renewed (monotonic)
+        self.webhook_set = False
+        self.attempts: Counter[int] = Counter()  # update_id -> times it failed
         self._poller: asyncio.Task | None = None
         self._tasks: list[asyncio.Task] = []
 
@@ -137,34 +150,38 @@ class TelegramServer:
     def mode(self) -> str:
         return "webhook" if self.webhook_url else "polling"
 
+    def status(self) -> dict:
+        """For /readyz and the dashboard."""
+        return {"ready": self.ready.is_set(), "mode": self.mode, "relaying": self.leader,
+                "last_update": self.last_update, "chats_open": len(self.chats),
+                "retry_after_waits": self.stats["retry_after"], "received": self.stats["received"],
+                "sent": self.stats["sent"], "skipped": self.stats["skipped"]}
+
     # --- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
+        status.register("telegram", self.status)
         if self.webhook_url:
             ingress.register("telegram", self.webhook_update)
         self._tasks = [asyncio.create_task(self._run(), name="telegram")]
 
     async def stop(self) -> None:
         """Stop taking updates, close the chats, send what is queued (briefly), hand over."""
+        status.unregister("telegram")
         ingress.unregister("telegram", self.webhook_update)
-        if self._poller is not None:
-            self._poller.cancel()
-            await asyncio.gather(self._poller, return_exceptions=True)
+        for task in self._tasks:  # no more housekeeping: it could take the lease again
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await scopes_close(list(self.chats.values()), {"type": "chat.disconnect"}, wait=5)
         drains = [box.task for box in self.outboxes.values() if box.task is not None]
         if drains:
             _, unsent = await asyncio.wait(drains, timeout=3)
             if unsent:
                 logger.warning("stopped with %d chats' messages unsent", len(unsent), extra=LOG)
-        self._flush_delivered()
-        await self._unlead()
-        if self.leader:
-            await database_sync_to_async(services.lease_release)(
-                name=LEASE, holder=self.process_id
-            )
-        for task in [*self._tasks, *(b.task for b in self.outboxes.values() if b.task)]:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._step_down()
+        for box in self.outboxes.values():
+            if box.task is not None:
+                box.task.cancel()
         if self.ready.is_set():
             await self.bot.shutdown()
         logger.info("telegram server stopped", extra={**LOG, **self.stats})
@@ -182,6 +199,8 @@ class TelegramServer:
                         self.directory.put({"type": "telegram.prune"})
                         next_prune = time.monotonic() + PRUNE_INTERVAL
                     self._flush_delivered()
+                    if self.webhook_url and not self.webhook_set:
+                        await self._set_webhook()
                 self._close_idle()
             except asyncio.CancelledError:
                 raise
@@ -214,40 +233,78 @@ class TelegramServer:
     # --- leadership: polling and relaying rooms ----------------------------------------
 
     async def _lead(self) -> None:
-        held = await database_sync_to_async(services.lease_acquire)(
-            name=LEASE, holder=self.process_id, ttl=LEASE_TTL
-        )
+        """Renew or take the lease; relay (and poll) only while it is surely held."""
+        try:
+            held = await asyncio.wait_for(
+                database_sync_to_async(services.lease_acquire)(
+                    name=LEASE, holder=self.process_id, ttl=LEASE_TTL
+                ),
+                LEASE_TTL / 4,
+            )
+        except (TimeoutError, DatabaseError) as exc:
+            # Unknown: keep leading only while the last renewal surely still holds.
+            held = self.leader and time.monotonic() - self.renewed_at < LEASE_TTL / 2
+            logger.warning("could not renew the telegram lease (%s)", exc or "timed out",
+                           extra=LOG)
+        else:
+            if held:
+                self.renewed_at = time.monotonic()
         if held and not self.leader:
-            if self.webhook_url:
-                await self.bot.set_webhook(
-                    self.webhook_url, secret_token=self.webhook_secret,
-                    allowed_updates=ALLOWED_UPDATES,
-                )
-            else:
+            self.leader = True
+            if not self.webhook_url:
                 self._poller = asyncio.create_task(self._poll(), name="telegram-poll")
             self.directory = scope_open(
                 self.application, {"type": "telegram", "role": "rooms"}, self._send,
                 first={"type": "telegram.scan"}, name="telegram-rooms", on_exit=self._exited,
             )
-            self.leader = True
             logger.info("this process now %s Telegram and relays rooms to chats",
                         "receives the webhook of" if self.webhook_url else "polls",
                         extra={**LOG, "mode": self.mode})
-        elif not held and self.leader:
-            self.leader = False
-            if self._poller is not None:
-                self._poller.cancel()
-                self._poller = None
-            await self._unlead()
+        elif not held and (self.leader or self.relays or self.directory or self._poller):
+            await self._step_down()
             logger.warning("lost the telegram lease; another process relays now", extra=LOG)
 
-    async def _unlead(self) -> None:
+    async def _set_webhook(self) -> None:
+        try:
+            await self.bot.set_webhook(
+                self.webhook_url, secret_token=self.webhook_secret,
+                allowed_updates=ALLOWED_UPDATES,
+            )
+        except TelegramError as exc:
+            logger.warning("could not set the webhook (%s); will retry", exc, extra=LOG)
+            return
+        self.webhook_set = True
+        logger.info("webhook set", extra={**LOG, "url": self.webhook_url})
+
+    async def _step_down(self) -> None:
+        """Stop polling and relaying, record how far each chat got, and hand the lease over.
+        Room messages still queued are dropped: the next relay sends them from the record."""
+        was_leader, self.leader = self.leader, False
+        if self._poller is not None:
+            self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
+            self._poller = None
+        self._flush_delivered()
+        for box in self.outboxes.values():
+            for item in [i for i in box.items if i.room is not None]:
+                box.items.remove(item)
+            box.waiting = box.skipped = 0
         scopes = list(self.relays.values())
         if self.directory is not None:
             scopes.append(self.directory)
         await scopes_close(scopes, {"type": "chat.disconnect"}, wait=5)
+        if was_leader:
+            try:
+                await database_sync_to_async(services.lease_release)(
+                    name=LEASE, holder=self.process_id
+                )
+            except DatabaseError:
+                logger.warning("could not release the telegram lease; it expires", extra=LOG)
 
     async def _poll(self) -> None:
+        """Long-poll getUpdates, confirming a batch (by the next offset) only once every
+        update in it is handled; otherwise it is fetched again (the claim in the application
+        makes the handled ones no-ops). Never stops while this process leads."""
         offset: int | None = None
         backoff = 1.0
         webhook_deleted = False
@@ -261,26 +318,40 @@ class TelegramServer:
                 )
                 backoff = 1.0
             except RetryAfter as exc:
-                await asyncio.sleep(exc.retry_after.total_seconds())  # type: ignore[union-attr]
+                await asyncio.sleep(_seconds(exc.retry_after))
                 continue
-            except TelegramError as exc:
+            except Exception as exc:  # noqa: BLE001 - network, Telegram, or a bug: go on
                 delay = _jitter(backoff)
                 logger.warning("polling Telegram failed (%s); retrying in %.1fs", exc, delay,
-                               extra=LOG)
+                               extra=LOG, exc_info=not isinstance(exc, TelegramError))
                 await asyncio.sleep(delay)
                 backoff = min(backoff * 2, 30.0)
                 continue
             if not updates:
                 continue
-            handled = [f for f in map(self._dispatch, updates) if f is not None]
-            late: set = set()
-            if handled:
-                _, late = await asyncio.wait(handled, timeout=HANDLE_TIMEOUT)
-            if late:
-                logger.warning("%d updates not handled in time; fetching them again", len(late),
-                               extra=LOG)
-                continue
-            offset = updates[-1].update_id + 1  # confirms them to Telegram
+            if await self._handle_batch(updates):
+                offset = updates[-1].update_id + 1  # confirms them to Telegram
+            else:
+                await asyncio.sleep(_jitter(1.0))
+
+    async def _handle_batch(self, updates: tuple[Update, ...]) -> bool:
+        """Handle fetched updates; True once they may be confirmed."""
+        handled = {u.update_id: f for u in updates if (f := self._dispatch(u)) is not None}
+        if handled:
+            await asyncio.wait(handled.values(), timeout=HANDLE_TIMEOUT)
+        failed = [i for i, f in handled.items() if not (f.done() and f.result())]
+        for update_id in handled.keys() - set(failed):
+            self.attempts.pop(update_id, None)
+        for update_id in failed:
+            self.attempts[update_id] += 1
+        if failed and min(self.attempts[i] for i in failed) < MAX_ATTEMPTS:
+            logger.warning("%d updates not handled; fetching them again", len(failed),
+                           extra=LOG)
+            return False
+        for update_id in failed:
+            logger.error("gave up on update %d after %d attempts", update_id,
+                         self.attempts.pop(update_id), extra=LOG)
+        return True
 
     # --- inbound -----------------------------------------------------------------------
 
@@ -290,21 +361,25 @@ class TelegramServer:
             raise ingress.Unavailable("the bot has not reached Telegram yet")
         try:
             update = Update.de_json(data, self.bot)
-        except (KeyError, TypeError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever PTB makes of a malformed body
             raise ingress.Rejected(f"not a Telegram update: {exc}") from None
         handled = self._dispatch(update)
-        if handled is not None:
-            await asyncio.wait_for(asyncio.shield(handled), HANDLE_TIMEOUT)
+        if handled is not None and not await asyncio.wait_for(
+            asyncio.shield(handled), HANDLE_TIMEOUT
+        ):
+            raise ingress.Unavailable("the update could not be handled; deliver it again")
 
     def _dispatch(self, update: Update) -> asyncio.Future | None:
-        """Feed a message update to its chat's scope; the future is done once it is handled."""
+        """Feed a message update to its chat's scope. The future's result is True once the
+        update is handled, False if that failed."""
         message = update.message
         if message is None:
             return None  # another kind of update (not asked for)
         pending = self.handling.get(update.update_id)
         if pending is not None:
-            return pending  # delivered again while still being handled
+            return pending[0]  # delivered again while still being handled
         self.stats["received"] += 1
+        self.last_update = time.time()
         chat_id = str(message.chat.id)
         user = message.from_user
         person = {
@@ -323,11 +398,18 @@ class TelegramServer:
                 self._send, first={"type": "chat.connect"}, name=f"telegram-chat-{chat_id}",
                 on_exit=self._exited,
             )
-        handled = self.handling[update.update_id] = asyncio.get_running_loop().create_future()
+            metrics.CONNECTIONS.labels("telegram").set(len(self.chats))
+        handled = asyncio.get_running_loop().create_future()
+        self.handling[update.update_id] = (handled, scope)
         scope.last_seen = time.monotonic()
         scope.put({"type": "chat.received_message", "update_id": update.update_id,
                    "text": message.text or "", "user": person})
         return handled
+
+    def _handled(self, update_id: int, ok: bool) -> None:
+        pending = self.handling.pop(update_id, None)
+        if pending is not None and not pending[0].done():
+            pending[0].set_result(ok)
 
     def _exited(self, scope: Scope, failure: BaseException | None) -> None:
         info = scope.scope
@@ -335,12 +417,17 @@ class TelegramServer:
             chat_id = info["chat"]["id"]
             if self.chats.get(chat_id) is scope:
                 del self.chats[chat_id]
+            metrics.CONNECTIONS.labels("telegram").set(len(self.chats))
+            for update_id, (_, owner) in list(self.handling.items()):
+                if owner is scope:  # it ended (or failed) before handling them
+                    self._handled(update_id, False)
         elif info["role"] == "room":
             if self.relays.get(info["room"]) is scope:
                 del self.relays[info["room"]]  # a failed relay is opened again by the next scan
         elif self.directory is scope:
             self.directory = None
-            if self.leader:  # it failed: open it again at once
+            if failure is not None and self.leader:
+                # Lead again from the next tick: a new directory, and the poller restarted.
                 self.leader = False
                 if self._poller is not None:
                     self._poller.cancel()
@@ -352,12 +439,11 @@ class TelegramServer:
         kind = message["type"]
         if kind == "chat.send_message":
             self._queue(str(message["chat_id"]), _Outgoing(
-                message["text"], message.get("room"), message.get("id")
+                message["text"], message.get("room"), message.get("id"),
+                message.get("last", True),
             ))
-        elif kind == "chat.handled":
-            handled = self.handling.pop(message["update_id"], None)
-            if handled is not None and not handled.done():
-                handled.set_result(None)
+        elif kind in ("chat.handled", "chat.failed"):
+            self._handled(message["update_id"], kind == "chat.handled")
         elif kind == "telegram.relay_rooms":
             self._relay_rooms(message["rooms"])
         else:
@@ -385,11 +471,12 @@ class TelegramServer:
                        else AsyncLimiter(self.limits.chat_per_second, 1))
             box = self.outboxes[chat_id] = _Outbox(limiter=limiter)
         box.items.append(item)
-        if item.room is not None:
+        if item.room is not None and item.last:
             box.waiting += 1
             if box.waiting > self.limits.backlog:
                 self._skip_oldest(box)
                 self.stats["skipped"] += 1
+                metrics.dropped("telegram", "chat_backlog")
         if box.task is None:
             box.task = asyncio.create_task(
                 self._drain(chat_id, box), name=f"telegram-send-{chat_id}"
@@ -397,12 +484,15 @@ class TelegramServer:
 
     @staticmethod
     def _skip_oldest(box: _Outbox) -> None:
-        for index, waiting in enumerate(box.items):
-            if waiting.room is not None:
-                del box.items[index]
-                box.waiting -= 1
-                box.skipped += 1
-                return
+        """Drop the oldest waiting room message, all its pieces (not the one being sent)."""
+        oldest = next((i.message for i in box.items
+                       if i.room is not None and i.message != box.sending), None)
+        if oldest is None:
+            return
+        for item in [i for i in box.items if i.message == oldest]:
+            box.items.remove(item)
+        box.waiting -= 1
+        box.skipped += 1
 
     async def _drain(self, chat_id: str, box: _Outbox) -> None:
         try:
@@ -410,14 +500,17 @@ class TelegramServer:
                 if box.skipped:
                     count, box.skipped = box.skipped, 0
                     await self._deliver(chat_id, box, SKIPPED.format(count=count))
+                    continue  # the chat may be gone, or more skipped meanwhile
                 item = box.items.popleft()
                 if item.room is not None:
-                    box.waiting -= 1
-                if await self._deliver(chat_id, box, item.text) and item.seq is not None:
-                    assert item.room is not None
-                    sent = self.delivered.setdefault(item.room, {})
-                    sent[chat_id] = max(item.seq, sent.get(chat_id, 0))
-                elif item.room is not None and chat_id not in self.outboxes:
+                    box.sending = item.message
+                    box.waiting -= 1 if item.last else 0
+                sent = await self._deliver(chat_id, box, item.text)
+                box.sending = None
+                if sent and item.last and item.room is not None and item.seq is not None:
+                    positions = self.delivered.setdefault(item.room, {})
+                    positions[chat_id] = max(item.seq, positions.get(chat_id, 0))
+                elif not sent and item.room is not None and chat_id not in self.outboxes:
                     # Unreachable: tell the room's relay, which takes the chat out of it.
                     relay = self.relays.get(item.room)
                     if relay is not None:
@@ -441,7 +534,7 @@ class TelegramServer:
                 self.stats["sent"] += 1
                 return True
             except RetryAfter as exc:
-                wait = exc.retry_after.total_seconds()  # type: ignore[union-attr]
+                wait = _seconds(exc.retry_after)
                 self.stats["retry_after"] += 1
                 logger.warning("Telegram flood control: chat waits %.0fs", wait,
                                extra={**LOG, "chat": chat_id})
@@ -481,6 +574,11 @@ class TelegramServer:
             if scope.last_seen < cutoff:
                 del self.chats[chat_id]
                 scope.put({"type": "chat.disconnect"})
+
+
+def _seconds(period) -> float:
+    """A PTB time period in seconds (a timedelta, or an int without PTB_TIMEDELTA)."""
+    return period.total_seconds() if hasattr(period, "total_seconds") else float(period)
 
 
 def _jitter(delay: float) -> float:

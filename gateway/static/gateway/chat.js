@@ -123,19 +123,32 @@
     socket.addEventListener("message", (e) => {
       const frame = JSON.parse(e.data);
       if (frame.type === "message") render(frame);
+      else if (frame.type === "deleted") removeMessage(frame.id);
       else if (frame.type === "ack") outbox.delete(frame.client_id);
       else if (frame.type === "error") onError(frame);
     });
     socket.addEventListener("close", (e) => {
       socket = null;
-      if (e.code === 4400 || e.code === 4401) {
-        setStatus("refused", "bad");
-        showNotice(e.code === 4401 ? "Log in to chat." : "This room name is not valid.");
+      if (e.code in STOPPED) {  // no point in reconnecting by ourselves
+        setStatus(e.code === 4410 ? "room closed" : "refused", "bad");
+        showNotice(STOPPED[e.code]);
         return;
       }
       if (e.code === 4000) connect(); // our own reconnect (name changed)
       else retryLater();                // resumes after lastId
     });
+  }
+
+  const STOPPED = {
+    4400: "This room name is not valid.",
+    4401: "Log in to chat.",
+    4403: "Staff disconnected this page. Reload to join again.",
+    4410: "Staff closed this room.",
+  };
+
+  function removeMessage(id) {
+    const item = list.querySelector(`li.message[data-id="${Number(id)}"]`);
+    if (item) item.remove();
   }
 
   function onError(frame) {

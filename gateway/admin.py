@@ -1,0 +1,133 @@
+"""Django admin for staff: rooms, messages, MQTT devices, bot chats and blocked web senders.
+
+Changes with an effect on live connections go through the services (deleting a message
+removes it from open pages too; closing a room disconnects its members), never straight to
+the ORM.
+"""
+
+from __future__ import annotations
+
+import time
+
+from django.contrib import admin, messages
+from django.db.models import Count, QuerySet
+from django.http import HttpRequest
+
+from gateway import selectors, services
+from gateway.models import BotChat, Device, Message, Room, WebBlock
+
+admin.site.site_header = "Gateway administration"
+admin.site.site_title = "Gateway admin"
+
+_MEMBERS_TTL = 2.0
+_members: tuple[float, dict[str, int]] = (0.0, {})
+
+
+def _members_by_room() -> dict[str, int]:
+    """Members now per room, read once for a whole admin page (and at most every 2 s)."""
+    global _members
+    stamp, counts = _members
+    if time.monotonic() - stamp > _MEMBERS_TTL:
+        counts = {}
+        for entry in selectors.member_entries():
+            counts[entry["room"]] = counts.get(entry["room"], 0) + 1
+        _members = (time.monotonic(), counts)
+    return counts
+
+
+@admin.register(Room)
+class RoomAdmin(admin.ModelAdmin):
+    list_display = ["name", "members_now", "message_count", "last_activity", "closed"]
+    list_filter = ["closed"]
+    search_fields = ["name"]
+    ordering = ["-last_activity"]
+    readonly_fields = ["name", "last_seq", "last_activity", "created_at", "closed"]
+    actions = ["close_rooms", "reopen_rooms"]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet:
+        return super().get_queryset(request).annotate(message_total=Count("messages"))
+
+    @admin.display(description="members now")
+    def members_now(self, room: Room) -> int:
+        return _members_by_room().get(room.name, 0)
+
+    @admin.display(description="messages", ordering="message_total")
+    def message_count(self, room: Room) -> int:
+        return room.message_total  # type: ignore[attr-defined]
+
+    @admin.action(description="Close the selected rooms (disconnects their members)")
+    def close_rooms(self, request: HttpRequest, queryset: QuerySet) -> None:
+        for room in queryset:
+            services.room_close(room=room.name)
+        self.message_user(request, f"Closed {queryset.count()} room(s).", messages.SUCCESS)
+
+    @admin.action(description="Reopen the selected rooms")
+    def reopen_rooms(self, request: HttpRequest, queryset: QuerySet) -> None:
+        for room in queryset:
+            services.room_reopen(room=room.name)
+        self.message_user(request, f"Reopened {queryset.count()} room(s).", messages.SUCCESS)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # rooms open when someone joins them
+
+
+@admin.register(Message)
+class MessageAdmin(admin.ModelAdmin):
+    list_display = ["room", "seq", "sender_name", "sender_protocol", "excerpt", "created_at"]
+    list_filter = ["sender_protocol", "created_at", ("room", admin.RelatedOnlyFieldListFilter)]
+    search_fields = ["text", "sender_name"]
+    date_hierarchy = "created_at"
+    list_select_related = ["room"]
+    readonly_fields = [f.name for f in Message._meta.fields]
+
+    @admin.display(description="text")
+    def excerpt(self, message: Message) -> str:
+        return message.text if len(message.text) <= 80 else message.text[:79] + "…"
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Message | None = None) -> bool:
+        return False  # history is not edited; it can be deleted
+
+    def delete_model(self, request: HttpRequest, obj: Message) -> None:
+        services.messages_delete(messages=[(obj.room.name, obj.seq)])
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet) -> None:
+        services.messages_delete(messages=list(queryset.values_list("room__name", "seq")))
+
+
+@admin.register(Device)
+class DeviceAdmin(admin.ModelAdmin):
+    list_display = ["device_id", "last_seen", "room_list", "blocked"]
+    list_editable = ["blocked"]
+    list_filter = ["blocked"]
+    search_fields = ["device_id"]
+    readonly_fields = ["device_id", "first_seen", "last_seen", "rooms"]
+
+    @admin.display(description="rooms")
+    def room_list(self, device: Device) -> str:
+        return ", ".join(device.rooms)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # devices appear when they publish
+
+
+@admin.register(BotChat)
+class BotChatAdmin(admin.ModelAdmin):
+    list_display = ["title", "platform", "chat_id", "kind", "room", "blocked"]
+    list_editable = ["blocked"]
+    list_filter = ["platform", "kind", "blocked"]
+    search_fields = ["title", "chat_id", "room"]
+    readonly_fields = ["platform", "chat_id", "kind", "title", "delivered_seq", "names",
+                       "created_at"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # chats appear when they write to the bot
+
+
+@admin.register(WebBlock)
+class WebBlockAdmin(admin.ModelAdmin):
+    list_display = ["kind", "value", "note", "created_at"]
+    list_filter = ["kind"]
+    search_fields = ["value", "note"]

@@ -1,0 +1,94 @@
+"""What the staff dashboard shows, read from the database, so every replica counts.
+
+Connections come from every live process's presence (and the bot's joined chats), the
+state of each protocol server from the status its heartbeat stores, and messages from the
+messages table: the chart's first hour once, then each poll only what is newer than the
+newest message already seen (by primary key), so a poll costs the same at any volume.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from django.conf import settings
+from django.db.models import Count, Max
+from django.db.models.functions import TruncMinute
+from django.utils import timezone
+
+from gateway import selectors
+from gateway.models import GatewayProcess, Message
+
+FEED_SIZE = 30
+CHART_MINUTES = 60
+
+
+def connections() -> dict[str, object]:
+    """Connections now: in all, by protocol, and by room and protocol."""
+    by_protocol: dict[str, int] = {}
+    by_room: dict[str, dict[str, int]] = {}
+    entries = selectors.member_entries()
+    for entry in entries:
+        protocol, room = entry["protocol"], entry["room"]
+        by_protocol[protocol] = by_protocol.get(protocol, 0) + 1
+        counts = by_room.setdefault(room, {})
+        counts[protocol] = counts.get(protocol, 0) + 1
+    return {"total": len(entries), "by_protocol": by_protocol, "by_room": by_room,
+            "scopes": [e for e in entries if e.get("scope")][:200]}
+
+
+def processes() -> list[dict[str, object]]:
+    """Every live gateway process, with the state of its protocol servers."""
+    cutoff = timezone.now() - timedelta(seconds=settings.GATEWAY["PRESENCE_TIMEOUT"])
+    rows = GatewayProcess.objects.filter(heartbeat_at__gte=cutoff).order_by("started_at")
+    return [
+        {"id": p.pk, "host": p.hostname, "pid": p.pid, "started": p.started_at.timestamp(),
+         "heartbeat": p.heartbeat_at.timestamp(), "connections": len(p.presence),
+         "status": p.status}
+        for p in rows
+    ]
+
+
+def messages_per_minute(*, after_pk: int = 0, upto_pk: int) -> list[dict[str, object]]:
+    """Messages per minute and sender protocol in the last hour, with ``after_pk < pk <=
+    upto_pk`` (from 0 the whole hour; then only what to add to what was read before)."""
+    since = timezone.now() - timedelta(minutes=CHART_MINUTES)
+    rows = (
+        Message.objects.filter(created_at__gte=since, pk__gt=after_pk, pk__lte=upto_pk)
+        .annotate(minute=TruncMinute("created_at"))
+        .values("minute", "sender_protocol")
+        .annotate(count=Count("id"))
+    )
+    return [{"minute": r["minute"].timestamp(), "protocol": r["sender_protocol"],
+             "count": r["count"]} for r in rows]
+
+
+def feed(*, after_pk: int = 0) -> tuple[list[dict[str, object]], int]:
+    """The newest messages across all rooms after ``after_pk`` (at most ``FEED_SIZE``), and
+    the primary key to read after next time."""
+    newest = Message.objects.filter(pk__gt=after_pk).aggregate(top=Max("pk"))["top"]
+    if newest is None:
+        return [], after_pk
+    rows = (
+        Message.objects.filter(pk__gt=after_pk).select_related("room").order_by("-pk")[:FEED_SIZE]
+    )
+    items = [
+        {"room": m.room.name, "id": m.seq, "text": m.text[:500], "ts": m.created_at.timestamp(),
+         "sender": {"protocol": m.sender_protocol, "id": m.sender_id, "name": m.sender_name}}
+        for m in reversed(rows)
+    ]
+    return items, newest
+
+
+def snapshot(*, after_pk: int, first: bool) -> dict[str, object]:
+    """One update of the dashboard: everything live, plus messages after ``after_pk``."""
+    items, newest = feed(after_pk=after_pk)
+    return {
+        "type": "snapshot",
+        "connections": connections(),
+        "processes": processes(),
+        "feed": items,
+        "chart": messages_per_minute(after_pk=0 if first else after_pk, upto_pk=newest),
+        "chart_reset": first,
+        "after": newest,
+        "now": timezone.now().timestamp(),
+    }

@@ -1,0 +1,43 @@
+"""Prometheus metrics of this process (``/metrics``); scrape every replica.
+
+Counted where it happens, cheaply: messages in when stored, messages out when the hub hands
+them to local subscribers (one count per subscriber: sockets for the web, the room's relay
+for MQTT and Telegram), refusals by code, and what was dropped or skipped by reason.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+MESSAGES_IN = Counter(
+    "gateway_messages_in_total", "Messages stored, by the sender's protocol", ["protocol"]
+)
+MESSAGES_OUT = Counter(
+    "gateway_messages_out_total",
+    "Room messages handed to local subscribers, by the subscriber's protocol",
+    ["protocol"],
+)
+ERRORS = Counter(
+    "gateway_errors_total", "Refused input, by protocol and error code", ["protocol", "code"]
+)
+DROPPED = Counter(
+    "gateway_dropped_total",
+    "Messages dropped or skipped (recoverable from history), by protocol and reason",
+    ["protocol", "reason"],
+)
+CONNECTIONS = Gauge(
+    "gateway_connections", "Open scopes of this process, by protocol", ["protocol"]
+)
+BROADCAST_LATENCY = Histogram(
+    "gateway_broadcast_latency_seconds",
+    "From a message being stored to its delivery by this process's hub",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+
+
+def refused(protocol: str, code: str) -> None:
+    ERRORS.labels(protocol, code).inc()
+
+
+def dropped(protocol: str, reason: str, count: int = 1) -> None:
+    DROPPED.labels(protocol, reason).inc(count)

@@ -1,0 +1,171 @@
+"""Staff controls through real interfaces: /readyz against a Redis that stops, /metrics after
+real traffic, and the dashboard's WebSocket (who may open it, what it shows, its actions)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+import websockets
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.test_e2e import FAST, connect, next_message, wait_until
+
+pytestmark = pytest.mark.slow
+
+STAFF, STAFF_PASSWORD = "staff", "a-long-staff-pass-phrase"
+
+
+def get(gw, path: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(gw.http + path, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, error.read()
+
+
+def metric_values(gw) -> dict[tuple[str, tuple], float]:
+    """``{(sample name, sorted labels): value}`` from /metrics."""
+    status, body = get(gw, "/metrics")
+    assert status == 200
+    values = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            values[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return values
+
+
+def dashboard_socket(gw, cookie: str | None):
+    headers = {"Cookie": cookie} if cookie else {}
+    return websockets.connect(gw.ws("/ws/dashboard/"), origin=gw.origin,
+                              additional_headers=headers, open_timeout=10)
+
+
+async def next_of(ws, kind: str, timeout: float = 10) -> dict:
+    while True:
+        frame = json.loads(await asyncio.wait_for(ws.recv(), timeout))
+        if frame["type"] == kind:
+            return frame
+
+
+async def snapshot_until(ws, condition, timeout: float = 15) -> dict:
+    """Read snapshots until one satisfies ``condition``; feed items accumulate."""
+    feed: list[dict] = []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        frame = await next_of(ws, "snapshot", timeout=max(0.1, deadline - loop.time()))
+        feed.extend(frame["feed"])
+        frame["seen_feed"] = feed
+        if condition(frame):
+            return frame
+
+
+async def test_readyz_follows_the_channel_layer_and_healthz_stays_up(
+    gateway_factory, redis_server
+):
+    gw = gateway_factory(env={**FAST, "REDIS_URL": redis_server.url}).start()
+    status, body = get(gw, "/readyz")
+    checks = json.loads(body)["checks"]
+    assert status == 200, body
+    assert checks["layer"] == {"ready": True, "backend": "redis"}
+    assert checks["database"]["ready"] and checks["web"]["ready"]
+
+    redis_server.stop()
+    status, body = get(gw, "/readyz")
+    assert status == 503
+    assert json.loads(body)["checks"]["layer"]["ready"] is False
+    assert get(gw, "/healthz")[0] == 200  # alive, just not ready
+
+    redis_server.start()
+    await wait_until(lambda: get(gw, "/readyz")[0] == 200, 10, "not ready again")
+
+
+async def test_metrics_count_what_was_sent(gateway_factory):
+    gw = gateway_factory(env=FAST).start()
+    async with connect(gw, "/ws/chat/count/?name=a") as a, connect(gw, "/ws/chat/count/") as b:
+        for i in range(3):
+            await a.send(json.dumps({"message": f"m{i}"}))
+        for ws in (a, b):
+            for _ in range(3):
+                await next_message(ws)
+        await a.send("{not json")
+        await next_of(a, "error")
+        values = metric_values(gw)
+    assert values[("gateway_messages_in_total", (("protocol", "web"),))] == 3
+    assert values[("gateway_messages_out_total", (("protocol", "web"),))] == 6
+    assert values[("gateway_errors_total", (("code", "invalid_json"), ("protocol", "web")))] == 1
+    assert values[("gateway_connections", (("protocol", "web"),))] == 2
+    assert values[("gateway_broadcast_latency_seconds_count", ())] == 3
+
+
+async def test_only_staff_open_the_dashboard_socket(gateway_factory):
+    gw = gateway_factory(env=FAST).start()
+    gw.create_user(STAFF, STAFF_PASSWORD, staff=True)
+    gw.create_user("visitor", "a-long-visitor-pass-phrase", staff=False)
+    for cookie in (None, gw.login("visitor", "a-long-visitor-pass-phrase")):
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            async with dashboard_socket(gw, cookie):
+                pass
+        assert refused.value.response.status_code == 403
+    assert get(gw, "/dashboard/")[0] == 200  # the login page, after a redirect
+    assert "refused the dashboard socket: not staff" in gw.log()
+    async with dashboard_socket(gw, gw.login(STAFF, STAFF_PASSWORD)) as ws:
+        frame = await next_of(ws, "snapshot")
+        assert frame["processes"][0]["status"]["web"]["ready"] is True
+
+
+async def test_dashboard_shows_live_traffic_and_its_actions_reach_the_rooms(gateway_factory):
+    gw = gateway_factory(env=FAST).start()
+    gw.create_user(STAFF, STAFF_PASSWORD, staff=True)
+    cookie = gw.login(STAFF, STAFF_PASSWORD)
+    async with dashboard_socket(gw, cookie) as dash, \
+            connect(gw, "/ws/chat/ops/?name=ann") as ann, \
+            connect(gw, "/ws/chat/ops/?name=bob") as bob:
+        await ann.send(json.dumps({"message": "hello ops"}))
+        frame = await snapshot_until(dash, lambda f: any(
+            m["text"] == "hello ops" for m in f["seen_feed"]
+        ) and f["connections"]["by_room"].get("ops", {}).get("web") == 2)
+        assert frame["connections"]["by_protocol"]["web"] == 2
+        assert sum(p["count"] for p in frame["chart"] if p["protocol"] == "web") >= 1
+
+        # post as the system: every member gets it
+        await dash.send(json.dumps({"action": "post", "room": "ops", "message": "maintenance"}))
+        assert (await next_of(dash, "done"))["action"] == "post"
+        for ws in (ann, bob):
+            message = await next_message(ws)
+            while message["message"] != "maintenance":
+                message = await next_message(ws)
+            assert message["sender"]["protocol"] == "system"
+
+        # disconnect one connection
+        scopes = frame["connections"]["scopes"]
+        bob_scope = next(s["scope"] for s in scopes if s["name"] == "bob")
+        await dash.send(json.dumps({"action": "disconnect", "scope": bob_scope}))
+        await asyncio.wait_for(bob.wait_closed(), 10)
+        assert bob.close_code == 4403
+
+        # bad actions get clear errors
+        await dash.send(json.dumps({"action": "explode"}))
+        assert (await next_of(dash, "error"))["code"] == "unknown_action"
+        await dash.send(json.dumps({"action": "post", "room": "bad room", "message": "x"}))
+        assert (await next_of(dash, "error"))["code"] == "invalid_room"
+
+        # close the room: members disconnected, nobody joins or posts until it reopens
+        await dash.send(json.dumps({"action": "close_room", "room": "ops"}))
+        await asyncio.wait_for(ann.wait_closed(), 10)
+        assert ann.close_code == 4410
+        with pytest.raises(websockets.InvalidStatus):
+            async with connect(gw, "/ws/chat/ops/"):
+                pass
+        await dash.send(json.dumps({"action": "post", "room": "ops", "message": "x"}))
+        assert (await next_of(dash, "error"))["code"] == "room_closed"
+        await dash.send(json.dumps({"action": "reopen_room", "room": "ops"}))
+        await next_of(dash, "done")
+    async with connect(gw, "/ws/chat/ops/") as again:
+        await again.send(json.dumps({"message": "back"}))
+        assert (await next_message(again))["message"] == "back"
