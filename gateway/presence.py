@@ -55,8 +55,7 @@ class PresenceTracker:
         self._task = asyncio.create_task(self._publish_loop(), name="gateway-presence")
 
     def _status_changed(self) -> None:
-        self.status = {}  # a part came or went: report them all with the next write
-        self._changed.set()
+        self._changed.set()  # a part came or went: report it with the next write
 
     async def stop(self) -> None:
         parts.unlisten(self._status_changed)
@@ -66,12 +65,14 @@ class PresenceTracker:
         self.entries.clear()
         await database_sync_to_async(GatewayProcess.objects.filter(pk=self.process_id).delete)()
 
-    async def flush(self, *, status: bool = False) -> None:
-        """Write this process's presence now (and how its parts are doing, with ``status``;
-        otherwise the last such report)."""
+    async def flush(self, *, ping: bool = False) -> None:
+        """Write this process's presence now, with how its parts are doing (the channel
+        layer's reachability is checked again with ``ping``, once per heartbeat)."""
         self._changed.clear()
-        if status or not self.status:
+        if ping or "layer" not in self.status:
             self.status = await parts.process_status()
+        else:
+            self.status = {**parts.parts_status(), "layer": self.status["layer"]}
         await database_sync_to_async(self._write)(list(self.entries.values()), self.status)
 
     async def _publish_loop(self) -> None:
@@ -84,7 +85,7 @@ class PresenceTracker:
             except TimeoutError:
                 heartbeat = True
             try:
-                await self.flush(status=heartbeat)
+                await self.flush(ping=heartbeat)
             except asyncio.CancelledError:
                 raise
             except Exception:
