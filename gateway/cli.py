@@ -17,13 +17,20 @@ def _setup_django() -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Apply migrations, then serve HTTP and WebSockets with daphne until SIGTERM/SIGINT."""
+    if args.protocols is not None:
+        os.environ["GATEWAY_PROTOCOLS"] = args.protocols
     _setup_django()
     from django.conf import settings
     from django.core.management import call_command
+    from django.core.management.base import SystemCheckError
 
+    try:
+        call_command("check", fail_level="ERROR")
+    except SystemCheckError as exc:
+        print(f"gateway run refused:\n{exc}", file=sys.stderr, flush=True)
+        return 2
     if not args.no_migrate:
-        call_command("migrate", interactive=False, verbosity=0)
-    call_command("check", fail_level="ERROR")
+        _migrate()
 
     from channels.layers import InMemoryChannelLayer, get_channel_layer
 
@@ -56,6 +63,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     return server.exit_code
 
 
+def _migrate() -> None:
+    """Apply migrations; on PostgreSQL under an advisory lock, so replicas starting together
+    take turns (the first applies them, the others find nothing to do)."""
+    from django.core.management import call_command
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        call_command("migrate", interactive=False, verbosity=0)
+        return
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_lock(%s)", [MIGRATION_LOCK])
+        try:
+            call_command("migrate", interactive=False, verbosity=0)
+        finally:
+            cursor.execute("SELECT pg_advisory_unlock(%s)", [MIGRATION_LOCK])
+
+
+MIGRATION_LOCK = 7_215_001  # the gateway's advisory lock id for migrations
+
+
 def _protocol_services(args: argparse.Namespace, application) -> list:
     """The protocol servers besides daphne that this process runs."""
     return [*_mqtt_services(args, application), *_telegram_services(application)]
@@ -65,7 +92,7 @@ def _telegram_services(application) -> list:
     from django.conf import settings
 
     telegram = settings.TELEGRAM
-    if not telegram["TOKEN"]:
+    if not telegram["TOKEN"] or "telegram" not in settings.GATEWAY_PROTOCOLS:
         return []
     from protocols.telegram.server import SendLimits, TelegramServer, telegram_bot
 
@@ -87,7 +114,7 @@ def _mqtt_services(args: argparse.Namespace, application) -> list:
     from django.conf import settings
 
     mqtt = settings.MQTT
-    if args.no_mqtt or not mqtt["ENABLED"]:
+    if args.no_mqtt or not mqtt["ENABLED"] or "mqtt" not in settings.GATEWAY_PROTOCOLS:
         return []
     from protocols.mqtt.broker import EmbeddedBroker
     from protocols.mqtt.server import BrokerAddress, MqttServer
@@ -140,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--mqtt-port", type=int, default=None,
                      help="port of the embedded MQTT broker (default MQTT_EMBEDDED_PORT, 1883)")
     run.add_argument("--no-mqtt", action="store_true", help="leave MQTT out")
+    run.add_argument(
+        "--protocols", default=None,
+        help="the protocol servers to run, any of web,mqtt,telegram (default: "
+        "GATEWAY_PROTOCOLS, or all). Without web, HTTP serves only /healthz, /readyz, "
+        "/metrics (and Telegram's webhook)",
+    )
     run.set_defaults(func=cmd_run)
     manage = sub.add_parser("manage", help="Django management commands (createsuperuser, ...)")
     manage.add_argument("rest", nargs=argparse.REMAINDER)

@@ -23,16 +23,24 @@ CHART_MINUTES = 60
 
 
 def connections() -> dict[str, object]:
-    """Connections now: in all, by protocol, and by room and protocol."""
+    """Connections now: in all, by protocol, and by room and protocol.
+
+    A web connection is a socket; a device or a chat counts once per room, however many
+    replicas have a scope for it (with a shared subscription, several may)."""
+    seen: set[tuple[str, str, str]] = set()
     by_protocol: dict[str, int] = {}
     by_room: dict[str, dict[str, int]] = {}
     entries = selectors.member_entries()
     for entry in entries:
         protocol, room = entry["protocol"], entry["room"]
+        key = (room, protocol, entry["scope"] if protocol == "web" else entry["id"])
+        if key in seen:
+            continue
+        seen.add(key)
         by_protocol[protocol] = by_protocol.get(protocol, 0) + 1
         counts = by_room.setdefault(room, {})
         counts[protocol] = counts.get(protocol, 0) + 1
-    return {"total": len(entries), "by_protocol": by_protocol, "by_room": by_room,
+    return {"total": len(seen), "by_protocol": by_protocol, "by_room": by_room,
             "scopes": [e for e in entries if e.get("scope")][:200]}
 
 
@@ -42,10 +50,17 @@ def processes() -> list[dict[str, object]]:
     rows = GatewayProcess.objects.filter(heartbeat_at__gte=cutoff).order_by("started_at")
     return [
         {"id": p.pk, "host": p.hostname, "pid": p.pid, "started": p.started_at.timestamp(),
-         "heartbeat": p.heartbeat_at.timestamp(), "connections": len(p.presence),
+         "heartbeat": p.heartbeat_at.timestamp(), "connections": _count(p.presence),
          "status": p.status}
         for p in rows
     ]
+
+
+def _count(presence: list[dict[str, str]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for entry in presence:
+        counts[entry["protocol"]] = counts.get(entry["protocol"], 0) + 1
+    return counts
 
 
 def messages_per_minute(*, after_pk: int = 0, upto_pk: int) -> list[dict[str, object]]:

@@ -1,6 +1,7 @@
 """Routes per scope type. The WebSocket room segment is matched loosely so a bad name
 reaches the consumer, which refuses it with a clear close code and a log line."""
 
+from django.conf import settings
 from django.urls import re_path
 
 from consumers.dashboard import DashboardConsumer
@@ -8,10 +9,11 @@ from consumers.mqtt import MqttDeviceConsumer, MqttRoomConsumer
 from consumers.telegram import TelegramChatConsumer, TelegramRoomConsumer, TelegramRoomsConsumer
 from consumers.websocket import ChatConsumer
 
+# Without "web" in GATEWAY_PROTOCOLS this process accepts no WebSocket.
 websocket_urlpatterns = [
     re_path(r"^ws/chat/(?P<room>[^/]*)/$", ChatConsumer.as_asgi()),
     re_path(r"^ws/dashboard/$", DashboardConsumer.as_asgi()),
-]
+] if "web" in settings.GATEWAY_PROTOCOLS else []
 
 
 class ScopeRoleRouter:

@@ -126,8 +126,11 @@ class GatewayServer(daphne.server.Server):
 
     def status(self) -> dict:
         """For /readyz and the dashboard: listening, and not shutting down."""
+        from django.conf import settings
+
         return {"ready": bool(self.ports) and not self._stopping,
-                "listening": [port.getHost().port for port in self.ports]}
+                "listening": [port.getHost().port for port in self.ports],
+                "serves": "chat" if "web" in settings.GATEWAY_PROTOCOLS else "health only"}
 
     def _configure_websockets(self) -> None:
         # On a protocol violation (invalid UTF-8, a frame over the size limit) send the

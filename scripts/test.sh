@@ -9,6 +9,7 @@ missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 { command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; } || missing+=(mosquitto)
 command -v mosquitto_pub >/dev/null 2>&1 || missing+=(mosquitto-clients)
+{ command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; } || missing+=(nginx)
 { command -v chromium >/dev/null 2>&1 || [ -n "${CHROMIUM_PATH:-}" ]; } || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "Installing system packages: ${missing[*]}"
@@ -19,4 +20,14 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 ensure_venv "[test]"
-exec .venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest "$@"
+
+# The whole suite (no arguments) also runs the storage tests on PostgreSQL: the machine's
+# (127.0.0.1:5432, trust auth) unless GATEWAY_TEST_DATABASE_URL says otherwise;
+# GATEWAY_TEST_POSTGRES=0 skips them.
+if [ $# -eq 0 ] && [ "${GATEWAY_TEST_POSTGRES:-1}" != 0 ]; then
+    url="${GATEWAY_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/gateway}"
+    echo "Storage tests on PostgreSQL: $url"
+    DATABASE_URL="$url" .venv/bin/python -m pytest -q tests/test_units.py \
+        tests/test_consumer.py tests/test_http.py tests/test_bots.py
+fi

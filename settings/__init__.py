@@ -211,6 +211,12 @@ else:
 
 # --- Gateway -----------------------------------------------------------------------------
 
+# The protocol servers this process runs (`gateway run --protocols` sets it): any of web
+# (pages, API, chat and dashboard sockets), mqtt, telegram. Without web, the HTTP server
+# still answers /healthz, /readyz and /metrics (and Telegram's webhook, with telegram).
+PROTOCOL_NAMES = ("web", "mqtt", "telegram")
+GATEWAY_PROTOCOLS = env_list("GATEWAY_PROTOCOLS", ",".join(PROTOCOL_NAMES))
+
 GATEWAY = {
     # One limit for every protocol, in characters.
     "MAX_MESSAGE_LENGTH": env_int("GATEWAY_MAX_MESSAGE_LENGTH", 4096, minimum=1),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import re
 import shutil
 import signal
 import socket
@@ -104,6 +105,63 @@ class Mosquitto:
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.terminate()  # mosquitto saves its persistence file on SIGTERM
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+
+class Nginx:
+    """Debian's nginx running ``deploy/nginx/gateway.conf`` in front of local replicas.
+
+    The config is the deployed one with only its addresses changed: the upstream servers
+    (``gateway-N:8000`` in compose) become the replicas' loopback ports, ``listen 80`` a free
+    port; a minimal main config around it keeps pid, logs and temp files in ``workdir``.
+    """
+
+    SITE = ROOT / "deploy" / "nginx" / "gateway.conf"
+
+    def __init__(self, workdir: Path, upstream_ports: list[int]):
+        self.binary = shutil.which("nginx") or "/usr/sbin/nginx"
+        if not Path(self.binary).exists():
+            raise RuntimeError("nginx is not installed (scripts/test.sh installs it)")
+        self.port = free_port()
+        self.workdir = workdir / f"nginx-{self.port}"
+        self.workdir.mkdir(parents=True)
+        self.workdir.chmod(0o777)  # its workers may run as another user
+        site = self.SITE.read_text()
+        servers = iter(upstream_ports)
+        site = re.sub(r"server gateway-\d+:8000", lambda _: f"server 127.0.0.1:{next(servers)}",
+                      site)
+        site = site.replace("listen 80;", f"listen 127.0.0.1:{self.port};")
+        (self.workdir / "gateway.conf").write_text(site)
+        temp = "\n".join(f"    {kind}_temp_path {self.workdir}/{kind};"
+                         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        self.config = self.workdir / "nginx.conf"
+        self.config.write_text(
+            f"worker_processes 1;\npid {self.workdir}/nginx.pid;\n"
+            f"error_log {self.workdir}/error.log warn;\n"
+            "events { worker_connections 1024; }\n"
+            f"http {{\n    access_log off;\n{temp}\n    include {self.workdir}/gateway.conf;\n}}\n"
+        )
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def test_config(self) -> subprocess.CompletedProcess:
+        return subprocess.run([self.binary, "-t", "-p", str(self.workdir), "-c", str(self.config)],
+                              capture_output=True, text=True, timeout=30)
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.binary, "-p", str(self.workdir), "-c", str(self.config), "-g", "daemon off;"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
             self.proc.wait(timeout=10)
             self.proc = None
 

@@ -186,7 +186,12 @@ class MqttServer:
             username=self.address.username,
             password=self.address.password,
             identifier=self.client_id,
-            clean_session=False,
+            # Alone, a persistent session: the broker keeps what devices publish while the
+            # gateway is away. Sharing a subscription, a clean one: a persistent session of
+            # a replica that died would go on taking its share of the devices' messages
+            # (the broker queues them for it), while a clean one ends with the connection
+            # and the live replicas get everything.
+            clean_session=bool(self.shared_group),
             keepalive=self.keepalive,
             tls_params=tls,
         )
@@ -237,6 +242,7 @@ class MqttServer:
             if self.leader and where.room not in self._known_rooms:
                 self._known_rooms.add(where.room)  # a new room: relay from its first message
                 self._relay(where.room, after=0)
+                await self._save_cursors()
         scope.last_seen = time.monotonic()
         scope.put({"type": "mqtt.message", "payload": bytes(message.payload)})
 
@@ -272,6 +278,11 @@ class MqttServer:
 
     def _relay(self, room: str, *, after: int | None) -> None:
         if room not in self.relays:
+            if after is not None:
+                # Where it starts counts as published: saved with the next cursors (at
+                # once for a new room), so a process taking over never starts a room
+                # this one relayed from "now" (which would skip what was never published).
+                self.published[room] = max(after, self.published.get(room, 0))
             self.relays[room] = self._open(
                 {"type": "mqtt", "role": "out", "room": room, "prefix": self.prefix,
                  "after": after},

@@ -62,7 +62,7 @@ logger = logging.getLogger(__name__)
 
 LEASE = "telegram"  # held by the process that polls and relays rooms to chats
 LEASE_TTL = 10.0
-TICK = 1.0  # lease renewal, rooms scan, delivered positions, idle scopes
+TICK = 1.0  # lease renewal, rooms scan, idle scopes
 PRUNE_INTERVAL = 3600.0
 ALLOWED_UPDATES = ["message"]
 HANDLE_TIMEOUT = 30.0  # an update not handled by then is fetched (or delivered) again
@@ -134,7 +134,6 @@ class TelegramServer:
         self.relays: dict[str, Scope] = {}
         self.directory: Scope | None = None
         self.outboxes: dict[str, _Outbox] = {}
-        self.delivered: dict[str, dict[str, int]] = {}  # room -> chat -> newest id sent
         # update_id -> (whether handled, the chat scope handling it)
         self.handling: dict[int, tuple[asyncio.Future, Scope]] = {}
         self.overall = AsyncLimiter(limits.overall_per_second, 1)
@@ -198,7 +197,6 @@ class TelegramServer:
                     if time.monotonic() >= next_prune:
                         self.directory.put({"type": "telegram.prune"})
                         next_prune = time.monotonic() + PRUNE_INTERVAL
-                    self._flush_delivered()
                     if self.webhook_url and not self.webhook_set:
                         await self._set_webhook()
                 self._close_idle()
@@ -284,7 +282,6 @@ class TelegramServer:
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)
             self._poller = None
-        self._flush_delivered()
         for box in self.outboxes.values():
             for item in [i for i in box.items if i.room is not None]:
                 box.items.remove(item)
@@ -507,12 +504,12 @@ class TelegramServer:
                     box.waiting -= 1 if item.last else 0
                 sent = await self._deliver(chat_id, box, item.text)
                 box.sending = None
-                if sent and item.last and item.room is not None and item.seq is not None:
-                    positions = self.delivered.setdefault(item.room, {})
-                    positions[chat_id] = max(item.seq, positions.get(chat_id, 0))
+                relay = self.relays.get(item.room) if item.room is not None else None
+                if sent and item.last and relay is not None:
+                    # Recorded at once, so a relay that takes over resends nothing sent.
+                    relay.put({"type": "chat.delivered", "positions": {chat_id: item.seq}})
                 elif not sent and item.room is not None and chat_id not in self.outboxes:
                     # Unreachable: tell the room's relay, which takes the chat out of it.
-                    relay = self.relays.get(item.room)
                     if relay is not None:
                         relay.put({"type": "chat.unreachable", "chat_id": chat_id})
         finally:
@@ -559,14 +556,6 @@ class TelegramServer:
                 self.stats["refused"] += 1
                 logger.exception("Telegram refused a message", extra={**LOG, "chat": chat_id})
                 return False
-
-    def _flush_delivered(self) -> None:
-        """Tell each room's relay how far its chats have been sent (once a tick)."""
-        for room, positions in self.delivered.items():
-            relay = self.relays.get(room)
-            if relay is not None:
-                relay.put({"type": "chat.delivered", "positions": positions})
-        self.delivered = {}
 
     def _close_idle(self) -> None:
         cutoff = time.monotonic() - self.idle_timeout
