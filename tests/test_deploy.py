@@ -233,8 +233,8 @@ async def test_three_replicas_behind_nginx_lose_and_double_nothing_when_one_is_k
         }
         replicas = [gateway_factory(env=env, datadir=tmp_path / f"replica-{i}")
                     for i in range(3)]
-        for replica in replicas:
-            replica.start()
+        # Started together: they migrate the new database under the advisory lock, in turn.
+        await asyncio.gather(*(asyncio.to_thread(replica.start) for replica in replicas))
         nginx = Nginx(tmp_path, [r.port for r in replicas])
         nginx.start()
         browsers: list[Browser] = []
