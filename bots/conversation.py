@@ -161,6 +161,8 @@ def _rooms(chat: BotChat, incoming: Incoming, argument: str) -> list[str]:
 def _join(chat: BotChat, incoming: Incoming, argument: str) -> list[str]:
     if not argument:
         return [f"Usage: /join &lt;room&gt; ({ROOM_NAME_RULE})"]
+    if selectors.room_is_closed(room=argument):
+        return [f"Room <b>{formatting.escape(argument)}</b> is closed."]
     try:
         services.bot_chat_join(chat=chat, room=argument)
     except InvalidRoomName as exc:

@@ -17,7 +17,6 @@ import logging
 
 from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
-from django.db import DatabaseError
 
 from consumers.base import ScopeConsumer
 from gateway import dashboard, events, services
@@ -55,7 +54,7 @@ class DashboardConsumer(ScopeConsumer):
                 )
                 after, first = update["after"], False
                 await self.send_json(update)
-            except DatabaseError:
+            except Exception:  # the database, or a bug: log it and keep the page updating
                 logger.exception("dashboard update failed; retrying", extra=self.log)
             await asyncio.sleep(INTERVAL)
 

@@ -8,7 +8,8 @@ its ``chat.*`` events and the conversation (bots/) and rooms.
   effect is stored, so the server confirms it to Telegram only then.
 - ``role: room``, one per room that chats have joined (on the process that relays), sends
   each room message to every chat in the room but the one it came from, and records how
-  far each chat has been sent (``chat.delivered`` from the server, once sent).
+  far each chat has been sent (``chat.delivered`` from the server once sent, answered with
+  ``chat.recorded``).
 - ``role: rooms``, one on the relaying process, answers the server's ``telegram.scan`` with
   the rooms to relay.
 """
@@ -148,6 +149,7 @@ class TelegramRoomConsumer(RoomConsumer):
                 })
 
     async def chat_delivered(self, message) -> None:
+        """The server sent these; record it, then tell it (it waits before the next)."""
         try:
             await database_sync_to_async(services.bot_chats_delivered_save)(
                 platform=PLATFORM, room=self.scope["room"], positions=message["positions"]
@@ -155,6 +157,14 @@ class TelegramRoomConsumer(RoomConsumer):
         except DatabaseError:
             # Only the record of progress: at worst a later relay sends these again.
             logger.exception("could not record how far chats were sent", extra=self.log_extra())
+        for chat_id in message["positions"]:
+            await self.base_send({"type": "chat.recorded", "chat_id": chat_id})
+
+    async def room_control(self, event: dict) -> None:
+        """A message deleted by staff is not sent to chats that have not had it yet."""
+        if event["type"] == events.MESSAGE_DELETED:
+            self.pending = [e for e in self.pending if e["id"] != event["id"]]
+            await self.base_send({"type": "chat.drop", "room": event["room"], "id": event["id"]})
 
     async def chat_unreachable(self, message) -> None:
         """The chat blocked the bot or removed it: it leaves the room."""

@@ -96,6 +96,9 @@ class ChatConsumer(RoomConsumer):
         self.bucket = flood_limit()
         try:
             if await database_sync_to_async(selectors.room_is_closed)(room=room):
+                # Accepted, then closed: the page sees 4410 and does not retry (a refused
+                # handshake would only show it 1006).
+                await self.base_send({"type": "websocket.accept"})
                 return await self._refuse(CLOSE_ROOM_CLOSED, "the room is closed")
             await self.room_join(room, member_id=member_id, name=name)
         except Exception:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from django.contrib import admin, messages
-from django.db.models import Count, QuerySet
+from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from gateway import selectors, services
@@ -37,23 +37,16 @@ def _members_by_room() -> dict[str, int]:
 
 @admin.register(Room)
 class RoomAdmin(admin.ModelAdmin):
-    list_display = ["name", "members_now", "message_count", "last_activity", "closed"]
+    list_display = ["name", "members_now", "last_seq", "last_activity", "closed"]
     list_filter = ["closed"]
     search_fields = ["name"]
     ordering = ["-last_activity"]
     readonly_fields = ["name", "last_seq", "last_activity", "created_at", "closed"]
     actions = ["close_rooms", "reopen_rooms"]
 
-    def get_queryset(self, request: HttpRequest) -> QuerySet:
-        return super().get_queryset(request).annotate(message_total=Count("messages"))
-
     @admin.display(description="members now")
     def members_now(self, room: Room) -> int:
         return _members_by_room().get(room.name, 0)
-
-    @admin.display(description="messages", ordering="message_total")
-    def message_count(self, room: Room) -> int:
-        return room.message_total  # type: ignore[attr-defined]
 
     @admin.action(description="Close the selected rooms (disconnects their members)")
     def close_rooms(self, request: HttpRequest, queryset: QuerySet) -> None:
@@ -69,6 +62,9 @@ class RoomAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # rooms open when someone joins them
+
+    def has_delete_permission(self, request: HttpRequest, obj: Room | None = None) -> bool:
+        return False  # ids must stay monotonic: close a room, delete its messages
 
 
 @admin.register(Message)
@@ -119,7 +115,8 @@ class BotChatAdmin(admin.ModelAdmin):
     list_editable = ["blocked"]
     list_filter = ["platform", "kind", "blocked"]
     search_fields = ["title", "chat_id", "room"]
-    readonly_fields = ["platform", "chat_id", "kind", "title", "delivered_seq", "names",
+    # The room changes only through /join and /leave (which keep the delivery position).
+    readonly_fields = ["platform", "chat_id", "kind", "title", "room", "delivered_seq", "names",
                        "created_at"]
 
     def has_add_permission(self, request: HttpRequest) -> bool:

@@ -20,6 +20,9 @@ from gateway.models import GatewayProcess, Message
 
 FEED_SIZE = 30
 CHART_MINUTES = 60
+# Rows are read once older than this: on PostgreSQL primary keys are taken before commit, so
+# a row may become visible after one with a higher key; a second covers any short commit.
+SETTLE = timedelta(seconds=1)
 
 
 def connections() -> dict[str, object]:
@@ -78,14 +81,13 @@ def messages_per_minute(*, after_pk: int = 0, upto_pk: int) -> list[dict[str, ob
 
 
 def feed(*, after_pk: int = 0) -> tuple[list[dict[str, object]], int]:
-    """The newest messages across all rooms after ``after_pk`` (at most ``FEED_SIZE``), and
-    the primary key to read after next time."""
-    newest = Message.objects.filter(pk__gt=after_pk).aggregate(top=Max("pk"))["top"]
+    """The newest settled messages across all rooms after ``after_pk`` (at most
+    ``FEED_SIZE``), and the primary key to read after next time."""
+    settled = Message.objects.filter(pk__gt=after_pk, created_at__lt=timezone.now() - SETTLE)
+    newest = settled.aggregate(top=Max("pk"))["top"]
     if newest is None:
         return [], after_pk
-    rows = (
-        Message.objects.filter(pk__gt=after_pk).select_related("room").order_by("-pk")[:FEED_SIZE]
-    )
+    rows = settled.filter(pk__lte=newest).select_related("room").order_by("-pk")[:FEED_SIZE]
     items = [
         {"room": m.room.name, "id": m.seq, "text": m.text[:500], "ts": m.created_at.timestamp(),
          "sender": {"protocol": m.sender_protocol, "id": m.sender_id, "name": m.sender_name}}

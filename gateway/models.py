@@ -11,7 +11,7 @@ class Room(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     # The id of the room's newest message; incremented under the row lock, so ids are
     # monotonic per room and commits happen in id order.
-    last_seq = models.BigIntegerField(default=0)
+    last_seq = models.BigIntegerField(default=0, verbose_name="last id")
     last_activity = models.DateTimeField(null=True, blank=True)
     # Closed by staff: refuses new messages and members until reopened.
     closed = models.BooleanField(default=False)
@@ -33,7 +33,7 @@ class Message(models.Model):
     origin = models.CharField(max_length=128, help_text="The scope the message came from")
     # NULL, not "", means "no key": the uniqueness constraint below covers only real keys.
     client_id = models.CharField(max_length=64, null=True, blank=True)  # noqa: DJ001
-    created_at = models.DateTimeField()
+    created_at = models.DateTimeField(db_index=True)  # the dashboard's hour, admin filters
 
     class Meta:
         ordering = ["room", "seq"]

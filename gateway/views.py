@@ -130,7 +130,7 @@ def api_messages(request: HttpRequest, room: str) -> HttpResponse:
     )
 
 
-def healthz(request: HttpRequest) -> HttpResponse:
+async def healthz(request: HttpRequest) -> HttpResponse:
     """The process is alive (for liveness probes): no dependency is checked."""
     return JsonResponse({"status": "ok"})
 

@@ -159,9 +159,9 @@ async def test_dashboard_shows_live_traffic_and_its_actions_reach_the_rooms(gate
         await dash.send(json.dumps({"action": "close_room", "room": "ops"}))
         await asyncio.wait_for(ann.wait_closed(), 10)
         assert ann.close_code == 4410
-        with pytest.raises(websockets.InvalidStatus):
-            async with connect(gw, "/ws/chat/ops/"):
-                pass
+        async with connect(gw, "/ws/chat/ops/") as late:  # told why, so it does not retry
+            await asyncio.wait_for(late.wait_closed(), 10)
+            assert late.close_code == 4410
         await dash.send(json.dumps({"action": "post", "room": "ops", "message": "x"}))
         assert (await next_of(dash, "error"))["code"] == "room_closed"
         await dash.send(json.dumps({"action": "reopen_room", "room": "ops"}))

@@ -83,3 +83,13 @@ def test_login_can_be_required_for_pages_and_api(client, settings, django_user_m
     django_user_model.objects.create_user("dora", password="pw-12345-x")
     client.login(username="dora", password="pw-12345-x")
     assert client.get("/chat/lobby/").status_code == 200
+
+
+def test_probes_answer_whatever_the_host_and_the_site_does_not(client, settings):
+    settings.ALLOWED_HOSTS = ["chat.example.com"]
+    for path in ("/healthz", "/readyz"):  # Kubernetes and Docker call the pod's address
+        response = client.get(path, HTTP_HOST="10.0.0.5:8000")
+        assert response.status_code == 200, (path, response.content)
+    assert client.get("/readyz", HTTP_HOST="10.0.0.5").json()["checks"]["database"]["ready"]
+    assert client.get("/api/rooms/", HTTP_HOST="10.0.0.5:8000").status_code == 400
+    assert client.get("/api/rooms/", HTTP_HOST="chat.example.com").status_code == 200

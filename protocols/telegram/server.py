@@ -66,6 +66,7 @@ TICK = 1.0  # lease renewal, rooms scan, idle scopes
 PRUNE_INTERVAL = 3600.0
 ALLOWED_UPDATES = ["message"]
 HANDLE_TIMEOUT = 30.0  # an update not handled by then is fetched (or delivered) again
+RECORD_TIMEOUT = 5.0  # how long a chat's next message waits for the last one's record
 MAX_ATTEMPTS = 5  # an update that fails this often is given up (logged), not retried forever
 SKIPPED = ("… {count} earlier messages were skipped here (this chat fell behind); "
            "/history shows them.")
@@ -104,6 +105,7 @@ class _Outbox:
     waiting: int = 0  # room messages among the items
     skipped: int = 0
     sending: tuple[str | None, int | None] | None = None  # the room message being sent
+    recorded: asyncio.Future | None = None  # the relay has recorded the last one sent
     task: asyncio.Task | None = None
 
 
@@ -441,6 +443,12 @@ class TelegramServer:
             ))
         elif kind in ("chat.handled", "chat.failed"):
             self._handled(message["update_id"], kind == "chat.handled")
+        elif kind == "chat.drop":
+            self._drop((message["room"], message["id"]))
+        elif kind == "chat.recorded":
+            box = self.outboxes.get(message["chat_id"])
+            if box is not None and box.recorded is not None and not box.recorded.done():
+                box.recorded.set_result(None)
         elif kind == "telegram.relay_rooms":
             self._relay_rooms(message["rooms"])
         else:
@@ -479,6 +487,14 @@ class TelegramServer:
                 self._drain(chat_id, box), name=f"telegram-send-{chat_id}"
             )
 
+    def _drop(self, message: tuple[str, int]) -> None:
+        """Take a room message out of every chat's queue (staff deleted it)."""
+        for box in self.outboxes.values():
+            pieces = [i for i in box.items if i.message == message]
+            for item in pieces:
+                box.items.remove(item)
+            box.waiting -= sum(1 for i in pieces if i.last)
+
     @staticmethod
     def _skip_oldest(box: _Outbox) -> None:
         """Drop the oldest waiting room message, all its pieces (not the one being sent)."""
@@ -506,8 +522,7 @@ class TelegramServer:
                 box.sending = None
                 relay = self.relays.get(item.room) if item.room is not None else None
                 if sent and item.last and relay is not None:
-                    # Recorded at once, so a relay that takes over resends nothing sent.
-                    relay.put({"type": "chat.delivered", "positions": {chat_id: item.seq}})
+                    await self._record(relay, chat_id, box, item.seq)
                 elif not sent and item.room is not None and chat_id not in self.outboxes:
                     # Unreachable: tell the room's relay, which takes the chat out of it.
                     if relay is not None:
@@ -516,6 +531,19 @@ class TelegramServer:
             box.task = None
             if not box.items and self.outboxes.get(chat_id) is box:
                 del self.outboxes[chat_id]
+
+    async def _record(self, relay: Scope, chat_id: str, box: _Outbox, seq: int | None) -> None:
+        """Have the relay record that the chat was sent ``seq``, and wait for it before the
+        chat's next message: a relay taking over after a crash then resends at most the one
+        message that was in flight (Telegram has no idempotent send)."""
+        box.recorded = asyncio.get_running_loop().create_future()
+        relay.put({"type": "chat.delivered", "positions": {chat_id: seq}})
+        try:
+            await asyncio.wait_for(box.recorded, RECORD_TIMEOUT)
+        except TimeoutError:
+            logger.warning("delivery not recorded in time", extra={**LOG, "chat": chat_id})
+        finally:
+            box.recorded = None
 
     async def _deliver(self, chat_id: str, box: _Outbox, text: str) -> bool:
         """Send one message, waiting out flood limits and outages; False if Telegram refused
