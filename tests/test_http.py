@@ -85,6 +85,7 @@ def test_login_can_be_required_for_pages_and_api(client, settings, django_user_m
     assert client.get("/chat/lobby/").status_code == 200
 
 
+@pytest.mark.django_db(transaction=True)  # /readyz reaches the database from its own thread
 def test_probes_answer_whatever_the_host_and_the_site_does_not(client, settings):
     settings.ALLOWED_HOSTS = ["chat.example.com"]
     for path in ("/healthz", "/readyz"):  # Kubernetes and Docker call the pod's address
