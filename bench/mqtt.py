@@ -201,7 +201,11 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        broker, redis = Mosquitto(workdir), Redis(workdir)
+        # The broker holds a burst the gateway has not stored yet (it acknowledges a message
+        # only once stored): deploy/mosquitto/mosquitto.conf's queue size, not the default 1000.
+        queue = "max_queued_messages 100000\n"
+        broker = Mosquitto(workdir, extra_config="allow_anonymous true\n" + queue)
+        redis = Redis(workdir)
         broker.start()
         gateway, http = start_gateway(workdir, redis.url, broker.url)
         try:

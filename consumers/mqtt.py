@@ -70,6 +70,8 @@ class MqttDeviceConsumer(RoomConsumer):
         except DatabaseError:
             logger.exception("could not store a device message", extra=self.log_extra())
             await self._refuse("unavailable", "the message could not be stored", client_id)
+        # Stored or refused: the server may acknowledge it to the broker now.
+        await self.base_send({"type": "mqtt.handled", "ack": message["ack"]})
 
     async def _refuse(self, code: str, detail: str, client_id: object) -> None:
         logger.warning("refused device message %s: %s", code, detail,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import subprocess
 
 import aiomqtt
@@ -348,3 +349,27 @@ async def test_a_room_created_while_the_layer_is_down_is_still_relayed(
         [out] = await gather_out(d, 1, timeout=15)
         assert (out["id"], out["text"]) == (1, "stored while the layer is down")
         assert await nothing_more(d, 1.0)
+
+
+async def test_a_message_the_gateway_dies_before_storing_is_delivered_again(
+    mosquitto, gateway_factory
+):
+    gw = gateway_factory(env=mqtt_env(mosquitto)).start()
+    async with device(mosquitto) as d:
+        await d.publish("rooms/crash/in/probe", b"first", qos=1)
+        await wait_until(lambda: gw.get_json("/api/rooms/crash/")["last_id"] == 1, 10,
+                         "first not stored")
+        # Hold the database's write lock: the gateway receives the next message and waits to
+        # store it, and is killed while it waits.
+        db = sqlite3.connect(gw.datadir / "gateway.sqlite3", timeout=5)
+        db.execute("BEGIN IMMEDIATE")
+        await d.publish("rooms/crash/in/probe", b"second", qos=1)  # the broker has it
+        await asyncio.sleep(1.0)  # and the gateway too, by now
+        gw.kill()
+        db.rollback()
+        db.close()
+    back = gateway_factory(env=mqtt_env(mosquitto), port=gw.port, datadir=gw.datadir).start()
+    await wait_until(lambda: back.get_json("/api/rooms/crash/")["last_id"] == 2, 15,
+                     "the unacknowledged message was not delivered again")
+    history = back.get_json("/api/rooms/crash/messages?after=0")["messages"]
+    assert [m["message"] for m in history] == ["first", "second"]

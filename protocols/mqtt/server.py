@@ -106,6 +106,9 @@ class MqttServer:
         self._client: aiomqtt.Client | None = None
         self._tasks: list[asyncio.Task] = []
         self._known_rooms: set[str] = set()
+        # Received messages not yet acknowledged: token -> (scope, connection, mid, qos)
+        self._acks: dict[int, tuple[Scope | None, aiomqtt.Client, int, int]] = {}
+        self._token = 0
         self._room_pk = 0  # the newest room seen by a scan
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -162,7 +165,9 @@ class MqttServer:
                     logger.info("connected to the MQTT broker",
                                 extra={"protocol": "mqtt", "broker": str(self.address)})
                     async for message in client.messages:
-                        await self._on_message(message)
+                        token = self._token = self._token + 1
+                        self._acks[token] = (None, client, message.mid, message.qos)
+                        await self._on_message(message, token)
             except aiomqtt.MqttError as exc:
                 self.connected.clear()
                 self._client = None
@@ -180,7 +185,7 @@ class MqttServer:
 
     def _connect(self) -> aiomqtt.Client:
         tls = aiomqtt.TLSParameters(cert_reqs=ssl.CERT_REQUIRED) if self.address.tls else None
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             self.address.host,
             self.address.port,
             username=self.address.username,
@@ -195,6 +200,21 @@ class MqttServer:
             keepalive=self.keepalive,
             tls_params=tls,
         )
+        # Acknowledge a device's message only once it is stored (or refused), so one that
+        # arrives as the gateway dies is delivered again. aiomqtt does not expose paho's
+        # manual acknowledgements; its paho client does.
+        client._client.manual_ack_set(True)  # noqa: SLF001
+        return client
+
+    def _ack(self, token: int) -> None:
+        """Acknowledge a received message (on the connection it came on; after a reconnect
+        the broker sends it again, which the client_id or the store makes harmless)."""
+        entry = self._acks.pop(token, None)
+        if entry is None:
+            return
+        _, client, mid, qos = entry
+        if client is self._client and qos > 0:
+            client._client.ack(mid, qos)  # noqa: SLF001
 
     async def _publish_loop(self) -> None:
         while True:
@@ -217,12 +237,14 @@ class MqttServer:
 
     # --- inbound -----------------------------------------------------------------------
 
-    async def _on_message(self, message: aiomqtt.Message) -> None:
+    async def _on_message(self, message: aiomqtt.Message, token: int) -> None:
+        """Hand a device's message to its scope, which reports it handled with ``token``;
+        anything else is acknowledged at once."""
         topic = str(message.topic)
         if message.retain:
             # Replayed by the broker on (re)subscribe: already stored when it was live.
             logger.info("ignored a retained message", extra={"protocol": "mqtt", "topic": topic})
-            return
+            return self._ack(token)
         try:
             where = topics.in_topic_parse(self.prefix, topic)
         except GatewayError as exc:
@@ -230,7 +252,7 @@ class MqttServer:
             metrics.refused("mqtt", exc.code)
             logger.warning("refused MQTT message: %s", exc.detail,
                            extra={"protocol": "mqtt", "topic": topic[:200], "code": exc.code})
-            return
+            return self._ack(token)
         self.stats["received"] += 1
         scope = self.devices.get((where.device_id, where.room))
         if scope is None:
@@ -244,7 +266,8 @@ class MqttServer:
                 self._relay(where.room, after=0)
                 await self._save_cursors()
         scope.last_seen = time.monotonic()
-        scope.put({"type": "mqtt.message", "payload": bytes(message.payload)})
+        self._acks[token] = (scope, *self._acks[token][1:])
+        scope.put({"type": "mqtt.message", "payload": bytes(message.payload), "ack": token})
 
     def _open(self, scope: dict, *, name: str) -> Scope:
         return scope_open(self.application, scope, self._send, first={"type": "mqtt.connect"},
@@ -262,10 +285,16 @@ class MqttServer:
             key = (scope["device_id"], scope["room"])
             if self.devices.get(key) is opened:
                 del self.devices[key]
+            # What it did not handle: acknowledged, so the broker does not stall on it (the
+            # failure is logged; a clean close has handled everything first).
+            for token in [t for t, entry in self._acks.items() if entry[0] is opened]:
+                self._ack(token)
         elif self.relays.get(scope["room"]) is opened:
             del self.relays[scope["room"]]
 
     async def _send(self, message: dict) -> None:
+        if message["type"] == "mqtt.handled":
+            return self._ack(message["ack"])
         if message["type"] != "mqtt.publish":
             raise ValueError(f"unknown mqtt event {message['type']!r}")
         if "refused" in message:
