@@ -34,7 +34,25 @@ def wait_for_port(port: int, timeout: float = 15.0) -> None:
     raise TimeoutError(f"nothing listening on port {port} after {timeout}s")
 
 
-class RedisServer:
+class ServerProcess:
+    """A server of the tests' own, as a subprocess on ``self.port``."""
+
+    port: int
+    proc: subprocess.Popen | None = None
+
+    def _spawn(self, command: list[str], *, stderr=subprocess.DEVNULL) -> None:
+        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
+        wait_for_port(self.port)
+
+    def stop(self) -> None:
+        """SIGTERM, and wait for it to exit."""
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+
+class RedisServer(ServerProcess):
     """A private redis-server (no persistence) that a test may stop and restart."""
 
     def __init__(self, workdir: Path):
@@ -50,18 +68,8 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        wait_for_port(self.port)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-            self.proc = None
+        self._spawn([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                     "--appendonly", "no", "--dir", str(self.workdir)])
 
     def restart(self, downtime: float = 0.5) -> None:
         self.stop()
@@ -69,7 +77,7 @@ class RedisServer:
         self.start()
 
 
-class Mosquitto:
+class Mosquitto(ServerProcess):
     """A private mosquitto (with persistence, so a restart keeps sessions and queues)."""
 
     def __init__(self, workdir: Path, *, extra_config: str = ""):
@@ -95,21 +103,12 @@ class Mosquitto:
         return f"mqtt://127.0.0.1:{self.port}"
 
     def start(self) -> None:
+        # stop() sends SIGTERM, on which mosquitto saves its persistence file.
         with open(self.workdir / "log", "ab") as log:
-            self.proc = subprocess.Popen(
-                [self.binary, "-c", str(self.config)],
-                stdout=subprocess.DEVNULL, stderr=log,
-            )
-        wait_for_port(self.port)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()  # mosquitto saves its persistence file on SIGTERM
-            self.proc.wait(timeout=10)
-            self.proc = None
+            self._spawn([self.binary, "-c", str(self.config)], stderr=log)
 
 
-class Nginx:
+class Nginx(ServerProcess):
     """Debian's nginx running ``deploy/nginx/gateway.conf`` in front of local replicas.
 
     The config is the deployed one with only its addresses changed: the upstream servers
@@ -153,17 +152,8 @@ class Nginx:
                               capture_output=True, text=True, timeout=30)
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [self.binary, "-p", str(self.workdir), "-c", str(self.config), "-g", "daemon off;"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        wait_for_port(self.port)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-            self.proc = None
+        self._spawn([self.binary, "-p", str(self.workdir), "-c", str(self.config),
+                     "-g", "daemon off;"])
 
 
 class Gateway:

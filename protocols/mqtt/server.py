@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import ssl
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
@@ -38,6 +36,7 @@ from channels.db import database_sync_to_async
 from gateway import metrics, selectors, services, status
 from gateway import mqtt as topics
 from gateway.services import GatewayError
+from protocols.lease import Lease, jitter
 from protocols.scopes import Scope, scope_open, scopes_close
 
 logger = logging.getLogger(__name__)
@@ -92,7 +91,7 @@ class MqttServer:
         self.idle_timeout = idle_timeout
         self.keepalive = keepalive
         self.shared_group = shared_group
-        self.process_id = uuid.uuid4().hex
+        self.lease = Lease(RELAY, ttl=LEASE_TTL)
         self.leader = False
         self.published: dict[str, int] = {}  # room -> newest id published on out
         self._saved: dict[str, int] = {}
@@ -121,15 +120,21 @@ class MqttServer:
     async def start(self) -> None:
         status.register("mqtt", self.status)
         await self._lead()  # before any device message: see _lead
+        self._housekeeping = asyncio.create_task(
+            self._housekeeping_loop(), name="mqtt-housekeeping"
+        )
         self._tasks = [
             asyncio.create_task(self._connection_loop(), name="mqtt-connection"),
             asyncio.create_task(self._publish_loop(), name="mqtt-publish"),
-            asyncio.create_task(self._housekeeping_loop(), name="mqtt-housekeeping"),
+            self._housekeeping,
         ]
 
     async def stop(self) -> None:
         """Close every scope, publish what is already queued (briefly), then disconnect."""
         status.unregister("mqtt")
+        # No more lease renewals or new relays from here.
+        self._housekeeping.cancel()
+        await asyncio.gather(self._housekeeping, return_exceptions=True)
         await scopes_close([*self.devices.values(), *self.relays.values()],
                            {"type": "mqtt.disconnect"}, wait=5)
         self.devices.clear()
@@ -142,9 +147,7 @@ class MqttServer:
                                extra={"protocol": "mqtt"})
         if self.leader:  # hand over: the next holder resumes where we stopped
             await self._save_cursors()
-            await database_sync_to_async(services.lease_release)(
-                name=RELAY, holder=self.process_id
-            )
+            await self.lease.release()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -172,7 +175,7 @@ class MqttServer:
                 self.connected.clear()
                 self._client = None
                 self.stats["reconnects"] += 1
-                delay = backoff * (0.5 + random.random())
+                delay = jitter(backoff)
                 logger.warning("MQTT broker unreachable (%s); retrying in %.1fs", exc, delay,
                                extra={"protocol": "mqtt", "broker": str(self.address)})
                 await asyncio.sleep(delay)
@@ -334,9 +337,7 @@ class MqttServer:
 
     async def _lead(self) -> None:
         """Take or renew the relay lease; start or stop relaying accordingly."""
-        held = await database_sync_to_async(services.lease_acquire)(
-            name=RELAY, holder=self.process_id, ttl=LEASE_TTL
-        )
+        held = await self.lease.renew()
         if held and not self.leader:
             self.leader = True
             cursors = await database_sync_to_async(selectors.relay_cursors)(relay=RELAY)

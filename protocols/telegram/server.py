@@ -30,9 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import time
-import uuid
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
@@ -41,8 +39,6 @@ from dataclasses import dataclass, field
 os.environ.setdefault("PTB_TIMEDELTA", "true")
 
 from aiolimiter import AsyncLimiter  # noqa: E402
-from channels.db import database_sync_to_async  # noqa: E402
-from django.db import DatabaseError  # noqa: E402
 from telegram import Bot, LinkPreviewOptions, Update  # noqa: E402
 from telegram.constants import ParseMode  # noqa: E402
 from telegram.error import (  # noqa: E402
@@ -55,13 +51,14 @@ from telegram.error import (  # noqa: E402
 )
 from telegram.request import HTTPXRequest  # noqa: E402
 
-from gateway import ingress, metrics, services, status  # noqa: E402
+from gateway import ingress, metrics, status  # noqa: E402
+from protocols.lease import Lease, jitter  # noqa: E402
 from protocols.scopes import Scope, scope_open, scopes_close  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 LEASE = "telegram"  # held by the process that polls and relays rooms to chats
-LEASE_TTL = 10.0
+LEASE_TTL = 10.0  # another process takes over within this after the holder dies
 TICK = 1.0  # lease renewal, rooms scan, idle scopes
 PRUNE_INTERVAL = 3600.0
 ALLOWED_UPDATES = ["message"]
@@ -129,7 +126,7 @@ class TelegramServer:
         self.poll_timeout = poll_timeout
         self.idle_timeout = idle_timeout
         self.limits = limits
-        self.process_id = uuid.uuid4().hex
+        self.lease = Lease(LEASE, ttl=LEASE_TTL)
         self.leader = False
         self.ready = asyncio.Event()
         self.chats: dict[str, Scope] = {}
@@ -141,7 +138,6 @@ class TelegramServer:
         self.overall = AsyncLimiter(limits.overall_per_second, 1)
         self.stats: Counter[str] = Counter()
         self.last_update: float | None = None  # epoch seconds
-        self.renewed_at = 0.0  # when the lease was last renewed (monotonic)
         self.webhook_set = False
         self.attempts: Counter[int] = Counter()  # update_id -> times it failed
         self._poller: asyncio.Task | None = None
@@ -219,7 +215,7 @@ class TelegramServer:
                              extra=LOG)
                 return False
             except TelegramError as exc:
-                delay = _jitter(backoff)
+                delay = jitter(backoff)
                 logger.warning("Telegram Bot API unreachable (%s); retrying in %.1fs", exc,
                                delay, extra=LOG)
                 await asyncio.sleep(delay)
@@ -234,21 +230,7 @@ class TelegramServer:
 
     async def _lead(self) -> None:
         """Renew or take the lease; relay (and poll) only while it is surely held."""
-        try:
-            held = await asyncio.wait_for(
-                database_sync_to_async(services.lease_acquire)(
-                    name=LEASE, holder=self.process_id, ttl=LEASE_TTL
-                ),
-                LEASE_TTL / 4,
-            )
-        except (TimeoutError, DatabaseError) as exc:
-            # Unknown: keep leading only while the last renewal surely still holds.
-            held = self.leader and time.monotonic() - self.renewed_at < LEASE_TTL / 2
-            logger.warning("could not renew the telegram lease (%s)", exc or "timed out",
-                           extra=LOG)
-        else:
-            if held:
-                self.renewed_at = time.monotonic()
+        held = await self.lease.renew()
         if held and not self.leader:
             self.leader = True
             if not self.webhook_url:
@@ -293,12 +275,7 @@ class TelegramServer:
             scopes.append(self.directory)
         await scopes_close(scopes, {"type": "chat.disconnect"}, wait=5)
         if was_leader:
-            try:
-                await database_sync_to_async(services.lease_release)(
-                    name=LEASE, holder=self.process_id
-                )
-            except DatabaseError:
-                logger.warning("could not release the telegram lease; it expires", extra=LOG)
+            await self.lease.release()
 
     async def _poll(self) -> None:
         """Long-poll getUpdates, confirming a batch (by the next offset) only once every
@@ -320,7 +297,7 @@ class TelegramServer:
                 await asyncio.sleep(_seconds(exc.retry_after))
                 continue
             except Exception as exc:  # noqa: BLE001 - network, Telegram, or a bug: go on
-                delay = _jitter(backoff)
+                delay = jitter(backoff)
                 logger.warning("polling Telegram failed (%s); retrying in %.1fs", exc, delay,
                                extra=LOG, exc_info=not isinstance(exc, TelegramError))
                 await asyncio.sleep(delay)
@@ -331,7 +308,7 @@ class TelegramServer:
             if await self._handle_batch(updates):
                 offset = updates[-1].update_id + 1  # confirms them to Telegram
             else:
-                await asyncio.sleep(_jitter(1.0))
+                await asyncio.sleep(jitter(1.0))
 
     async def _handle_batch(self, updates: tuple[Update, ...]) -> bool:
         """Handle fetched updates; True once they may be confirmed."""
@@ -575,7 +552,7 @@ class TelegramServer:
                     self.outboxes.pop(chat_id, None)
                 return False
             except NetworkError as exc:  # includes TimedOut: kept, in order, and tried again
-                delay = _jitter(backoff)
+                delay = jitter(backoff)
                 logger.warning("sending to Telegram failed (%s); retrying in %.1fs", exc, delay,
                                extra={**LOG, "chat": chat_id})
                 await asyncio.sleep(delay)
@@ -598,8 +575,6 @@ def _seconds(period) -> float:
     return period.total_seconds() if hasattr(period, "total_seconds") else float(period)
 
 
-def _jitter(delay: float) -> float:
-    return delay * (0.5 + random.random())  # noqa: S311 (not for security)
 
 
 def telegram_bot(token: str, *, api_url: str) -> Bot:
