@@ -75,6 +75,12 @@ else:
     SECRET_KEY = env_str("DJANGO_SECRET_KEY")
     if not SECRET_KEY:
         raise ImproperlyConfigured("DJANGO_SECRET_KEY is required when DJANGO_DEBUG=0")
+    # The rule of `manage.py check --deploy` (security.W009), refused rather than warned.
+    if len(SECRET_KEY) < 50 or len(set(SECRET_KEY)) < 5:
+        raise ImproperlyConfigured(
+            "DJANGO_SECRET_KEY must be at least 50 characters with at least 5 different ones "
+            "(python -c 'import secrets; print(secrets.token_urlsafe(50))')"
+        )
     ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "")
     if not ALLOWED_HOSTS:
         raise ImproperlyConfigured("DJANGO_ALLOWED_HOSTS is required when DJANGO_DEBUG=0")
@@ -82,6 +88,12 @@ else:
         raise ImproperlyConfigured("DJANGO_ALLOWED_HOSTS='*' is refused in production")
 
 CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", "")
+# The session cookie never rides on a cross-site request (Django's default, stated here).
+SESSION_COOKIE_SAMESITE = "Lax"
+CSRF_COOKIE_SAMESITE = "Lax"
+# Error pages never show credentials: settings named like secrets and the passwords inside
+# URLs (MQTT_URL, REDIS_URL, DATABASE_URL) are masked.
+DEFAULT_EXCEPTION_REPORTER_FILTER = "gateway.debug.GatewayExceptionReporterFilter"
 
 INSTALLED_APPS = [
     "daphne",
@@ -238,6 +250,23 @@ GATEWAY = {
     "HEARTBEAT_INTERVAL": env_float("GATEWAY_HEARTBEAT_INTERVAL", 5.0, minimum=0.1),
     # How often each process compares its rooms with the database to fill any gap.
     "RESYNC_INTERVAL": env_float("GATEWAY_RESYNC_INTERVAL", 2.0, minimum=0.1),
+    # Origins (scheme://host[:port]) besides the site's own that may open its WebSockets and
+    # streams with the visitor's cookies. Default: none (same origin only).
+    "ALLOWED_ORIGINS": env_list("GATEWAY_ALLOWED_ORIGINS", ""),
+    # Refused frames (bad JSON, binary, unknown type, over the rate) a socket may send in a
+    # burst; they refill at one per second. Past it the socket is closed with 1008.
+    "WS_ERROR_LIMIT": env_int("GATEWAY_WS_ERROR_LIMIT", 20, minimum=1),
+    # Rooms: at most this many exist (0: no cap); each sender may create this many per
+    # minute; with ROOMS_STAFF_ONLY only staff (admin, dashboard) create rooms.
+    "MAX_ROOMS": env_int("GATEWAY_MAX_ROOMS", 10_000, minimum=0),
+    "ROOM_CREATE_PER_MINUTE": env_float("GATEWAY_ROOM_CREATE_PER_MINUTE", 10.0, minimum=0.01),
+    "ROOMS_STAFF_ONLY": env_bool("GATEWAY_ROOMS_STAFF_ONLY", False),
+    # HTTP: a request must send its headers within HEADER_TIMEOUT seconds of the connection
+    # (or of the previous response); an idle keep-alive connection closes after IDLE_TIMEOUT.
+    "HTTP_HEADER_TIMEOUT": env_float("GATEWAY_HTTP_HEADER_TIMEOUT", 10.0, minimum=0.5),
+    "HTTP_IDLE_TIMEOUT": env_float("GATEWAY_HTTP_IDLE_TIMEOUT", 60.0, minimum=1.0),
+    # A WebSocket handshake must complete (and the application accept it) within this.
+    "WS_HANDSHAKE_TIMEOUT": env_float("GATEWAY_WS_HANDSHAKE_TIMEOUT", 10.0, minimum=0.5),
 }
 
 # --- MQTT --------------------------------------------------------------------------------
@@ -259,6 +288,18 @@ MQTT = {
     # A device's scope closes after this many seconds without a message.
     "IDLE_TIMEOUT": env_float("MQTT_IDLE_TIMEOUT", 300.0, minimum=1.0),
     "KEEPALIVE": env_int("MQTT_KEEPALIVE", 30, minimum=5),
+    # The embedded broker: its address (loopback by default; production warns otherwise),
+    # its largest packet in bytes, and who may connect. MQTT_DEVICE_PASSWORDS names a file
+    # made by mosquitto_passwd (the same file deploy/mosquitto uses): a device logs in with
+    # its device id as user name and may publish only as itself. Anonymous devices are
+    # refused when MQTT_ALLOW_ANONYMOUS is off, which is its default in production mode and
+    # with GATEWAY_REQUIRE_LOGIN=1.
+    "EMBEDDED_HOST": env_str("MQTT_EMBEDDED_HOST", "127.0.0.1"),
+    "MAX_PACKET_SIZE": env_int("MQTT_MAX_PACKET_SIZE", 262_144, minimum=1024),
+    "DEVICE_PASSWORDS": env_str("MQTT_DEVICE_PASSWORDS"),
+    "ALLOW_ANONYMOUS": env_bool(
+        "MQTT_ALLOW_ANONYMOUS", DEBUG and not env_bool("GATEWAY_REQUIRE_LOGIN", False)
+    ),
 }
 
 # --- Telegram ----------------------------------------------------------------------------
