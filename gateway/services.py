@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import OrderedDict
 from datetime import UTC, datetime
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.db import IntegrityError, connection, transaction
 from django.db.models import Q
 
@@ -22,6 +25,7 @@ from gateway.models import (
     WebBlock,
 )
 from gateway.names import room_name_validate
+from gateway.ratelimit import TokenBucket
 
 
 class GatewayError(Exception):
@@ -80,14 +84,100 @@ def message_event(message: Message, *, room: str | None = None) -> events.RoomMe
     )
 
 
-def room_get_or_create(*, room: str) -> Room:
-    obj, _ = Room.objects.get_or_create(name=room_name_validate(room))
+def room_get_or_create(
+    *, room: str, creator: str | None = None, staff: bool = False
+) -> Room:
+    """The room, created if it is new, within the room policy for ``creator``: see
+    ``room_create_check`` (``creator`` None: staff or the gateway itself, never limited)."""
+    name = room_name_validate(room)
+    existing = Room.objects.filter(name=name).first()
+    if existing is not None:
+        return existing
+    if creator is not None and not staff:
+        room_create_check(creator=creator)
+    obj, _ = Room.objects.get_or_create(name=name)
     return obj
 
 
 def room_open(*, room: str) -> int:
-    """Create the room if it is new; return the id of its newest message."""
-    return room_get_or_create(room=room).last_seq
+    """The id of the room's newest message (0 for a room that does not exist yet: listening
+    to a room does not create it)."""
+    last = Room.objects.filter(name=room_name_validate(room)).values_list("last_seq", flat=True)
+    return last.first() or 0
+
+
+def room_enter(*, room: str, creator: str, staff: bool) -> bool:
+    """A member arrives in ``room``: create it if it is new (within the room policy);
+    True if staff closed it."""
+    return room_get_or_create(room=room, creator=creator, staff=staff).closed
+
+
+class _CreationLimits:
+    """Per-creator token buckets for new rooms, for the most recent creators (bounded)."""
+
+    KEEP = 10_000
+
+    def __init__(self) -> None:
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def allow(self, creator: str) -> float | None:
+        """None if ``creator`` may create a room now, else seconds to wait."""
+        per_minute = settings.GATEWAY["ROOM_CREATE_PER_MINUTE"]
+        with self._lock:
+            bucket = self._buckets.pop(creator, None) or TokenBucket(
+                rate=per_minute / 60, burst=max(1, int(per_minute))
+            )
+            self._buckets[creator] = bucket
+            while len(self._buckets) > self.KEEP:
+                self._buckets.popitem(last=False)
+            return None if bucket.allow() else bucket.retry_after()
+
+
+_room_creations = _CreationLimits()
+
+
+def room_create_check(*, creator: str) -> None:
+    """Whether ``creator`` (a sender id, not staff) may create a room now; GatewayError if
+    not: rooms are created by staff only (``room_not_found``), the cap on rooms is reached
+    (``too_many_rooms``), or this sender created too many lately (``rate_limited``)."""
+    policy = settings.GATEWAY
+    if policy["ROOMS_STAFF_ONLY"]:
+        raise GatewayError("room_not_found", "no such room (rooms are created by staff)")
+    wait = _room_creations.allow(creator)
+    if wait is not None:
+        raise GatewayError("rate_limited", f"too many new rooms; retry in {wait:.0f}s")
+    if policy["MAX_ROOMS"] and Room.objects.count() >= policy["MAX_ROOMS"]:
+        raise GatewayError("too_many_rooms", f"the gateway holds {policy['MAX_ROOMS']} rooms")
+
+
+# --- display names: staff names are reserved for staff -----------------------------------
+
+_RESERVED_TTL = 10.0
+_reserved: tuple[float, frozenset[str]] = (0.0, frozenset())
+
+
+def sender_verified(sender_id: str, protocol: str) -> bool:
+    """Whether the gateway vouches for this sender's name: a logged-in account, the system."""
+    return protocol == "system" or sender_id.startswith("user:")
+
+
+def display_name_reserved(name: str) -> bool:
+    """Whether ``name`` is a staff account's (case-insensitive); refreshed every 10 s."""
+    global _reserved
+    expires, names = _reserved
+    if time.monotonic() > expires:
+        staff = get_user_model().objects.filter(is_staff=True)
+        names = frozenset(n.casefold() for n in staff.values_list("username", flat=True))
+        _reserved = (time.monotonic() + _RESERVED_TTL, names)
+    return name.casefold() in names or name.casefold() == "system"
+
+
+def display_name_for(*, sender_id: str, protocol: str, name: str) -> str:
+    """The name a sender shows: an unverified sender cannot take a staff user's name."""
+    if sender_verified(sender_id, protocol) or not display_name_reserved(name):
+        return name
+    return f"{name[:50]} (unverified)"
 
 
 def room_message_post(
@@ -106,6 +196,10 @@ def room_message_post(
     room = room_name_validate(room)
     text = message_text_validate(text)
     client_id = client_id_validate(client_id)
+    name = display_name_for(sender_id=sender["id"], protocol=sender["protocol"],
+                            name=sender["name"])
+    if name != sender["name"]:
+        sender = events.sender(protocol=sender["protocol"], id=sender["id"], name=name)
     if client_id is not None:
         existing = _message_by_client_id(room, sender["id"], client_id)
         if existing is not None:
@@ -190,10 +284,12 @@ def _message_insert(
     if advanced is None:  # why not: only now is it worth a query
         if sender_blocked(sender):
             raise GatewayError("blocked", "staff blocked this sender; the message was dropped")
-        if Room.objects.get_or_create(name=room)[0].closed:
+        staff = sender["protocol"] == "system"
+        if room_get_or_create(room=room, creator=sender["id"], staff=staff).closed:
             raise GatewayError("room_closed", f"room {room} is closed")
         advanced = _room_advance(room, now, sender)
-        assert advanced is not None
+        if advanced is None:  # closed or blocked between the two statements
+            raise GatewayError("room_closed", f"room {room} is closed")
     room_pk, seq = advanced
     message = Message(
         room_id=room_pk,
@@ -279,9 +375,11 @@ def bot_chat_open(*, platform: str, chat_id: str, kind: str, title: str) -> BotC
 
 
 def bot_chat_join(*, chat: BotChat, room: str) -> None:
-    """The chat now receives ``room``, from its next message on."""
+    """The chat now receives ``room``, from its next message on (GatewayError when the room
+    is new and the room policy refuses it)."""
     chat.room = room_name_validate(room)
-    chat.delivered_seq = room_open(room=room)
+    creator = f"{chat.platform}-chat-{chat.chat_id}"
+    chat.delivered_seq = room_get_or_create(room=room, creator=creator).last_seq
     chat.save(update_fields=["room", "delivered_seq"])
 
 

@@ -1,0 +1,86 @@
+"""Who may create rooms, how many, how fast; and whose names are reserved."""
+
+from __future__ import annotations
+
+import pytest
+from django.contrib.auth import get_user_model
+
+from gateway import events, services
+from gateway.models import Room
+from gateway.services import GatewayError
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(autouse=True)
+def fresh_limits(monkeypatch):
+    """Each test starts with empty per-creator buckets and no cached staff names."""
+    monkeypatch.setattr(services, "_room_creations", services._CreationLimits())
+    monkeypatch.setattr(services, "_reserved", (0.0, frozenset()))
+
+
+def post(room: str, sender_id: str = "dev1", protocol: str = "mqtt", name: str = "dev1"):
+    return services.room_message_post(
+        room=room, text="hi", origin="test", sender=events.sender(
+            protocol=protocol, id=sender_id, name=name),
+    )
+
+
+def test_a_sender_creates_rooms_at_the_configured_pace(settings):
+    settings.GATEWAY = {**settings.GATEWAY, "ROOM_CREATE_PER_MINUTE": 3.0}
+    for n in range(3):
+        post(f"r{n}")
+    with pytest.raises(GatewayError) as refused:
+        post("r3")
+    assert refused.value.code == "rate_limited"
+    assert "retry in" in refused.value.detail
+    # Posting to rooms that exist is not limited by it; other senders have their own pace.
+    post("r0")
+    post("r3", sender_id="dev2", name="dev2")
+    assert sorted(Room.objects.values_list("name", flat=True)) == ["r0", "r1", "r2", "r3"]
+
+
+def test_the_number_of_rooms_is_capped(settings):
+    settings.GATEWAY = {**settings.GATEWAY, "MAX_ROOMS": 2}
+    post("a")
+    post("b", sender_id="dev2")
+    with pytest.raises(GatewayError) as refused:
+        post("c", sender_id="dev3")
+    assert refused.value.code == "too_many_rooms"
+    # Staff (the system) is not held by the cap or the pace.
+    post("c", sender_id="system", protocol="system", name="system")
+    assert Room.objects.count() == 3
+
+
+def test_rooms_created_by_staff_only(settings):
+    settings.GATEWAY = {**settings.GATEWAY, "ROOMS_STAFF_ONLY": True}
+    with pytest.raises(GatewayError) as refused:
+        post("new")
+    assert refused.value.code == "room_not_found"
+    assert services.room_enter(room="new", creator="user:1", staff=True) is False
+    post("new")  # once staff made it, anyone may post
+    with pytest.raises(GatewayError):
+        services.room_enter(room="other", creator="anon:x", staff=False)
+
+
+def test_listening_to_a_room_does_not_create_it():
+    assert services.room_open(room="quiet") == 0
+    assert not Room.objects.filter(name="quiet").exists()
+    post("quiet")
+    assert services.room_open(room="quiet") == 1
+
+
+def test_staff_names_are_reserved_for_verified_senders():
+    get_user_model().objects.create_user("Admin", password="x", is_staff=True)
+    get_user_model().objects.create_user("bob", password="x")
+    event, _ = post("lobby", sender_id="anon:1", protocol="web", name="admin")
+    assert event["sender"]["name"] == "admin (unverified)"
+    event, _ = post("lobby", sender_id="dev9", protocol="mqtt", name="ADMIN")
+    assert event["sender"]["name"] == "ADMIN (unverified)"
+    event, _ = post("lobby", sender_id="anon:2", protocol="web", name="system")
+    assert event["sender"]["name"] == "system (unverified)"
+    # The account itself, and names nobody on staff has, are left alone.
+    event, _ = post("lobby", sender_id="user:1", protocol="web", name="Admin")
+    assert event["sender"]["name"] == "Admin"
+    event, _ = post("lobby", sender_id="anon:3", protocol="web", name="bob")
+    assert event["sender"]["name"] == "bob"
