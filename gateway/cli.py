@@ -49,13 +49,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"Gateway running at http://{host}:{address.port}/  (Ctrl+C to stop)", flush=True)
 
     interface = args.host.replace(":", r"\:")
-    frame_limit = settings.GATEWAY["WS_MAX_FRAME_BYTES"]
+    limits = settings.GATEWAY
+    frame_limit = limits["WS_MAX_FRAME_BYTES"]
     server = GatewayServer(
         application,
         services=_protocol_services(args, application),
         endpoints=[f"tcp:port={args.port}:interface={interface}"],
         websocket_max_message_size=frame_limit,
         websocket_max_frame_size=frame_limit,
+        websocket_handshake_timeout=limits["WS_HANDSHAKE_TIMEOUT"],
+        websocket_connect_timeout=limits["WS_HANDSHAKE_TIMEOUT"],
+        header_timeout=limits["HTTP_HEADER_TIMEOUT"],
+        idle_timeout=limits["HTTP_IDLE_TIMEOUT"],
         on_listening=announce,
         verbosity=0,
     )

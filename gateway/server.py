@@ -1,18 +1,31 @@
 """daphne, started in-process by ``gateway run``, with a graceful shutdown.
 
-On SIGTERM or SIGINT: stop accepting connections, close every open scope with code 1012
+On SIGTERM or SIGINT: stop accepting connections, close every open scope with code 4012
 (clients reconnect and resume), leave the channel layer, remove this process's presence,
 then stop the reactor.
+
+Slow clients cannot hold connections: a request's headers must arrive within
+``GATEWAY_HTTP_HEADER_TIMEOUT`` of the connection (or of the previous response on a kept-alive
+one), an idle connection closes after ``GATEWAY_HTTP_IDLE_TIMEOUT``, a WebSocket handshake must
+complete within ``GATEWAY_WS_HANDSHAKE_TIMEOUT``, and the process raises its open-file limit
+to the hard limit at start. ``/metrics`` shows the open connections by state.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
+import sys
+import weakref
 
 import daphne.server  # isort:skip  (installs the asyncio reactor before twisted is imported)
+from daphne.http_protocol import WebRequest
+from daphne.ws_protocol import WebSocketProtocol
+from prometheus_client.core import REGISTRY, GaugeMetricFamily
 from twisted.internet import reactor, tcp
+from twisted.web import http
 
 from gateway import status
 from gateway.fanout import FRAME_WRITER_EXTENSION
@@ -74,12 +87,104 @@ class FrameWriter:
         transport.write(data)
 
 
+class HeaderDeadlineChannel(http.HTTPChannel):
+    """Twisted's HTTP channel with a deadline for the request headers.
+
+    Twisted's own idle timeout restarts with every byte, so a client sending a header line
+    every few seconds holds a connection forever (slowloris); this deadline does not move.
+    """
+
+    header_timeout = 10.0
+    reading_headers: weakref.WeakSet[HeaderDeadlineChannel] = weakref.WeakSet()
+    _deadline = None
+
+    def connectionMade(self) -> None:  # noqa: N802 (Twisted's names)
+        super().connectionMade()
+        self._arm()
+
+    def allHeadersReceived(self) -> None:  # noqa: N802
+        self._disarm()
+        super().allHeadersReceived()
+
+    def requestDone(self, request) -> None:  # noqa: N802
+        super().requestDone(request)
+        if self.persistent and self.transport is not None and not self.transport.disconnecting:
+            self._arm()  # the next request on this kept-alive connection
+
+    def connectionLost(self, reason) -> None:  # noqa: N802
+        self._disarm()
+        super().connectionLost(reason)
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = reactor.callLater(self.header_timeout, self._headers_too_slow)
+        self.reading_headers.add(self)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+        self.reading_headers.discard(self)
+
+    def _headers_too_slow(self) -> None:
+        self._deadline = None
+        self.reading_headers.discard(self)
+        peer = self.transport.getPeer() if self.transport is not None else None
+        logger.warning("closed a connection that sent no complete request in %.0fs",
+                       self.header_timeout,
+                       extra={"protocol": "http", "peer": str(getattr(peer, "host", peer))})
+        self.transport.abortConnection()
+
+
+class ConnectionsCollector:
+    """``gateway_open_connections{state}`` for /metrics, read when scraped: connections
+    still sending their request headers, HTTP requests in progress, open WebSockets."""
+
+    def __init__(self, server: daphne.server.Server) -> None:
+        self.server = server
+
+    def collect(self):
+        counts = {"reading_headers": len(HeaderDeadlineChannel.reading_headers),
+                  "http": 0, "websocket": 0}
+        for protocol, details in list(getattr(self.server, "connections", {}).items()):
+            if "disconnected" in details:
+                continue
+            if isinstance(protocol, WebSocketProtocol):
+                counts["websocket"] += 1
+            elif isinstance(protocol, WebRequest):
+                counts["http"] += 1
+        family = GaugeMetricFamily(
+            "gateway_open_connections", "Open connections of this process's HTTP server",
+            labels=["state"],
+        )
+        for state, count in counts.items():
+            family.add_metric([state], count)
+        yield family
+
+
+def open_files_limit_raise() -> tuple[int, int]:
+    """Raise this process's soft limit of open files to its hard limit (each connection
+    is a file); the limits now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            logger.warning("could not raise the open-file limit", extra={"soft": soft})
+    return soft, hard
+
+
 class GatewayServer(daphne.server.Server):
     """daphne plus the other protocol servers (``services``: objects with async ``start`` and
     ``stop``, started in order once the loop runs and stopped in reverse at shutdown)."""
 
-    def __init__(self, *args, on_listening=None, services=(), **kwargs):
+    def __init__(self, *args, on_listening=None, services=(), header_timeout: float = 10.0,
+                 idle_timeout: float = 60.0, **kwargs):
         super().__init__(*args, signal_handlers=False, **kwargs)
+        self.header_timeout = header_timeout
+        self.idle_timeout = idle_timeout
+        self.listening: list[int] = []  # the ports, read while listening (not after stop)
         self.services = list(services)
         self._started_services: list = []
         self._services_task: asyncio.Future | None = None
@@ -90,11 +195,18 @@ class GatewayServer(daphne.server.Server):
         self._shutdown_task: asyncio.Future | None = None
 
     def run(self) -> None:
+        soft, _ = open_files_limit_raise()
+        logger.info("open-file limit %d", soft, extra={"protocol": "http"})
+        collector = ConnectionsCollector(self)
+        REGISTRY.register(collector)
         reactor.callWhenRunning(self._install_signal_handlers)
-        reactor.callWhenRunning(self._configure_websockets)
+        reactor.callWhenRunning(self._configure_protocols)
         reactor.callWhenRunning(self._start_services)
-        super().run()
-        self._finish_loop()
+        try:
+            super().run()
+            self._finish_loop()
+        finally:
+            REGISTRY.unregister(collector)
 
     @staticmethod
     def _finish_loop() -> None:
@@ -120,6 +232,7 @@ class GatewayServer(daphne.server.Server):
     def listen_success(self, port) -> None:
         super().listen_success(port)
         self.ports.append(port)
+        self.listening.append(port.getHost().port)
         status.register("web", self.status)
         if self._on_listening is not None:
             self._on_listening(port.getHost())
@@ -129,14 +242,31 @@ class GatewayServer(daphne.server.Server):
         from django.conf import settings
 
         return {"ready": bool(self.ports) and not self._stopping,
-                "listening": [port.getHost().port for port in self.ports],
+                "listening": list(self.listening),
                 "serves": "chat" if "web" in settings.GATEWAY_PROTOCOLS else "health only"}
 
-    def _configure_websockets(self) -> None:
+    def listen_error(self, failure) -> None:
+        """The HTTP port cannot be had (taken, not allowed): say so and exit non-zero."""
+        print(f"gateway run: cannot listen for HTTP: {failure.getErrorMessage()}",
+              file=sys.stderr, flush=True)
+        self.exit_code = 1
+        super().listen_error(failure)
+
+    def _configure_protocols(self) -> None:
         # On a protocol violation (invalid UTF-8, a frame over the size limit) send the
         # close frame with its code (1007, 1009) instead of dropping the TCP connection,
         # so the client learns why.
         self.ws_factory.setProtocolOptions(failByDrop=False)
+        # Every HTTP connection from now on gets the header deadline and the idle timeout
+        # (nothing is accepted before the reactor runs).
+        header_timeout = self.header_timeout
+
+        class Channel(HeaderDeadlineChannel):
+            pass
+
+        Channel.header_timeout = header_timeout
+        self.http_factory.protocol = lambda: http._GenericHTTPChannelProtocol(Channel())
+        self.http_factory.timeOut = self.idle_timeout
 
     def _start_services(self) -> None:
         self._services_task = asyncio.ensure_future(self._run_services())

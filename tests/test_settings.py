@@ -28,6 +28,13 @@ def test_production_without_a_secret_is_refused(tmp_path):
     assert "DJANGO_SECRET_KEY is required" in result.stderr
 
 
+def test_production_refuses_a_weak_secret(tmp_path):
+    for weak in ("x", "short-but-varied-0123456789", "a" * 80, "abab" * 20):
+        result = manage("check", env={**PROD, "DJANGO_SECRET_KEY": weak}, tmp_path=tmp_path)
+        assert result.returncode != 0, weak
+        assert "at least 50 characters" in result.stderr
+
+
 def test_production_refuses_a_wildcard_host(tmp_path):
     result = manage("check", env={**PROD, "DJANGO_ALLOWED_HOSTS": "*"}, tmp_path=tmp_path)
     assert result.returncode != 0
