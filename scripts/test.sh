@@ -20,7 +20,9 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 ensure_venv "[test]"
-.venv/bin/python -m pytest "$@"
+# Both stages run whatever the first one gives; the script fails if either failed.
+status=0
+.venv/bin/python -m pytest "$@" || status=$?
 
 # The whole suite (no arguments) also runs the storage tests on PostgreSQL: the machine's
 # (127.0.0.1:5432, trust auth) unless GATEWAY_TEST_DATABASE_URL says otherwise;
@@ -28,6 +30,11 @@ ensure_venv "[test]"
 if [ $# -eq 0 ] && [ "${GATEWAY_TEST_POSTGRES:-1}" != 0 ]; then
     url="${GATEWAY_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/gateway}"
     echo "Storage tests on PostgreSQL: $url"
+    pg_status=0
     DATABASE_URL="$url" .venv/bin/python -m pytest -q tests/test_units.py \
-        tests/test_consumer.py tests/test_http.py tests/test_bots.py
+        tests/test_consumer.py tests/test_http.py tests/test_bots.py \
+        tests/test_room_policy.py || pg_status=$?
+    echo "Stages: whole suite exit $status; storage tests on PostgreSQL exit $pg_status"
+    [ "$status" -ne 0 ] || status=$pg_status
 fi
+exit "$status"
