@@ -240,7 +240,8 @@ def main() -> None:
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is required")
     if not (BENCH / "node_modules" / "ws").exists():
-        subprocess.run(["npm", "install", "--silent", "--prefix", str(BENCH)], check=True)
+        # From the lock file, exactly (node_modules is not kept in the repository).
+        subprocess.run(["npm", "ci", "--silent", "--prefix", str(BENCH)], check=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
