@@ -4,6 +4,11 @@ Point a real ``telegram.Bot(token, base_url=f"{standin.url}/bot")`` at it. It ke
 update queue (long polling with offsets), the webhook setting and every message sent, and
 can answer the next calls of a method with an error (flood control, outages) or stop
 listening altogether, as https://core.telegram.org/bots/api describes the real one.
+
+Privacy mode (https://core.telegram.org/bots/features#privacy-mode) is on by default, as for
+a new bot: in a group where the bot is not an administrator, only commands reach it (not
+addressed to another bot); other messages are withheld, never queued. (Telegram also passes
+replies to the bot's messages and service messages; not modelled.)
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ import json
 import re
 import threading
 import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from html.parser import HTMLParser
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -38,6 +46,21 @@ HTML_TAGS = frozenset(
     "b strong i em u ins s strike del a code pre tg-spoiler span blockquote tg-emoji".split()
 )
 HTML_ENTITIES = {"lt": "<", "gt": ">", "amp": "&", "quot": '"'}
+GROUP_TYPES = ("group", "supergroup")
+# getChatMember answers by status: the fields Telegram always sends besides status and user.
+ADMIN_RIGHTS = (
+    "can_be_edited is_anonymous can_manage_chat can_delete_messages can_manage_video_chats"
+    " can_restrict_members can_promote_members can_change_info can_invite_users"
+    " can_post_stories can_edit_stories can_delete_stories".split()
+)
+MEMBER_FIELDS: dict[str, dict[str, Any]] = {
+    "creator": {"is_anonymous": False},
+    "administrator": {right: right != "can_be_edited" and right != "is_anonymous"
+                      for right in ADMIN_RIGHTS},
+    "member": {},
+    "left": {},
+    "kicked": {"until_date": 0},
+}
 
 
 class ApiError(Exception):
@@ -219,7 +242,12 @@ class BotApiStandIn:
     """Telegram's Bot API for one bot token, on 127.0.0.1, in a background thread."""
 
     def __init__(
-        self, token: str, *, port: int | None = None, bot_username: str = "gateway_test_bot"
+        self,
+        token: str,
+        *,
+        port: int | None = None,
+        bot_username: str = "gateway_test_bot",
+        group_privacy: bool = True,
     ) -> None:
         self.token = token
         self.port = port or free_port()
@@ -230,10 +258,13 @@ class BotApiStandIn:
             "first_name": "Gateway",
             "username": bot_username,
             "can_join_groups": True,
-            "can_read_all_group_messages": False,
+            "can_read_all_group_messages": not group_privacy,
             "supports_inline_queries": False,
         }
         self.sent: list[dict] = []
+        self.withheld: list[dict] = []  # updates privacy mode kept from the bot
+        self.served: Counter[int] = Counter()  # update_id -> getUpdates answers that had it
+        self._members: dict[tuple[int, int], str] = {}  # (chat, user) -> status
         self.calls: list[tuple[str, dict]] = []
         self.webhook: dict | None = None
         self.allowed_updates: list[str] | None = None  # as last set; None means all types
@@ -255,6 +286,7 @@ class BotApiStandIn:
             "setWebhook": self._set_webhook,
             "deleteWebhook": self._delete_webhook,
             "getWebhookInfo": self._get_webhook_info,
+            "getChatMember": self._get_chat_member,
         }
         self._method_names = {name.lower(): name for name in self._methods}
 
@@ -299,16 +331,45 @@ class BotApiStandIn:
 
     # --- what the test does ----------------------------------------------------------------
 
-    def push_update(self, update: dict) -> dict:
-        """Queue an update (numbered from 1000 unless it has an update_id) and wake long polls."""
+    @property
+    def group_privacy(self) -> bool:
+        return not self.me["can_read_all_group_messages"]
+
+    @group_privacy.setter
+    def group_privacy(self, on: bool) -> None:
+        """BotFather's /setprivacy (Telegram applies it to groups the bot joins afterwards;
+        here, at once)."""
         with self._cond:
-            if "update_id" not in update:
-                update["update_id"] = self._next_update_id
-            self._next_update_id = max(self._next_update_id, update["update_id"] + 1)
+            self.me["can_read_all_group_messages"] = not on
+
+    def set_member(self, chat_id: int, status: str, *, user_id: int = BOT_ID) -> None:
+        """Someone's status in a chat, as getChatMember answers it (default: the bot's);
+        "administrator" or "creator" lets the bot read a group's every message."""
+        if status not in MEMBER_FIELDS:
+            raise ValueError(f"unknown chat member status {status!r}")
+        with self._cond:
+            self._members[(chat_id, user_id)] = status
+
+    @contextmanager
+    def together(self) -> Iterator[None]:
+        """The updates pushed inside are served together, in one getUpdates answer."""
+        with self._cond:
+            yield
+
+    def push_update(self, update: dict) -> dict:
+        """Queue an update (numbered from 1000 unless it has an update_id) and wake long polls.
+        An update privacy mode withholds is only recorded in ``withheld`` (and gets no id)."""
+        with self._cond:
             for value in update.values():
                 if isinstance(value, dict) and isinstance(value.get("chat"), dict):
                     chat = value["chat"]
                     self._chats[chat["id"]] = {**self._chats.get(chat["id"], {}), **chat}
+            if self._privacy_withholds(update):
+                self.withheld.append(update)
+                return update
+            if "update_id" not in update:
+                update["update_id"] = self._next_update_id
+            self._next_update_id = max(self._next_update_id, update["update_id"] + 1)
             self._history[update["update_id"]] = update
             self._queue.append(update)
             self._cond.notify_all()
@@ -469,6 +530,26 @@ class BotApiStandIn:
                 self._failures.remove(failure)
             raise failure["error"]
 
+    def _bot_status(self, chat_id: int) -> str:
+        return self._members.get((chat_id, BOT_ID), "member")
+
+    def _privacy_withholds(self, update: dict) -> bool:
+        """Privacy mode: a group's message reaches a bot that is no admin there only if it
+        is a command, and not one for another bot."""
+        message = update.get("message")
+        if not isinstance(message, dict) or not self.group_privacy:
+            return False
+        chat = message.get("chat") or {}
+        if chat.get("type") not in GROUP_TYPES:
+            return False
+        if self._bot_status(chat.get("id")) in ("administrator", "creator"):
+            return False
+        text = message.get("text")
+        if not isinstance(text, str) or not text.startswith("/"):
+            return True
+        addressee = text.split(maxsplit=1)[0].partition("@")[2]
+        return bool(addressee) and addressee.lower() != self.me["username"].lower()
+
     def _take_message_id(self) -> int:
         message_id = self._next_message_id
         self._next_message_id += 1
@@ -500,6 +581,7 @@ class BotApiStandIn:
             self._forget_unwanted()
         delivered = sorted(self._queue, key=lambda update: update["update_id"])[:limit]
         self._redeliver.difference_update(update["update_id"] for update in delivered)
+        self.served.update(update["update_id"] for update in delivered)
         return delivered
 
     def _confirm(self, offset: int) -> None:
@@ -554,6 +636,21 @@ class BotApiStandIn:
             "from": dict(self.me),
             "text": shown,
         }
+
+    def _get_chat_member(self, params: dict) -> dict:
+        chat_id = as_chat_id(params.get("chat_id"))
+        try:
+            user_id = int(params["user_id"])
+        except (KeyError, TypeError, ValueError):
+            raise bad_request("user_id is invalid") from None
+        if chat_id not in self._chats:
+            raise bad_request("chat not found")
+        status = self._members.get((chat_id, user_id), "member")
+        if user_id == BOT_ID:
+            user = {k: self.me[k] for k in ("id", "is_bot", "first_name", "username")}
+        else:
+            user = {"id": user_id, "is_bot": False, "first_name": f"User {user_id}"}
+        return {"status": status, "user": user, **MEMBER_FIELDS[status]}
 
     def _set_webhook(self, params: dict) -> bool:
         if "url" not in params:

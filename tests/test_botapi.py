@@ -271,3 +271,68 @@ def test_error_answers(standin):
         "description": "Too Many Requests: retry after 1",
         "parameters": {"retry_after": 1},
     }
+
+
+async def test_get_me_tells_the_privacy_mode(standin):
+    async with telegram.Bot(TOKEN, base_url=f"{standin.url}/bot") as client:
+        assert client.bot.can_read_all_group_messages is False  # Telegram's default
+    standin.group_privacy = False
+    async with telegram.Bot(TOKEN, base_url=f"{standin.url}/bot") as client:
+        assert client.bot.can_read_all_group_messages is True
+    with BotApiStandIn(TOKEN, group_privacy=False) as other:
+        assert post(other, "getMe", b"", "")["result"]["can_read_all_group_messages"] is True
+
+
+async def test_get_chat_member_of_the_bot_per_chat(bot, standin):
+    for chat in (-1, -2, -3, -4, -5):
+        standin.text_update(chat, "/start", chat_type="group", title=f"G{chat}")
+    standin.set_member(-2, "administrator")
+    standin.set_member(-3, "creator")
+    standin.set_member(-4, "left")
+    standin.set_member(-5, "kicked")
+    statuses = [(await bot.get_chat_member(c, bot.id)).status for c in (-1, -2, -3, -4, -5)]
+    assert statuses == ["member", "administrator", "creator", "left", "kicked"]
+    admin = await bot.get_chat_member(-2, bot.id)
+    assert isinstance(admin, telegram.ChatMemberAdministrator)
+    assert admin.user.username == "gateway_test_bot" and admin.can_delete_messages
+    other = await bot.get_chat_member(-1, 77)
+    assert (other.status, other.user.id) == ("member", 77)
+    with pytest.raises(BadRequest, match="(?i)chat not found"):
+        await bot.get_chat_member(-999, bot.id)
+    with pytest.raises(ValueError, match="unknown chat member status"):
+        standin.set_member(-1, "boss")
+
+
+async def test_privacy_mode_passes_a_group_only_commands_unless_the_bot_is_admin(bot, standin):
+    group = {"chat_type": "supergroup", "title": "Crew"}
+    standin.text_update(-10, "plain talk", **group)
+    standin.text_update(-10, "/join crew", **group)
+    standin.text_update(-10, "/join@gateway_test_bot crew", **group)
+    standin.text_update(-10, "/join@other_bot crew", **group)
+    standin.text_update(CHAT, "private talk")
+    standin.set_member(-11, "administrator")
+    standin.text_update(-11, "admins read everything", **group)
+    withheld = [u["message"]["text"] for u in standin.withheld]
+    assert withheld == ["plain talk", "/join@other_bot crew"]
+    assert all("update_id" not in u for u in standin.withheld)
+    texts = [u.message.text for u in await bot.get_updates()]
+    assert texts == ["/join crew", "/join@gateway_test_bot crew", "private talk",
+                     "admins read everything"]
+
+    standin.group_privacy = False  # BotFather /setprivacy: Disable
+    standin.text_update(-10, "now it does", **group)
+    assert [u.message.text for u in await bot.get_updates(offset=1004)] == ["now it does"]
+    assert len(standin.withheld) == 2
+
+
+async def test_served_counts_and_updates_pushed_together_come_together(bot, standin):
+    poll = asyncio.create_task(bot.get_updates(timeout=dtm.timedelta(seconds=5)))
+    await asyncio.sleep(0.2)  # the long poll waits
+    with standin.together():
+        standin.text_update(CHAT, "odd", update_id=2**63)
+        standin.text_update(CHAT, "normal", update_id=1500)
+    assert [u.update_id for u in await asyncio.wait_for(poll, 5)] == [1500, 2**63]
+    await bot.get_updates()
+    assert standin.served == {1500: 2, 2**63: 2}
+    assert await bot.get_updates(offset=2**63 + 1) == ()
+    assert standin.pending_updates() == []

@@ -142,6 +142,7 @@ async def test_every_command(api, gateway_factory):
 
 async def test_a_group_bridges_to_one_room(api, gateway_factory):
     group = -100123
+    api.set_member(group, "administrator")  # privacy mode passes an admin every message
     gw = gateway_factory(env=tg_env(api)).start()
     group_kw = {"chat_type": "supergroup", "title": "Plant crew"}
     # A command for another bot in the group, and chatter before any room: no answer.
@@ -399,6 +400,7 @@ async def test_idle_chat_scopes_close_and_reopen_and_only_text_is_taken(api, gat
     assert only_text == "Only text messages are passed on to the room."
     assert gw.log().count("chat scope opened") == 2
     group_photo = {**photo, "chat": {"id": -5, "type": "group", "title": "G"}}
+    api.set_member(-5, "administrator")  # so that privacy mode lets the photo through
     api.push_update({"message": group_photo})  # in a group: not worth an answer
     await say(api, ALICE, "/who")
     assert api.sent_to(-5) == []
