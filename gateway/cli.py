@@ -146,7 +146,11 @@ def _mqtt_services(args: argparse.Namespace, application) -> list:
 
 
 def _port_free(host: str, port: int) -> bool:
+    """Whether nothing listens on ``host:port``. With SO_REUSEADDR, as the broker binds:
+    after a crash the port's old connections linger in TIME_WAIT for a minute, and without
+    it they would count as taken."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
