@@ -16,7 +16,12 @@ from django.db import transaction
 from bots import formatting
 from gateway import events, metrics, selectors, services
 from gateway.models import BotChat
-from gateway.names import ROOM_NAME_RULE, InvalidRoomName, display_name_clean
+from gateway.names import (
+    ROOM_NAME_RULE,
+    InvalidRoomName,
+    display_name_clean,
+    room_name_validate,
+)
 from gateway.services import GatewayError
 
 logger = logging.getLogger(__name__)
@@ -24,6 +29,7 @@ logger = logging.getLogger(__name__)
 HISTORY_DEFAULT = 10
 HISTORY_MAX = 50
 ROOMS_SHOWN = 20
+COMMAND_SHOWN = 64  # of an unknown command, quoted back (a reply fits a chat message)
 
 
 @dataclass(frozen=True)
@@ -68,7 +74,8 @@ def handle(incoming: Incoming, *, bot_username: str = "") -> list[str]:
             return []  # a command for another bot in the group
         action = COMMANDS.get(command)
         if action is None:
-            return [f"Unknown command /{formatting.escape(command)}. /help lists the commands."]
+            shown = formatting.escape(command[:COMMAND_SHOWN])
+            return [f"Unknown command /{shown}. /help lists the commands."]
         return action(chat, incoming, argument)
 
 
@@ -77,11 +84,11 @@ def command_parse(text: str, bot_username: str) -> tuple[str | None, str]:
     for plain text; ``("", "")`` for a command addressed to another bot."""
     if not text.startswith("/"):
         return None, text
-    head, _, argument = text[1:].partition(" ")
+    head, *rest = text[1:].split(maxsplit=1) or [""]  # "/join\nlobby" too
     command, _, addressee = head.partition("@")
     if addressee and addressee.lower() != bot_username.lower():
         return "", ""
-    return command.lower(), argument.strip()
+    return command.lower(), rest[0].strip() if rest else ""
 
 
 def _log(incoming: Incoming, **fields: object) -> dict[str, object]:
@@ -161,12 +168,19 @@ def _rooms(chat: BotChat, incoming: Incoming, argument: str) -> list[str]:
 def _join(chat: BotChat, incoming: Incoming, argument: str) -> list[str]:
     if not argument:
         return [f"Usage: /join &lt;room&gt; ({ROOM_NAME_RULE})"]
+    try:  # before any query: PostgreSQL refuses a NUL in a name, for one
+        room_name_validate(argument)
+    except InvalidRoomName as exc:
+        return [formatting.escape(str(exc))]
     if selectors.room_is_closed(room=argument):
         return [f"Room <b>{formatting.escape(argument)}</b> is closed."]
     try:
         services.bot_chat_join(chat=chat, room=argument)
-    except InvalidRoomName as exc:
-        return [formatting.escape(str(exc))]
+    except GatewayError as exc:  # the room policy refused a new room
+        logger.warning("refused a join %s: %s", exc.code, exc.detail,
+                       extra=_log(incoming, room=argument, code=exc.code))
+        metrics.refused(incoming.platform, exc.code)
+        return [f"Not joined: {formatting.escape(exc.detail)}"]
     logger.info("chat joined a room", extra=_log(incoming, room=chat.room))
     room = formatting.escape(chat.room)
     return [f"You joined <b>{room}</b>: its messages come here, and what you write goes there. "
@@ -196,15 +210,25 @@ def _who(chat: BotChat, incoming: Incoming, argument: str) -> list[str]:
 def _history(chat: BotChat, incoming: Incoming, argument: str) -> list[str]:
     if not chat.room:
         return [JOIN_HINT]
-    count = HISTORY_DEFAULT
-    if argument:
-        if not argument.isdigit() or not 1 <= int(argument) <= HISTORY_MAX:
-            return [f"Usage: /history [n], n from 1 to {HISTORY_MAX}"]
-        count = int(argument)
+    count = HISTORY_DEFAULT if not argument else count_parse(argument, HISTORY_MAX)
+    if count is None:
+        return [f"Usage: /history [n], n from 1 to {HISTORY_MAX}"]
     history = selectors.room_messages_last(room=chat.room, limit=count)
     if not history:
         return [f"No messages in <b>{formatting.escape(chat.room)}</b> yet."]
     return formatting.lines([formatting.history_line(event) for event in history])
+
+
+def count_parse(text: str, most: int) -> int | None:
+    """``text`` as a count from 1 to ``most``, or None. ASCII digits only (``str.isdigit``
+    also takes "²", which ``int`` refuses), and short: ``int`` refuses 4,300 digits."""
+    if not (text.isascii() and text.isdigit()):
+        return None
+    digits = text.lstrip("0")
+    if len(digits) > len(str(most)):
+        return None
+    count = int(digits or "0")
+    return count if 1 <= count <= most else None
 
 
 def _name(chat: BotChat, incoming: Incoming, argument: str) -> list[str]:
