@@ -5,6 +5,7 @@ the Bot API stand-in (tests/botapi.py), over real HTTP."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import urllib.error
@@ -14,7 +15,7 @@ import pytest
 
 from tests.botapi import BotApiStandIn
 from tests.test_e2e import wait_until
-from tests.test_telegram import ALICE, TOKEN, say, tg_env
+from tests.test_telegram import ALICE, BEN, TOKEN, post_update, say, stored, tg_env
 
 pytestmark = pytest.mark.slow
 
@@ -57,4 +58,46 @@ async def test_command_arguments_that_are_not_ascii_numbers_get_the_usage(api, g
     (unknown,) = await say(api, ALICE, "/" + "x" * 4000)
     assert unknown == f"Unknown command /{'x' * 64}. /help lists the commands."
     assert "gave up on update" not in gw.log() and "Traceback" not in gw.log()
+
+
+async def test_the_webhook_refuses_update_ids_out_of_range_and_goes_on(api, gateway_factory):
+    secret = "s3cret-Token_for-tests"
+    port = gateway_factory(env={}).port  # the webhook URL names the port
+    url = f"http://127.0.0.1:{port}/telegram/webhook/"
+    gw = gateway_factory(
+        env=tg_env(api, TELEGRAM_WEBHOOK_URL=url, TELEGRAM_WEBHOOK_SECRET=secret), port=port
+    ).start()
+    await wait_until(lambda: api.webhook is not None, 10, "setWebhook not called")
+    call = asyncio.to_thread
+    for update_id in [HUGE, 2**64, 10**400, -1, -(2**63) - 1]:
+        assert await call(post_update, gw, update(update_id, "/help"), secret) == 400, update_id
+    assert "refused a webhook call: update_id 9223372036854775808 is out of range" in gw.log()
+    assert api.sent == []
+    assert await call(post_update, gw, update(HUGE - 1, "/join edge"), secret) == 200
+    assert await call(post_update, gw, update(5, "hello"), secret) == 200
+    await api.wait_sent_async(ALICE, 1)
+    assert [m["message"] for m in await stored(gw, "edge")] == ["hello"]
+    assert telegram_status(gw)["updates_refused"] == 5
+
+
+async def test_polling_skips_an_update_id_out_of_range_and_confirms_past_it(
+    api, gateway_factory
+):
+    gw = gateway_factory(env=tg_env(api)).start()
+    await say(api, ALICE, "/join odd")  # update 1000: polling runs
+    # Telegram numbers updates upwards, so once past 2^63 it would confirm any lower one:
+    # the normal update comes in the same answer (ids sorted: it is handled first).
+    with api.together():
+        api.text_update(ALICE, "never stored", update_id=HUGE)
+        api.text_update(BEN, "/help", user_id=BEN, update_id=1001)
+    (helped,) = [m["visible_text"] for m in await api.wait_sent_async(BEN, 1)]
+    assert "/history [n]" in helped
+    await wait_until(lambda: "skipped an update" in gw.log(), 10, "no log line")
+    await wait_until(lambda: not api.pending_updates(), 10, "not confirmed past it")
+    assert api.served[HUGE] == 1  # confirmed by the next poll, never fetched again
+    assert "update_id 9223372036854775808 is out of range" in gw.log()
+    assert "not handled; fetching them again" not in gw.log()
+    assert "gave up on update" not in gw.log()
+    assert await stored(gw, "odd") == []
+    assert telegram_status(gw)["updates_refused"] == 1
 

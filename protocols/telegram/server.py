@@ -23,6 +23,8 @@ application's ``chat.send_message`` events to Telegram.
   ``TELEGRAM_CHAT_BACKLOG`` room messages waiting loses the oldest of them and is told how
   many it missed (``/history`` shows them): a chat far behind costs bounded memory and
   never holds up another.
+- An update whose ``update_id`` the handled-updates record cannot hold is refused (webhook)
+  or skipped and confirmed (polling), with a log line: never retried.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ ALLOWED_UPDATES = ["message"]
 HANDLE_TIMEOUT = 30.0  # an update not handled by then is fetched (or delivered) again
 RECORD_TIMEOUT = 5.0  # how long a chat's next message waits for the last one's record
 MAX_ATTEMPTS = 5  # an update that fails this often is given up (logged), not retried forever
+UPDATE_ID_MAX = 2**63 - 1  # what the record of handled updates holds (a BigIntegerField)
 SKIPPED = ("… {count} earlier messages were skipped here (this chat fell behind); "
            "/history shows them.")
 LOG = {"protocol": "telegram"}
@@ -152,7 +155,8 @@ class TelegramServer:
         return {"ready": self.ready.is_set(), "mode": self.mode, "relaying": self.leader,
                 "last_update": self.last_update, "chats_open": len(self.chats),
                 "retry_after_waits": self.stats["retry_after"], "received": self.stats["received"],
-                "sent": self.stats["sent"], "skipped": self.stats["skipped"]}
+                "sent": self.stats["sent"], "skipped": self.stats["skipped"],
+                "updates_refused": self.stats["updates_refused"]}
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -306,13 +310,21 @@ class TelegramServer:
             if not updates:
                 continue
             if await self._handle_batch(updates):
-                offset = updates[-1].update_id + 1  # confirms them to Telegram
+                # Confirms them to Telegram, the skipped ones too.
+                offset = max(u.update_id for u in updates) + 1
             else:
                 await asyncio.sleep(jitter(1.0))
 
     async def _handle_batch(self, updates: tuple[Update, ...]) -> bool:
         """Handle fetched updates; True once they may be confirmed."""
-        handled = {u.update_id: f for u in updates if (f := self._dispatch(u)) is not None}
+        handled = {}
+        for update in updates:
+            if not update_id_storable(update.update_id):
+                self.stats["updates_refused"] += 1
+                logger.warning("skipped an update: %s", update_id_problem(update.update_id),
+                               extra={**LOG, "update_id": _shown(update.update_id)})
+            elif (future := self._dispatch(update)) is not None:
+                handled[update.update_id] = future
         if handled:
             await asyncio.wait(handled.values(), timeout=HANDLE_TIMEOUT)
         failed = [i for i, f in handled.items() if not (f.done() and f.result())]
@@ -339,6 +351,10 @@ class TelegramServer:
             update = Update.de_json(data, self.bot)
         except Exception as exc:  # noqa: BLE001 - whatever PTB makes of a malformed body
             raise ingress.Rejected(f"not a Telegram update: {exc}") from None
+        if not update_id_storable(update.update_id):
+            # 400, not 503: the same update would fail the same way every time it came.
+            self.stats["updates_refused"] += 1
+            raise ingress.Rejected(update_id_problem(update.update_id))
         handled = self._dispatch(update)
         if handled is not None and not await asyncio.wait_for(
             asyncio.shield(handled), HANDLE_TIMEOUT
@@ -568,6 +584,21 @@ class TelegramServer:
             if scope.last_seen < cutoff:
                 del self.chats[chat_id]
                 scope.put({"type": "chat.disconnect"})
+
+
+def update_id_storable(update_id: int) -> bool:
+    """Telegram's update ids are positive and far below 2^63; only those can be recorded
+    (and confirmed by a getUpdates offset)."""
+    return 0 <= update_id <= UPDATE_ID_MAX
+
+
+def update_id_problem(update_id: int) -> str:
+    return f"update_id {_shown(update_id)} is out of range (0 to 2^63-1)"
+
+
+def _shown(number: int) -> str:
+    """A number for a log line: in full unless it is absurdly long."""
+    return str(number) if number.bit_length() <= 128 else f"of {number.bit_length()} bits"
 
 
 def _seconds(period) -> float:
