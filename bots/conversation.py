@@ -44,6 +44,9 @@ class Incoming:
     user_name: str  # the platform's display name of the user
     text: str
     update_id: int | None = None  # the platform's id of this update: handled once
+    # Set when the platform does not pass this chat's plain text to the bot (only commands):
+    # what to change, told on /join so that the chat does not think it is bridged.
+    text_withheld: str = ""
 
     @property
     def private(self) -> bool:
@@ -183,6 +186,12 @@ def _join(chat: BotChat, incoming: Incoming, argument: str) -> list[str]:
         return [f"Not joined: {formatting.escape(exc.detail)}"]
     logger.info("chat joined a room", extra=_log(incoming, room=chat.room))
     room = formatting.escape(chat.room)
+    if incoming.text_withheld and not incoming.private:
+        logger.warning("joined a room, but the group's plain text does not reach the bot",
+                       extra=_log(incoming, room=chat.room))
+        return [f"You joined <b>{room}</b>: its messages come here, and commands work. "
+                f"But plain text in this group does not reach me, so it is not passed on. "
+                f"{incoming.text_withheld}"]
     return [f"You joined <b>{room}</b>: its messages come here, and what you write goes there. "
             "/history shows what was said; /leave stops."]
 

@@ -34,6 +34,12 @@ logger = logging.getLogger(__name__)
 
 PLATFORM = "telegram"
 UPDATES_KEPT = 48 * 3600.0  # Telegram redelivers an update for at most 24 hours
+# Told on /join in a group whose plain text the bot does not receive (privacy mode, no admin).
+PRIVACY_ADVICE = (
+    "To bridge this group, turn the bot's privacy mode off: in @BotFather, "
+    "<code>/setprivacy</code>, choose this bot, <b>Disable</b>; then remove the bot from "
+    "this group and add it again. Or make the bot an admin of this group."
+)
 
 
 class TelegramChatConsumer(ScopeConsumer):
@@ -54,6 +60,7 @@ class TelegramChatConsumer(ScopeConsumer):
             platform=PLATFORM, chat_id=self.chat_id, chat_kind=chat["kind"],
             chat_title=chat["title"], user_id=user["id"], user_name=user["name"],
             text=message["text"], update_id=message["update_id"],
+            text_withheld=PRIVACY_ADVICE if message.get("reads_all") is False else "",
         )
         if not self.bucket.allow():
             logger.warning("refused a chat message: rate limited", extra=self.log)

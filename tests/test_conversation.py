@@ -24,10 +24,10 @@ ARGUMENTS = [
 ]
 
 
-def say(text: str, *, chat_id: str = "7", kind: str = "private") -> list[str]:
+def say(text: str, *, chat_id: str = "7", kind: str = "private", withheld: str = "") -> list[str]:
     incoming = Incoming(
         platform="telegram", chat_id=chat_id, chat_kind=kind, chat_title="T", user_id="7",
-        user_name="Tester", text=text, update_id=next(_update_ids),
+        user_name="Tester", text=text, update_id=next(_update_ids), text_withheld=withheld,
     )
     return conversation.handle(incoming, bot_username="gateway_test_bot")
 
@@ -74,3 +74,11 @@ def test_no_argument_crashes_a_command(joined):
     for text in ["/", "/ ", "/@", "/@gateway_test_bot", "/join@", "/join\tlobby"]:
         assert_sendable(say(text))
 
+
+def test_join_in_a_group_says_when_its_plain_text_does_not_reach_the_bot():
+    advice = "Turn privacy mode off."
+    (told,) = say("/join crew", chat_id="-100", kind="supergroup", withheld=advice)
+    assert told.startswith("You joined <b>crew</b>") and told.endswith(advice)
+    assert "plain text in this group does not reach me" in told
+    (plain,) = say("/join crew", chat_id="-101", kind="supergroup")
+    assert "does not reach" not in plain and "what you write goes there" in plain

@@ -101,3 +101,57 @@ async def test_polling_skips_an_update_id_out_of_range_and_confirms_past_it(
     assert await stored(gw, "odd") == []
     assert telegram_status(gw)["updates_refused"] == 1
 
+
+async def test_join_in_a_group_under_privacy_mode_says_what_to_change(api, gateway_factory):
+    gw = gateway_factory(env=tg_env(api)).start()
+    quiet, admin = -100200, -100300
+    api.set_member(admin, "administrator")
+    kw = {"chat_type": "supergroup", "title": "Crew", "user_id": 5}
+
+    (told,) = await say(api, quiet, "/join crew", **kw)
+    assert told.startswith("You joined crew")
+    assert "plain text in this group does not reach me" in told
+    assert "/setprivacy" in told and "Disable" in told and "admin" in told
+    await say(api, quiet, "lost at Telegram's edge", replies=0, **kw)
+    assert [u["message"]["text"] for u in api.withheld] == ["lost at Telegram's edge"]
+    calls = [p for name, p in api.calls if name == "getChatMember"]
+    assert [(p["chat_id"], p["user_id"]) for p in calls] == [(quiet, 4242)]
+
+    (plain,) = await say(api, admin, "/join crew", **kw)
+    assert "what you write goes there" in plain and "does not reach" not in plain
+    await say(api, admin, "an admin bot hears this", replies=0, **kw)
+    await wait_until(lambda: gw.get_json("/api/rooms/crew/")["last_id"] == 1, 10, "not stored")
+    (private,) = await say(api, ALICE, "/join crew")
+    assert "does not reach" not in private
+
+    state = telegram_status(gw)
+    assert state["group_privacy"] is True and state["groups_commands_only"] == 1
+    assert "/setprivacy" in state["group_privacy_hint"]
+    assert "Telegram privacy mode is on" in gw.log()
+
+
+async def test_join_in_a_group_without_privacy_mode_gives_no_advice(gateway_factory):
+    with BotApiStandIn(TOKEN, group_privacy=False) as api:
+        gw = gateway_factory(env=tg_env(api)).start()
+        kw = {"chat_type": "group", "title": "Open", "user_id": 5}
+        (joined,) = await say(api, -7, "/join open", **kw)
+        assert "what you write goes there" in joined
+        await say(api, -7, "everyone hears this", replies=0, **kw)
+        await wait_until(lambda: gw.get_json("/api/rooms/open/")["last_id"] == 1, 10, "lost")
+        assert not [name for name, _ in api.calls if name == "getChatMember"]
+        state = telegram_status(gw)
+        assert state["group_privacy"] is False and "group_privacy_hint" not in state
+
+
+@pytest.mark.browser
+def test_the_dashboard_shows_the_privacy_mode(api, browser, gateway_factory):
+    from playwright.sync_api import expect
+
+    from tests.test_dashboard_browser import PASSWORD, STAFF, log_in
+
+    gw = gateway_factory(env=tg_env(api)).start()
+    gw.create_user(STAFF, PASSWORD, staff=True)
+    dash = log_in(browser, gw, "/dashboard/")
+    row = dash.locator("#servers tr[data-part=telegram]")
+    expect(row).to_contain_text("group_privacy: true")
+    expect(row).to_contain_text("BotFather /setprivacy")

@@ -23,6 +23,10 @@ application's ``chat.send_message`` events to Telegram.
   ``TELEGRAM_CHAT_BACKLOG`` room messages waiting loses the oldest of them and is told how
   many it missed (``/history`` shows them): a chat far behind costs bounded memory and
   never holds up another.
+- Privacy mode (Telegram's default, from ``getMe``): in a group where the bot is not an
+  admin, only commands reach it. A group's command then says (``"reads_all": false``, from
+  ``getChatMember`` of the bot itself) that the group's plain text does not, so the
+  application can tell the group what to change; the status shows the mode.
 - An update whose ``update_id`` the handled-updates record cannot hold is refused (webhook)
   or skipped and confirmed (polling), with a log line: never retried.
 """
@@ -68,6 +72,13 @@ HANDLE_TIMEOUT = 30.0  # an update not handled by then is fetched (or delivered)
 RECORD_TIMEOUT = 5.0  # how long a chat's next message waits for the last one's record
 MAX_ATTEMPTS = 5  # an update that fails this often is given up (logged), not retried forever
 UPDATE_ID_MAX = 2**63 - 1  # what the record of handled updates holds (a BigIntegerField)
+ME_REFRESH = 300.0  # getMe again: the privacy mode may have been changed in BotFather
+MEMBER_TTL = 10.0  # how long the bot's status in a group is taken as known (bursts of commands)
+MEMBERS_KEPT = 10_000  # groups whose bot status is remembered (the oldest are forgotten)
+ADMIN_STATUSES = ("administrator", "creator")  # they receive every message, privacy or not
+GROUP_KINDS = ("group", "supergroup")
+PRIVACY_HINT = ("in groups where the bot is not an admin only commands reach it: "
+                "BotFather /setprivacy -> Disable, then re-add the bot to each group")
 SKIPPED = ("… {count} earlier messages were skipped here (this chat fell behind); "
            "/history shows them.")
 LOG = {"protocol": "telegram"}
@@ -143,6 +154,11 @@ class TelegramServer:
         self.last_update: float | None = None  # epoch seconds
         self.webhook_set = False
         self.attempts: Counter[int] = Counter()  # update_id -> times it failed
+        # From getMe: groups' plain text reaches the bot only where it is an admin (None
+        # until Telegram has answered).
+        self.group_privacy: bool | None = None
+        self.members: dict[str, tuple[float, bool]] = {}  # chat -> (when, reads all)
+        self.commands_only: set[str] = set()  # groups seen where plain text does not reach
         self._poller: asyncio.Task | None = None
         self._tasks: list[asyncio.Task] = []
 
@@ -152,11 +168,16 @@ class TelegramServer:
 
     def status(self) -> dict:
         """For /readyz and the dashboard."""
-        return {"ready": self.ready.is_set(), "mode": self.mode, "relaying": self.leader,
-                "last_update": self.last_update, "chats_open": len(self.chats),
-                "retry_after_waits": self.stats["retry_after"], "received": self.stats["received"],
-                "sent": self.stats["sent"], "skipped": self.stats["skipped"],
-                "updates_refused": self.stats["updates_refused"]}
+        state = {"ready": self.ready.is_set(), "mode": self.mode, "relaying": self.leader,
+                 "last_update": self.last_update, "chats_open": len(self.chats),
+                 "retry_after_waits": self.stats["retry_after"],
+                 "received": self.stats["received"], "sent": self.stats["sent"],
+                 "skipped": self.stats["skipped"], "group_privacy": self.group_privacy,
+                 "updates_refused": self.stats["updates_refused"]}
+        if self.group_privacy:
+            state["group_privacy_hint"] = PRIVACY_HINT
+            state["groups_commands_only"] = len(self.commands_only)
+        return state
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -191,8 +212,12 @@ class TelegramServer:
         if not await self._connect():
             return
         next_prune = 0.0
+        next_me = time.monotonic() + ME_REFRESH
         while True:
             try:
+                if time.monotonic() >= next_me:
+                    next_me = time.monotonic() + ME_REFRESH
+                    await self._refresh_me()
                 await self._lead()
                 if self.leader and self.directory is not None:
                     self.directory.put({"type": "telegram.scan"})
@@ -228,7 +253,31 @@ class TelegramServer:
             self.ready.set()
             logger.info("connected to Telegram as @%s", self.bot.username,
                         extra={**LOG, "mode": self.mode})
+            self._privacy_learn()
             return True
+
+    async def _refresh_me(self) -> None:
+        try:
+            await self.bot.get_me()  # PTB keeps the answer as bot.bot
+        except TelegramError as exc:
+            logger.warning("could not ask Telegram about the bot (%s); will retry", exc,
+                           extra=LOG)
+            return
+        self._privacy_learn()
+
+    def _privacy_learn(self) -> None:
+        """Read the privacy mode from getMe's answer; say so when it changes."""
+        privacy = not self.bot.bot.can_read_all_group_messages
+        if privacy == self.group_privacy:
+            return
+        self.group_privacy = privacy
+        self.members.clear()
+        if privacy:
+            logger.warning("Telegram privacy mode is on for @%s: %s", self.bot.username,
+                           PRIVACY_HINT, extra={**LOG, "group_privacy": True})
+        else:
+            logger.info("Telegram privacy mode is off: groups' plain text reaches the bot",
+                        extra={**LOG, "group_privacy": False})
 
     # --- leadership: polling and relaying rooms ----------------------------------------
 
@@ -323,7 +372,7 @@ class TelegramServer:
                 self.stats["updates_refused"] += 1
                 logger.warning("skipped an update: %s", update_id_problem(update.update_id),
                                extra={**LOG, "update_id": _shown(update.update_id)})
-            elif (future := self._dispatch(update)) is not None:
+            elif (future := await self._dispatch(update)) is not None:
                 handled[update.update_id] = future
         if handled:
             await asyncio.wait(handled.values(), timeout=HANDLE_TIMEOUT)
@@ -355,13 +404,13 @@ class TelegramServer:
             # 400, not 503: the same update would fail the same way every time it came.
             self.stats["updates_refused"] += 1
             raise ingress.Rejected(update_id_problem(update.update_id))
-        handled = self._dispatch(update)
+        handled = await self._dispatch(update)
         if handled is not None and not await asyncio.wait_for(
             asyncio.shield(handled), HANDLE_TIMEOUT
         ):
             raise ingress.Unavailable("the update could not be handled; deliver it again")
 
-    def _dispatch(self, update: Update) -> asyncio.Future | None:
+    async def _dispatch(self, update: Update) -> asyncio.Future | None:
         """Feed a message update to its chat's scope. The future's result is True once the
         update is handled, False if that failed."""
         message = update.message
@@ -370,6 +419,10 @@ class TelegramServer:
         pending = self.handling.get(update.update_id)
         if pending is not None:
             return pending[0]  # delivered again while still being handled
+        reads_all = await self._reads_all(message)
+        pending = self.handling.get(update.update_id)
+        if pending is not None:
+            return pending[0]  # delivered again while the bot's status was asked
         self.stats["received"] += 1
         self.last_update = time.time()
         chat_id = str(message.chat.id)
@@ -395,8 +448,34 @@ class TelegramServer:
         self.handling[update.update_id] = (handled, scope)
         scope.last_seen = time.monotonic()
         scope.put({"type": "chat.received_message", "update_id": update.update_id,
-                   "text": message.text or "", "user": person})
+                   "text": message.text or "", "user": person, "reads_all": reads_all})
         return handled
+
+    async def _reads_all(self, message) -> bool | None:
+        """Whether the chat's plain text reaches the bot; asked only for a group's commands
+        under privacy mode (plain text arriving there shows it does). None: not known."""
+        chat_id = str(message.chat.id)
+        if (message.chat.type not in GROUP_KINDS or not self.group_privacy
+                or not (message.text or "").startswith("/")):
+            return True
+        known = self.members.get(chat_id)
+        if known is not None and time.monotonic() - known[0] < MEMBER_TTL:
+            return known[1]
+        try:
+            member = await self.bot.get_chat_member(message.chat.id, self.bot.id)
+        except TelegramError as exc:
+            logger.warning("could not ask Telegram for the bot's status in a group (%s)", exc,
+                           extra={**LOG, "chat": chat_id})
+            return None
+        reads_all = member.status in ADMIN_STATUSES
+        self.members[chat_id] = (time.monotonic(), reads_all)
+        if len(self.members) > MEMBERS_KEPT:
+            del self.members[next(iter(self.members))]
+        if reads_all:
+            self.commands_only.discard(chat_id)
+        else:
+            self.commands_only.add(chat_id)
+        return reads_all
 
     def _handled(self, update_id: int, ok: bool) -> None:
         pending = self.handling.pop(update_id, None)
