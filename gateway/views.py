@@ -192,7 +192,7 @@ async def telegram_webhook(request: HttpRequest) -> HttpResponse:
         return _error(403, "forbidden", "wrong or missing secret token")
     try:
         update = json.loads(request.body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # bad UTF-8 or JSON, an int of 4,300+ digits, depth
         update = None
     if not isinstance(update, dict) or type(update.get("update_id")) is not int:
         logger.warning("refused a webhook call: not an update", extra=log)
