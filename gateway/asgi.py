@@ -11,8 +11,8 @@ django_asgi_app = get_asgi_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
+from gateway.crosssite import SameOriginValidator  # noqa: E402
 from gateway.routing import (  # noqa: E402
     mqtt_application,
     telegram_application,
@@ -22,7 +22,9 @@ from gateway.routing import (  # noqa: E402
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        "websocket": AllowedHostsOriginValidator(
+        # The exact origin (scheme, host and port), before the session is even read: a page
+        # on another port or scheme of this host must not use the visitor's cookies.
+        "websocket": SameOriginValidator(
             AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
         ),
         # Opened by protocols/mqtt: one scope per device and room, one per room's relay.
