@@ -1,5 +1,9 @@
-"""Routes per scope type. The WebSocket room segment is matched loosely so a bad name
-reaches the consumer, which refuses it with a clear close code and a log line."""
+"""Routes per scope type. The WebSocket room segment is matched loosely (slashes included)
+so a bad name reaches the consumer, which refuses it with a clear close code and a log line;
+any other WebSocket path is refused before accept (HTTP 403), never left to the router's
+exception (a 500 a second later, with a traceback)."""
+
+import logging
 
 from django.conf import settings
 from django.urls import re_path
@@ -8,12 +12,26 @@ from consumers.dashboard import DashboardConsumer
 from consumers.mqtt import MqttDeviceConsumer, MqttRoomConsumer
 from consumers.telegram import TelegramChatConsumer, TelegramRoomConsumer, TelegramRoomsConsumer
 from consumers.websocket import ChatConsumer
+from gateway.crosssite import websocket_refuse
+
+logger = logging.getLogger(__name__)
+
+CLOSE_NOT_FOUND = 4404
+
+
+async def unrouted_socket(scope, receive, send) -> None:
+    """A WebSocket to a path nothing serves: refused before accept, with a log line."""
+    logger.warning("refused a socket to an unrouted path",
+                   extra={"protocol": "web", "path": scope.get("path"), "code": CLOSE_NOT_FOUND})
+    await websocket_refuse(receive, send, CLOSE_NOT_FOUND)
+
 
 # Without "web" in GATEWAY_PROTOCOLS this process accepts no WebSocket.
 websocket_urlpatterns = [
-    re_path(r"^ws/chat/(?P<room>[^/]*)/$", ChatConsumer.as_asgi()),
+    re_path(r"^ws/chat/(?P<room>[\s\S]*)/$", ChatConsumer.as_asgi()),
     re_path(r"^ws/dashboard/$", DashboardConsumer.as_asgi()),
 ] if "web" in settings.GATEWAY_PROTOCOLS else []
+websocket_urlpatterns.append(re_path(r"", unrouted_socket))
 
 
 class ScopeRoleRouter:

@@ -1,9 +1,10 @@
 """The browser-facing sockets against other sites: exact origins (the rule, then through
-the ASGI application and a real ``gateway run``)."""
+the ASGI application and a real ``gateway run``), and unrouted paths."""
 
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import websockets
@@ -16,7 +17,7 @@ from gateway.crosssite import (
     scope_scheme,
 )
 from tests.servers import free_port
-from tests.test_e2e import FAST, next_message
+from tests.test_e2e import FAST, connect, next_message
 
 HOSTS = ["localhost", "127.0.0.1", "[::1]", "example.com"]
 
@@ -154,6 +155,25 @@ async def test_the_asgi_application_refuses_foreign_origins_before_accept(chat_a
 
 
 # --- through a real gateway ------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", [
+    "/ws/nowhere/", "/ws/chat/lobby", "/ws/dashboard/more/", "/", "/ws/chat/a/b/",
+    "/ws/chat/a%2Fb/",
+])
+async def test_unrouted_paths_and_rooms_with_a_slash_are_refused_at_once(gateway_factory, path):
+    gw = gateway_factory(env=FAST).start()
+    started = time.monotonic()
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        async with connect(gw, path):
+            pass
+    elapsed = time.monotonic() - started
+    assert refused.value.response.status_code == 403
+    assert elapsed < 0.9, f"answered after {elapsed:.2f}s"
+    log = gw.log()
+    assert "Traceback" not in log and "Exception inside application" not in log
+    assert "refused a socket to an unrouted path" in log or "invalid room name" in log
 
 
 @pytest.mark.slow
