@@ -20,8 +20,20 @@ Close codes: 4400 invalid room name or query, 4401 login required, 1011 the room
 be joined (all three before accept, which daphne answers with HTTP 403); 4008 the client
 fell behind the room (reconnect with ``after`` to resume from history); 4012 server
 restarting (reconnect and resume); 4403 disconnected by staff and 4410 room closed by staff
-(do not reconnect by themselves); 1009 frame too big and 1007 invalid UTF-8 (from the
-server library).
+(do not reconnect by themselves); 1008 too many refused frames (below); 1009 frame too big
+and 1007 invalid UTF-8 (from the server library).
+
+Budget of a connection: every frame, whatever it holds, spends a token of its flood limit
+(``GATEWAY_RATE_LIMIT_PER_SECOND`` sustained, ``GATEWAY_RATE_LIMIT_BURST`` at once); a frame
+beyond it is refused with ``rate_limited``. Every refused frame (any error frame except
+``unavailable``, which is the server's fault) also spends one of ``GATEWAY_WS_ERROR_LIMIT``
+refusal tokens, refilled at one per second: the refused frame that finds none closes the
+socket with 1008 instead of getting its error frame. So a client may make mistakes, but one
+that keeps sending refused frames is closed after ``WS_ERROR_LIMIT`` of them in a burst (or
+soon after refusals outpace one a second), and frames still in flight are dropped unread.
+Replies (errors, pongs, acks) share the send-backlog limit of room messages
+(``GATEWAY_WS_SEND_BUFFER_LIMIT``, close 4008). Each error code is logged for the first
+``LOGGED_PER_CODE`` times on a connection, then only counted, in one line at close.
 """
 
 from __future__ import annotations
@@ -42,8 +54,9 @@ from django.db import DatabaseError
 from consumers.base import RoomConsumer
 from gateway import events, metrics, selectors
 from gateway.fanout import FRAME_WRITER_EXTENSION, Delivery
+from gateway.logging import LogSampler
 from gateway.names import ROOM_NAME_RULE, display_name_clean, room_name_is_valid
-from gateway.ratelimit import flood_limit
+from gateway.ratelimit import TokenBucket, flood_limit
 from gateway.services import GatewayError, room_message_post
 
 logger = logging.getLogger(__name__)
@@ -53,6 +66,11 @@ CLOSE_LOGIN_REQUIRED = 4401
 CLOSE_JOIN_FAILED = 1011
 CLOSE_FELL_BEHIND = 4008
 CLOSE_ROOM_CLOSED = 4410
+CLOSE_POLICY = 1008
+
+LOGGED_PER_CODE = 5
+# Error codes that are the server's fault: they cost the client nothing.
+SERVER_ERRORS = frozenset({"unavailable"})
 
 WIRE_FORMAT = "ws-json"
 PREPARED_FORMAT = "ws-prepared"
@@ -70,6 +88,18 @@ def message_frame(event: events.RoomMessage) -> str:
 
 class ChatConsumer(RoomConsumer):
     protocol = "web"
+
+    def setup(self) -> None:
+        super().setup()
+        self.writer = None
+        self.log_sample = LogSampler(LOGGED_PER_CODE)
+
+    async def finish(self) -> None:
+        counted = self.log_sample.counted()
+        if counted:
+            logger.warning("client errors counted but not logged on this connection: %s",
+                           counted, extra=self.log_extra(counted=counted))
+        await super().finish()
 
     # --- connection --------------------------------------------------------------------
 
@@ -94,6 +124,7 @@ class ChatConsumer(RoomConsumer):
         self.writer = self.scope.get("extensions", {}).get(FRAME_WRITER_EXTENSION)
         self.send_buffer_limit = settings.GATEWAY["WS_SEND_BUFFER_LIMIT"]
         self.bucket = flood_limit()
+        self.refusals = TokenBucket(rate=1.0, burst=settings.GATEWAY["WS_ERROR_LIMIT"])
         try:
             if await database_sync_to_async(selectors.room_is_closed)(room=room):
                 # Accepted, then closed: the page sees 4410 and does not retry (a refused
@@ -135,8 +166,9 @@ class ChatConsumer(RoomConsumer):
     # --- client -> room ----------------------------------------------------------------
 
     async def websocket_receive(self, message) -> None:
-        if self.room is None:
-            return  # not joined (refused or failed); the socket is closing
+        if self.room is None or self.closed:
+            return  # not joined, or closing: frames still arriving are dropped unread
+        within_rate = self.bucket.allow()  # every frame spends a token, whatever it holds
         text = message.get("text")
         if text is None:
             return await self.send_error("binary_not_supported", "send JSON as text frames")
@@ -146,24 +178,23 @@ class ChatConsumer(RoomConsumer):
             return await self.send_error("invalid_json", "the frame is not valid JSON")
         if not isinstance(data, dict):
             return await self.send_error("not_an_object", "send a JSON object")
+        client_id = data.get("client_id")
+        echo = client_id if isinstance(client_id, str) else None  # lets the client match errors
+        if not within_rate:
+            return await self.send_error(
+                "rate_limited", f"too many frames; retry in {self.bucket.retry_after():.1f}s",
+                echo,
+            )
         kind = data.get("type", "message")
         if kind == "ping":
             return await self.send_json({"type": "pong"})
         if kind != "message":
             return await self.send_error("unknown_type", f"unknown type {str(kind)[:32]!r}")
-        await self._post(data)
+        await self._post(data, client_id, echo)
 
-    async def _post(self, data: dict) -> None:
-        client_id = data.get("client_id")
-        echo = client_id if isinstance(client_id, str) else None  # lets the client match errors
+    async def _post(self, data: dict, client_id: object, echo: str | None) -> None:
         if "message" not in data:
             return await self.send_error("missing_message", "'message' is required", echo)
-        if not self.bucket.allow():
-            return await self.send_error(
-                "rate_limited",
-                f"too many messages; retry in {self.bucket.retry_after():.1f}s",
-                echo,
-            )
         try:
             event, created = await database_sync_to_async(room_message_post)(
                 room=self.room, text=data["message"], sender=self.sender,
@@ -192,13 +223,13 @@ class ChatConsumer(RoomConsumer):
         if not writer.is_open():
             return
         if writer.buffered() > self.send_buffer_limit:
-            return await self._fell_behind(event)
+            return await self._fell_behind(dropped_from=event["id"])
         writer.send(delivery.frame(PREPARED_FORMAT, self._prepare))
 
     def _prepare(self, event: events.RoomMessage):
         return self.writer.prepare(message_frame(event))
 
-    async def _fell_behind(self, event: events.RoomMessage) -> None:
+    async def _fell_behind(self, *, dropped_from: int | None) -> None:
         """Bounded, not lost: close the lagging socket; it resumes from history by id."""
         self.closed, self.live = True, False
         self.runtime.hub.stats["fell_behind"] += 1
@@ -206,20 +237,66 @@ class ChatConsumer(RoomConsumer):
         logger.warning(
             "client fell behind; closing so it resumes from history",
             extra=self.log_extra(code=CLOSE_FELL_BEHIND, last_sent=self.last_sent,
-                                 dropped_from=event["id"]),
+                                 dropped_from=dropped_from),
         )
         await self.base_send({"type": "websocket.close", "code": CLOSE_FELL_BEHIND})
 
     async def send_json(self, payload: dict) -> None:
+        """A reply (error, pong, ack): held to the backlog limit of room messages."""
+        if self.closed:
+            return
+        writer = self.writer
+        if writer is not None:
+            if not writer.is_open():
+                return
+            if writer.buffered() > self.send_buffer_limit:
+                return await self._fell_behind(dropped_from=None)
         await self.base_send({"type": "websocket.send", "text": json.dumps(payload)})
 
     async def send_error(self, code: str, detail: str, client_id: str | None = None) -> None:
-        logger.warning("client error %s: %s", code, detail, extra=self.log_extra(code=code))
+        """Refuse a frame: an error frame, unless refusals are over budget (close 1008)."""
         metrics.refused(self.protocol, code)
+        self._log_refusal(code, detail)
+        if code not in SERVER_ERRORS and not self.refusals.allow():
+            return await self._too_many_refusals()
         frame = {"type": "error", "code": code, "detail": detail}
         if client_id is not None:
             frame["client_id"] = client_id
         await self.send_json(frame)
+
+    def _log_refusal(self, code: str, detail: str) -> None:
+        if not self.log_sample.allow(code):
+            return
+        more = " (more on this connection are counted, not logged)" \
+            if self.log_sample.last_logged(code) else ""
+        logger.warning("client error %s: %s%s", code, detail, more,
+                       extra=self.log_extra(code=code))
+
+    async def _too_many_refusals(self) -> None:
+        self.closed, self.live = True, False
+        metrics.dropped(self.protocol, "too_many_refusals")
+        logger.warning(
+            "closing: more than %d refused frames in a burst",
+            settings.GATEWAY["WS_ERROR_LIMIT"], extra=self.log_extra(code=CLOSE_POLICY),
+        )
+        if self.writer is None:  # another ASGI server: it sends any close code
+            await self.base_send({"type": "websocket.close", "code": CLOSE_POLICY})
+        elif self.writer.is_open():
+            _fail_connection(self.writer, CLOSE_POLICY, "too many refused frames")
+        raise StopConsumer()
+
+
+def _fail_connection(writer, code: int, reason: str) -> None:
+    """Close with a protocol-level code, as autobahn closes with 1007 or 1009.
+
+    daphne passes ``websocket.close`` codes to autobahn's ``sendClose``, which takes only
+    1000 and 3000-4999; and daphne keeps queueing the frames that arrive during the close
+    handshake for an application that has finished. So: mute daphne's protocol (nothing more
+    is queued, and no disconnect: the consumer stops by itself) and send the close frame.
+    """
+    protocol = writer.protocol
+    protocol.muted = True
+    protocol.sendCloseFrame(code=code, reasonUtf8=reason.encode())
 
 
 def _int_param(query: dict[str, list[str]], name: str) -> int | None:

@@ -43,3 +43,27 @@ class StructuredFormatter(logging.Formatter):
 def scope_log(protocol: str, room: str | None, scope: str, **fields: object) -> dict[str, object]:
     """The ``extra`` for a log line about one scope."""
     return {"protocol": protocol, "room": room, "scope": scope, **fields}
+
+
+class LogSampler:
+    """Which repeated warnings of one connection to log: the first ``first`` of each key,
+    then only a count, so a client repeating a mistake cannot fill the disk. ``counted``
+    gives what was left out, for one line when the connection ends."""
+
+    def __init__(self, first: int = 5) -> None:
+        self.first = first
+        self.seen: dict[str, int] = {}
+
+    def allow(self, key: str) -> bool:
+        """Count one occurrence of ``key``; whether to log it."""
+        count = self.seen.get(key, 0) + 1
+        self.seen[key] = count
+        return count <= self.first
+
+    def last_logged(self, key: str) -> bool:
+        """Whether the occurrence just counted was the last one logged (say so in it)."""
+        return self.seen.get(key, 0) == self.first
+
+    def counted(self) -> dict[str, int]:
+        """``{key: occurrences not logged}``, for the keys past the limit."""
+        return {key: n - self.first for key, n in self.seen.items() if n > self.first}

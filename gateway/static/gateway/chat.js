@@ -118,7 +118,7 @@
     socket.addEventListener("open", () => {
       attempt = 0;
       setStatus("connected", "ok");
-      for (const payload of outbox.values()) socket.send(JSON.stringify(payload));
+      flushOutbox(socket);
     });
     socket.addEventListener("message", (e) => {
       const frame = JSON.parse(e.data);
@@ -137,6 +137,20 @@
       if (e.code === 4000) connect(); // our own reconnect (name changed)
       else retryLater();                // resumes after lastId
     });
+  }
+
+  // Unacknowledged messages go again after a reconnect, paced below the server's flood
+  // limit (5/s): frames beyond it are refused, and a socket refused too often is closed.
+  function flushOutbox(ws) {
+    const pending = [...outbox.values()];
+    const next = () => {
+      if (socket !== ws || ws.readyState !== WebSocket.OPEN) return;
+      const payload = pending.shift();
+      if (payload === undefined) return;
+      if (outbox.has(payload.client_id)) ws.send(JSON.stringify(payload));
+      setTimeout(next, 250);
+    };
+    next();
   }
 
   const STOPPED = {
