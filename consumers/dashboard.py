@@ -2,11 +2,16 @@
 
 server -> client  {"type": "snapshot", ...}  once a second (gateway/dashboard.py)
                   {"type": "done", "action": ...} | {"type": "error", "code", "detail"}
-client -> server  {"action": "post", "room": "lobby", "message": "..."}   as the system
-                  {"action": "close_room", "room": "lobby"} | {"action": "reopen_room", ...}
-                  {"action": "disconnect", "scope": "web-..."}             one connection
+client -> server  {"action": "post", "room": "lobby", "message": "...", "csrf": "..."}
+                  {"action": "close_room", "room": "lobby", "csrf": ...} | "reopen_room"
+                  {"action": "disconnect", "scope": "web-...", "csrf": ...}  one connection
 
-Anonymous and non-staff users are refused before accept (close 4403; HTTP 403).
+Anonymous and non-staff users are refused before accept (close 4403; HTTP 403). Every
+action carries the page's CSRF token (``csrf``: the dashboard page's ``{{ csrf_token }}``,
+or the ``csrftoken`` cookie's value), checked as Django checks a form's; without it the
+action is refused (``csrf_failed``) and nothing is done. The user is read again from the
+database before each action and each snapshot: once no longer active staff, the socket
+gets a ``not_staff`` error and is closed with 4403.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from channels.exceptions import StopConsumer
 from consumers.base import ScopeConsumer
 from gateway import dashboard, events, services
 from gateway.broadcast import control_broadcast
+from gateway.crosssite import csrf_token_valid
 from gateway.names import InvalidRoomName, room_name_validate
 from gateway.services import GatewayError
 
@@ -33,6 +39,7 @@ INTERVAL = 1.0
 class DashboardConsumer(ScopeConsumer):
     def setup(self) -> None:
         self.poller: asyncio.Task | None = None
+        self.closed = False
         self.log = {"protocol": "dashboard", "scope": "dashboard", "room": None}
 
     async def websocket_connect(self, message) -> None:
@@ -47,11 +54,13 @@ class DashboardConsumer(ScopeConsumer):
 
     async def _poll(self) -> None:
         after, first = 0, True
-        while True:
+        while not self.closed:
             try:
-                update = await database_sync_to_async(dashboard.snapshot)(
-                    after_pk=after, first=first
+                update = await database_sync_to_async(dashboard.staff_snapshot)(
+                    user_pk=self.user.pk, after_pk=after, first=first
                 )
+                if update is None:
+                    return await self._forbid()
                 after, first = update["after"], False
                 await self.send_json(update)
             except Exception:  # the database, or a bug: log it and keep the page updating
@@ -59,6 +68,8 @@ class DashboardConsumer(ScopeConsumer):
             await asyncio.sleep(INTERVAL)
 
     async def websocket_receive(self, message) -> None:
+        if self.closed:
+            return
         try:
             data = json.loads(message.get("text") or "")
         except ValueError:
@@ -69,6 +80,15 @@ class DashboardConsumer(ScopeConsumer):
         handler = getattr(self, f"action_{action}", None) if isinstance(action, str) else None
         if handler is None:
             return await self.send_error("unknown_action", f"unknown action {str(action)[:32]!r}")
+        if not csrf_token_valid(self.scope, data.get("csrf")):
+            return await self.send_error(
+                "csrf_failed", "the CSRF token is missing or wrong; reload the page"
+            )
+        if not await database_sync_to_async(dashboard.staff_is_current)(user_pk=self.user.pk):
+            return await self._forbid()
+        await self._act(action, handler, data)
+
+    async def _act(self, action: str, handler, data: dict) -> None:
         try:
             await handler(data)
         except (GatewayError, InvalidRoomName) as exc:
@@ -77,6 +97,14 @@ class DashboardConsumer(ScopeConsumer):
         logger.info("staff action %s", action, extra={**self.log, "action": action,
                     "room": data.get("room"), "target": data.get("scope")})
         await self.send_json({"type": "done", "action": action})
+
+    async def _forbid(self) -> None:
+        """The user is no longer active staff: say so and close (the page does not retry)."""
+        if self.closed:
+            return
+        self.closed = True  # before any await: the poller and an action may both get here
+        await self.send_error("not_staff", "you are no longer staff")
+        await self.base_send({"type": "websocket.close", "code": CLOSE_FORBIDDEN})
 
     async def action_post(self, data: dict) -> None:
         sender = events.sender(protocol="system", id=f"staff:{self.user.pk}",

@@ -5,7 +5,8 @@ the handshake is not subject to CORS, so the server must check the ``Origin`` it
 origin must be exactly the site's own (scheme, host and port, as the request reached it) or
 one of ``GATEWAY["ALLOWED_ORIGINS"]``; comparing host names only would let a page on another
 port or scheme of the same host in. ``origin_allowed`` is the one rule, for every transport
-(a Server-Sent Events view passes its request's scheme and Host).
+(a Server-Sent Events view passes its request's scheme and Host). Staff actions on a socket
+also carry Django's CSRF token, checked as ``CsrfViewMiddleware`` checks a form's.
 """
 
 from __future__ import annotations
@@ -15,6 +16,14 @@ from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.http.request import split_domain_port, validate_host
+from django.middleware.csrf import (
+    CSRF_SESSION_KEY,
+    CSRF_TOKEN_LENGTH,
+    InvalidTokenFormat,
+    _check_token_format,
+    _does_token_match,
+    _unmask_cipher_token,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -120,3 +129,32 @@ class SameOriginValidator:
         )
         return await websocket_refuse(receive, send, CLOSE_FORBIDDEN_ORIGIN)
 
+
+def csrf_secret(scope) -> str | None:
+    """The visitor's CSRF secret, where ``CsrfViewMiddleware`` keeps it: the cookie, or the
+    session (already loaded at connect by the auth middleware)."""
+    try:
+        if settings.CSRF_USE_SESSIONS:
+            secret = scope["session"].get(CSRF_SESSION_KEY)
+        else:
+            secret = scope.get("cookies", {}).get(settings.CSRF_COOKIE_NAME)
+        if not secret:
+            return None
+        _check_token_format(secret)
+    except (KeyError, InvalidTokenFormat):
+        return None
+    # Django before 4.0 stored the secret masked.
+    return _unmask_cipher_token(secret) if len(secret) == CSRF_TOKEN_LENGTH else secret
+
+
+def csrf_token_valid(scope, token: object) -> bool:
+    """Whether ``token`` (the page's ``{{ csrf_token }}`` or the cookie's value) matches
+    the visitor's CSRF secret, compared in constant time by Django's own helper."""
+    secret = csrf_secret(scope)
+    if secret is None or not isinstance(token, str):
+        return False
+    try:
+        _check_token_format(token)
+    except InvalidTokenFormat:
+        return False
+    return _does_token_match(token, secret)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.db.models import Count, Max
 from django.db.models.functions import TruncMinute
 from django.utils import timezone
@@ -109,3 +110,16 @@ def snapshot(*, after_pk: int, first: bool) -> dict[str, object]:
         "after": newest,
         "now": timezone.now().timestamp(),
     }
+
+
+def staff_is_current(*, user_pk: int) -> bool:
+    """Whether the user is still an active staff member, read now (not from the session),
+    so a demotion or deactivation takes effect on open dashboards at once."""
+    return get_user_model().objects.filter(pk=user_pk, is_active=True, is_staff=True).exists()
+
+
+def staff_snapshot(*, user_pk: int, after_pk: int, first: bool) -> dict[str, object] | None:
+    """``snapshot`` for a user who is still staff; None once they are not."""
+    if not staff_is_current(user_pk=user_pk):
+        return None
+    return snapshot(after_pk=after_pk, first=first)

@@ -4,7 +4,9 @@ real traffic, and the dashboard's WebSocket (who may open it, what it shows, its
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import re
 import urllib.error
 import urllib.request
 
@@ -43,6 +45,16 @@ def dashboard_socket(gw, cookie: str | None):
     headers = {"Cookie": cookie} if cookie else {}
     return websockets.connect(gw.ws("/ws/dashboard/"), origin=gw.origin,
                               additional_headers=headers, open_timeout=10)
+
+
+def csrf_of(cookie: str) -> str:
+    """The CSRF cookie's value: a token the dashboard socket accepts, as the page's."""
+    return dict(part.split("=", 1) for part in cookie.split("; "))["csrftoken"]
+
+
+async def act(ws, cookie: str, **action) -> None:
+    """Send a dashboard action with the session's CSRF token, as the page does."""
+    await ws.send(json.dumps({**action, "csrf": csrf_of(cookie)}))
 
 
 async def next_of(ws, kind: str, timeout: float = 10) -> dict:
@@ -134,7 +146,7 @@ async def test_dashboard_shows_live_traffic_and_its_actions_reach_the_rooms(gate
         assert sum(p["count"] for p in frame["chart"] if p["protocol"] == "web") >= 1
 
         # post as the system: every member gets it
-        await dash.send(json.dumps({"action": "post", "room": "ops", "message": "maintenance"}))
+        await act(dash, cookie, action="post", room="ops", message="maintenance")
         assert (await next_of(dash, "done"))["action"] == "post"
         for ws in (ann, bob):
             message = await next_message(ws)
@@ -145,27 +157,87 @@ async def test_dashboard_shows_live_traffic_and_its_actions_reach_the_rooms(gate
         # disconnect one connection
         scopes = frame["connections"]["scopes"]
         bob_scope = next(s["scope"] for s in scopes if s["name"] == "bob")
-        await dash.send(json.dumps({"action": "disconnect", "scope": bob_scope}))
+        await act(dash, cookie, action="disconnect", scope=bob_scope)
         await asyncio.wait_for(bob.wait_closed(), 10)
         assert bob.close_code == 4403
 
         # bad actions get clear errors
-        await dash.send(json.dumps({"action": "explode"}))
+        await act(dash, cookie, action="explode")
         assert (await next_of(dash, "error"))["code"] == "unknown_action"
-        await dash.send(json.dumps({"action": "post", "room": "bad room", "message": "x"}))
+        await act(dash, cookie, action="post", room="bad room", message="x")
         assert (await next_of(dash, "error"))["code"] == "invalid_room"
 
         # close the room: members disconnected, nobody joins or posts until it reopens
-        await dash.send(json.dumps({"action": "close_room", "room": "ops"}))
+        await act(dash, cookie, action="close_room", room="ops")
         await asyncio.wait_for(ann.wait_closed(), 10)
         assert ann.close_code == 4410
         async with connect(gw, "/ws/chat/ops/") as late:  # told why, so it does not retry
             await asyncio.wait_for(late.wait_closed(), 10)
             assert late.close_code == 4410
-        await dash.send(json.dumps({"action": "post", "room": "ops", "message": "x"}))
+        await act(dash, cookie, action="post", room="ops", message="x")
         assert (await next_of(dash, "error"))["code"] == "room_closed"
-        await dash.send(json.dumps({"action": "reopen_room", "room": "ops"}))
+        await act(dash, cookie, action="reopen_room", room="ops")
         await next_of(dash, "done")
     async with connect(gw, "/ws/chat/ops/") as again:
         await again.send(json.dumps({"message": "back"}))
         assert (await next_message(again))["message"] == "back"
+
+
+def page_token(gw, cookie: str) -> str:
+    """The CSRF token the dashboard page renders for this session (``data-csrf``)."""
+    request = urllib.request.Request(gw.http + "/dashboard/", headers={"Cookie": cookie})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        page = response.read().decode()
+    match = re.search(r'data-csrf="([^"]+)"', page)
+    assert match is not None, page
+    return match[1]
+
+
+async def test_dashboard_actions_need_the_csrf_token(gateway_factory):
+    gw = gateway_factory(env=FAST).start()
+    gw.create_user(STAFF, STAFF_PASSWORD, staff=True)
+    cookie = gw.login(STAFF, STAFF_PASSWORD)
+    post = {"action": "post", "room": "csrf", "message": "as the system"}
+    async with dashboard_socket(gw, cookie) as dash:
+        for token in (None, "", "x" * 64, page_token(gw, gw.login(STAFF, STAFF_PASSWORD))):
+            frame = dict(post) if token is None else {**post, "csrf": token}
+            await dash.send(json.dumps(frame))
+            error = await next_of(dash, "error")
+            assert error["code"] == "csrf_failed", token
+        await dash.send(json.dumps({**post, "csrf": page_token(gw, cookie)}))
+        assert (await next_of(dash, "done"))["action"] == "post"
+    assert [m["message"] for m in gw.get_json("/api/rooms/csrf/messages")["messages"]] == [
+        "as the system"
+    ]
+    assert "dashboard error csrf_failed" in gw.log()
+
+
+async def test_a_demoted_staff_user_is_refused_and_the_snapshots_stop(gateway_factory):
+    gw = gateway_factory(env=FAST).start()
+    gw.create_user(STAFF, STAFF_PASSWORD, staff=True)
+    cookie = gw.login(STAFF, STAFF_PASSWORD)
+    async with dashboard_socket(gw, cookie) as dash:
+        await next_of(dash, "snapshot")
+        await act(dash, cookie, action="post", room="demoted", message="while staff")
+        await next_of(dash, "done")
+        await asyncio.to_thread(gw.manage, "shell", "-c", (
+            "from django.contrib.auth.models import User; "
+            f"User.objects.filter(username={STAFF!r}).update(is_staff=False)"
+        ))
+        # Refused by this action's check, or the socket is already closed by the snapshot's
+        # check (each second): either way nothing is done, and it was told why.
+        with contextlib.suppress(websockets.ConnectionClosed):
+            await act(dash, cookie, action="post", room="demoted", message="after demotion")
+        frames = []
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            while True:
+                frames.append(json.loads(await asyncio.wait_for(dash.recv(), 10)))
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4403
+        assert [f["code"] for f in frames if f["type"] == "error"] == ["not_staff"]
+        assert not [f for f in frames if f["type"] == "done"]
+    assert [m["message"] for m in gw.get_json("/api/rooms/demoted/messages")["messages"]] == [
+        "while staff"
+    ]
+    with pytest.raises(websockets.InvalidStatus):  # and it cannot come back
+        async with dashboard_socket(gw, cookie):
+            pass

@@ -1,5 +1,6 @@
 """The browser-facing sockets against other sites: exact origins (the rule, then through
-the ASGI application and a real ``gateway run``), and unrouted paths."""
+the ASGI application and a real ``gateway run``), unrouted paths, and the dashboard's CSRF
+token and staff re-check."""
 
 from __future__ import annotations
 
@@ -9,13 +10,16 @@ import time
 import pytest
 import websockets
 from channels.testing import WebsocketCommunicator
+from django.middleware.csrf import _get_new_csrf_string, _mask_cipher_secret
 
 from gateway.crosssite import (
+    csrf_token_valid,
     origin_allowed,
     origin_normalize,
     scope_origin_allowed,
     scope_scheme,
 )
+from gateway.models import Message
 from tests.servers import free_port
 from tests.test_e2e import FAST, connect, next_message
 
@@ -120,6 +124,21 @@ def test_behind_a_tls_proxy_the_https_origin_is_the_sites(hosts):
     assert not scope_origin_allowed(scope({**headers, "origin": "http://example.com"}, "ws"))
 
 
+def test_csrf_token_is_checked_as_django_checks_a_form(settings):
+    settings.CSRF_USE_SESSIONS = False
+    secret = _get_new_csrf_string()
+    cookies = {"type": "websocket", "cookies": {settings.CSRF_COOKIE_NAME: secret}}
+    assert csrf_token_valid(cookies, _mask_cipher_secret(secret))  # {{ csrf_token }}
+    assert csrf_token_valid(cookies, secret)  # the cookie's value itself
+    assert not csrf_token_valid(cookies, _mask_cipher_secret(_get_new_csrf_string()))
+    assert not csrf_token_valid(cookies, None)
+    assert not csrf_token_valid(cookies, 42)
+    assert not csrf_token_valid(cookies, "short")
+    assert not csrf_token_valid(cookies, "!" * 64)
+    assert not csrf_token_valid({"cookies": {}}, secret)
+    assert not csrf_token_valid({"cookies": {settings.CSRF_COOKIE_NAME: "!" * 32}}, "!" * 32)
+
+
 # --- through the ASGI application -----------------------------------------------------
 
 
@@ -217,3 +236,41 @@ async def test_behind_a_tls_proxy_in_production_the_https_origin_is_accepted(gat
                 pass
         assert refused.value.response.status_code == 403
 
+
+# --- the dashboard socket's actions ----------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("runtime_stopped")
+async def test_dashboard_actions_check_csrf_and_staff_each_time(settings, monkeypatch):
+    from channels.db import database_sync_to_async
+    from django.contrib.auth.models import User
+
+    from consumers import dashboard as dashboard_consumer
+
+    monkeypatch.setattr(dashboard_consumer, "INTERVAL", 3600)  # no snapshot check meanwhile
+    user = await database_sync_to_async(User.objects.create_user)(
+        "boss", password="a-long-pass-phrase", is_staff=True
+    )
+    secret = _get_new_csrf_string()
+    comm = WebsocketCommunicator(dashboard_consumer.DashboardConsumer.as_asgi(), "/ws/dashboard/")
+    comm.scope.update(user=user, cookies={settings.CSRF_COOKIE_NAME: secret})
+    assert (await comm.connect(timeout=5))[0]
+    assert (await recv(comm))["type"] == "snapshot"
+    post = {"action": "post", "room": "ops", "message": "hello"}
+    await comm.send_to(text_data=json.dumps(post))
+    assert (await recv(comm))["code"] == "csrf_failed"
+    await comm.send_to(text_data=json.dumps({**post, "csrf": _mask_cipher_secret(secret)}))
+    assert await recv(comm) == {"type": "done", "action": "post"}
+
+    await database_sync_to_async(User.objects.filter(pk=user.pk).update)(is_staff=False)
+    await comm.send_to(text_data=json.dumps({**post, "csrf": secret}))
+    assert (await recv(comm))["code"] == "not_staff"
+    assert await comm.receive_output(timeout=5) == {"type": "websocket.close", "code": 4403}
+    await comm.send_to(text_data=json.dumps({**post, "csrf": secret}))  # ignored now
+    assert await comm.receive_nothing(timeout=0.2)
+    await comm.disconnect()
+    stored = await database_sync_to_async(
+        lambda: list(Message.objects.filter(room__name="ops").values_list("text", flat=True))
+    )()
+    assert stored == ["hello"]

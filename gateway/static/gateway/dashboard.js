@@ -6,6 +6,7 @@
   const minutes = parseInt(root.dataset.minutes, 10) || 60;
   const statusEl = document.getElementById("status");
   const notice = document.getElementById("notice");
+  const csrf = root.dataset.csrf; // every action carries it: the server refuses actions without it
   const COLORS = { web: "#2563eb", mqtt: "#16a34a", telegram: "#0891b2", system: "#d97706" };
   const series = new Map(); // "minute|protocol" -> count
   let socket = null;
@@ -26,7 +27,7 @@
   }
 
   function send(payload) {
-    if (socket && socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify(payload));
+    if (socket && socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify({ ...payload, csrf }));
   }
 
   function drawTiles(connections) {
@@ -182,8 +183,13 @@
       statusEl.className = "status ok";
     });
     socket.addEventListener("message", (e) => onFrame(JSON.parse(e.data)));
-    socket.addEventListener("close", () => {
+    socket.addEventListener("close", (e) => {
       socket = null;
+      if (e.code === 4403) { // no longer staff: reconnecting would only be refused again
+        statusEl.textContent = "stopped";
+        statusEl.className = "status bad";
+        return;
+      }
       statusEl.textContent = "reconnecting…";
       statusEl.className = "status pending";
       const delay = Math.min(15000, 500 * 2 ** attempt) * (0.5 + Math.random() / 2);
