@@ -1,4 +1,4 @@
-"""Cross-site socket hijacking, in Chromium with a staff session."""
+"""Cross-site socket hijacking and impersonation, in Chromium with a staff session."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import threading
 import pytest
 from playwright.sync_api import expect
 
-from tests.test_browser import send
+from tests.test_browser import ARTIFACTS, open_chat, send
 from tests.test_dashboard_browser import PASSWORD, STAFF, log_in
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
@@ -89,3 +89,36 @@ def test_a_page_on_another_port_cannot_use_the_staff_session_on_the_sockets(
     send(chat, "from the site itself")
     expect(chat.locator("#messages li .text")).to_have_text(["from the site itself"])
 
+
+def test_verified_senders_are_marked_and_a_borrowed_name_is_not(browser, gateway_factory):
+    gw = gateway_factory().start()
+    gw.create_user("admin", PASSWORD, staff=True)
+    observer = open_chat(browser, gw, "vip", "observer")
+
+    real = log_in(browser, gw, "/chat/vip/", username="admin")
+    expect(real.locator("#status")).to_have_text("connected")
+    send(real, "from the real admin")
+    impostor = open_chat(browser, gw, "vip", "admin")
+    send(impostor, "from someone typing admin")
+    dash = real.context.new_page()
+    dash.goto(gw.http + "/dashboard/")
+    expect(dash.locator("#status")).to_have_text("live")
+    dash.fill("#post-room", "vip")
+    dash.fill("#post-text", "a system notice")
+    dash.press("#post-text", "Enter")
+
+    items = observer.locator("#messages li")
+    expect(items.locator(".text")).to_have_text(
+        ["from the real admin", "from someone typing admin", "a system notice"]
+    )
+    expect(items.nth(0).locator(".verified")).to_have_count(1)
+    expect(items.nth(1).locator(".verified")).to_have_count(0)
+    expect(items.nth(2).locator(".verified")).to_have_count(1)
+    expect(items.nth(0).locator(".verified")).to_have_attribute(
+        "title", "verified: a logged-in account or staff"
+    )
+    # in the member list too: the logged-in admin, not the visitor who typed the name
+    expect(observer.locator("#members li")).to_have_count(3, timeout=10_000)
+    expect(observer.locator("#members li .verified")).to_have_count(1)
+    ARTIFACTS.mkdir(exist_ok=True)
+    observer.screenshot(path=str(ARTIFACTS / "chat-verified.png"))

@@ -49,6 +49,21 @@
     showNotice.timer = setTimeout(() => { notice.hidden = true; }, 6000);
   }
 
+  // A sender the server vouches for: a logged-in account (its id is "user:<n>") or the
+  // system (staff). Anyone can type any display name; this mark is what tells them apart.
+  function isVerified(sender) {
+    return sender.protocol === "system" || String(sender.id).startsWith("user:");
+  }
+
+  function verifiedMark() {
+    const mark = document.createElement("span");
+    mark.className = "verified";
+    mark.textContent = "\u2713";
+    mark.title = "verified: a logged-in account or staff";
+    mark.setAttribute("aria-label", "verified");
+    return mark;
+  }
+
   function render(msg) {
     if (typeof msg.id !== "number" || msg.id <= lastId) return; // already shown
     lastId = msg.id;
@@ -67,7 +82,9 @@
     const when = new Date(msg.ts * 1000);
     time.dateTime = when.toISOString();
     time.textContent = when.toLocaleTimeString();
-    meta.append(name, badge, time);
+    meta.append(name);
+    if (isVerified(msg.sender)) meta.append(verifiedMark());
+    meta.append(badge, time);
     const body = document.createElement("div");
     body.className = "text";
     body.textContent = msg.message;
@@ -201,7 +218,9 @@
         const badge = document.createElement("span");
         badge.className = "badge badge-" + m.protocol;
         badge.textContent = m.protocol;
-        li.append(document.createTextNode(m.name + " "), badge);
+        li.append(document.createTextNode(m.name + " "));
+        if (isVerified(m)) li.append(verifiedMark(), document.createTextNode(" "));
+        li.append(badge);
         return li;
       }));
     } catch (err) { /* offline: the next poll retries */ }

@@ -93,11 +93,24 @@
       li.dataset.room = m.room;
       li.dataset.id = String(m.id);
       const badge = el("span", m.sender.protocol, "badge badge-" + m.sender.protocol);
+      const name = el("span", ` ${m.sender.name}`, "sender");
+      if (verified(m.sender)) name.append(" ", verifiedMark());
       li.append(el("span", new Date(m.ts * 1000).toLocaleTimeString() + " ", "muted"),
-        el("strong", `#${m.room} `), badge, el("span", ` ${m.sender.name}: `, "sender"), el("span", m.text));
+        el("strong", `#${m.room} `), badge, name, el("span", ": "), el("span", m.text));
       feed.prepend(li);
     }
     while (feed.children.length > 100) feed.lastElementChild.remove();
+  }
+
+  // A logged-in account or the system: a display name alone proves nothing.
+  function verified(sender) {
+    return sender.protocol === "system" || String(sender.id).startsWith("user:");
+  }
+
+  function verifiedMark() {
+    const mark = el("span", "\u2713", "verified");
+    mark.title = "verified: a logged-in account or staff";
+    return mark;
   }
 
   function drawChart(points, reset, now) {
