@@ -226,7 +226,8 @@ async def test_a_restart_after_kill_9_shows_no_ghosts(request, gateway_factory, 
     # rows whose pid is gone. Either way long before the heartbeat would expire.
     restarted = gateway_factory(env=env, port=gw.port).start()
     assert restarted.get_json("/api/rooms/ghosts/")["members"] == []
-    assert restarted.get_json("/api/rooms/")["rooms"][0]["members"] == 0
+    # (listening alone does not create a room, so the list may not show it at all)
+    assert all(r["members"] == 0 for r in restarted.get_json("/api/rooms/")["rooms"])
 
 
 async def test_presence_of_a_killed_replica_expires_on_redis(gateway_factory, redis_server,
