@@ -282,21 +282,8 @@ class ChatConsumer(RoomConsumer):
         if self.writer is None:  # another ASGI server: it sends any close code
             await self.base_send({"type": "websocket.close", "code": CLOSE_POLICY})
         elif self.writer.is_open():
-            _fail_connection(self.writer, CLOSE_POLICY, "too many refused frames")
+            self.writer.fail(CLOSE_POLICY, "too many refused frames")
         raise StopConsumer()
-
-
-def _fail_connection(writer, code: int, reason: str) -> None:
-    """Close with a protocol-level code, as autobahn closes with 1007 or 1009.
-
-    daphne passes ``websocket.close`` codes to autobahn's ``sendClose``, which takes only
-    1000 and 3000-4999; and daphne keeps queueing the frames that arrive during the close
-    handshake for an application that has finished. So: mute daphne's protocol (nothing more
-    is queued, and no disconnect: the consumer stops by itself) and send the close frame.
-    """
-    protocol = writer.protocol
-    protocol.muted = True
-    protocol.sendCloseFrame(code=code, reasonUtf8=reason.encode())
 
 
 def _int_param(query: dict[str, list[str]], name: str) -> int | None:

@@ -60,6 +60,18 @@ class FrameWriter:
         transport = self.protocol.transport
         return len(getattr(transport, "dataBuffer", b"")) + getattr(transport, "_tempDataLen", 0)
 
+    def fail(self, code: int, reason: str) -> None:
+        """Close with a protocol-level code (1008), as autobahn closes with 1007 or 1009.
+
+        daphne passes ``websocket.close`` codes to autobahn's ``sendClose``, which takes only
+        1000 and 3000-4999, and keeps queueing the frames that arrive during the close
+        handshake for an application that has finished. So: mute daphne's protocol (nothing
+        more is queued, and no disconnect: the consumer stops by itself) and send the close
+        frame.
+        """
+        self.protocol.muted = True
+        self.protocol.sendCloseFrame(code=code, reasonUtf8=reason.encode())
+
     def send(self, prepared) -> None:
         protocol = self.protocol
         if protocol._perMessageCompress is not None or protocol.send_queue:
