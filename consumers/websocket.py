@@ -20,7 +20,9 @@ Close codes: 4400 invalid room name or query, 4401 login required, 1011 the room
 be joined (all three before accept, which daphne answers with HTTP 403); 4008 the client
 fell behind the room (reconnect with ``after`` to resume from history); 4012 server
 restarting (reconnect and resume); 4403 disconnected by staff and 4410 room closed by staff
-(do not reconnect by themselves); 1008 too many refused frames (below); 1009 frame too big
+(do not reconnect by themselves); after accept, 4404 no such room (only staff create rooms)
+and 4429 no new room now (this sender created too many lately, or the gateway holds
+``GATEWAY_MAX_ROOMS``); 1008 too many refused frames (below); 1009 frame too big
 and 1007 invalid UTF-8 (from the server library).
 
 Budget of a connection: every frame, whatever it holds, spends a token of its flood limit
@@ -52,7 +54,7 @@ from django.conf import settings
 from django.db import DatabaseError
 
 from consumers.base import RoomConsumer
-from gateway import events, metrics, selectors
+from gateway import events, metrics, services
 from gateway.fanout import FRAME_WRITER_EXTENSION, Delivery
 from gateway.logging import LogSampler
 from gateway.names import ROOM_NAME_RULE, display_name_clean, room_name_is_valid
@@ -66,6 +68,8 @@ CLOSE_LOGIN_REQUIRED = 4401
 CLOSE_JOIN_FAILED = 1011
 CLOSE_FELL_BEHIND = 4008
 CLOSE_ROOM_CLOSED = 4410
+CLOSE_NO_SUCH_ROOM = 4404  # rooms are created by staff only
+CLOSE_TRY_LATER = 4429  # this sender created too many rooms lately, or the cap is reached
 CLOSE_POLICY = 1008
 
 LOGGED_PER_CODE = 5
@@ -125,13 +129,23 @@ class ChatConsumer(RoomConsumer):
         self.send_buffer_limit = settings.GATEWAY["WS_SEND_BUFFER_LIMIT"]
         self.bucket = flood_limit()
         self.refusals = TokenBucket(rate=1.0, burst=settings.GATEWAY["WS_ERROR_LIMIT"])
+        staff = authenticated and user.is_staff
         try:
-            if await database_sync_to_async(selectors.room_is_closed)(room=room):
-                # Accepted, then closed: the page sees 4410 and does not retry (a refused
-                # handshake would only show it 1006).
+            try:
+                closed, self.sender = await database_sync_to_async(services.room_enter)(
+                    room=room, sender=self.sender, staff=staff
+                )
+            except GatewayError as exc:  # the room policy: new rooms are limited
+                # Accepted, then closed, so the page can say why (a refused handshake would
+                # only show it 1006).
+                await self.base_send({"type": "websocket.accept"})
+                code = CLOSE_NO_SUCH_ROOM if exc.code == "room_not_found" else CLOSE_TRY_LATER
+                return await self._refuse(code, exc.detail)
+            if closed:
+                # Accepted, then closed: the page sees 4410 and does not retry.
                 await self.base_send({"type": "websocket.accept"})
                 return await self._refuse(CLOSE_ROOM_CLOSED, "the room is closed")
-            await self.room_join(room, member_id=member_id, name=name)
+            await self.room_join(room, member_id=member_id, name=self.sender["name"])
         except Exception:
             # Before accept: the client sees the handshake refused and retries.
             logger.exception("could not join room", extra=self.log_extra(joining=room))

@@ -106,10 +106,16 @@ def room_open(*, room: str) -> int:
     return last.first() or 0
 
 
-def room_enter(*, room: str, creator: str, staff: bool) -> bool:
-    """A member arrives in ``room``: create it if it is new (within the room policy);
-    True if staff closed it."""
-    return room_get_or_create(room=room, creator=creator, staff=staff).closed
+def room_enter(
+    *, room: str, sender: events.Sender, staff: bool
+) -> tuple[bool, events.Sender]:
+    """A member arrives in ``room``: create it if it is new (within the room policy, else
+    GatewayError). Returns whether staff closed it, and the sender as the room shows it (an
+    unverified sender does not keep a staff user's name)."""
+    closed = room_get_or_create(room=room, creator=sender["id"], staff=staff).closed
+    name = display_name_for(sender_id=sender["id"], protocol=sender["protocol"],
+                            name=sender["name"])
+    return closed, events.sender(protocol=sender["protocol"], id=sender["id"], name=name)
 
 
 class _CreationLimits:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 import pytest
+import websockets
 from django.contrib.auth import get_user_model
 
 from gateway import events, services
 from gateway.models import Room
 from gateway.services import GatewayError
+from tests.test_e2e import wait_until
 
 pytestmark = pytest.mark.django_db
 
@@ -57,10 +62,13 @@ def test_rooms_created_by_staff_only(settings):
     with pytest.raises(GatewayError) as refused:
         post("new")
     assert refused.value.code == "room_not_found"
-    assert services.room_enter(room="new", creator="user:1", staff=True) is False
+    staff = events.sender(protocol="web", id="user:1", name="root")
+    assert services.room_enter(room="new", sender=staff, staff=True) == (False, staff)
     post("new")  # once staff made it, anyone may post
+    visitor = events.sender(protocol="web", id="anon:x", name="x")
     with pytest.raises(GatewayError):
-        services.room_enter(room="other", creator="anon:x", staff=False)
+        services.room_enter(room="other", sender=visitor, staff=False)
+    assert services.room_enter(room="new", sender=visitor, staff=False) == (False, visitor)
 
 
 def test_listening_to_a_room_does_not_create_it():
@@ -84,3 +92,61 @@ def test_staff_names_are_reserved_for_verified_senders():
     assert event["sender"]["name"] == "Admin"
     event, _ = post("lobby", sender_id="anon:3", protocol="web", name="bob")
     assert event["sender"]["name"] == "bob"
+    # Presence shows the same name as the messages.
+    _, shown = services.room_enter(
+        room="lobby", sender=events.sender(protocol="web", id="anon:1", name="admin"),
+        staff=False)
+    assert shown["name"] == "admin (unverified)"
+
+
+# --- through a real gateway and real sockets ----------------------------------------------
+
+
+async def closed_with(gw, path: str) -> int:
+    """The close code a socket to ``path`` ends with, without sending anything."""
+    async with websockets.connect(gw.ws(path), origin=gw.origin, open_timeout=10) as ws:
+        with pytest.raises(websockets.ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 10)
+        return ws.close_code
+
+
+@pytest.mark.slow
+async def test_sockets_follow_the_room_policy(gateway_factory):
+    gw = gateway_factory(env={"GATEWAY_ROOM_CREATE_PER_MINUTE": "2"}).start()
+    uid = "uid=browser-secret-1"
+    for room in ("one", "two"):
+        async with websockets.connect(gw.ws(f"/ws/chat/{room}/?{uid}"), origin=gw.origin):
+            pass
+    # The third new room from the same browser within the minute: told why, after accept.
+    assert await closed_with(gw, f"/ws/chat/three/?{uid}") == 4429
+    assert "too many new rooms" in gw.log()
+    # Existing rooms stay open to it; another browser may open a room.
+    async with websockets.connect(gw.ws(f"/ws/chat/one/?{uid}"), origin=gw.origin) as ws:
+        await ws.send(json.dumps({"type": "ping"}))
+        assert json.loads(await asyncio.wait_for(ws.recv(), 10)) == {"type": "pong"}
+    async with websockets.connect(gw.ws("/ws/chat/three/?uid=browser-secret-2"),
+                                  origin=gw.origin):
+        pass
+    rooms = {room["name"] for room in gw.get_json("/api/rooms/")["rooms"]}
+    assert rooms == {"one", "two", "three"}
+
+
+@pytest.mark.slow
+async def test_only_staff_open_rooms_when_so_configured(gateway_factory):
+    gw = gateway_factory(env={"GATEWAY_ROOMS_STAFF_ONLY": "1"}).start()
+    gw.create_user("root", "a-long-pass-phrase-1", staff=True)
+    assert await closed_with(gw, "/ws/chat/new/") == 4404
+    cookie = gw.login("root", "a-long-pass-phrase-1")
+    async with websockets.connect(gw.ws("/ws/chat/new/"), origin=gw.origin,
+                                  additional_headers={"Cookie": cookie}):
+        pass
+    # Now that it exists, anyone joins; an anonymous "root" is shown as unverified.
+    async with websockets.connect(gw.ws("/ws/chat/new/?name=ROOT"), origin=gw.origin) as ws:
+        await ws.send(json.dumps({"message": "hi"}))
+        frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert frame["sender"]["name"] == "ROOT (unverified)"
+
+        def shown() -> list[str]:
+            return [m["name"] for m in gw.get_json("/api/rooms/new/")["members"]]
+
+        await wait_until(lambda: shown() == ["ROOT (unverified)"], 15, "presence")

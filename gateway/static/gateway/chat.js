@@ -174,7 +174,9 @@
     4400: "This room name is not valid.",
     4401: "Log in to chat.",
     4403: "Staff disconnected this page. Reload to join again.",
+    4404: "There is no such room, and only staff create rooms.",
     4410: "Staff closed this room.",
+    4429: "No new rooms can be opened now. Try again later, or join an existing room.",
   };
 
   function removeMessage(id) {
