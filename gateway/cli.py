@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import logging
 import os
 import socket
 import sys
@@ -48,12 +50,20 @@ def cmd_run(args: argparse.Namespace) -> int:
             host = f"[{host}]"
         print(f"Gateway running at http://{host}:{address.port}/  (Ctrl+C to stop)", flush=True)
 
+    if settings.DEBUG and not _is_loopback(args.host):
+        _warn(f"development mode (DJANGO_DEBUG=1) on {args.host}: the site, with Django's "
+              f"debug pages, is reachable from other machines. Use DJANGO_DEBUG=0 for that.")
+    try:
+        services = _protocol_services(args, application)
+    except RunRefused as exc:
+        print(f"gateway run refused: {exc}", file=sys.stderr, flush=True)
+        return 2
     interface = args.host.replace(":", r"\:")
     limits = settings.GATEWAY
     frame_limit = limits["WS_MAX_FRAME_BYTES"]
     server = GatewayServer(
         application,
-        services=_protocol_services(args, application),
+        services=services,
         endpoints=[f"tcp:port={args.port}:interface={interface}"],
         websocket_max_message_size=frame_limit,
         websocket_max_frame_size=frame_limit,
@@ -121,28 +131,80 @@ def _mqtt_services(args: argparse.Namespace, application) -> list:
     mqtt = settings.MQTT
     if args.no_mqtt or not mqtt["ENABLED"] or "mqtt" not in settings.GATEWAY_PROTOCOLS:
         return []
-    from protocols.mqtt.broker import EmbeddedBroker
     from protocols.mqtt.server import BrokerAddress, MqttServer
 
+    client_id = (mqtt["CLIENT_ID"] or f"rt-gateway-{socket.gethostname()}-{args.port}")[:128]
     services: list = []
     if mqtt["URL"]:
         address = BrokerAddress.from_url(mqtt["URL"])
     else:
-        port = args.mqtt_port if args.mqtt_port is not None else mqtt["EMBEDDED_PORT"]
-        if args.mqtt_port is None and not _port_free("127.0.0.1", port):
-            print(f"MQTT left out: port {port} is taken (another broker?). Use it with "
-                  f"MQTT_URL=mqtt://127.0.0.1:{port}, or move ours with --mqtt-port.",
-                  file=sys.stderr, flush=True)
+        broker = _embedded_broker(args, client_id)
+        if broker is None:
             return []
-        services.append(EmbeddedBroker("127.0.0.1", port))
-        address = BrokerAddress(host="127.0.0.1", port=port)
-    client_id = mqtt["CLIENT_ID"] or f"rt-gateway-{socket.gethostname()}-{args.port}"
+        services.append(broker)
+        # The gateway's own client logs in with this process's credentials (never logged).
+        address = BrokerAddress(host=_connect_host(broker.host), port=broker.port,
+                                username=broker.policy.gateway_user,
+                                password=broker.policy.gateway_password)
     services.append(MqttServer(
         application, address=address, prefix=mqtt["TOPIC_PREFIX"],
-        client_id=client_id[:128], idle_timeout=mqtt["IDLE_TIMEOUT"],
+        client_id=client_id, idle_timeout=mqtt["IDLE_TIMEOUT"],
         keepalive=mqtt["KEEPALIVE"], shared_group=mqtt["SHARED_GROUP"],
     ))
     return services
+
+
+class RunRefused(Exception):
+    """A setting ``gateway run`` cannot start with; the message says which and why."""
+
+
+def _embedded_broker(args: argparse.Namespace, client_id: str):
+    """The embedded broker (MQTT_URL empty), or None when its port is taken."""
+    from django.conf import settings
+
+    from protocols.mqtt.broker import EmbeddedBroker
+
+    mqtt = settings.MQTT
+    host = mqtt["EMBEDDED_HOST"]
+    port = args.mqtt_port if args.mqtt_port is not None else mqtt["EMBEDDED_PORT"]
+    if args.mqtt_port is None and not _port_free(host, port):
+        print(f"MQTT left out: port {port} is taken (another broker?). Use it with "
+              f"MQTT_URL=mqtt://127.0.0.1:{port}, or move ours with --mqtt-port.",
+              file=sys.stderr, flush=True)
+        return None
+    if not _is_loopback(host):
+        _warn(f"the embedded MQTT broker listens on {host}:{port}, reachable from other "
+              f"machines (MQTT_EMBEDDED_HOST). It is meant for development and small setups; "
+              f"anonymous devices are {'ALLOWED' if mqtt['ALLOW_ANONYMOUS'] else 'refused'}. "
+              f"For production use Mosquitto with MQTT_URL (deploy/mosquitto).")
+    try:
+        return EmbeddedBroker(
+            host, port, prefix=mqtt["TOPIC_PREFIX"], gateway_client_id=client_id,
+            device_passwords=mqtt["DEVICE_PASSWORDS"], allow_anonymous=mqtt["ALLOW_ANONYMOUS"],
+            max_packet_size=mqtt["MAX_PACKET_SIZE"],
+        )
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RunRefused(f"MQTT_DEVICE_PASSWORDS: cannot read it ({exc})") from None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may well be reachable
+
+
+def _connect_host(host: str) -> str:
+    """Where this process's own client reaches a broker bound to ``host``."""
+    return {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+
+
+def _warn(text: str) -> None:
+    """Said loudly: on stderr and as a WARNING log line."""
+    print(f"WARNING: {text}", file=sys.stderr, flush=True)
+    logging.getLogger("gateway.cli").warning(text)
 
 
 def _port_free(host: str, port: int) -> bool:
