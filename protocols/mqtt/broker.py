@@ -26,6 +26,7 @@ from protocols.mqtt.broker_stream import PacketLimitReader
 logger = logging.getLogger(__name__)
 
 LISTENER = "default"
+STOP_TIMEOUT = 10.0  # seconds for amqtt to end its sessions at shutdown
 
 
 class EmbeddedBroker:
@@ -49,6 +50,7 @@ class EmbeddedBroker:
         self._broker: GatewayBroker | None = None
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
 
     async def start(self) -> None:
         listener = ListenerConfig(type=ListenerType.EXTERNAL, bind=f"{self.host}:{self.port}")
@@ -67,11 +69,19 @@ class EmbeddedBroker:
         })
 
     async def stop(self) -> None:
+        """Stop listening, end every session (bounded: amqtt waits for each client to read
+        what was written to it), then drop whatever connection is left."""
         if self._server is not None:
             self._server.close()
         if self._broker is not None:
-            await self._broker.shutdown()
-        if self._connections:  # amqtt has closed its sessions; what is left never logged in
+            try:
+                await asyncio.wait_for(self._broker.shutdown(), STOP_TIMEOUT)
+            except TimeoutError:
+                logger.warning("the embedded broker's sessions did not end in time",
+                               extra={"protocol": "mqtt"})
+        for writer in list(self._writers):
+            writer.transport.abort()
+        if self._connections:
             _, pending = await asyncio.wait(self._connections, timeout=2)
             for task in pending:
                 task.cancel()
@@ -85,6 +95,7 @@ class EmbeddedBroker:
             return
         task = asyncio.current_task()
         self._connections.add(task)
+        self._writers.add(writer)
         peer = writer.get_extra_info("peername")
 
         def refused(reason: str, size: int) -> None:
@@ -100,4 +111,5 @@ class EmbeddedBroker:
                            username=(failed.username or "")[:200])
         finally:
             self._connections.discard(task)
+            self._writers.discard(writer)
             writer.close()
