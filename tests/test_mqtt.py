@@ -8,6 +8,8 @@ import asyncio
 import json
 import sqlite3
 import subprocess
+import urllib.error
+import urllib.request
 
 import aiomqtt
 import pytest
@@ -25,6 +27,27 @@ def mqtt_env(broker, **extra: str) -> dict[str, str]:
 
 def device(broker, identifier: str | None = None, **kwargs) -> aiomqtt.Client:
     return aiomqtt.Client("127.0.0.1", broker.port, identifier=identifier, **kwargs)
+
+
+def readyz(gw) -> tuple[int, dict]:
+    """``/readyz``: its status code and body."""
+    try:
+        with urllib.request.urlopen(gw.http + "/readyz", timeout=5) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as refused:
+        return refused.code, json.loads(refused.read())
+
+
+def mqtt_status(gw) -> dict:
+    """The MQTT server's part of ``/readyz``."""
+    return readyz(gw)[1]["checks"].get("mqtt", {})
+
+
+async def mqtt_ready(gw, timeout: float = 20) -> None:
+    """Wait until the gateway is ready with its MQTT subscription in place (``/healthz``
+    answers before it: a device publishing then could find nobody subscribed)."""
+    await wait_until(lambda: readyz(gw)[0] == 200 and mqtt_status(gw).get("ready"), timeout,
+                     "the gateway is not ready with MQTT")
 
 
 async def gather_out(client: aiomqtt.Client, n: int, timeout: float = 10) -> list[dict]:
@@ -51,11 +74,11 @@ async def nothing_more(client: aiomqtt.Client, wait: float = 0.5) -> bool:
 
 async def test_devices_and_browsers_share_a_room(gateway_factory, mosquitto):
     gw = gateway_factory(env=mqtt_env(mosquitto)).start()
+    await mqtt_ready(gw)
     async with connect(gw, "/ws/chat/plant/?name=web") as browser, \
             device(mosquitto) as d1, device(mosquitto) as d2:
         for d in (d1, d2):
-            await d.subscribe("rooms/plant/out", qos=1)
-        await asyncio.sleep(0.3)
+            await d.subscribe("rooms/plant/out", qos=1)  # returns once the broker confirmed
 
         # device -> browser, and -> every device through out (the sender too), once each
         await d1.publish("rooms/plant/in/sensor1", b"21.5 C", qos=1)
@@ -112,10 +135,10 @@ async def test_devices_and_browsers_share_a_room(gateway_factory, mosquitto):
 async def test_bad_payloads_are_refused_on_the_error_topic(gateway_factory, mosquitto,
                                                            payload, code):
     gw = gateway_factory(env=mqtt_env(mosquitto)).start()
+    await mqtt_ready(gw)
     async with device(mosquitto) as d:
         await d.subscribe("rooms/lab/error/probe", qos=1)
         await d.subscribe("rooms/lab/out", qos=1)
-        await asyncio.sleep(0.3)
         await d.publish("rooms/lab/in/probe", payload, qos=1)
         [error] = await gather_out(d, 1)
         assert (error["topic"], error["type"], error["code"]) == (
@@ -135,9 +158,9 @@ async def test_bad_payloads_are_refused_on_the_error_topic(gateway_factory, mosq
                                    "rooms/" + "r" * 65 + "/in/dev1"])
 async def test_invalid_topics_are_logged_and_dropped(gateway_factory, mosquitto, topic):
     gw = gateway_factory(env=mqtt_env(mosquitto)).start()
+    await mqtt_ready(gw)
     async with device(mosquitto) as d:
         await d.subscribe("rooms/#", qos=1)
-        await asyncio.sleep(0.3)
         await d.publish(topic, b"hello", qos=1)
         await gather_out_raw(d, 1)  # our own publish, echoed by the broker to rooms/#
         assert await nothing_more(d, 1.0)  # no error topic: room or device is not valid
@@ -156,19 +179,22 @@ async def gather_out_raw(client: aiomqtt.Client, n: int) -> None:
 async def test_retained_messages_are_not_stored_again(gateway_factory, mosquitto):
     env = mqtt_env(mosquitto)
     gw = gateway_factory(env=env).start()
+    await mqtt_ready(gw)  # published before the gateway subscribed, it would come retained
     async with device(mosquitto) as d:
         await d.publish("rooms/shelf/in/lamp", b"on", qos=1, retain=True)
         await wait_until(lambda: gw.get_json("/api/rooms/shelf/")["last_id"] == 1, 5,
                          "retained message not stored live")
     gw.terminate()
     again = gateway_factory(env=env, port=gw.port, datadir=gw.datadir).start()
-    await asyncio.sleep(1.5)  # the broker replays the retained message on subscribe
+    # The broker replays the retained message when the gateway subscribes again.
+    await wait_until(lambda: "ignored a retained message" in again.log(), 15,
+                     "the retained message was not replayed")
     assert again.get_json("/api/rooms/shelf/")["last_id"] == 1
-    assert "ignored a retained message" in again.log()
 
 
 async def test_broker_restart_mid_stream_loses_nothing_it_accepted(gateway_factory, mosquitto):
     gw = gateway_factory(env=mqtt_env(mosquitto)).start()
+    await mqtt_ready(gw)  # before it, the first message could find no subscription
     total, acked = 60, []
 
     async def publisher() -> None:
@@ -204,7 +230,7 @@ async def test_embedded_broker_and_idle_device_scopes(gateway_factory):
     port = free_port()
     gw = gateway_factory(env={**FAST, "MQTT_ENABLED": "1", "MQTT_EMBEDDED_PORT": str(port),
                               "MQTT_IDLE_TIMEOUT": "1"}).start()
-    await asyncio.sleep(0.5)
+    await mqtt_ready(gw)
     async with connect(gw, "/ws/chat/lobby/") as browser:
         await asyncio.to_thread(
             subprocess.run, ["mosquitto_pub", "-p", str(port), "-q", "1",
@@ -223,19 +249,19 @@ async def test_a_browser_message_reaches_devices_subscribed_with_mosquitto_sub(
     gateway_factory, mosquitto
 ):
     gw = gateway_factory(env=mqtt_env(mosquitto)).start()
-    sub = await asyncio.to_thread(
-        subprocess.Popen,
-        ["mosquitto_sub", "-p", str(mosquitto.port), "-q", "1", "-t", "rooms/hall/out",
-         "-C", "2", "-W", "15"],
-        stdout=subprocess.PIPE, text=True,
-    )
-    await asyncio.sleep(0.5)
+    await mqtt_ready(gw)
+    # A persistent session subscribed first (-E: exit once the broker confirmed it), so
+    # what is published from then on waits for the mosquitto_sub that reads it.
+    sub = ["mosquitto_sub", "-p", str(mosquitto.port), "-q", "1", "-t", "rooms/hall/out",
+           "-c", "-i", "hall-reader"]
+    await asyncio.to_thread(subprocess.run, [*sub, "-E"], check=True, timeout=10)
     async with connect(gw, "/ws/chat/hall/") as browser:
         for text in ("one", "two"):
             await browser.send(json.dumps({"message": text}))
         await collect(browser, 2)
-    out, _ = await asyncio.to_thread(sub.communicate, timeout=20)
-    assert [json.loads(line)["text"] for line in out.splitlines()] == ["one", "two"]
+    read = await asyncio.to_thread(subprocess.run, [*sub, "-C", "2", "-W", "15"],
+                                   capture_output=True, text=True, timeout=20)
+    assert [json.loads(line)["text"] for line in read.stdout.splitlines()] == ["one", "two"]
     with pytest.raises(websockets.InvalidStatus):  # unrelated: MQTT adds no web routes
         async with connect(gw, "/ws/mqtt/"):
             pass
@@ -246,11 +272,12 @@ async def test_two_gateways_share_one_broker_without_duplicates(gateway_factory,
     env = mqtt_env(mosquitto, REDIS_URL=redis_server.url, MQTT_SHARED_GROUP="gateway")
     a = gateway_factory(env=env, datadir=tmp_path / "shared").start()
     b = gateway_factory(env=env, datadir=tmp_path / "shared").start()
+    await mqtt_ready(a)
+    await mqtt_ready(b)
     total_devices, total_web = 40, 10
     async with connect(a, "/ws/chat/duo/") as on_a, connect(b, "/ws/chat/duo/") as on_b, \
             device(mosquitto) as listener, device(mosquitto) as meter:
         await listener.subscribe("rooms/duo/out", qos=1)
-        await asyncio.sleep(1.0)
         for i in range(total_devices):
             # No client_id: a message that reached both gateways would be stored twice.
             await meter.publish("rooms/duo/in/meter", f"d{i}".encode(), qos=1)
@@ -295,8 +322,7 @@ async def test_the_deploy_acl_lets_a_device_publish_only_as_itself(gateway_facto
     try:
         env = mqtt_env(broker, MQTT_URL=f"mqtt://gateway:gw-secret@127.0.0.1:{broker.port}")
         gw = gateway_factory(env=env).start()
-        await wait_until(lambda: "connected to the MQTT broker" in gw.log(), 10,
-                         "the gateway could not log in")
+        await mqtt_ready(gw)  # it logged in
         with pytest.raises(aiomqtt.MqttError):  # no anonymous clients
             async with device(broker) as anonymous:
                 await anonymous.publish("rooms/acl/in/sensor1", b"anon", qos=1)
@@ -318,13 +344,13 @@ async def test_what_devices_publish_while_the_gateway_restarts_is_stored_once(
 ):
     env = mqtt_env(mosquitto)
     gw = gateway_factory(env=env).start()
-    await wait_until(lambda: "connected to the MQTT broker" in gw.log(), 10, "not connected")
+    await mqtt_ready(gw)  # its session and subscription exist: the broker queues for it
     assert gw.terminate() == 0
     async with device(mosquitto) as d:  # the gateway is away: its session queues these
         for i in range(5):
             await d.publish("rooms/away/in/meter", f"while away {i}".encode(), qos=1)
     back = gateway_factory(env=env, port=gw.port, datadir=gw.datadir).start()
-    await wait_until(lambda: back.get_json("/api/rooms/away/")["last_id"] == 5, 10,
+    await wait_until(lambda: back.get_json("/api/rooms/away/")["last_id"] == 5, 20,
                      "queued messages were not delivered")
     history = back.get_json("/api/rooms/away/messages?after=0")["messages"]
     assert [m["message"] for m in history] == [f"while away {i}" for i in range(5)]
@@ -334,7 +360,7 @@ async def test_a_room_created_while_the_layer_is_down_is_still_relayed(
     gateway_factory, mosquitto, redis_server
 ):
     gw = gateway_factory(env=mqtt_env(mosquitto, REDIS_URL=redis_server.url)).start()
-    await wait_until(lambda: "connected to the MQTT broker" in gw.log(), 10, "not connected")
+    await mqtt_ready(gw)
     async with device(mosquitto) as d:
         await d.subscribe("rooms/late/out", qos=1)
         redis_server.stop()  # the new room's relay cannot join its group now
@@ -355,6 +381,7 @@ async def test_a_message_the_gateway_dies_before_storing_is_delivered_again(
     mosquitto, gateway_factory
 ):
     gw = gateway_factory(env=mqtt_env(mosquitto)).start()
+    await mqtt_ready(gw)
     async with device(mosquitto) as d:
         await d.publish("rooms/crash/in/probe", b"first", qos=1)
         await wait_until(lambda: gw.get_json("/api/rooms/crash/")["last_id"] == 1, 10,
@@ -364,7 +391,8 @@ async def test_a_message_the_gateway_dies_before_storing_is_delivered_again(
         db = sqlite3.connect(gw.datadir / "gateway.sqlite3", timeout=5)
         db.execute("BEGIN IMMEDIATE")
         await d.publish("rooms/crash/in/probe", b"second", qos=1)  # the broker has it
-        await asyncio.sleep(1.0)  # and the gateway too, by now
+        await wait_until(lambda: mqtt_status(gw)["received"] == 2, 10,
+                         "the gateway did not receive it")  # and the gateway too
         gw.kill()
         db.rollback()
         db.close()
