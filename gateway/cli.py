@@ -177,6 +177,9 @@ def _embedded_broker(args: argparse.Namespace, client_id: str):
               f"machines (MQTT_EMBEDDED_HOST). It is meant for development and small setups; "
               f"anonymous devices are {'ALLOWED' if mqtt['ALLOW_ANONYMOUS'] else 'refused'}. "
               f"For production use Mosquitto with MQTT_URL (deploy/mosquitto).")
+    if not mqtt["ALLOW_ANONYMOUS"] and not mqtt["DEVICE_PASSWORDS"]:
+        _warn("the embedded MQTT broker accepts no device: anonymous clients are refused "
+              "(production mode or GATEWAY_REQUIRE_LOGIN=1) and MQTT_DEVICE_PASSWORDS is empty.")
     try:
         return EmbeddedBroker(
             host, port, prefix=mqtt["TOPIC_PREFIX"], gateway_client_id=client_id,
