@@ -17,7 +17,8 @@ events back to the broker.
 
 One connection, QoS 1 both ways, a fixed client id with clean session off (the broker keeps
 what devices publish while the gateway is away), reconnects with exponential backoff and
-jitter. Outbound messages wait in order while the broker is unreachable.
+jitter. Outbound messages wait in order while the broker is unreachable; a publish that the
+connection's end cut short is published again on the next.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ logger = logging.getLogger(__name__)
 ROOM_SCAN_INTERVAL = 2.0
 RELAY = "mqtt-out"  # the lease and cursor name of the rooms -> MQTT relay
 LEASE_TTL = 10.0
+PUBLISH_RETRY = 0.5  # seconds before a publish refused on a live connection is tried again
 
 
 @dataclass
@@ -70,6 +72,33 @@ class BrokerAddress:
 
     def __str__(self) -> str:  # never the password
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+class _Link:
+    """One broker connection; ``lost`` is set when it ends."""
+
+    def __init__(self, client: aiomqtt.Client) -> None:
+        self.client = client
+        self.lost = asyncio.Event()
+
+    async def publish(self, topic: str, payload: bytes) -> bool:
+        """True once the broker has confirmed it (QoS 1); False if this connection ended
+        first (aiomqtt would wait out its timeout on a dead connection); MqttError if the
+        broker refused it or did not confirm it in time."""
+        if self.lost.is_set():
+            return False
+        sending = asyncio.ensure_future(self.client.publish(topic, payload, qos=1))
+        ending = asyncio.ensure_future(self.lost.wait())
+        try:
+            await asyncio.wait((sending, ending), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (sending, ending):
+                if not task.done():
+                    task.cancel()
+        if sending.done() and not sending.cancelled():
+            sending.result()  # raises what the publish failed with
+            return True
+        return False
 
 
 class MqttServer:
@@ -99,14 +128,14 @@ class MqttServer:
         self.devices: dict[tuple[str, str], Scope] = {}
         self.relays: dict[str, Scope] = {}
         self.outbox: asyncio.Queue[tuple[str, bytes, str | None, int | None]] = asyncio.Queue()
-        self.connected = asyncio.Event()
+        self.connected = asyncio.Event()  # set and cleared only with the connection itself
         self.stats = {"received": 0, "published": 0, "rejected": 0, "reconnects": 0}
         self.refused: Counter[str] = Counter()  # device messages refused, by error code
-        self._client: aiomqtt.Client | None = None
+        self._link: _Link | None = None
         self._tasks: list[asyncio.Task] = []
         self._known_rooms: set[str] = set()
         # Received messages not yet acknowledged: token -> (scope, connection, mid, qos)
-        self._acks: dict[int, tuple[Scope | None, aiomqtt.Client, int, int]] = {}
+        self._acks: dict[int, tuple[Scope | None, _Link, int, int]] = {}
         self._token = 0
         self._room_pk = 0  # the newest room seen by a scan
 
@@ -162,24 +191,31 @@ class MqttServer:
             try:
                 async with self._connect() as client:
                     await client.subscribe(self.in_filter, qos=1)
-                    self._client = client
-                    self.connected.set()
                     backoff = 0.5
-                    logger.info("connected to the MQTT broker",
-                                extra={"protocol": "mqtt", "broker": str(self.address)})
-                    async for message in client.messages:
-                        token = self._token = self._token + 1
-                        self._acks[token] = (None, client, message.mid, message.qos)
-                        await self._on_message(message, token)
+                    await self._serve(_Link(client))
             except aiomqtt.MqttError as exc:
-                self.connected.clear()
-                self._client = None
                 self.stats["reconnects"] += 1
                 delay = jitter(backoff)
                 logger.warning("MQTT broker unreachable (%s); retrying in %.1fs", exc, delay,
                                extra={"protocol": "mqtt", "broker": str(self.address)})
                 await asyncio.sleep(delay)
                 backoff = min(backoff * 2, 30.0)
+
+    async def _serve(self, link: _Link) -> None:
+        """Take the connection's messages until it ends; it is the current one meanwhile."""
+        self._link = link
+        self.connected.set()
+        logger.info("connected to the MQTT broker",
+                    extra={"protocol": "mqtt", "broker": str(self.address)})
+        try:
+            async for message in link.client.messages:
+                await self._on_message(message, link)
+        finally:
+            # Only a connection's own end clears the state: never a newer connection's.
+            link.lost.set()
+            if self._link is link:
+                self._link = None
+                self.connected.clear()
 
     @property
     def in_filter(self) -> str:
@@ -215,34 +251,42 @@ class MqttServer:
         entry = self._acks.pop(token, None)
         if entry is None:
             return
-        _, client, mid, qos = entry
-        if client is self._client and qos > 0:
-            client._client.ack(mid, qos)  # noqa: SLF001
+        _, link, mid, qos = entry
+        if link is self._link and qos > 0:
+            link.client._client.ack(mid, qos)  # noqa: SLF001
 
     async def _publish_loop(self) -> None:
         while True:
             topic, payload, room, seq = await self.outbox.get()
-            while True:
+            await self._publish(topic, payload)
+            self.stats["published"] += 1
+            if room is not None and seq is not None:
+                self.published[room] = max(seq, self.published.get(room, 0))
+            self.outbox.task_done()
+
+    async def _publish(self, topic: str, payload: bytes) -> None:
+        """Publish until the broker confirms it, on whatever connection is current: kept in
+        order, never skipped (QoS 1: a message cut short may reach subscribers twice)."""
+        while True:
+            while (link := self._link) is None:
                 await self.connected.wait()
-                client = self._client
-                try:
-                    assert client is not None
-                    await client.publish(topic, payload, qos=1)
-                    self.stats["published"] += 1
-                    if room is not None and seq is not None:
-                        self.published[room] = max(seq, self.published.get(room, 0))
-                    self.outbox.task_done()
-                    break
-                except (aiomqtt.MqttError, AssertionError):
-                    # Kept in order: wait for the reconnect, then publish it again.
-                    self.connected.clear()
-                    await asyncio.sleep(0.1)
+            try:
+                if await link.publish(topic, payload):
+                    return
+            except aiomqtt.MqttError as exc:
+                # The connection may still be up (a timeout, a refusal): only the
+                # connection loop decides it is down, so readiness stays true to it.
+                logger.warning("MQTT publish failed (%s); trying again", exc,
+                               extra={"protocol": "mqtt", "topic": topic[:200]})
+                await asyncio.sleep(PUBLISH_RETRY)
 
     # --- inbound -----------------------------------------------------------------------
 
-    async def _on_message(self, message: aiomqtt.Message, token: int) -> None:
-        """Hand a device's message to its scope, which reports it handled with ``token``;
+    async def _on_message(self, message: aiomqtt.Message, link: _Link) -> None:
+        """Hand a device's message to its scope, which reports it handled with its token;
         anything else is acknowledged at once."""
+        token = self._token = self._token + 1
+        self._acks[token] = (None, link, message.mid, message.qos)
         topic = str(message.topic)
         if message.retain:
             # Replayed by the broker on (re)subscribe: already stored when it was live.
@@ -269,7 +313,7 @@ class MqttServer:
                 self._relay(where.room, after=0)
                 await self._save_cursors()
         scope.last_seen = time.monotonic()
-        self._acks[token] = (scope, *self._acks[token][1:])
+        self._acks[token] = (scope, link, message.mid, message.qos)
         scope.put({"type": "mqtt.message", "payload": bytes(message.payload), "ack": token})
 
     def _open(self, scope: dict, *, name: str) -> Scope:
