@@ -6,12 +6,14 @@ its ``mqtt.*`` events and the room.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 import time
 
 from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
-from django.db import DatabaseError
+from django.db import DatabaseError, InterfaceError, OperationalError
 
 from consumers.base import RoomConsumer
 from gateway import events, metrics, services
@@ -25,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 WIRE_FORMAT = "mqtt-json"
 SEEN_INTERVAL = 60.0  # how often a device's last_seen is written while it is active
+RETRY_FIRST, RETRY_MAX = 0.5, 5.0  # backoff (seconds) while the database cannot store
+STALL = 1.0  # seconds: a store that took longer gives its time back to the device's rate
 
 
 class MqttDeviceConsumer(RoomConsumer):
@@ -52,19 +56,15 @@ class MqttDeviceConsumer(RoomConsumer):
         try:
             payload = topics.payload_decode(message["payload"])
             client_id = payload.client_id
-            if not self.bucket.allow():
+            # Counted when it reached the gateway: time it waited here is not the device's.
+            if not self.bucket.allow(now=message.get("received_at")):
                 raise GatewayError("rate_limited", "too many messages from this device")
-            if time.monotonic() - self.seen_at > SEEN_INTERVAL:
-                self.seen_at = time.monotonic()
-                await database_sync_to_async(services.device_seen)(
-                    device_id=self.device_id, room=self.room
-                )
+            started = time.monotonic()
+            await self._seen()
             name = display_name_clean(payload.name or "") or self.device_id
             sender = events.sender(protocol=self.protocol, id=self.device_id, name=name)
-            await database_sync_to_async(room_message_post)(
-                room=self.room, text=payload.text, sender=sender, origin=self.scope_id,
-                client_id=client_id,
-            )
+            await self._post(payload.text, sender, client_id)
+            self._stalled(time.monotonic() - started)
         except GatewayError as exc:
             await self._refuse(exc.code, exc.detail, client_id)
         except DatabaseError:
@@ -72,6 +72,50 @@ class MqttDeviceConsumer(RoomConsumer):
             await self._refuse("unavailable", "the message could not be stored", client_id)
         # Stored or refused: the server may acknowledge it to the broker now.
         await self.base_send({"type": "mqtt.handled", "ack": message["ack"]})
+
+    async def _post(self, text: object, sender: events.Sender, client_id: object):
+        """Store the message, waiting out a database that cannot take it now (locked,
+        unreachable): unacknowledged meanwhile, and the device's next messages wait behind
+        it. A stop cancels the wait and leaves it to the broker to deliver again."""
+        delay, attempt = RETRY_FIRST, 0
+        while True:
+            try:
+                return await database_sync_to_async(room_message_post)(
+                    room=self.room, text=text, sender=sender, origin=self.scope_id,
+                    client_id=client_id,
+                )
+            except (OperationalError, InterfaceError) as exc:
+                attempt += 1
+                wait = delay * (0.5 + random.random())  # noqa: S311 (spread, not secret)
+                if attempt & (attempt - 1) == 0:  # attempts 1, 2, 4, 8...: an outage logs little
+                    logger.warning("could not store a device message (%s); attempt %d, "
+                                   "retrying in %.1fs", exc, attempt, wait,
+                                   extra=self.log_extra(code="unavailable"))
+                await asyncio.sleep(wait)
+                delay = min(delay * 2, RETRY_MAX)
+
+    def _stalled(self, seconds: float) -> None:
+        """A store that stalled (the database locked or down) is the gateway's delay, not
+        the device's: the broker held back what the device sent meanwhile (its in-flight
+        window to us was full) and hands it over in one burst now, which the time given
+        back lets through. A normal store (milliseconds) gives nothing back, so a flood
+        gains nothing from its own load."""
+        if seconds >= STALL:
+            self.bucket.credit(seconds)
+
+    async def _seen(self) -> None:
+        """Record that the device is active (at most every SEEN_INTERVAL); not needed to
+        store its message, so a failure here only logs."""
+        if time.monotonic() - self.seen_at <= SEEN_INTERVAL:
+            return
+        self.seen_at = time.monotonic()
+        try:
+            await database_sync_to_async(services.device_seen)(
+                device_id=self.device_id, room=self.room
+            )
+        except DatabaseError:
+            logger.warning("could not record the device as seen", extra=self.log_extra(),
+                           exc_info=True)
 
     async def _refuse(self, code: str, detail: str, client_id: object) -> None:
         logger.warning("refused device message %s: %s", code, detail,

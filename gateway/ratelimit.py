@@ -15,15 +15,39 @@ class TokenBucket:
         self._clock = clock
         self._tokens = float(burst)
         self._stamp = clock()
+        self._extra = 0.0  # tokens given back beyond the burst (see credit), until:
+        self._extra_until = 0.0
 
-    def allow(self) -> bool:
-        now = self._clock()
-        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
-        self._stamp = now
+    def allow(self, now: float | None = None) -> bool:
+        """Spend a token for an event at ``now`` (default: the clock's now).
+
+        A protocol server passes the time the event arrived, so what waited in the
+        gateway's own queues is not counted against its sender; a time earlier than the
+        last one refills nothing (events are counted in the order they are handled).
+        """
+        now = self._clock() if now is None else now
+        elapsed = max(0.0, now - self._stamp)
+        self._tokens = min(self.burst, self._tokens + elapsed * self.rate)
+        self._stamp = max(self._stamp, now)
         if self._tokens >= 1.0:
             self._tokens -= 1.0
             return True
+        if self._extra >= 1.0 and now < self._extra_until:
+            self._extra -= 1.0
+            return True
         return False
+
+    def credit(self, seconds: float, now: float | None = None) -> None:
+        """Give back ``seconds`` of refill beyond the burst, usable for as long again.
+
+        For time the gateway itself made a sender wait (a store that stalled): the sender's
+        broker held back what it sent meanwhile and delivers it all at once afterwards.
+        """
+        now = self._clock() if now is None else now
+        if now >= self._extra_until:
+            self._extra = 0.0
+        self._extra += seconds * self.rate
+        self._extra_until = max(self._extra_until, now + seconds)
 
     def retry_after(self) -> float:
         """Seconds until the next event would be allowed."""

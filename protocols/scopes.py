@@ -24,6 +24,7 @@ class Scope:
     queue: asyncio.Queue
     task: asyncio.Task | None = None
     last_seen: float = field(default_factory=time.monotonic)
+    pending: int = 0  # events the server awaits an answer for (a device's unacknowledged)
 
     def put(self, event: dict) -> None:
         self.queue.put_nowait(event)
@@ -71,5 +72,14 @@ async def scopes_close(scopes: list[Scope], event: dict, *, wait: float) -> None
     for opened in scopes:
         opened.put(event)
     tasks = [opened.task for opened in scopes if opened.task is not None]
+    if tasks:
+        await asyncio.wait(tasks, timeout=wait)
+
+
+async def scopes_cancel(scopes: list[Scope], *, wait: float = 2.0) -> None:
+    """Cancel the instances still running (after ``scopes_close``), and wait a while."""
+    tasks = [opened.task for opened in scopes if opened.task is not None and not opened.task.done()]
+    for task in tasks:
+        task.cancel()
     if tasks:
         await asyncio.wait(tasks, timeout=wait)

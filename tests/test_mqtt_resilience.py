@@ -1,13 +1,17 @@
 """MQTT under faults, through real interfaces: a private mosquitto that restarts (or is
-frozen and killed); real MQTT and WebSocket clients against ``gateway run``."""
+frozen and killed), a SQLite write lock held by another process; real MQTT and WebSocket
+clients against ``gateway run``."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
+import sqlite3
 import time
+from collections import Counter
 
 import aiomqtt
 import pytest
@@ -138,3 +142,110 @@ async def test_out_resumes_after_five_broker_restarts_under_a_steady_stream(
     await wait_until(lambda: readyz(gw)[0] == 200 and mqtt_status(gw)["ready"], 10,
                      "not ready after the restarts")
     assert gw.log().count("connected to the MQTT broker") >= 6
+
+
+# --- item 6: a stall in the gateway costs devices nothing ---------------------------------
+
+
+def lock_database(gw) -> sqlite3.Connection:
+    """Take the gateway database's write lock from another connection (as a long write would)."""
+    db = sqlite3.connect(gw.datadir / "gateway.sqlite3", timeout=10, check_same_thread=False)
+    db.execute("BEGIN IMMEDIATE")
+    return db
+
+
+async def publish_steadily(broker, room: str, device_id: str, count: int, rate: float) -> None:
+    """Publish ``count`` messages (each with its client_id) at ``rate`` per second, QoS 1."""
+    async with device(broker) as d:
+        for i in range(count):
+            body = json.dumps({"message": f"m{i}", "client_id": f"{device_id}-{i}"})
+            await d.publish(f"rooms/{room}/in/{device_id}", body.encode(), qos=1)
+            await asyncio.sleep(1 / rate)
+
+
+def stored_texts(gw, room: str) -> list[str]:
+    page = gw.get_json(f"/api/rooms/{room}/messages?after=0&limit=500")["messages"]
+    return [m["message"] for m in page]
+
+
+async def errors_of(broker, topic: str, errors: list[dict], ready: asyncio.Event) -> None:
+    async with device(broker) as d:
+        await d.subscribe(topic, qos=1)
+        ready.set()
+        async for message in d.messages:
+            errors.append(json.loads(message.payload))
+
+
+async def test_a_database_stall_does_not_count_against_a_devices_rate(
+    gateway_factory, mosquitto
+):
+    # The default flood limit (5/s, burst 20), and a device publishing at 5/s.
+    gw = gateway_factory(env={"MQTT_ENABLED": "1", "MQTT_URL": mosquitto.url}).start()
+    await mqtt_ready(gw)
+    errors: list[dict] = []
+    listening = asyncio.Event()
+    watcher = asyncio.create_task(errors_of(mosquitto, "rooms/stall/error/meter", errors,
+                                            listening))
+    await asyncio.wait_for(listening.wait(), 10)
+    total = 100
+    publisher = asyncio.create_task(publish_steadily(mosquitto, "stall", "meter", total, 5))
+    await wait_until(lambda: gw.get_json("/api/rooms/stall/")["last_id"] >= 5, 10,
+                     "the device's first messages were not stored")
+    db = await asyncio.to_thread(lock_database, gw)
+    await asyncio.sleep(10)  # the device goes on publishing; the gateway cannot store
+    db.rollback()
+    db.close()
+    await asyncio.wait_for(publisher, 60)
+    with contextlib.suppress(AssertionError):  # whatever is missing is reported below
+        await wait_until(lambda: len(stored_texts(gw, "stall")) + len(errors) >= total, 30, "")
+    watcher.cancel()
+    await asyncio.gather(watcher, return_exceptions=True)
+    refused = Counter(error["code"] for error in errors)
+    assert not refused, f"{sum(refused.values())} of {total} refused: {dict(refused)}"
+    assert sorted(stored_texts(gw, "stall")) == sorted(f"m{i}" for i in range(total))
+    assert "rate_limited" not in gw.log()
+
+
+async def test_a_message_the_database_refuses_is_stored_once_it_can(gateway_factory, mosquitto):
+    gw = gateway_factory(env=mqtt_env(mosquitto)).start()
+    await mqtt_ready(gw)
+    async with device(mosquitto) as d:
+        await d.publish("rooms/refused/in/probe", b"first", qos=1)
+        await wait_until(lambda: gw.get_json("/api/rooms/refused/")["last_id"] == 1, 10,
+                         "first not stored")
+        # Longer than SQLite's 20 s busy timeout: the gateway's write fails ("database is
+        # locked"); the message must wait and be stored, not refused and dropped.
+        db = await asyncio.to_thread(lock_database, gw)
+        for text in ("second", "third"):
+            await d.publish("rooms/refused/in/probe", text.encode(), qos=1)
+        await wait_until(lambda: "database is locked" in gw.log(), 40,
+                         "the write did not fail")
+        db.rollback()
+        db.close()
+        await wait_until(lambda: gw.get_json("/api/rooms/refused/")["last_id"] == 3, 30,
+                         "the refused messages were not stored")
+    assert stored_texts(gw, "refused") == ["first", "second", "third"]
+
+
+async def test_a_message_still_waiting_at_a_graceful_stop_is_delivered_again(
+    gateway_factory, mosquitto
+):
+    gw = gateway_factory(env=mqtt_env(mosquitto)).start()
+    await mqtt_ready(gw)
+    async with device(mosquitto) as d:
+        await d.publish("rooms/stopping/in/probe", b"first", qos=1)
+        await wait_until(lambda: gw.get_json("/api/rooms/stopping/")["last_id"] == 1, 10,
+                         "first not stored")
+        db = await asyncio.to_thread(lock_database, gw)
+        await d.publish("rooms/stopping/in/probe", b"second", qos=1)
+        await wait_until(lambda: mqtt_status(gw)["received"] == 2, 10,
+                         "the gateway did not receive it")  # it waits for the database
+        try:
+            assert await asyncio.to_thread(gw.terminate, 60) == 0
+        finally:
+            db.rollback()
+            db.close()
+    back = gateway_factory(env=mqtt_env(mosquitto), port=gw.port, datadir=gw.datadir).start()
+    await wait_until(lambda: back.get_json("/api/rooms/stopping/")["last_id"] == 2, 20,
+                     "the message waiting at the stop was not delivered again")
+    assert stored_texts(back, "stopping") == ["first", "second"]

@@ -1,5 +1,5 @@
-"""Fast tests of the MQTT server's logic: a publish cut short by its connection's end
-(against a real mosquitto)."""
+"""Fast tests of the MQTT server's logic: rates by arrival, and a publish cut short by its
+connection's end (against a real mosquitto)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import signal
 import aiomqtt
 import pytest
 
+from gateway.ratelimit import TokenBucket
 from protocols.mqtt.server import _Link
 
 
@@ -28,3 +29,44 @@ async def test_a_publish_pending_when_its_connection_ends_returns_at_once(mosqui
             assert await link.publish("rooms/unit/out", b"after the end") is False
         finally:
             os.kill(mosquitto.proc.pid, signal.SIGCONT)
+
+
+def bucket(now: list[float], rate: float = 5.0, burst: int = 2) -> TokenBucket:
+    return TokenBucket(rate=rate, burst=burst, clock=lambda: now[0])
+
+
+def test_a_bucket_counts_events_when_they_arrived_not_when_they_are_handled():
+    now = [0.0]
+    limit = bucket(now)
+    # Three events arrived 0.2 s apart (within 5/s); handled together 10 s later.
+    now[0] = 10.0
+    assert [limit.allow(now=t) for t in (0.2, 0.4, 0.6)] == [True, True, True]
+    # By the clock they would be a burst of three beyond a burst of two.
+    fresh = bucket([0.0])
+    assert [fresh.allow() for _ in range(3)] == [True, True, False]
+
+
+def test_an_earlier_arrival_time_refills_nothing():
+    now = [0.0]
+    limit = bucket(now, burst=1)
+    assert limit.allow(now=5.0)
+    assert not limit.allow(now=1.0)  # not a refill from 5.0 back to 1.0
+    assert limit.allow(now=5.2)
+
+
+def test_credit_lets_a_held_back_burst_through_and_then_expires():
+    now = [0.0]
+    limit = bucket(now, rate=5.0, burst=2)
+    assert [limit.allow(now=0.0) for _ in range(3)] == [True, True, False]
+    limit.credit(10.0, now=1.0)  # a 10 s stall: 50 tokens beyond the burst, for 10 s
+    assert sum(limit.allow(now=1.0) for _ in range(60)) == 2 + 50
+    limit.credit(2.0, now=20.0)
+    assert limit.allow(now=20.0)
+    now[0] = 40.0  # expired: only the burst again
+    assert [limit.allow(now=40.0) for _ in range(13)].count(True) == 2
+
+
+def test_credit_is_not_spent_while_the_burst_lasts():
+    limit = bucket([0.0], rate=1.0, burst=1)
+    limit.credit(3.0, now=0.0)
+    assert [limit.allow(now=0.0) for _ in range(5)] == [True, True, True, True, False]

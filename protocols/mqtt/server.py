@@ -38,7 +38,7 @@ from gateway import metrics, selectors, services, status
 from gateway import mqtt as topics
 from gateway.services import GatewayError
 from protocols.lease import Lease, jitter
-from protocols.scopes import Scope, scope_open, scopes_close
+from protocols.scopes import Scope, scope_open, scopes_cancel, scopes_close
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ ROOM_SCAN_INTERVAL = 2.0
 RELAY = "mqtt-out"  # the lease and cursor name of the rooms -> MQTT relay
 LEASE_TTL = 10.0
 PUBLISH_RETRY = 0.5  # seconds before a publish refused on a live connection is tried again
+SCOPE_STOP_WAIT = 5.0  # seconds scopes get to finish at a stop before they are cancelled
 
 
 @dataclass
@@ -134,6 +135,7 @@ class MqttServer:
         self._link: _Link | None = None
         self._tasks: list[asyncio.Task] = []
         self._known_rooms: set[str] = set()
+        self._stopping = False
         # Received messages not yet acknowledged: token -> (scope, connection, mid, qos)
         self._acks: dict[int, tuple[Scope | None, _Link, int, int]] = {}
         self._token = 0
@@ -159,13 +161,19 @@ class MqttServer:
         ]
 
     async def stop(self) -> None:
-        """Close every scope, publish what is already queued (briefly), then disconnect."""
+        """Close every scope, publish what is already queued (briefly), then disconnect.
+
+        A device message still waiting to be stored (the database down) is left
+        unacknowledged: the broker delivers it again to the next connection.
+        """
+        self._stopping = True
         status.unregister("mqtt")
         # No more lease renewals or new relays from here.
         self._housekeeping.cancel()
         await asyncio.gather(self._housekeeping, return_exceptions=True)
-        await scopes_close([*self.devices.values(), *self.relays.values()],
-                           {"type": "mqtt.disconnect"}, wait=5)
+        scopes = [*self.devices.values(), *self.relays.values()]
+        await scopes_close(scopes, {"type": "mqtt.disconnect"}, wait=SCOPE_STOP_WAIT)
+        await scopes_cancel(scopes)
         self.devices.clear()
         self.relays.clear()
         if self.connected.is_set():
@@ -251,7 +259,9 @@ class MqttServer:
         entry = self._acks.pop(token, None)
         if entry is None:
             return
-        _, link, mid, qos = entry
+        scope, link, mid, qos = entry
+        if scope is not None:
+            scope.pending -= 1
         if link is self._link and qos > 0:
             link.client._client.ack(mid, qos)  # noqa: SLF001
 
@@ -312,9 +322,13 @@ class MqttServer:
                 self._known_rooms.add(where.room)  # a new room: relay from its first message
                 self._relay(where.room, after=0)
                 await self._save_cursors()
-        scope.last_seen = time.monotonic()
+        now = scope.last_seen = time.monotonic()
+        scope.pending += 1
         self._acks[token] = (scope, link, message.mid, message.qos)
-        scope.put({"type": "mqtt.message", "payload": bytes(message.payload), "ack": token})
+        # Stamped with its arrival: the device's rate counts from here, not from when its
+        # turn to be stored comes (the database may be slow).
+        scope.put({"type": "mqtt.message", "payload": bytes(message.payload), "ack": token,
+                   "received_at": now})
 
     def _open(self, scope: dict, *, name: str) -> Scope:
         return scope_open(self.application, scope, self._send, first={"type": "mqtt.connect"},
@@ -322,22 +336,28 @@ class MqttServer:
 
     def _exited(self, opened: Scope, failure: BaseException | None) -> None:
         scope = opened.scope
-        if failure is not None and scope["role"] == "out" and self.leader:
-            # For instance the layer was down when it joined: the next scan starts the
-            # room's relay again from where this one got.
+        if scope["role"] != "device":
             room = scope["room"]
-            self._known_rooms.discard(room)
-            self._resume[room] = max(self.published.get(room, 0), scope["after"] or 0)
-        if scope["role"] == "device":
-            key = (scope["device_id"], scope["room"])
-            if self.devices.get(key) is opened:
-                del self.devices[key]
-            # What it did not handle: acknowledged, so the broker does not stall on it (the
-            # failure is logged; a clean close has handled everything first).
-            for token in [t for t, entry in self._acks.items() if entry[0] is opened]:
+            if failure is not None and self.leader:
+                # For instance the layer was down when it joined: the next scan starts the
+                # room's relay again from where this one got.
+                self._known_rooms.discard(room)
+                self._resume[room] = max(self.published.get(room, 0), scope["after"] or 0)
+            if self.relays.get(room) is opened:
+                del self.relays[room]
+            return
+        key = (scope["device_id"], scope["room"])
+        if self.devices.get(key) is opened:
+            del self.devices[key]
+        unhandled = [token for token, entry in self._acks.items() if entry[0] is opened]
+        for token in unhandled:
+            if failure is not None and not self._stopping:
+                # It failed on them (a bug, logged): acknowledged, so that a message it
+                # cannot handle does not hold one of the broker's in-flight slots for good.
                 self._ack(token)
-        elif self.relays.get(scope["room"]) is opened:
-            del self.relays[scope["room"]]
+            else:
+                # Cancelled while storing (a stop): unacknowledged, the broker sends it again.
+                del self._acks[token]
 
     async def _send(self, message: dict) -> None:
         if message["type"] == "mqtt.handled":
@@ -425,8 +445,10 @@ class MqttServer:
             self._saved.update(changed)
 
     def _close_idle(self) -> None:
+        """Close the device scopes idle for ``idle_timeout`` once they have handled all
+        they received."""
         cutoff = time.monotonic() - self.idle_timeout
         for key, scope in list(self.devices.items()):
-            if scope.last_seen < cutoff:
+            if scope.last_seen < cutoff and not scope.pending:
                 del self.devices[key]
                 scope.put({"type": "mqtt.disconnect"})
