@@ -52,7 +52,7 @@ class MqttDeviceConsumer(RoomConsumer):
                            extra=self.log_extra(), exc_info=True)
 
     async def mqtt_message(self, message) -> None:
-        client_id = None
+        client_id, stored = None, False
         try:
             payload = topics.payload_decode(message["payload"])
             client_id = payload.client_id
@@ -63,7 +63,7 @@ class MqttDeviceConsumer(RoomConsumer):
             await self._seen()
             name = display_name_clean(payload.name or "") or self.device_id
             sender = events.sender(protocol=self.protocol, id=self.device_id, name=name)
-            await self._post(payload.text, sender, client_id)
+            _, stored = await self._post(payload.text, sender, client_id)
             self._stalled(time.monotonic() - started)
         except GatewayError as exc:
             await self._refuse(exc.code, exc.detail, client_id)
@@ -71,7 +71,7 @@ class MqttDeviceConsumer(RoomConsumer):
             logger.exception("could not store a device message", extra=self.log_extra())
             await self._refuse("unavailable", "the message could not be stored", client_id)
         # Stored or refused: the server may acknowledge it to the broker now.
-        await self.base_send({"type": "mqtt.handled", "ack": message["ack"]})
+        await self.base_send({"type": "mqtt.handled", "ack": message["ack"], "stored": stored})
 
     async def _post(self, text: object, sender: events.Sender, client_id: object):
         """Store the message, waiting out a database that cannot take it now (locked,

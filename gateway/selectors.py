@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import timedelta
 
 from django.conf import settings
-from django.db.models import F
+from django.db.models import F, OuterRef, Subquery
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from gateway import events
@@ -45,6 +46,15 @@ def room_positions(*, created_after: int = 0) -> list[tuple[int, str, int]]:
     (all of them by default), oldest first."""
     rows = Room.objects.filter(pk__gt=created_after).order_by("pk")
     return list(rows.values_list("pk", "name", "last_seq"))
+
+
+def relay_rooms_behind(*, relay: str) -> list[tuple[str, int]]:
+    """``(name, newest message id)`` of the rooms with messages beyond what ``relay`` has
+    recorded as published (a room it never recorded counts from 0): one query, whose answer
+    holds only the rooms with news, however many rooms there are."""
+    cursor = RelayCursor.objects.filter(relay=relay, room=OuterRef("name")).values("last_seq")
+    rooms = Room.objects.annotate(relayed=Coalesce(Subquery(cursor[:1]), 0))
+    return list(rooms.filter(last_seq__gt=F("relayed")).values_list("name", "last_seq"))
 
 
 def presence_live_entries() -> list[dict[str, str]]:

@@ -25,9 +25,16 @@ class Scope:
     task: asyncio.Task | None = None
     last_seen: float = field(default_factory=time.monotonic)
     pending: int = 0  # events the server awaits an answer for (a device's unacknowledged)
+    closing: bool = False
 
     def put(self, event: dict) -> None:
         self.queue.put_nowait(event)
+
+    def close(self, event: dict) -> None:
+        """Send the instance its disconnect ``event``, once."""
+        if not self.closing:
+            self.closing = True
+            self.put(event)
 
 
 def scope_open(

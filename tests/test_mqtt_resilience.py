@@ -1,6 +1,6 @@
 """MQTT under faults, through real interfaces: a private mosquitto that restarts (or is
-frozen and killed), a SQLite write lock held by another process; real MQTT and WebSocket
-clients against ``gateway run``."""
+frozen and killed), a SQLite write lock held by another process, thousands of rooms;
+real MQTT and WebSocket clients against ``gateway run``."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from collections import Counter
 
 import aiomqtt
 import pytest
+import redis
 
 from tests.servers import Mosquitto
 from tests.test_e2e import connect, wait_until
@@ -249,3 +250,93 @@ async def test_a_message_still_waiting_at_a_graceful_stop_is_delivered_again(
     await wait_until(lambda: back.get_json("/api/rooms/stopping/")["last_id"] == 2, 20,
                      "the message waiting at the stop was not delivered again")
     assert stored_texts(back, "stopping") == ["first", "second"]
+
+
+# --- item 9: idle rooms cost nothing -----------------------------------------------------
+
+MANY_ROOMS = {"GATEWAY_ROOM_CREATE_PER_MINUTE": "1000000", "GATEWAY_MAX_ROOMS": "0"}
+
+
+def room_subscriptions(redis_server) -> int:
+    """How many room groups the gateway is subscribed to in Redis (channels_redis pub/sub)."""
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        return sum(b"__group__room." in name for name in client.pubsub_channels())
+    finally:
+        client.close()
+
+
+def database_count(gw, sql: str) -> int:
+    db = sqlite3.connect(gw.datadir / "gateway.sqlite3", timeout=10)
+    try:
+        return db.execute(sql).fetchone()[0]
+    finally:
+        db.close()
+
+
+async def open_rooms(broker, names: list[str]) -> None:
+    """One message from a device into each room (which creates it)."""
+    async with device(broker) as d:
+        for name in names:
+            await d.publish(f"rooms/{name}/in/maker", b"hello", qos=1)
+
+
+async def test_idle_relays_close_and_wake_up_for_a_new_message(
+    gateway_factory, mosquitto, redis_server
+):
+    gw = gateway_factory(env=mqtt_env(mosquitto, REDIS_URL=redis_server.url,
+                                      MQTT_IDLE_TIMEOUT="2", **MANY_ROOMS)).start()
+    await mqtt_ready(gw)
+    names = [f"idle{i:02d}" for i in range(30)]
+    await open_rooms(mosquitto, names)
+    await wait_until(lambda: database_count(
+        gw, "SELECT count(*) FROM gateway_room WHERE last_seq = 1") == 30, 20, "rooms not stored")
+    # Each room's relay published its message, then closed after MQTT_IDLE_TIMEOUT: no relay
+    # scope and no subscription to the room's group is left.
+    await wait_until(lambda: mqtt_status(gw).get("relays") == 0, 15, "relays still open")
+    await wait_until(lambda: room_subscriptions(redis_server) == 0, 5,
+                     "the hub is still subscribed to idle rooms")
+    assert database_count(gw, "SELECT count(*) FROM gateway_relaycursor WHERE last_seq = 1") == 30
+    # A new message in an idle room still reaches out: from a browser (found by the
+    # housekeeping scan) and from a device (its relay opens once the message is stored).
+    async with OutListener(mosquitto, "idle07") as out7, OutListener(mosquitto, "idle08") as out8:
+        async with connect(gw, "/ws/chat/idle07/") as web:
+            await web.send(json.dumps({"message": "after a while"}))
+            await out7.wait_for_all(2, 10, first=2)
+        async with device(mosquitto) as d:
+            await d.publish("rooms/idle08/in/maker", b"me again", qos=1)
+            await out8.wait_for_all(2, 10, first=2)
+        assert sorted(out7.ids) == [2] and sorted(out8.ids) == [2]  # what is new, once
+
+
+async def test_a_restart_with_thousands_of_rooms_serves_devices_at_once(
+    gateway_factory, mosquitto
+):
+    env = mqtt_env(mosquitto, **MANY_ROOMS)
+    gw = gateway_factory(env=env).start()
+    await mqtt_ready(gw)
+    rooms, batch = 2000, 500  # in batches: the broker queues at most 1000 for a client
+    published = "SELECT count(*) FROM gateway_relaycursor WHERE last_seq = 1"
+    for start in range(0, rooms, batch):
+        await open_rooms(mosquitto, [f"big{i:04d}" for i in range(start, start + batch)])
+        await wait_until(lambda: database_count(gw, published) == start + batch, 60,  # noqa: B023
+                         "not every room was relayed")
+    assert gw.terminate() == 0
+    async with OutListener(mosquitto, "big1234") as out, device(mosquitto) as d:
+        launched = time.monotonic()
+        again = gateway_factory(env=env, port=gw.port, datadir=gw.datadir).start()
+        await mqtt_ready(again)
+        ready = time.monotonic()
+        await d.publish("rooms/big1234/in/probe", b"right away", qos=1)
+        await wait_until(lambda: again.get_json("/api/rooms/big1234/")["last_id"] == 2, 20,
+                         "not stored")
+        stored = time.monotonic()
+        await out.wait_for_all(2, 20, first=2)
+        published = time.monotonic()
+    print(f"restart with {rooms} rooms: ready {ready - launched:.2f}s after launch; the "
+          f"device's message stored {stored - ready:.2f}s and on out {published - ready:.2f}s "
+          f"after ready")
+    # Nothing to catch up: no relay opened at the start (the old start opened one per room,
+    # each joining its group and reading the database, ahead of any device message).
+    assert stored - ready < 1.0
+    assert mqtt_status(again)["relays"] <= 1

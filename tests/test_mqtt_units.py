@@ -1,5 +1,5 @@
-"""Fast tests of the MQTT server's logic: rates by arrival, and a publish cut short by its
-connection's end (against a real mosquitto)."""
+"""Fast tests of the MQTT server's logic: rates by arrival, which rooms need a relay, and a
+publish cut short by its connection's end (against a real mosquitto)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import signal
 import aiomqtt
 import pytest
 
+from gateway import selectors, services
+from gateway.models import Room
 from gateway.ratelimit import TokenBucket
 from protocols.mqtt.server import _Link
 
@@ -70,3 +72,13 @@ def test_credit_is_not_spent_while_the_burst_lasts():
     limit = bucket([0.0], rate=1.0, burst=1)
     limit.credit(3.0, now=0.0)
     assert [limit.allow(now=0.0) for _ in range(5)] == [True, True, True, True, False]
+
+
+@pytest.mark.django_db
+def test_rooms_behind_are_those_with_messages_beyond_their_cursor():
+    for name, last_seq in [("quiet", 4), ("busy", 9), ("new", 2), ("empty", 0)]:
+        Room.objects.create(name=name, last_seq=last_seq)
+    services.relay_cursors_save(relay="mqtt-out", positions={"quiet": 4, "busy": 7})
+    services.relay_cursors_save(relay="other", positions={"new": 2})
+    behind = selectors.relay_rooms_behind(relay="mqtt-out")
+    assert sorted(behind) == [("busy", 9), ("new", 2)]

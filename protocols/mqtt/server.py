@@ -7,13 +7,16 @@ events back to the broker.
 - A device scope per (device, room), ``{"type": "mqtt", "role": "device", ...}``, opened
   on the device's first message and fed ``mqtt.message`` events; closed (``mqtt.disconnect``)
   after ``MQTT_IDLE_TIMEOUT`` without a message, and at shutdown.
-- A room scope per room, ``{"type": "mqtt", "role": "out", ...}``, whose consumer publishes
-  each room message once on ``<prefix>/<room>/out``. Rooms are found in the database; one
-  created after the server started is relayed from its first message. With several
-  gateway processes on one broker, only the holder of the ``mqtt-out`` lease relays (so each
-  message is published once); it records how far it got per room, and a process that takes
-  the lease over (within ``LEASE_TTL``) resumes there. Inbound, each process subscribes
-  through a shared subscription (``MQTT_SHARED_GROUP``), so each device message reaches one.
+- A room scope per room with something to publish, ``{"type": "mqtt", "role": "out", ...}``,
+  whose consumer publishes each room message once on ``<prefix>/<room>/out``. It closes after
+  ``MQTT_IDLE_TIMEOUT`` without a message (an idle room costs no subscription); the
+  housekeeping scan (one query every ``ROOM_SCAN_INTERVAL``) opens it again, where it got,
+  once the room has newer messages, and a device's stored message opens it at once. A room
+  created after the server started is relayed from its first message. With several gateway
+  processes on one broker, only the holder of the ``mqtt-out`` lease relays (so each message
+  is published once); it records how far it got per room, and a process that takes the
+  lease over (within ``LEASE_TTL``) resumes there. Inbound, each process subscribes through
+  a shared subscription (``MQTT_SHARED_GROUP``), so each device message reaches one.
 
 One connection, QoS 1 both ways, a fixed client id with clean session off (the broker keeps
 what devices publish while the gateway is away), reconnects with exponential backoff and
@@ -46,6 +49,7 @@ ROOM_SCAN_INTERVAL = 2.0
 RELAY = "mqtt-out"  # the lease and cursor name of the rooms -> MQTT relay
 LEASE_TTL = 10.0
 PUBLISH_RETRY = 0.5  # seconds before a publish refused on a live connection is tried again
+NEW_ROOM_SAVE_DELAY = 0.2  # new rooms' cursors are saved together, this soon
 SCOPE_STOP_WAIT = 5.0  # seconds scopes get to finish at a stop before they are cancelled
 
 
@@ -123,9 +127,13 @@ class MqttServer:
         self.shared_group = shared_group
         self.lease = Lease(RELAY, ttl=LEASE_TTL)
         self.leader = False
-        self.published: dict[str, int] = {}  # room -> newest id published on out
+        # While relaying, per room: the newest id handed to the outbox (where a closed relay
+        # starts again), the newest the broker confirmed, and the newest recorded for the
+        # next holder of the lease (RelayCursor).
+        self.queued: dict[str, int] = {}
+        self.published: dict[str, int] = {}
         self._saved: dict[str, int] = {}
-        self._resume: dict[str, int] = {}  # rooms whose relay failed: where to start again
+        self._new_rooms = asyncio.Event()  # a room's first relay: save its cursor soon
         self.devices: dict[tuple[str, str], Scope] = {}
         self.relays: dict[str, Scope] = {}
         self.outbox: asyncio.Queue[tuple[str, bytes, str | None, int | None]] = asyncio.Queue()
@@ -134,23 +142,21 @@ class MqttServer:
         self.refused: Counter[str] = Counter()  # device messages refused, by error code
         self._link: _Link | None = None
         self._tasks: list[asyncio.Task] = []
-        self._known_rooms: set[str] = set()
         self._stopping = False
         # Received messages not yet acknowledged: token -> (scope, connection, mid, qos)
         self._acks: dict[int, tuple[Scope | None, _Link, int, int]] = {}
         self._token = 0
-        self._room_pk = 0  # the newest room seen by a scan
 
     # --- lifecycle ---------------------------------------------------------------------
 
     def status(self) -> dict:
         """For /readyz and the dashboard."""
         return {"ready": self.connected.is_set(), "broker": str(self.address),
-                "relaying": self.leader, **self.stats}
+                "relaying": self.leader, "relays": len(self.relays), **self.stats}
 
     async def start(self) -> None:
         status.register("mqtt", self.status)
-        await self._lead()  # before any device message: see _lead
+        await self._lead()  # before any device message: see _relays_start
         self._housekeeping = asyncio.create_task(
             self._housekeeping_loop(), name="mqtt-housekeeping"
         )
@@ -217,7 +223,7 @@ class MqttServer:
                     extra={"protocol": "mqtt", "broker": str(self.address)})
         try:
             async for message in link.client.messages:
-                await self._on_message(message, link)
+                self._on_message(message, link)
         finally:
             # Only a connection's own end clears the state: never a newer connection's.
             link.lost.set()
@@ -292,7 +298,7 @@ class MqttServer:
 
     # --- inbound -----------------------------------------------------------------------
 
-    async def _on_message(self, message: aiomqtt.Message, link: _Link) -> None:
+    def _on_message(self, message: aiomqtt.Message, link: _Link) -> None:
         """Hand a device's message to its scope, which reports it handled with its token;
         anything else is acknowledged at once."""
         token = self._token = self._token + 1
@@ -318,10 +324,6 @@ class MqttServer:
                  "device_id": where.device_id, "prefix": self.prefix},
                 name=f"mqtt-device-{where.device_id}-{where.room}",
             )
-            if self.leader and where.room not in self._known_rooms:
-                self._known_rooms.add(where.room)  # a new room: relay from its first message
-                self._relay(where.room, after=0)
-                await self._save_cursors()
         now = scope.last_seen = time.monotonic()
         scope.pending += 1
         self._acks[token] = (scope, link, message.mid, message.qos)
@@ -337,14 +339,9 @@ class MqttServer:
     def _exited(self, opened: Scope, failure: BaseException | None) -> None:
         scope = opened.scope
         if scope["role"] != "device":
-            room = scope["room"]
-            if failure is not None and self.leader:
-                # For instance the layer was down when it joined: the next scan starts the
-                # room's relay again from where this one got.
-                self._known_rooms.discard(room)
-                self._resume[room] = max(self.published.get(room, 0), scope["after"] or 0)
-            if self.relays.get(room) is opened:
-                del self.relays[room]
+            if self.relays.get(scope["room"]) is opened:
+                # The scan opens it again where it got once the room has something new.
+                del self.relays[scope["room"]]
             return
         key = (scope["device_id"], scope["room"])
         if self.devices.get(key) is opened:
@@ -361,82 +358,126 @@ class MqttServer:
 
     async def _send(self, message: dict) -> None:
         if message["type"] == "mqtt.handled":
-            return self._ack(message["ack"])
+            return self._handled(message)
         if message["type"] != "mqtt.publish":
             raise ValueError(f"unknown mqtt event {message['type']!r}")
+        if message.get("room") is not None and message.get("id") is not None:
+            return self._relay_publish(message)
         if "refused" in message:
             self.refused[message["refused"]] += 1
-        self.outbox.put_nowait(
-            (message["topic"], message["payload"], message.get("room"), message.get("id"))
+        self.outbox.put_nowait((message["topic"], message["payload"], None, None))
+
+    def _handled(self, message: dict) -> None:
+        """A device's message is stored or refused: acknowledge it; a stored one wakes its
+        room's relay."""
+        entry = self._acks.get(message["ack"])
+        self._ack(message["ack"])
+        if entry is not None and entry[0] is not None and message.get("stored") and self.leader:
+            room = entry[0].scope["room"]
+            if room not in self.relays:
+                self._relay(room, after=self.queued.get(room, 0))
+
+    def _relay_publish(self, message: dict) -> None:
+        """Queue a relay's message, noting how far its room got."""
+        room = message["room"]
+        relay = self.relays.get(room)
+        self.outbox.put_nowait((message["topic"], message["payload"], room, message["id"]))
+        self.queued[room] = max(message["id"], self.queued.get(room, 0))
+        if relay is not None:
+            relay.last_seen = time.monotonic()
+
+    # --- relays, rooms and idle scopes -------------------------------------------------
+
+    def _relay(self, room: str, *, after: int) -> None:
+        """Open the room's relay, publishing what follows ``after``."""
+        if room in self.relays:
+            return
+        self.queued[room] = max(after, self.queued.get(room, 0))
+        if room not in self._saved and room not in self.published:
+            # A room never recorded: where it starts counts as published, saved at once,
+            # so a process taking over never starts it from "now" (which would skip what
+            # was never published).
+            self.published[room] = after
+            self._new_rooms.set()
+        self.relays[room] = self._open(
+            {"type": "mqtt", "role": "out", "room": room, "prefix": self.prefix,
+             "after": after},
+            name=f"mqtt-out-{room}",
         )
-
-    # --- rooms and idle scopes ---------------------------------------------------------
-
-    def _relay(self, room: str, *, after: int | None) -> None:
-        if room not in self.relays:
-            if after is not None:
-                # Where it starts counts as published: saved with the next cursors (at
-                # once for a new room), so a process taking over never starts a room
-                # this one relayed from "now" (which would skip what was never published).
-                self.published[room] = max(after, self.published.get(room, 0))
-            self.relays[room] = self._open(
-                {"type": "mqtt", "role": "out", "room": room, "prefix": self.prefix,
-                 "after": after},
-                name=f"mqtt-out-{room}",
-            )
 
     async def _housekeeping_loop(self) -> None:
         while True:
-            try:
-                await self._lead()
-                if self.leader:
-                    await self._scan_rooms()
-                    await self._save_cursors()
-                self._close_idle()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("mqtt housekeeping failed; will retry", extra={"protocol": "mqtt"})
-            await asyncio.sleep(min(ROOM_SCAN_INTERVAL, self.idle_timeout / 2))
+            await self._guarded(self._housekeeping_round)
+            # Until the next round, save the cursors of new rooms as they come.
+            deadline = time.monotonic() + min(ROOM_SCAN_INTERVAL, self.idle_timeout / 2)
+            while (left := deadline - time.monotonic()) > 0:
+                self._new_rooms.clear()
+                try:
+                    await asyncio.wait_for(self._new_rooms.wait(), left)
+                except TimeoutError:
+                    break
+                await asyncio.sleep(NEW_ROOM_SAVE_DELAY)  # the rooms created together
+                await self._guarded(self._save_cursors)
+
+    async def _guarded(self, step) -> None:
+        try:
+            await step()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("mqtt housekeeping failed; will retry", extra={"protocol": "mqtt"})
+
+    async def _housekeeping_round(self) -> None:
+        await self._lead()
+        if self.leader:
+            await self._save_cursors()
+            await self._scan_rooms()
+        self._close_idle()
 
     async def _lead(self) -> None:
         """Take or renew the relay lease; start or stop relaying accordingly."""
         held = await self.lease.renew()
         if held and not self.leader:
             self.leader = True
-            cursors = await database_sync_to_async(selectors.relay_cursors)(relay=RELAY)
-            rooms = await database_sync_to_async(selectors.room_positions)()
-            for pk, room, last_seq in rooms:
-                # Where the previous holder stopped; a room never relayed starts from now.
-                self._known_rooms.add(room)
-                self._relay(room, after=cursors.get(room, last_seq))
-                self._room_pk = max(self._room_pk, pk)
-            logger.info("relaying rooms to MQTT", extra={"protocol": "mqtt", "rooms": len(rooms)})
+            await self._relays_start()
         elif not held and self.leader:
             self.leader = False
             for relay in self.relays.values():
-                relay.put({"type": "mqtt.disconnect"})
-            self._known_rooms.clear()
-            self._resume.clear()
-            self._room_pk = 0
+                relay.close({"type": "mqtt.disconnect"})
+            self.queued, self.published, self._saved = {}, {}, {}
             logger.warning("lost the MQTT relay lease; another process relays now",
                            extra={"protocol": "mqtt"})
 
+    async def _relays_start(self) -> None:
+        """Where the previous holder stopped: relays for the rooms it left behind only (a
+        restart with thousands of idle rooms opens none). Run before the connection, so
+        the first device message finds the positions known."""
+        cursors = await database_sync_to_async(selectors.relay_cursors)(relay=RELAY)
+        rooms = await database_sync_to_async(selectors.room_positions)()
+        self.queued, self.published, self._saved = dict(cursors), dict(cursors), dict(cursors)
+        behind = 0
+        for _, room, last_seq in rooms:
+            if room not in cursors:
+                if last_seq:  # never relayed (MQTT was off): from now, recorded as such
+                    self.queued[room] = self.published[room] = last_seq
+            elif last_seq > cursors[room]:
+                self._relay(room, after=cursors[room])
+                behind += 1
+        logger.info("relaying rooms to MQTT",
+                    extra={"protocol": "mqtt", "rooms": len(rooms), "behind": behind})
+
     async def _scan_rooms(self) -> None:
-        """Relay the rooms created since the last scan from their first message, so none is
-        missed, and start again the relays that failed, from where they got."""
-        for room, after in list(self._resume.items()):
-            del self._resume[room]
-            self._known_rooms.add(room)
-            self._relay(room, after=after)
-        new = await database_sync_to_async(selectors.room_positions)(created_after=self._room_pk)
-        for pk, room, _ in new:
-            self._room_pk = max(self._room_pk, pk)
-            if room not in self._known_rooms:
-                self._known_rooms.add(room)
-                self._relay(room, after=0)
+        """Open the relays of the rooms with messages beyond what was queued for them: new
+        rooms from their first message, idle or failed ones from where they got."""
+        behind = await database_sync_to_async(selectors.relay_rooms_behind)(relay=RELAY)
+        for room, last_seq in behind:
+            after = self.queued.get(room, 0)
+            if room not in self.relays and last_seq > after:
+                self._relay(room, after=after)
 
     async def _save_cursors(self) -> None:
+        if not self.leader:
+            return
         changed = {r: s for r, s in self.published.items() if self._saved.get(r) != s}
         if changed:
             await database_sync_to_async(services.relay_cursors_save)(
@@ -445,10 +486,13 @@ class MqttServer:
             self._saved.update(changed)
 
     def _close_idle(self) -> None:
-        """Close the device scopes idle for ``idle_timeout`` once they have handled all
-        they received."""
+        """Close the scopes idle for ``idle_timeout``: a device's once it has handled all it
+        received, a relay's (its room costs nothing until the scan finds news)."""
         cutoff = time.monotonic() - self.idle_timeout
         for key, scope in list(self.devices.items()):
             if scope.last_seen < cutoff and not scope.pending:
                 del self.devices[key]
-                scope.put({"type": "mqtt.disconnect"})
+                scope.close({"type": "mqtt.disconnect"})
+        for relay in self.relays.values():
+            if relay.last_seen < cutoff:
+                relay.close({"type": "mqtt.disconnect"})
