@@ -1,5 +1,5 @@
-"""Fast tests of the MQTT server's logic: rates by arrival, which rooms need a relay, and a
-publish cut short by its connection's end (against a real mosquitto)."""
+"""Fast tests of the MQTT server's logic: rates by arrival, the bounded outbox, which rooms
+need a relay, and a publish cut short by its connection's end (against a real mosquitto)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import pytest
 from gateway import selectors, services
 from gateway.models import Room
 from gateway.ratelimit import TokenBucket
-from protocols.mqtt.server import _Link
+from protocols.mqtt.server import BrokerAddress, MqttServer, _Link
+from protocols.scopes import Scope
 
 
 @pytest.mark.slow
@@ -82,3 +83,45 @@ def test_rooms_behind_are_those_with_messages_beyond_their_cursor():
     services.relay_cursors_save(relay="other", positions={"new": 2})
     behind = selectors.relay_rooms_behind(relay="mqtt-out")
     assert sorted(behind) == [("busy", 9), ("new", 2)]
+
+
+def server() -> MqttServer:
+    return MqttServer(None, address=BrokerAddress(host="127.0.0.1", port=1), prefix="rooms",
+                      client_id="unit", idle_timeout=60)
+
+
+def relay_scope(room: str) -> Scope:
+    return Scope(scope={"type": "mqtt", "role": "out", "room": room}, queue=asyncio.Queue())
+
+
+def relay_message(room: str, seq: int) -> dict:
+    return {"type": "mqtt.publish", "topic": f"rooms/{room}/out", "payload": b"{}",
+            "room": room, "id": seq}
+
+
+async def test_a_full_outbox_pauses_the_relay_where_it_got():
+    mqtt = server()
+    mqtt.outbox = asyncio.Queue(maxsize=3)
+    mqtt.relays["r"] = relay = relay_scope("r")
+    for seq in range(1, 6):
+        await mqtt._send(relay_message("r", seq))
+    # Three queued; the fourth found the outbox full: the relay is told to close, nothing
+    # after id 3 is queued (not even once the outbox has room), and it restarts from 3.
+    assert mqtt.outbox.qsize() == 3 and mqtt.queued["r"] == 3
+    assert relay.closing and relay.queue.get_nowait() == {"type": "mqtt.disconnect"}
+    mqtt.outbox.get_nowait()
+    await mqtt._send(relay_message("r", 6))
+    assert mqtt.outbox.qsize() == 2 and mqtt.queued["r"] == 3
+    assert mqtt.stats["relay_pauses"] == 1
+    mqtt._exited(relay, None)
+    assert "r" not in mqtt.relays and "r" not in mqtt._paused
+
+
+async def test_a_full_outbox_drops_error_replies_and_counts_them():
+    mqtt = server()
+    mqtt.outbox = asyncio.Queue(maxsize=1)
+    for _ in range(3):
+        await mqtt._send({"type": "mqtt.publish", "topic": "rooms/r/error/d", "payload": b"{}",
+                          "refused": "rate_limited"})
+    assert mqtt.outbox.qsize() == 1 and mqtt.stats["dropped"] == 2
+    assert mqtt.refused["rate_limited"] == 3

@@ -20,8 +20,8 @@ events back to the broker.
 
 One connection, QoS 1 both ways, a fixed client id with clean session off (the broker keeps
 what devices publish while the gateway is away), reconnects with exponential backoff and
-jitter. Outbound messages wait in order while the broker is unreachable; a publish that the
-connection's end cut short is published again on the next.
+jitter. Outbound messages wait in order (at most ``OUTBOX_LIMIT``) while the broker is
+unreachable; a publish that the connection's end cut short is published again on the next.
 """
 
 from __future__ import annotations
@@ -48,6 +48,9 @@ logger = logging.getLogger(__name__)
 ROOM_SCAN_INTERVAL = 2.0
 RELAY = "mqtt-out"  # the lease and cursor name of the rooms -> MQTT relay
 LEASE_TTL = 10.0
+# Messages waiting for the broker. Past it a room's relay pauses (and later resumes where
+# it got) and error replies are dropped (counted), so an absent broker costs bounded memory.
+OUTBOX_LIMIT = 10_000
 PUBLISH_RETRY = 0.5  # seconds before a publish refused on a live connection is tried again
 NEW_ROOM_SAVE_DELAY = 0.2  # new rooms' cursors are saved together, this soon
 SCOPE_STOP_WAIT = 5.0  # seconds scopes get to finish at a stop before they are cancelled
@@ -133,12 +136,16 @@ class MqttServer:
         self.queued: dict[str, int] = {}
         self.published: dict[str, int] = {}
         self._saved: dict[str, int] = {}
+        self._paused: set[str] = set()  # rooms whose relay stopped on a full outbox
         self._new_rooms = asyncio.Event()  # a room's first relay: save its cursor soon
         self.devices: dict[tuple[str, str], Scope] = {}
         self.relays: dict[str, Scope] = {}
-        self.outbox: asyncio.Queue[tuple[str, bytes, str | None, int | None]] = asyncio.Queue()
+        self.outbox: asyncio.Queue[tuple[str, bytes, str | None, int | None]] = asyncio.Queue(
+            maxsize=OUTBOX_LIMIT
+        )
         self.connected = asyncio.Event()  # set and cleared only with the connection itself
-        self.stats = {"received": 0, "published": 0, "rejected": 0, "reconnects": 0}
+        self.stats = {"received": 0, "published": 0, "rejected": 0, "reconnects": 0,
+                      "dropped": 0, "relay_pauses": 0}
         self.refused: Counter[str] = Counter()  # device messages refused, by error code
         self._link: _Link | None = None
         self._tasks: list[asyncio.Task] = []
@@ -152,7 +159,8 @@ class MqttServer:
     def status(self) -> dict:
         """For /readyz and the dashboard."""
         return {"ready": self.connected.is_set(), "broker": str(self.address),
-                "relaying": self.leader, "relays": len(self.relays), **self.stats}
+                "relaying": self.leader, "relays": len(self.relays),
+                "outbox": self.outbox.qsize(), **self.stats}
 
     async def start(self) -> None:
         status.register("mqtt", self.status)
@@ -342,6 +350,7 @@ class MqttServer:
             if self.relays.get(scope["room"]) is opened:
                 # The scan opens it again where it got once the room has something new.
                 del self.relays[scope["room"]]
+                self._paused.discard(scope["room"])
             return
         key = (scope["device_id"], scope["room"])
         if self.devices.get(key) is opened:
@@ -365,7 +374,13 @@ class MqttServer:
             return self._relay_publish(message)
         if "refused" in message:
             self.refused[message["refused"]] += 1
-        self.outbox.put_nowait((message["topic"], message["payload"], None, None))
+        try:
+            self.outbox.put_nowait((message["topic"], message["payload"], None, None))
+        except asyncio.QueueFull:
+            self.stats["dropped"] += 1
+            if self.stats["dropped"] % 1000 == 1:  # the first, then one line a thousand
+                logger.warning("MQTT outbox full: dropped %d error replies so far",
+                               self.stats["dropped"], extra={"protocol": "mqtt"})
 
     def _handled(self, message: dict) -> None:
         """A device's message is stored or refused: acknowledge it; a stored one wakes its
@@ -374,13 +389,25 @@ class MqttServer:
         self._ack(message["ack"])
         if entry is not None and entry[0] is not None and message.get("stored") and self.leader:
             room = entry[0].scope["room"]
-            if room not in self.relays:
+            if room not in self.relays and self.outbox.qsize() < OUTBOX_LIMIT // 2:
                 self._relay(room, after=self.queued.get(room, 0))
 
     def _relay_publish(self, message: dict) -> None:
-        """Queue a relay's message, noting how far its room got."""
+        """Queue a relay's message; on a full outbox, stop the relay instead (it starts
+        again from the last message queued once the broker has caught up)."""
         room = message["room"]
+        if room in self._paused:
+            return
         relay = self.relays.get(room)
+        if self.outbox.full():
+            self._paused.add(room)
+            self.stats["relay_pauses"] += 1
+            if relay is not None:
+                relay.close({"type": "mqtt.disconnect"})
+            logger.warning("MQTT outbox full: the room's relay pauses",
+                           extra={"protocol": "mqtt", "room": room,
+                                  "resume_after": self.queued.get(room, 0)})
+            return
         self.outbox.put_nowait((message["topic"], message["payload"], room, message["id"]))
         self.queued[room] = max(message["id"], self.queued.get(room, 0))
         if relay is not None:
@@ -445,6 +472,7 @@ class MqttServer:
             for relay in self.relays.values():
                 relay.close({"type": "mqtt.disconnect"})
             self.queued, self.published, self._saved = {}, {}, {}
+            self._paused.clear()
             logger.warning("lost the MQTT relay lease; another process relays now",
                            extra={"protocol": "mqtt"})
 
@@ -469,6 +497,8 @@ class MqttServer:
     async def _scan_rooms(self) -> None:
         """Open the relays of the rooms with messages beyond what was queued for them: new
         rooms from their first message, idle or failed ones from where they got."""
+        if self.outbox.qsize() >= OUTBOX_LIMIT // 2:
+            return  # the broker is behind: relays wait until it has caught up
         behind = await database_sync_to_async(selectors.relay_rooms_behind)(relay=RELAY)
         for room, last_seq in behind:
             after = self.queued.get(room, 0)
