@@ -119,9 +119,13 @@ class HeaderDeadlineChannel(http.HTTPChannel):
         super().allHeadersReceived()
 
     def requestDone(self, request) -> None:  # noqa: N802
+        # Armed for the next request on this kept-alive connection before Twisted reads
+        # it: a pipelined request already buffered is parsed inside requestDone, and its
+        # headers being complete disarm the deadline again.
+        self._arm()
         super().requestDone(request)
-        if self.persistent and self.transport is not None and not self.transport.disconnecting:
-            self._arm()  # the next request on this kept-alive connection
+        if not self.persistent or self.transport is None or self.transport.disconnecting:
+            self._disarm()
 
     def connectionLost(self, reason) -> None:  # noqa: N802
         self._disarm()

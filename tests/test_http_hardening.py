@@ -130,3 +130,35 @@ def test_the_filter_masks_urls_and_secret_names():
     assert reporter.cleanse_setting("MQTT", {"DEVICE_PASSWORDS": "/etc/p"}) == {
         "DEVICE_PASSWORDS": reporter.cleansed_substitute}
     assert url_credentials_mask("see http://example.com/a@b") == "see http://example.com/a@b"
+
+
+def test_a_pipelined_request_in_progress_has_no_header_deadline():
+    """Twisted parses a pipelined request inside ``requestDone`` of the one before: the
+    deadline must not be armed again while that next request is being served (it would
+    abort the connection mid-request, or a WebSocket upgraded on it)."""
+    from twisted.internet.testing import StringTransport
+    from twisted.web import http
+
+    from gateway.server import HeaderDeadlineChannel
+
+    class Request(http.Request):
+        def process(self):  # answered later, by the test
+            pass
+
+    channel = HeaderDeadlineChannel()
+    channel.requestFactory = Request
+    channel.makeConnection(StringTransport())
+    try:
+        assert channel in HeaderDeadlineChannel.reading_headers  # waiting for a request
+        channel.dataReceived(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+                             b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert [r.path for r in channel.requests] == [b"/a"]  # /b waits in the buffer
+        channel.requests[0].finish()  # /a done: Twisted parses /b now, inside requestDone
+        assert [r.path for r in channel.requests] == [b"/b"]
+        assert channel not in HeaderDeadlineChannel.reading_headers
+        assert channel._deadline is None
+        channel.requests[0].finish()  # /b done: waiting for the next request again
+        assert channel in HeaderDeadlineChannel.reading_headers
+    finally:
+        channel.connectionLost(None)
+    assert channel not in HeaderDeadlineChannel.reading_headers
