@@ -9,13 +9,19 @@ gateway's client has acknowledged its copy, which it does once the message is st
 (protocols/mqtt/server.py, manual acks). So a kill -9 of the process loses nothing a device
 was told was received: the chain of acknowledgements ends in the database. If the gateway's
 client is not there (starting, reconnecting) the message waits ``GATEWAY_WAIT``; if it is
-not taken by then, or not acknowledged within ``ACK_TIMEOUT``, the device's connection is
-closed unacknowledged and the device sends it again when it reconnects (as MQTT devices do).
-Every other topic keeps amqtt's own handling.
+not taken by then, the device's connection is closed unacknowledged and the device sends it
+again when it reconnects (as MQTT devices do). Once taken, it waits for the gateway's
+acknowledgement as long as the gateway's connection lives (a store the database refuses is
+retried there, and a second copy would only be stored twice), up to the backstop
+``ACK_TIMEOUT``. Every other topic keeps amqtt's own handling.
 
-Each device connection has the flood limit of every protocol (gateway/ratelimit.py): past
-it a message is dropped (acknowledged, with a ``rate_limited`` error on its error topic and
-a sampled log line), so rotating device ids on one connection does not multiply the limit.
+Each device connection has the flood limit of every protocol (gateway/ratelimit.py), so
+rotating device ids on one connection does not multiply it. Past it a QoS 1/2 message is
+held, unacknowledged, until the limit lets it through, in order (at most ``MAX_PENDING``
+per connection): a flood is slowed to the limit by the device's own in-flight window, and a
+backlog a device sends after the gateway was away is taken at the limit's pace, not lost.
+A QoS 0 message past the limit is dropped, with a ``rate_limited`` error on its error topic
+and a sampled log line.
 
 Written against amqtt 0.12, whose hooks it overrides: ``handle_publish`` and
 ``handle_pubrel`` of a connection's handler, the broker's ``_initialize_client_session``
@@ -60,7 +66,10 @@ from protocols.mqtt.broker_stream import PROTOCOL_LIMIT, PacketLimitReader
 logger = logging.getLogger(__name__)
 
 GATEWAY_WAIT = 30.0  # seconds a device's message waits for the gateway's client to be there
-ACK_TIMEOUT = 60.0  # seconds for the gateway to acknowledge (store) a device's message
+# Backstop for the gateway's acknowledgement: its disconnect settles a copy at once, so this
+# only bounds a gateway that holds a copy without end (a long database outage); past it the
+# device is closed and sends the message again.
+ACK_TIMEOUT = 900.0
 MAX_PENDING = 100  # a connection's messages waiting for the gateway; past it, it is closed
 ERROR_INTERVAL = 1.0  # at most one rate_limited error a second to a connection
 HELD_SLACK = 1.0  # a message the gateway took longer than this to take held its device back
@@ -238,6 +247,7 @@ class ClientHandler(BrokerProtocolHandler):
         self.broker, self.client = broker, client
         self.bucket: TokenBucket = broker.flood_limit()
         self.pending = 0
+        self._admitting = asyncio.Lock()
         self._error_at = 0.0
         self._allowance = 0.0  # messages allowed past the bucket, given back by ``_held``
         self._allowance_until = 0.0
@@ -267,10 +277,9 @@ class ClientHandler(BrokerProtocolHandler):
             return await self._acknowledge(publish_packet)  # as Mosquitto: dropped, acked
         if self.client.is_gateway or not self.broker.policy.is_device_topic(topic):
             return await super().handle_publish(publish_packet)
-        if not self._admit():
+        if qos == QOS_0 and not self._admit():
             self._refuse("rate_limited", "dropped a device message over the flood limit", topic)
-            await self._rate_limited(topic)
-            return await self._acknowledge(publish_packet)
+            return await self._rate_limited(topic)
         await self._relay(publish_packet)
 
     async def _relay(self, packet: PublishPacket) -> None:
@@ -283,8 +292,10 @@ class ClientHandler(BrokerProtocolHandler):
                                 "unacknowledged messages", client_id=self._client_id())
             return self._close()
         self.pending += 1
-        since = time.monotonic()
         try:
+            if packet.qos != QOS_0:
+                await self._admission()
+            since = time.monotonic()
             taken = await self.broker.relay(packet.topic_name, bytes(packet.data or b""),
                                             packet.qos)
         finally:
@@ -299,6 +310,14 @@ class ClientHandler(BrokerProtocolHandler):
                             "its message in time (the device sends it again)",
                             client_id=self._client_id())
         self._close()
+
+    async def _admission(self) -> None:
+        """Wait until the flood limit lets this message through; in arrival order (the lock
+        serves its waiters first come, first served)."""
+        async with self._admitting:
+            # The bucket refills with time: there is no event to wait for.
+            while not self._admit():  # noqa: ASYNC110
+                await asyncio.sleep(max(self.bucket.retry_after(), 0.005))
 
     def _admit(self) -> bool:
         """The connection's flood limit, counted as messages arrive."""
