@@ -19,8 +19,9 @@ from consumers.base import RoomConsumer
 from gateway import events, metrics, services
 from gateway import mqtt as topics
 from gateway.fanout import Delivery
+from gateway.logging import LogSampler
 from gateway.names import display_name_clean
-from gateway.ratelimit import flood_limit
+from gateway.ratelimit import TokenBucket, flood_limit
 from gateway.services import GatewayError, room_message_post
 
 logger = logging.getLogger(__name__)
@@ -29,6 +30,8 @@ WIRE_FORMAT = "mqtt-json"
 SEEN_INTERVAL = 60.0  # how often a device's last_seen is written while it is active
 RETRY_FIRST, RETRY_MAX = 0.5, 5.0  # backoff (seconds) while the database cannot store
 STALL = 1.0  # seconds: a store that took longer gives its time back to the device's rate
+LOGGED_PER_CODE = 5  # refusals logged per code and device scope; the rest counted
+ERROR_REPLY_BURST = 10  # error replies to a device at once (then one a second)
 
 
 class MqttDeviceConsumer(RoomConsumer):
@@ -40,10 +43,16 @@ class MqttDeviceConsumer(RoomConsumer):
         self.device_id = self.scope["device_id"]
         self.prefix = self.scope["prefix"]
         self.bucket = flood_limit()
+        # Error replies: a burst of 10, then one a second; the rest only counted.
+        self.replies = TokenBucket(rate=1.0, burst=ERROR_REPLY_BURST)
+        self.log_sample = LogSampler(LOGGED_PER_CODE)
         self.seen_at = 0.0
         try:
+            shown = await database_sync_to_async(services.display_name_for)(
+                sender_id=self.device_id, protocol=self.protocol, name=self.device_id
+            )
             await self.room_join(
-                self.scope["room"], member_id=self.device_id, name=self.device_id, listen=False
+                self.scope["room"], member_id=self.device_id, name=shown, listen=False
             )
         except Exception:
             # Presence is all a device needs the runtime for: keep taking its messages.
@@ -54,11 +63,12 @@ class MqttDeviceConsumer(RoomConsumer):
     async def mqtt_message(self, message) -> None:
         client_id, stored = None, False
         try:
-            payload = topics.payload_decode(message["payload"])
-            client_id = payload.client_id
-            # Counted when it reached the gateway: time it waited here is not the device's.
+            # Every message spends the limit, a refused one too; counted when it reached the
+            # gateway: time it waited here is not the device's.
             if not self.bucket.allow(now=message.get("received_at")):
                 raise GatewayError("rate_limited", "too many messages from this device")
+            payload = topics.payload_decode(message["payload"])
+            client_id = payload.client_id
             started = time.monotonic()
             await self._seen()
             name = display_name_clean(payload.name or "") or self.device_id
@@ -118,15 +128,26 @@ class MqttDeviceConsumer(RoomConsumer):
                            exc_info=True)
 
     async def _refuse(self, code: str, detail: str, client_id: object) -> None:
-        logger.warning("refused device message %s: %s", code, detail,
-                       extra=self.log_extra(code=code))
         metrics.refused(self.protocol, code)
+        if self.log_sample.allow(code):
+            more = " (more are counted, not logged)" if self.log_sample.last_logged(code) else ""
+            logger.warning("refused device message %s: %s%s", code, detail, more,
+                           extra=self.log_extra(code=code))
+        if not self.replies.allow():
+            return
         await self.base_send({
             "type": "mqtt.publish",
             "topic": topics.error_topic(self.prefix, self.room, self.device_id),
             "payload": topics.error_payload(code, detail, client_id),
             "refused": code,  # counted by the server
         })
+
+    async def finish(self) -> None:
+        counted = getattr(self, "log_sample", None) and self.log_sample.counted()
+        if counted:
+            logger.warning("device messages refused but not logged: %s", counted,
+                           extra=self.log_extra(counted=counted))
+        await super().finish()
 
     async def mqtt_disconnect(self, message) -> None:
         raise StopConsumer()

@@ -340,3 +340,33 @@ async def test_a_restart_with_thousands_of_rooms_serves_devices_at_once(
     # each joining its group and reading the database, ahead of any device message).
     assert stored - ready < 1.0
     assert mqtt_status(again)["relays"] <= 1
+
+
+async def test_a_device_sending_refused_payloads_is_bounded_in_logs_and_replies(
+    gateway_factory, mosquitto
+):
+    """Every payload spends the device's flood limit, refusals are logged five times per
+    code and then counted, and error replies are paced: one device repeating a mistake
+    cannot fill the log or the outbox (which would pause the rooms' relays)."""
+    from tests.test_mqtt import gather_out, nothing_more
+
+    gw = gateway_factory(env={"MQTT_ENABLED": "1", "MQTT_URL": mosquitto.url,
+                              "GATEWAY_RATE_LIMIT_PER_SECOND": "5",
+                              "GATEWAY_RATE_LIMIT_BURST": "20"}).start()
+    await mqtt_ready(gw)
+    async with device(mosquitto) as bad, device(mosquitto) as good:
+        await bad.subscribe("rooms/noise/error/bad", qos=1)
+        await good.subscribe("rooms/noise/out", qos=1)
+        for _ in range(300):
+            await bad.publish("rooms/noise/in/bad", b"{not json", qos=0)
+        replies = await gather_out(bad, 10, timeout=20)
+        assert {reply["code"] for reply in replies} <= {"invalid_json", "rate_limited"}
+        assert await nothing_more(bad, wait=1.0)  # the rest of the burst was not answered
+        await good.publish("rooms/noise/in/good", b"still served", qos=1)
+        (out,) = await gather_out(good, 1, timeout=10)
+        assert out["text"] == "still served"
+    await wait_until(lambda: mqtt_status(gw)["received"] >= 301, 20, "not all received")
+    log = gw.log()
+    assert log.count("refused device message invalid_json") == 5
+    assert log.count("refused device message rate_limited") == 5
+    assert "(more are counted, not logged)" in log

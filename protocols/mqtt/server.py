@@ -374,9 +374,10 @@ class MqttServer:
             return self._relay_publish(message)
         if "refused" in message:
             self.refused[message["refused"]] += 1
-        try:
+        # Error replies take at most half the outbox, so they never pause a room's relay.
+        if self.outbox.qsize() < OUTBOX_LIMIT // 2:
             self.outbox.put_nowait((message["topic"], message["payload"], None, None))
-        except asyncio.QueueFull:
+        else:
             self.stats["dropped"] += 1
             if self.stats["dropped"] % 1000 == 1:  # the first, then one line a thousand
                 logger.warning("MQTT outbox full: dropped %d error replies so far",
