@@ -133,7 +133,8 @@ class ChatConsumer(RoomConsumer):
         try:
             try:
                 closed, self.sender = await database_sync_to_async(services.room_enter)(
-                    room=room, sender=self.sender, staff=staff
+                    room=room, sender=self.sender, staff=staff,
+                    creator=None if authenticated else _client_address(self.scope),
                 )
             except GatewayError as exc:  # the room policy: new rooms are limited
                 # Accepted, then closed, so the page can say why (a refused handshake would
@@ -298,6 +299,13 @@ class ChatConsumer(RoomConsumer):
         elif self.writer.is_open():
             self.writer.fail(CLOSE_POLICY, "too many refused frames")
         raise StopConsumer()
+
+
+def _client_address(scope) -> str:
+    """Who opens rooms for the room policy when the visitor is anonymous: its address (an
+    anonymous id is whatever the browser sends, so it would not hold anyone back)."""
+    client = scope.get("client") or ("unknown",)
+    return f"ip:{client[0]}"
 
 
 def _int_param(query: dict[str, list[str]], name: str) -> int | None:

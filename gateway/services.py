@@ -107,12 +107,14 @@ def room_open(*, room: str) -> int:
 
 
 def room_enter(
-    *, room: str, sender: events.Sender, staff: bool
+    *, room: str, sender: events.Sender, staff: bool, creator: str | None = None
 ) -> tuple[bool, events.Sender]:
-    """A member arrives in ``room``: create it if it is new (within the room policy, else
-    GatewayError). Returns whether staff closed it, and the sender as the room shows it (an
-    unverified sender does not keep a staff user's name)."""
-    closed = room_get_or_create(room=room, creator=sender["id"], staff=staff).closed
+    """A member arrives in ``room``: create it if it is new (within the room policy for
+    ``creator``, by default the sender, else GatewayError). Returns whether staff closed it,
+    and the sender as the room shows it (an unverified sender does not keep a staff user's
+    name)."""
+    creator = creator or sender["id"]
+    closed = room_get_or_create(room=room, creator=creator, staff=staff).closed
     name = display_name_for(sender_id=sender["id"], protocol=sender["protocol"],
                             name=sender["name"])
     return closed, events.sender(protocol=sender["protocol"], id=sender["id"], name=name)

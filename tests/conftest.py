@@ -76,3 +76,12 @@ def browser():
         browser = pw.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
         yield browser
         browser.close()
+
+
+@pytest.fixture(autouse=True)
+def room_creation_allowance(monkeypatch):
+    """Each test starts with no room-creation history: the per-creator allowance is process
+    state, and in-process consumer tests all come from the same (unknown) address."""
+    from gateway import services
+
+    monkeypatch.setattr(services, "_room_creations", services._CreationLimits())
