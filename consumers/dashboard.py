@@ -48,6 +48,8 @@ class DashboardConsumer(ScopeConsumer):
             logger.warning("refused the dashboard socket: not staff", extra=self.log)
             return await self.base_send({"type": "websocket.close", "code": CLOSE_FORBIDDEN})
         self.user = user
+        session = self.scope.get("session")
+        self.session_key = getattr(session, "session_key", None)
         self.log["user"] = user.get_username()
         await self.base_send({"type": "websocket.accept"})
         self.poller = asyncio.create_task(self._poll(), name="dashboard-poll")
@@ -57,7 +59,8 @@ class DashboardConsumer(ScopeConsumer):
         while not self.closed:
             try:
                 update = await database_sync_to_async(dashboard.staff_snapshot)(
-                    user_pk=self.user.pk, after_pk=after, first=first
+                    user_pk=self.user.pk, session_key=self.session_key, after_pk=after,
+                    first=first,
                 )
                 if update is None:
                     return await self._forbid()
@@ -84,7 +87,9 @@ class DashboardConsumer(ScopeConsumer):
             return await self.send_error(
                 "csrf_failed", "the CSRF token is missing or wrong; reload the page"
             )
-        if not await database_sync_to_async(dashboard.staff_is_current)(user_pk=self.user.pk):
+        if not await database_sync_to_async(dashboard.staff_is_current)(
+            user_pk=self.user.pk, session_key=self.session_key
+        ):
             return await self._forbid()
         await self._act(action, handler, data)
 

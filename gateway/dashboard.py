@@ -9,12 +9,14 @@ newest message already seen (by primary key), so a poll costs the same at any vo
 from __future__ import annotations
 
 from datetime import timedelta
+from importlib import import_module
 
 from django.conf import settings
-from django.contrib.auth import get_user_model
+from django.contrib.auth import HASH_SESSION_KEY, SESSION_KEY, get_user_model
 from django.db.models import Count, Max
 from django.db.models.functions import TruncMinute
 from django.utils import timezone
+from django.utils.crypto import constant_time_compare
 
 from gateway import selectors
 from gateway.models import GatewayProcess, Message
@@ -112,14 +114,23 @@ def snapshot(*, after_pk: int, first: bool) -> dict[str, object]:
     }
 
 
-def staff_is_current(*, user_pk: int) -> bool:
-    """Whether the user is still an active staff member, read now (not from the session),
-    so a demotion or deactivation takes effect on open dashboards at once."""
-    return get_user_model().objects.filter(pk=user_pk, is_active=True, is_staff=True).exists()
+def staff_is_current(*, user_pk: int, session_key: str | None) -> bool:
+    """Whether the user is still an active staff member, read now, and still logged in with
+    the session the dashboard opened with (not logged out, not expired, password unchanged),
+    so a demotion, deactivation or logout takes effect on open dashboards at once."""
+    user = get_user_model().objects.filter(pk=user_pk, is_active=True, is_staff=True).first()
+    if user is None or not session_key:
+        return False
+    stored = import_module(settings.SESSION_ENGINE).SessionStore(session_key).load()
+    return stored.get(SESSION_KEY) == str(user.pk) and constant_time_compare(
+        stored.get(HASH_SESSION_KEY, ""), user.get_session_auth_hash()
+    )
 
 
-def staff_snapshot(*, user_pk: int, after_pk: int, first: bool) -> dict[str, object] | None:
+def staff_snapshot(
+    *, user_pk: int, session_key: str | None, after_pk: int, first: bool
+) -> dict[str, object] | None:
     """``snapshot`` for a user who is still staff; None once they are not."""
-    if not staff_is_current(user_pk=user_pk):
+    if not staff_is_current(user_pk=user_pk, session_key=session_key):
         return None
     return snapshot(after_pk=after_pk, first=first)

@@ -241,3 +241,27 @@ async def test_a_demoted_staff_user_is_refused_and_the_snapshots_stop(gateway_fa
     with pytest.raises(websockets.InvalidStatus):  # and it cannot come back
         async with dashboard_socket(gw, cookie):
             pass
+
+
+async def test_a_staff_user_who_logged_out_is_refused_on_the_open_dashboard(gateway_factory):
+    gw = gateway_factory(env=FAST).start()
+    gw.create_user(STAFF, STAFF_PASSWORD, staff=True)
+    cookie = gw.login(STAFF, STAFF_PASSWORD)
+    async with dashboard_socket(gw, cookie) as dash:
+        await next_of(dash, "snapshot")
+        csrf = re.search(r"csrftoken=([^;]+)", cookie)[1]
+        logout = urllib.request.Request(
+            gw.http + "/accounts/logout/", data=b"", method="POST",
+            headers={"Cookie": cookie, "X-CSRFToken": csrf, "Referer": gw.http + "/"},
+        )
+        with contextlib.suppress(urllib.error.HTTPError):  # a redirect to the index
+            await asyncio.to_thread(urllib.request.urlopen, logout, timeout=5)
+        with contextlib.suppress(websockets.ConnectionClosed):
+            await act(dash, cookie, action="post", room="after-logout", message="no")
+        frames = []
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            while True:
+                frames.append(json.loads(await asyncio.wait_for(dash.recv(), 10)))
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4403
+        assert not [f for f in frames if f["type"] == "done"]
+    assert gw.get_json("/api/rooms/after-logout/messages")["messages"] == []
