@@ -76,7 +76,8 @@ else:
     if not SECRET_KEY:
         raise ImproperlyConfigured("DJANGO_SECRET_KEY is required when DJANGO_DEBUG=0")
     # The rule of `manage.py check --deploy` (security.W009), refused rather than warned.
-    if len(SECRET_KEY) < 50 or len(set(SECRET_KEY)) < 5:
+    if (len(SECRET_KEY) < 50 or len(set(SECRET_KEY)) < 5
+            or SECRET_KEY.startswith("django-insecure-")):
         raise ImproperlyConfigured(
             "DJANGO_SECRET_KEY must be at least 50 characters with at least 5 different ones "
             "(python -c 'import secrets; print(secrets.token_urlsafe(50))')"
@@ -292,13 +293,15 @@ MQTT = {
     # its largest packet in bytes, and who may connect. MQTT_DEVICE_PASSWORDS names a file
     # made by mosquitto_passwd (the same file deploy/mosquitto uses): a device logs in with
     # its device id as user name and may publish only as itself. Anonymous devices are
-    # refused when MQTT_ALLOW_ANONYMOUS is off, which is its default in production mode and
-    # with GATEWAY_REQUIRE_LOGIN=1.
+    # refused when MQTT_ALLOW_ANONYMOUS is off, which is its default in production mode,
+    # with GATEWAY_REQUIRE_LOGIN=1 and once device passwords are configured.
     "EMBEDDED_HOST": env_str("MQTT_EMBEDDED_HOST", "127.0.0.1"),
     "MAX_PACKET_SIZE": env_int("MQTT_MAX_PACKET_SIZE", 262_144, minimum=1024),
     "DEVICE_PASSWORDS": env_str("MQTT_DEVICE_PASSWORDS"),
     "ALLOW_ANONYMOUS": env_bool(
-        "MQTT_ALLOW_ANONYMOUS", DEBUG and not env_bool("GATEWAY_REQUIRE_LOGIN", False)
+        "MQTT_ALLOW_ANONYMOUS",
+        DEBUG and not env_bool("GATEWAY_REQUIRE_LOGIN", False)
+        and not env_str("MQTT_DEVICE_PASSWORDS"),
     ),
 }
 

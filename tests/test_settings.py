@@ -29,7 +29,8 @@ def test_production_without_a_secret_is_refused(tmp_path):
 
 
 def test_production_refuses_a_weak_secret(tmp_path):
-    for weak in ("x", "short-but-varied-0123456789", "a" * 80, "abab" * 20):
+    for weak in ("x", "short-but-varied-0123456789", "a" * 80, "abab" * 20,
+                 "django-insecure-" + "0123456789abcdefghij" * 3):
         result = manage("check", env={**PROD, "DJANGO_SECRET_KEY": weak}, tmp_path=tmp_path)
         assert result.returncode != 0, weak
         assert "at least 50 characters" in result.stderr
