@@ -332,7 +332,9 @@ async def test_three_replicas_behind_nginx_lose_and_double_nothing_when_one_is_k
             expected["Alice"] = [f"tg {p}{j}" for p in "bde" for j in range(3)]
             for browser in browsers:  # every message once, in id order, in order per sender
                 ids = [m["id"] for m in browser.received]
-                assert ids == list(range(1, total + 1)), browser.name
+                texts = [m["message"] for m in browser.received]
+                doubled = sorted({t for t in texts if texts.count(t) > 1})
+                assert ids == list(range(1, total + 1)), (browser.name, "doubled:", doubled)
                 assert texts_by_sender(browser.received) == expected, browser.name
             # the clients of the killed replica and of the restarted one came back
             assert sum(b.reconnects for b in browsers) >= 4
