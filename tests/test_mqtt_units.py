@@ -125,3 +125,10 @@ async def test_a_full_outbox_drops_error_replies_and_counts_them():
                           "refused": "rate_limited"})
     assert mqtt.outbox.qsize() == 1 and mqtt.stats["dropped"] == 2
     assert mqtt.refused["rate_limited"] == 3
+    # Error replies never take more than half of it: room messages keep their room.
+    mqtt = server()
+    mqtt.outbox = asyncio.Queue(maxsize=10)
+    for _ in range(20):
+        await mqtt._send({"type": "mqtt.publish", "topic": "rooms/r/error/d", "payload": b"{}",
+                          "refused": "invalid_json"})
+    assert mqtt.outbox.qsize() == 5 and mqtt.stats["dropped"] == 15

@@ -375,7 +375,7 @@ class MqttServer:
         if "refused" in message:
             self.refused[message["refused"]] += 1
         # Error replies take at most half the outbox, so they never pause a room's relay.
-        if self.outbox.qsize() < OUTBOX_LIMIT // 2:
+        if self.outbox.qsize() < max(1, self.outbox.maxsize // 2):
             self.outbox.put_nowait((message["topic"], message["payload"], None, None))
         else:
             self.stats["dropped"] += 1
