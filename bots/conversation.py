@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from django.db import transaction
 
@@ -162,9 +163,10 @@ def _rooms(chat: BotChat, incoming: Incoming, argument: str) -> list[str]:
         return ["No rooms yet: /join &lt;room&gt; opens one."]
     items = ["Rooms, most recently active first:"]
     for room in rooms:
-        by_protocol = ", ".join(f"{p} {n}" for p, n in room["members_by_protocol"].items())
+        counts = cast(dict[str, int], room["members_by_protocol"])
+        by_protocol = ", ".join(f"{p} {n}" for p, n in counts.items())
         members = f"{room['members']} ({by_protocol})" if by_protocol else "0"
-        items.append(f"• <b>{formatting.escape(room['name'])}</b>: {members}")
+        items.append(f"• <b>{formatting.escape(str(room['name']))}</b>: {members}")
     return formatting.lines(items)
 
 

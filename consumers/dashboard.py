@@ -91,7 +91,7 @@ class DashboardConsumer(ScopeConsumer):
             user_pk=self.user.pk, session_key=self.session_key
         ):
             return await self._forbid()
-        await self._act(action, handler, data)
+        await self._act(str(action), handler, data)
 
     async def _act(self, action: str, handler, data: dict) -> None:
         try:

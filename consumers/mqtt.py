@@ -137,7 +137,7 @@ class MqttDeviceConsumer(RoomConsumer):
             return
         await self.base_send({
             "type": "mqtt.publish",
-            "topic": topics.error_topic(self.prefix, self.room, self.device_id),
+            "topic": topics.error_topic(self.prefix, self.scope["room"], self.device_id),
             "payload": topics.error_payload(code, detail, client_id),
             "refused": code,  # counted by the server
         })

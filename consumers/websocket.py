@@ -242,12 +242,15 @@ class ChatConsumer(RoomConsumer):
         writer.send(delivery.frame(PREPARED_FORMAT, self._prepare))
 
     def _prepare(self, event: events.RoomMessage):
+        if self.writer is None:
+            raise RuntimeError("no frame writer: encode with message_frame")
         return self.writer.prepare(message_frame(event))
 
     async def _fell_behind(self, *, dropped_from: int | None) -> None:
         """Bounded, not lost: close the lagging socket; it resumes from history by id."""
         self.closed, self.live = True, False
-        self.runtime.hub.stats["fell_behind"] += 1
+        if self.runtime is not None:
+            self.runtime.hub.stats["fell_behind"] += 1
         metrics.dropped(self.protocol, "fell_behind")
         logger.warning(
             "client fell behind; closing so it resumes from history",

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
@@ -31,12 +33,12 @@ async def room_event_broadcast(event: RoomMessage) -> None:
     await _group_send(room_group_name(event["room"]), event)
 
 
-async def control_broadcast(event: dict) -> None:
+async def control_broadcast(event: Mapping[str, Any]) -> None:
     """Send a control event (gateway/events.py) to every process."""
     await _group_send(CONTROL_GROUP, event)
 
 
-async def _group_send(group: str, event: dict) -> None:
+async def _group_send(group: str, event: Mapping[str, Any]) -> None:
     layer = get_channel_layer()
     try:
         await layer.group_send(group, event)
@@ -60,7 +62,7 @@ class Publisher:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.queue: asyncio.Queue[dict] = asyncio.Queue()
+        self.queue: asyncio.Queue[Mapping[str, Any]] = asyncio.Queue()
         self.task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -73,7 +75,7 @@ class Publisher:
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
 
-    def submit(self, event: dict) -> None:
+    def submit(self, event: Mapping[str, Any]) -> None:
         """Queue an event; safe from any thread, never blocks."""
         self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
 
@@ -94,14 +96,14 @@ def publisher_install(publisher: Publisher | None) -> None:
     _publisher = publisher
 
 
-async def _broadcast(event: dict) -> None:
+async def _broadcast(event: Mapping[str, Any]) -> None:
     if event["type"] == ROOM_MESSAGE:
         await room_event_broadcast(event)  # type: ignore[arg-type]
     else:
         await control_broadcast(event)
 
 
-def _publish(event: dict) -> None:
+def _publish(event: Mapping[str, Any]) -> None:
     publisher = _publisher
     if publisher is not None and not publisher.loop.is_closed():
         publisher.submit(event)
@@ -109,7 +111,7 @@ def _publish(event: dict) -> None:
         async_to_sync(_broadcast)(event)
 
 
-def room_event_broadcast_on_commit(event: RoomMessage | dict) -> None:
+def room_event_broadcast_on_commit(event: Mapping[str, Any]) -> None:
     """Broadcast a room or control event once the current transaction commits (in commit
     order with every other)."""
     transaction.on_commit(lambda: _publish(event))

@@ -19,12 +19,14 @@ import resource
 import signal
 import sys
 import weakref
+from typing import Any
 
 import daphne.server  # isort:skip  (installs the asyncio reactor before twisted is imported)
 from daphne.http_protocol import WebRequest
 from daphne.ws_protocol import WebSocketProtocol
 from prometheus_client.core import REGISTRY, GaugeMetricFamily
-from twisted.internet import reactor, tcp
+from twisted.internet import reactor as _reactor
+from twisted.internet import tcp
 from twisted.web import http
 
 from gateway import status
@@ -32,6 +34,9 @@ from gateway.fanout import FRAME_WRITER_EXTENSION
 from gateway.runtime import get_runtime, stop_runtime
 
 logger = logging.getLogger(__name__)
+# The installed reactor: Twisted's stubs type the module attribute as the interfaces it
+# provides, not as the asyncio reactor with its own methods.
+reactor: Any = _reactor
 
 
 class FrameWriter:
@@ -108,7 +113,7 @@ class HeaderDeadlineChannel(http.HTTPChannel):
 
     header_timeout = 10.0
     reading_headers: weakref.WeakSet[HeaderDeadlineChannel] = weakref.WeakSet()
-    _deadline = None
+    _deadline: Any = None
 
     def connectionMade(self) -> None:  # noqa: N802 (Twisted's names)
         super().connectionMade()
@@ -127,7 +132,7 @@ class HeaderDeadlineChannel(http.HTTPChannel):
         if not self.persistent or self.transport is None or self.transport.disconnecting:
             self._disarm()
 
-    def connectionLost(self, reason) -> None:  # noqa: N802
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
         self._disarm()
         super().connectionLost(reason)
 
@@ -145,11 +150,14 @@ class HeaderDeadlineChannel(http.HTTPChannel):
     def _headers_too_slow(self) -> None:
         self._deadline = None
         self.reading_headers.discard(self)
-        peer = self.transport.getPeer() if self.transport is not None else None
+        transport: Any = self.transport
+        if transport is None:
+            return
+        peer = transport.getPeer()
         logger.warning("closed a connection that sent no complete request in %.0fs",
                        self.header_timeout,
                        extra={"protocol": "http", "peer": str(getattr(peer, "host", peer))})
-        self.transport.abortConnection()
+        transport.abortConnection()
 
 
 class ConnectionsCollector:
@@ -204,7 +212,7 @@ class GatewayServer(daphne.server.Server):
         self.services = list(services)
         self._started_services: list = []
         self._services_task: asyncio.Future | None = None
-        self.ports = []
+        self.ports: list[Any] = []
         self._on_listening = on_listening
         self._stopping = False
         self.exit_code = 0

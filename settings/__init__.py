@@ -164,7 +164,8 @@ if DATABASE_URL:
     }
     if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         # A local file needs no health check (which would cost a query per message).
-        DATABASES["default"].update(OPTIONS=dict(_SQLITE_OPTIONS), CONN_HEALTH_CHECKS=False)
+        DATABASES["default"].update({"OPTIONS": dict(_SQLITE_OPTIONS),
+                                     "CONN_HEALTH_CHECKS": False})
 else:
     DATABASES = {
         "default": {

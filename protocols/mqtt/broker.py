@@ -94,6 +94,8 @@ class EmbeddedBroker:
             writer.close()
             return
         task = asyncio.current_task()
+        if task is None:  # asyncio.start_server runs each connection in a task
+            raise RuntimeError("a broker connection outside a task")
         self._connections.add(task)
         self._writers.add(writer)
         peer = writer.get_extra_info("peername")

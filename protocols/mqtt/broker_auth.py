@@ -46,7 +46,7 @@ class Client:
         return self.kind == "anonymous"
 
     def __str__(self) -> str:
-        return self.device_id if self.kind == "device" else self.kind
+        return self.device_id if self.kind == "device" and self.device_id else self.kind
 
 
 GATEWAY = Client("gateway")
@@ -93,7 +93,9 @@ def filter_covers(pattern: str, topic_filter: str) -> bool:
 
 def topic_is_publishable(topic: str | None) -> bool:
     """A topic a client may publish to at all: no wildcards, not ``$...``, not empty."""
-    return bool(topic) and not topic.startswith("$") and not any(c in topic for c in "+#\0")
+    return bool(topic) and topic is not None and not topic.startswith("$") and not any(
+        c in topic for c in "+#\0"
+    )
 
 
 def shared_filter_strip(topic_filter: str) -> str:
@@ -202,12 +204,12 @@ class BrokerPolicy:
         raise LoginRefused("anonymous clients are not allowed")
 
     def may_publish(self, client: Client, topic: str | None) -> bool:
-        if not topic_is_publishable(topic):
+        if topic is None or not topic_is_publishable(topic):
             return False
         if client.is_gateway:
             return any(topic_matches(p, topic) for p in (self._topic("out"),
                                                          self._topic("error", "+")))
-        device = client.device_id if client.kind == "device" else "+"
+        device = client.device_id if client.kind == "device" and client.device_id else "+"
         return topic_matches(self._topic("in", device), topic)
 
     def may_subscribe(self, client: Client, topic_filter: str) -> bool:
