@@ -57,6 +57,16 @@ async def act(ws, cookie: str, **action) -> None:
     await ws.send(json.dumps({**action, "csrf": csrf_of(cookie)}))
 
 
+async def frames_until_closed(ws, timeout: float = 10) -> tuple[list[dict], int | None]:
+    """Every frame a socket gets until the server closes it, and the close code."""
+    frames = []
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        while True:
+            frames.append(json.loads(await asyncio.wait_for(ws.recv(), timeout)))
+    received = closed.value.rcvd
+    return frames, None if received is None else received.code
+
+
 async def next_of(ws, kind: str, timeout: float = 10) -> dict:
     while True:
         frame = json.loads(await asyncio.wait_for(ws.recv(), timeout))
@@ -228,11 +238,8 @@ async def test_a_demoted_staff_user_is_refused_and_the_snapshots_stop(gateway_fa
         # check (each second): either way nothing is done, and it was told why.
         with contextlib.suppress(websockets.ConnectionClosed):
             await act(dash, cookie, action="post", room="demoted", message="after demotion")
-        frames = []
-        with pytest.raises(websockets.ConnectionClosed) as closed:
-            while True:
-                frames.append(json.loads(await asyncio.wait_for(dash.recv(), 10)))
-        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4403
+        frames, code = await frames_until_closed(dash)
+        assert code == 4403
         assert [f["code"] for f in frames if f["type"] == "error"] == ["not_staff"]
         assert not [f for f in frames if f["type"] == "done"]
     assert [m["message"] for m in gw.get_json("/api/rooms/demoted/messages")["messages"]] == [
@@ -258,10 +265,7 @@ async def test_a_staff_user_who_logged_out_is_refused_on_the_open_dashboard(gate
             await asyncio.to_thread(urllib.request.urlopen, logout, timeout=5)
         with contextlib.suppress(websockets.ConnectionClosed):
             await act(dash, cookie, action="post", room="after-logout", message="no")
-        frames = []
-        with pytest.raises(websockets.ConnectionClosed) as closed:
-            while True:
-                frames.append(json.loads(await asyncio.wait_for(dash.recv(), 10)))
-        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4403
+        frames, code = await frames_until_closed(dash)
+        assert code == 4403
         assert not [f for f in frames if f["type"] == "done"]
     assert gw.get_json("/api/rooms/after-logout/messages")["messages"] == []

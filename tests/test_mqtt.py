@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 import subprocess
 import urllib.error
 import urllib.request
@@ -15,6 +14,7 @@ import aiomqtt
 import pytest
 import websockets
 
+from tests.helpers import database_write_lock
 from tests.servers import ROOT, Mosquitto, free_port
 from tests.test_e2e import FAST, collect, connect, members, next_message, wait_until
 
@@ -388,14 +388,11 @@ async def test_a_message_the_gateway_dies_before_storing_is_delivered_again(
                          "first not stored")
         # Hold the database's write lock: the gateway receives the next message and waits to
         # store it, and is killed while it waits.
-        db = sqlite3.connect(gw.datadir / "gateway.sqlite3", timeout=5)
-        db.execute("BEGIN IMMEDIATE")
-        await d.publish("rooms/crash/in/probe", b"second", qos=1)  # the broker has it
-        await wait_until(lambda: mqtt_status(gw)["received"] == 2, 10,
-                         "the gateway did not receive it")  # and the gateway too
-        gw.kill()
-        db.rollback()
-        db.close()
+        with database_write_lock(gw):
+            await d.publish("rooms/crash/in/probe", b"second", qos=1)  # the broker has it
+            await wait_until(lambda: mqtt_status(gw)["received"] == 2, 10,
+                             "the gateway did not receive it")  # and the gateway too
+            gw.kill()
     back = gateway_factory(env=mqtt_env(mosquitto), port=gw.port, datadir=gw.datadir).start()
     await wait_until(lambda: back.get_json("/api/rooms/crash/")["last_id"] == 2, 15,
                      "the unacknowledged message was not delivered again")

@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import json
 import socket
-import sqlite3
 import struct
 import subprocess
 import tempfile
@@ -26,6 +25,7 @@ import aiomqtt
 import pytest
 from paho.mqtt.client import CallbackAPIVersion, Client
 
+from tests.helpers import database_write_lock
 from tests.servers import Gateway, free_port
 
 FAST = {"GATEWAY_RATE_LIMIT_PER_SECOND": "1000", "GATEWAY_RATE_LIMIT_BURST": "1000"}
@@ -147,12 +147,9 @@ async def test_a_kill_loses_no_device_message_the_embedded_broker_acknowledged(g
         await wait_until(lambda: len(fleet.acked()) >= 50, 20, "nothing acknowledged")
         # Hold the database's write lock: what arrives now cannot be stored. Whatever the
         # broker acknowledges meanwhile must survive the kill.
-        db = sqlite3.connect(gw.datadir / "gateway.sqlite3", timeout=10)
-        db.execute("BEGIN IMMEDIATE")
-        await asyncio.sleep(1.5)
-        gw.kill()
-        db.rollback()
-        db.close()
+        with database_write_lock(gw):
+            await asyncio.sleep(1.5)
+            gw.kill()
         await asyncio.sleep(0.5)  # devices go on publishing into the void (queued by paho)
         stop.set()
         await publisher
@@ -525,11 +522,8 @@ async def test_what_a_device_held_back_during_a_stalled_store_is_not_over_the_fl
         await wait_until(lambda: len(fleet.acked()) >= 4, 10, "nothing acknowledged")
         # The store stalls for 3 s: the device's messages wait unacknowledged (paho sends 5
         # and queues the rest, to send them all at once when the store is back).
-        db = sqlite3.connect(gw.datadir / "gateway.sqlite3", timeout=10)
-        db.execute("BEGIN IMMEDIATE")
-        await asyncio.sleep(3)
-        db.rollback()
-        db.close()
+        with database_write_lock(gw):
+            await asyncio.sleep(3)
         await asyncio.sleep(2)
         stop.set()
         await publisher

@@ -17,6 +17,7 @@ import aiomqtt
 import pytest
 import redis
 
+from tests.helpers import database_write_lock
 from tests.servers import Mosquitto
 from tests.test_e2e import connect, wait_until
 from tests.test_mqtt import device, mqtt_env, mqtt_ready, mqtt_status, readyz
@@ -148,13 +149,6 @@ async def test_out_resumes_after_five_broker_restarts_under_a_steady_stream(
 # --- item 6: a stall in the gateway costs devices nothing ---------------------------------
 
 
-def lock_database(gw) -> sqlite3.Connection:
-    """Take the gateway database's write lock from another connection (as a long write would)."""
-    db = sqlite3.connect(gw.datadir / "gateway.sqlite3", timeout=10, check_same_thread=False)
-    db.execute("BEGIN IMMEDIATE")
-    return db
-
-
 async def publish_steadily(broker, room: str, device_id: str, count: int, rate: float) -> None:
     """Publish ``count`` messages (each with its client_id) at ``rate`` per second, QoS 1."""
     async with device(broker) as d:
@@ -192,10 +186,8 @@ async def test_a_database_stall_does_not_count_against_a_devices_rate(
     publisher = asyncio.create_task(publish_steadily(mosquitto, "stall", "meter", total, 5))
     await wait_until(lambda: gw.get_json("/api/rooms/stall/")["last_id"] >= 5, 10,
                      "the device's first messages were not stored")
-    db = await asyncio.to_thread(lock_database, gw)
-    await asyncio.sleep(10)  # the device goes on publishing; the gateway cannot store
-    db.rollback()
-    db.close()
+    with database_write_lock(gw):
+        await asyncio.sleep(10)  # the device goes on publishing; the gateway cannot store
     await asyncio.wait_for(publisher, 60)
     with contextlib.suppress(AssertionError):  # whatever is missing is reported below
         await wait_until(lambda: len(stored_texts(gw, "stall")) + len(errors) >= total, 30, "")
@@ -216,13 +208,11 @@ async def test_a_message_the_database_refuses_is_stored_once_it_can(gateway_fact
                          "first not stored")
         # Longer than SQLite's 20 s busy timeout: the gateway's write fails ("database is
         # locked"); the message must wait and be stored, not refused and dropped.
-        db = await asyncio.to_thread(lock_database, gw)
-        for text in ("second", "third"):
-            await d.publish("rooms/refused/in/probe", text.encode(), qos=1)
-        await wait_until(lambda: "database is locked" in gw.log(), 40,
-                         "the write did not fail")
-        db.rollback()
-        db.close()
+        with database_write_lock(gw):
+            for text in ("second", "third"):
+                await d.publish("rooms/refused/in/probe", text.encode(), qos=1)
+            await wait_until(lambda: "database is locked" in gw.log(), 40,
+                             "the write did not fail")
         await wait_until(lambda: gw.get_json("/api/rooms/refused/")["last_id"] == 3, 30,
                          "the refused messages were not stored")
     assert stored_texts(gw, "refused") == ["first", "second", "third"]
@@ -237,15 +227,11 @@ async def test_a_message_still_waiting_at_a_graceful_stop_is_delivered_again(
         await d.publish("rooms/stopping/in/probe", b"first", qos=1)
         await wait_until(lambda: gw.get_json("/api/rooms/stopping/")["last_id"] == 1, 10,
                          "first not stored")
-        db = await asyncio.to_thread(lock_database, gw)
-        await d.publish("rooms/stopping/in/probe", b"second", qos=1)
-        await wait_until(lambda: mqtt_status(gw)["received"] == 2, 10,
-                         "the gateway did not receive it")  # it waits for the database
-        try:
+        with database_write_lock(gw):
+            await d.publish("rooms/stopping/in/probe", b"second", qos=1)
+            await wait_until(lambda: mqtt_status(gw)["received"] == 2, 10,
+                             "the gateway did not receive it")  # it waits for the database
             assert await asyncio.to_thread(gw.terminate, 60) == 0
-        finally:
-            db.rollback()
-            db.close()
     back = gateway_factory(env=mqtt_env(mosquitto), port=gw.port, datadir=gw.datadir).start()
     await wait_until(lambda: back.get_json("/api/rooms/stopping/")["last_id"] == 2, 20,
                      "the message waiting at the stop was not delivered again")
