@@ -240,6 +240,22 @@ async def test_behind_a_tls_proxy_in_production_the_https_origin_is_accepted(gat
 # --- the dashboard socket's actions ----------------------------------------------------
 
 
+def logged_in_session(user):
+    """A stored session logged in as ``user``, as Django's login() leaves it (the dashboard
+    checks that its session still is)."""
+    from importlib import import_module
+
+    from django.conf import settings as django_settings
+    from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY
+
+    session = import_module(django_settings.SESSION_ENGINE).SessionStore()
+    session[SESSION_KEY] = str(user.pk)
+    session[BACKEND_SESSION_KEY] = "django.contrib.auth.backends.ModelBackend"
+    session[HASH_SESSION_KEY] = user.get_session_auth_hash()
+    session.save()
+    return session
+
+
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.usefixtures("runtime_stopped")
 async def test_dashboard_actions_check_csrf_and_staff_each_time(settings, monkeypatch):
@@ -253,8 +269,9 @@ async def test_dashboard_actions_check_csrf_and_staff_each_time(settings, monkey
         "boss", password="a-long-pass-phrase", is_staff=True
     )
     secret = _get_new_csrf_string()
+    session = await database_sync_to_async(logged_in_session)(user)
     comm = WebsocketCommunicator(dashboard_consumer.DashboardConsumer.as_asgi(), "/ws/dashboard/")
-    comm.scope.update(user=user, cookies={settings.CSRF_COOKIE_NAME: secret})
+    comm.scope.update(user=user, session=session, cookies={settings.CSRF_COOKIE_NAME: secret})
     assert (await comm.connect(timeout=5))[0]
     assert (await recv(comm))["type"] == "snapshot"
     post = {"action": "post", "room": "ops", "message": "hello"}
