@@ -125,10 +125,6 @@ def bot_chat_origin(platform: str, chat_id: str) -> str:
     return f"{platform}-chat-{chat_id}"
 
 
-def bot_chat_get(*, platform: str, chat_id: str) -> BotChat | None:
-    return BotChat.objects.filter(platform=platform, chat_id=chat_id).first()
-
-
 def bot_chat_rooms(*, platform: str) -> list[str]:
     """The rooms that at least one chat of ``platform`` has joined."""
     chats = BotChat.objects.filter(platform=platform, blocked=False).exclude(room="")
