@@ -10,10 +10,9 @@ gateway's client has acknowledged its copy, which it does once the message is st
 was told was received: the chain of acknowledgements ends in the database. If the gateway's
 client is not there (starting, reconnecting) the message waits ``GATEWAY_WAIT``; if it is
 not taken by then, the device's connection is closed unacknowledged and the device sends it
-again when it reconnects (as MQTT devices do). Once taken, it waits for the gateway's
-acknowledgement as long as the gateway's connection lives (a store the database refuses is
-retried there, and a second copy would only be stored twice), up to the backstop
-``ACK_TIMEOUT``. Every other topic keeps amqtt's own handling.
+again when it reconnects (as MQTT devices do). Once taken, it waits ``ACK_TIMEOUT`` for the
+gateway's acknowledgement, then closes the device's connection so it sends the message again.
+Every other topic keeps amqtt's own handling.
 
 Each device connection has the flood limit of every protocol (gateway/ratelimit.py), so
 rotating device ids on one connection does not multiply it. Past it a QoS 1/2 message is
@@ -66,10 +65,10 @@ from protocols.mqtt.broker_stream import PROTOCOL_LIMIT, PacketLimitReader
 logger = logging.getLogger(__name__)
 
 GATEWAY_WAIT = 30.0  # seconds a device's message waits for the gateway's client to be there
-# Backstop for the gateway's acknowledgement: its disconnect settles a copy at once, so this
-# only bounds a gateway that holds a copy without end (a long database outage); past it the
-# device is closed and sends the message again.
-ACK_TIMEOUT = 900.0
+# How long a device's message waits for the gateway's acknowledgement (its disconnect settles
+# a copy at once); past it the device is closed and sends the message again. A database
+# outage longer than this can store a message without a client_id twice.
+ACK_TIMEOUT = 60.0
 MAX_PENDING = 100  # a connection's messages waiting for the gateway; past it, it is closed
 ERROR_INTERVAL = 1.0  # at most one rate_limited error a second to a connection
 HELD_SLACK = 1.0  # a message the gateway took longer than this to take held its device back
