@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import ipaddress
 import logging
 import os
+import signal
 import socket
 import sys
 
@@ -21,6 +23,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Apply migrations, then serve HTTP and WebSockets with daphne until SIGTERM/SIGINT."""
     if args.protocols is not None:
         os.environ["GATEWAY_PROTOCOLS"] = args.protocols
+    # ``kill -USR1 <pid>`` writes every thread's stack to stderr: what a stuck process is
+    # doing, without stopping it.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     _setup_django()
     from django.conf import settings
     from django.core.management import call_command

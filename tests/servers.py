@@ -197,7 +197,7 @@ class Gateway:
             cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
         )
         log.close()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gateway exited early:\n{self.log()}")
@@ -207,7 +207,17 @@ class Gateway:
                         return self
             except OSError:
                 time.sleep(0.1)
-        raise TimeoutError(f"gateway did not start:\n{self.log()}")
+        raise TimeoutError(f"gateway did not start:\n{self.stuck()}")
+
+    def stuck(self) -> str:
+        """The log with the stacks of every thread (``gateway run`` dumps them on SIGUSR1),
+        the machine's load and its busiest processes: what a hung start was doing."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGUSR1)
+            time.sleep(1)
+        busiest = subprocess.run(["ps", "-eo", "pid,stat,pcpu,rss,etime,args", "--sort=-pcpu"],
+                                 capture_output=True, text=True).stdout.splitlines()[:12]
+        return "\n".join([self.log(), f"load average: {os.getloadavg()}", *busiest])
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -159,8 +159,19 @@ async def test_a_kill_loses_no_device_message_the_embedded_broker_acknowledged(g
         published = fleet.published()
         # Under load a message the gateway took may go unacknowledged: the broker closes that
         # device after ACK_TIMEOUT (60 s) and it sends the message again, so allow for it.
-        await wait_until(lambda: fleet.acked() == published, 150,
-                         "devices did not get every message acknowledged after the restart")
+        try:
+            await wait_until(lambda: fleet.acked() == published, 150,
+                             "devices did not get every message acknowledged after the restart")
+        except AssertionError:
+            missing = sorted(published - fleet.acked())
+            kept = set(stored(back, fleet.room))
+            raise AssertionError(
+                f"{len(missing)} of {len(published)} never acknowledged after the restart "
+                f"(stored: {[t for t in missing if t in kept][:20]}, not stored: "
+                f"{[t for t in missing if t not in kept][:20]}); devices connected: "
+                f"{[c.is_connected() for _, c in fleet.clients]}\n"
+                + "\n".join(back.log().splitlines()[-40:])
+            ) from None
         texts = stored(back, fleet.room)
     finally:
         await asyncio.to_thread(fleet.stop)
