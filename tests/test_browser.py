@@ -3,33 +3,19 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import websockets.sync.client
-from playwright.sync_api import Page, expect
+from playwright.sync_api import expect
+
+from tests.helpers import ARTIFACTS, open_chat, send
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
 @pytest.fixture
 def gateway(gateway_factory):
     return gateway_factory().start()
-
-
-def open_chat(browser, gw, room: str, name: str) -> Page:
-    page = browser.new_context().new_page()
-    page.goto(f"{gw.http}/chat/{room}/")
-    expect(page.locator("#status")).to_have_text("connected")
-    page.fill("#name", name)
-    page.locator("#name").dispatch_event("change")  # reconnects under the new name
-    expect(page.locator("#status")).to_have_text("connected")
-    return page
-
-
-def send(page: Page, text: str) -> None:
-    page.fill("#text", text)
-    page.press("#text", "Enter")
 
 
 def test_two_pages_chat_and_html_stays_text(browser, gateway):

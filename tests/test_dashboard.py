@@ -14,7 +14,15 @@ import pytest
 import websockets
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.test_e2e import FAST, connect, next_message, wait_until
+from tests.helpers import (
+    FAST,
+    connect,
+    dashboard_socket,
+    next_message,
+    next_of,
+    snapshot_until,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -41,12 +49,6 @@ def metric_values(gw) -> dict[tuple[str, tuple], float]:
     return values
 
 
-def dashboard_socket(gw, cookie: str | None):
-    headers = {"Cookie": cookie} if cookie else {}
-    return websockets.connect(gw.ws("/ws/dashboard/"), origin=gw.origin,
-                              additional_headers=headers, open_timeout=10)
-
-
 def csrf_of(cookie: str) -> str:
     """The CSRF cookie's value: a token the dashboard socket accepts, as the page's."""
     return dict(part.split("=", 1) for part in cookie.split("; "))["csrftoken"]
@@ -65,26 +67,6 @@ async def frames_until_closed(ws, timeout: float = 10) -> tuple[list[dict], int 
             frames.append(json.loads(await asyncio.wait_for(ws.recv(), timeout)))
     received = closed.value.rcvd
     return frames, None if received is None else received.code
-
-
-async def next_of(ws, kind: str, timeout: float = 10) -> dict:
-    while True:
-        frame = json.loads(await asyncio.wait_for(ws.recv(), timeout))
-        if frame["type"] == kind:
-            return frame
-
-
-async def snapshot_until(ws, condition, timeout: float = 15) -> dict:
-    """Read snapshots until one satisfies ``condition``; feed items accumulate."""
-    feed: list[dict] = []
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        frame = await next_of(ws, "snapshot", timeout=max(0.1, deadline - loop.time()))
-        feed.extend(frame["feed"])
-        frame["seen_feed"] = feed
-        if condition(frame):
-            return frame
 
 
 async def test_readyz_follows_the_channel_layer_and_healthz_stays_up(

@@ -5,30 +5,17 @@ from __future__ import annotations
 
 import json
 import subprocess
-import urllib.parse
 
 import pytest
 import websockets.sync.client
-from playwright.sync_api import Page, expect
+from playwright.sync_api import expect
 
 from tests.botapi import BotApiStandIn
-from tests.test_browser import ARTIFACTS, open_chat, send
-from tests.test_telegram import TOKEN
+from tests.helpers import ARTIFACTS, PASSWORD, STAFF, TOKEN, log_in, open_chat, send
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
-STAFF, PASSWORD = "staff", "a-long-staff-pass-phrase"
 CHAT = 111
-
-
-def log_in(browser, gw, path: str, username: str = STAFF, password: str = PASSWORD) -> Page:
-    """A new browser session that opens ``path`` and logs in on the way."""
-    page = browser.new_context().new_page()
-    page.goto(gw.http + "/accounts/login/?" + urllib.parse.urlencode({"next": path}))
-    page.fill("#id_username", username)
-    page.fill("#id_password", password)
-    page.click("form.login button[type=submit]")
-    return page
 
 
 def publish(broker, topic: str, payload: str) -> None:

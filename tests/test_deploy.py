@@ -19,10 +19,8 @@ import websockets
 import yaml
 
 from tests.botapi import BotApiStandIn
+from tests.helpers import FAST, TOKEN, dashboard_socket, snapshot_until, wait_until
 from tests.servers import ROOT, Nginx
-from tests.test_dashboard import dashboard_socket, snapshot_until
-from tests.test_e2e import FAST, wait_until
-from tests.test_telegram import TOKEN
 
 DEPLOY = ROOT / "deploy"
 POSTGRES = "postgres://postgres@127.0.0.1:5432"

@@ -6,22 +6,18 @@ Run once on the in-memory channel layer and once on Redis (a private redis-serve
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import socket
 import struct
-import time
 
 import pytest
 import websockets
 
 from consumers.websocket import anonymous_id
+from tests.helpers import FAST, collect, connect, members, next_message, raw_socket, wait_until
 
 pytestmark = pytest.mark.slow
-
-FAST = {"GATEWAY_RATE_LIMIT_PER_SECOND": "1000", "GATEWAY_RATE_LIMIT_BURST": "1000"}
-
 
 @pytest.fixture(params=["memory", "redis"])
 def gateway(request, gateway_factory, tmp_path):
@@ -30,33 +26,6 @@ def gateway(request, gateway_factory, tmp_path):
         redis = request.getfixturevalue("redis_server")
         env["REDIS_URL"] = redis.url
     return gateway_factory(env=env).start()
-
-
-def connect(gw, path: str):
-    return websockets.connect(gw.ws(path), origin=gw.origin, open_timeout=10)
-
-
-async def next_message(ws, timeout: float = 10) -> dict:
-    while True:
-        frame = json.loads(await asyncio.wait_for(ws.recv(), timeout))
-        if frame["type"] == "message":
-            return frame
-
-
-def members(gw, room: str) -> int:
-    return len(gw.get_json(f"/api/rooms/{room}/")["members"])
-
-
-async def wait_until(condition, timeout: float, what: str) -> None:
-    """Poll ``condition`` (blocking calls are fine: it runs in a thread) until it holds."""
-    deadline = time.monotonic() + timeout
-    while not await asyncio.to_thread(condition):
-        assert time.monotonic() < deadline, what
-        await asyncio.sleep(0.1)
-
-
-async def collect(ws, n: int, timeout: float = 20) -> list[dict]:
-    return [await next_message(ws, timeout) for _ in range(n)]
 
 
 async def test_tutorial_clients_chat_and_everyone_gets_every_message_once_in_order(gateway):
@@ -258,25 +227,6 @@ async def test_sigterm_closes_sockets_with_4012_and_exits_cleanly(gateway_factor
 
 
 # --- frames no well-behaved client library will send -------------------------------------
-
-
-def raw_socket(gw, path: str, rcvbuf: int | None = None) -> socket.socket:
-    sock = socket.socket()
-    if rcvbuf is not None:  # before connect, so the TCP window stays small
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.settimeout(10)
-    sock.connect(("127.0.0.1", gw.port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(
-        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{gw.port}\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-        f"Origin: {gw.origin}\r\n\r\n".encode()
-    )
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += sock.recv(1)
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return sock
 
 
 def send_frame(sock: socket.socket, opcode: int, payload: bytes) -> None:

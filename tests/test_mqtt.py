@@ -7,69 +7,29 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import urllib.error
-import urllib.request
 
 import aiomqtt
 import pytest
 import websockets
 
-from tests.helpers import database_write_lock
+from tests.helpers import (
+    FAST,
+    collect,
+    connect,
+    database_write_lock,
+    device,
+    gather_out,
+    members,
+    mqtt_env,
+    mqtt_ready,
+    mqtt_status,
+    next_message,
+    nothing_more,
+    wait_until,
+)
 from tests.servers import ROOT, Mosquitto, free_port
-from tests.test_e2e import FAST, collect, connect, members, next_message, wait_until
 
 pytestmark = pytest.mark.slow
-
-
-def mqtt_env(broker, **extra: str) -> dict[str, str]:
-    return {**FAST, "MQTT_ENABLED": "1", "MQTT_URL": broker.url, **extra}
-
-
-def device(broker, identifier: str | None = None, **kwargs) -> aiomqtt.Client:
-    return aiomqtt.Client("127.0.0.1", broker.port, identifier=identifier, **kwargs)
-
-
-def readyz(gw) -> tuple[int, dict]:
-    """``/readyz``: its status code and body."""
-    try:
-        with urllib.request.urlopen(gw.http + "/readyz", timeout=5) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as refused:
-        return refused.code, json.loads(refused.read())
-
-
-def mqtt_status(gw) -> dict:
-    """The MQTT server's part of ``/readyz``."""
-    return readyz(gw)[1]["checks"].get("mqtt", {})
-
-
-async def mqtt_ready(gw, timeout: float = 20) -> None:
-    """Wait until the gateway is ready with its MQTT subscription in place (``/healthz``
-    answers before it: a device publishing then could find nobody subscribed)."""
-    await wait_until(lambda: readyz(gw)[0] == 200 and mqtt_status(gw).get("ready"), timeout,
-                     "the gateway is not ready with MQTT")
-
-
-async def gather_out(client: aiomqtt.Client, n: int, timeout: float = 10) -> list[dict]:
-    """The next ``n`` messages a subscribed client receives, decoded."""
-    received: list[dict] = []
-
-    async def take() -> None:
-        async for message in client.messages:
-            received.append({"topic": str(message.topic), **json.loads(message.payload)})
-            if len(received) == n:
-                return
-
-    await asyncio.wait_for(take(), timeout)
-    return received
-
-
-async def nothing_more(client: aiomqtt.Client, wait: float = 0.5) -> bool:
-    try:
-        await asyncio.wait_for(anext(aiter(client.messages)), wait)
-    except TimeoutError:
-        return True
-    return False
 
 
 async def test_devices_and_browsers_share_a_room(gateway_factory, mosquitto):

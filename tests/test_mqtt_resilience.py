@@ -17,10 +17,19 @@ import aiomqtt
 import pytest
 import redis
 
-from tests.helpers import database_write_lock
+from tests.helpers import (
+    connect,
+    database_write_lock,
+    device,
+    gather_out,
+    mqtt_env,
+    mqtt_ready,
+    mqtt_status,
+    nothing_more,
+    readyz,
+    wait_until,
+)
 from tests.servers import Mosquitto
-from tests.test_e2e import connect, wait_until
-from tests.test_mqtt import device, mqtt_env, mqtt_ready, mqtt_status, readyz
 
 pytestmark = pytest.mark.slow
 
@@ -334,8 +343,6 @@ async def test_a_device_sending_refused_payloads_is_bounded_in_logs_and_replies(
     """Every payload spends the device's flood limit, refusals are logged five times per
     code and then counted, and error replies are paced: one device repeating a mistake
     cannot fill the log or the outbox (which would pause the rooms' relays)."""
-    from tests.test_mqtt import gather_out, nothing_more
-
     gw = gateway_factory(env={"MQTT_ENABLED": "1", "MQTT_URL": mosquitto.url,
                               "GATEWAY_RATE_LIMIT_PER_SECOND": "5",
                               "GATEWAY_RATE_LIMIT_BURST": "20"}).start()

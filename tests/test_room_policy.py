@@ -12,7 +12,7 @@ from django.contrib.auth import get_user_model
 from gateway import events, services
 from gateway.models import Room
 from gateway.services import GatewayError
-from tests.test_e2e import wait_until
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.django_db
 

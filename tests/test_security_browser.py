@@ -8,8 +8,7 @@ import threading
 import pytest
 from playwright.sync_api import expect
 
-from tests.test_browser import ARTIFACTS, open_chat, send
-from tests.test_dashboard_browser import PASSWORD, STAFF, log_in
+from tests.helpers import ARTIFACTS, PASSWORD, STAFF, log_in, open_chat, send
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 

@@ -6,51 +6,30 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
 from tests.botapi import BotApiStandIn
-from tests.test_e2e import FAST, connect, members, next_message, wait_until
+from tests.helpers import (
+    ALICE,
+    BEN,
+    TOKEN,
+    connect,
+    members,
+    next_message,
+    post_update,
+    say,
+    stored,
+    tg_env,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
-
-TOKEN = "123456789:AAHfake-token-for-tests_0123456789abc"
-ALICE, BEN = 111, 222
-
 
 @pytest.fixture
 def api():
     with BotApiStandIn(TOKEN) as standin:
         yield standin
-
-
-def tg_env(api: BotApiStandIn, **extra: str) -> dict[str, str]:
-    return {
-        **FAST,
-        "TELEGRAM_BOT_TOKEN": TOKEN,
-        "TELEGRAM_API_URL": api.url,
-        "TELEGRAM_POLL_TIMEOUT": "5",
-        "TELEGRAM_CHAT_RATE": "50",
-        **extra,
-    }
-
-
-async def say(api: BotApiStandIn, chat_id: int, text: str, replies: int = 1, **kw) -> list[str]:
-    """Send ``text`` from a chat and return the visible text of the next ``replies`` replies."""
-    before = len(api.sent_to(chat_id))
-    api.text_update(chat_id, text, **kw)
-    if not replies:
-        return []
-    sent = await api.wait_sent_async(chat_id, before + replies)
-    return [m["visible_text"] for m in sent[before:]]
-
-
-async def stored(gw, room: str) -> list[dict]:
-    return (await asyncio.to_thread(gw.get_json, f"/api/rooms/{room}/messages?after=0"))[
-        "messages"
-    ]
 
 
 async def test_join_then_chat_both_ways_with_browsers(api, gateway_factory):
@@ -246,22 +225,6 @@ async def test_a_repeated_update_is_handled_once_and_rooms_survive_a_restart(
         await next_message(browser)
         relayed = await api.wait_sent_async(ALICE, 2)
     assert relayed[1]["visible_text"] == "ann (web): still joined?"
-
-
-def post_update(gw, body: bytes | None, secret: str | None, method: str = "POST") -> int:
-    """Call the webhook as Telegram does; the HTTP status."""
-    headers = {"Content-Type": "application/json"}
-    if secret is not None:
-        headers["X-Telegram-Bot-Api-Secret-Token"] = secret
-    request = urllib.request.Request(
-        gw.http + "/telegram/webhook/", data=body, headers=headers, method=method
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status
-    except urllib.error.HTTPError as error:
-        error.close()
-        return error.code
 
 
 async def test_webhook_checks_the_secret_and_handles_each_update_once(api, gateway_factory):

@@ -14,8 +14,7 @@ import urllib.request
 import pytest
 
 from tests.botapi import BotApiStandIn
-from tests.test_e2e import wait_until
-from tests.test_telegram import ALICE, BEN, TOKEN, post_update, say, stored, tg_env
+from tests.helpers import ALICE, BEN, TOKEN, post_update, say, stored, tg_env, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -152,7 +151,7 @@ async def test_join_in_a_group_without_privacy_mode_gives_no_advice(gateway_fact
 def test_the_dashboard_shows_the_privacy_mode(api, browser, gateway_factory):
     from playwright.sync_api import expect
 
-    from tests.test_dashboard_browser import PASSWORD, STAFF, log_in
+    from tests.helpers import PASSWORD, STAFF, log_in
 
     gw = gateway_factory(env=tg_env(api)).start()
     gw.create_user(STAFF, PASSWORD, staff=True)

@@ -13,8 +13,7 @@ import pytest
 import websockets
 
 from gateway.logging import LogSampler
-from tests.test_e2e import connect, next_message, raw_socket
-from tests.test_ws_security import HOSTS, chat, recv
+from tests.helpers import HOSTS, chat, connect, next_message, raw_socket, recv
 
 
 @pytest.fixture

@@ -20,11 +20,8 @@ from gateway.crosssite import (
     scope_scheme,
 )
 from gateway.models import Message
+from tests.helpers import FAST, HOSTS, chat, connect, next_message, recv
 from tests.servers import free_port
-from tests.test_e2e import FAST, connect, next_message
-
-HOSTS = ["localhost", "127.0.0.1", "[::1]", "example.com"]
-
 
 # --- the origin rule -------------------------------------------------------------------
 
@@ -148,17 +145,6 @@ def chat_app(settings):
 
     settings.ALLOWED_HOSTS = HOSTS
     return application
-
-
-def chat(app, path: str, origin: str | None = "http://localhost:8000"):
-    headers = [(b"host", b"localhost:8000")]
-    if origin is not None:
-        headers.append((b"origin", origin.encode()))
-    return WebsocketCommunicator(app, path, headers=headers)
-
-
-async def recv(comm) -> dict:
-    return json.loads(await comm.receive_from(timeout=5))
 
 
 @pytest.mark.django_db(transaction=True)
