@@ -22,7 +22,8 @@ application's ``chat.send_message`` events to Telegram.
   errors are retried with backoff, keeping the order. A chat with more than
   ``TELEGRAM_CHAT_BACKLOG`` room messages waiting loses the oldest of them and is told how
   many it missed (``/history`` shows them): a chat far behind costs bounded memory and
-  never holds up another.
+  never holds up another. The queues, the pace and that policy are the pure ``Outbox``
+  (outbox.py); here a task per chat drains it, sends, retries and has deliveries recorded.
 - Privacy mode (Telegram's default, from ``getMe``): in a group where the bot is not an
   admin, only commands reach it. A group's command then says (``"reads_all": false``, from
   ``getChatMember`` of the bot itself) that the group's plain text does not, so the
@@ -37,14 +38,12 @@ import asyncio
 import logging
 import os
 import time
-from collections import Counter, deque
-from dataclasses import dataclass, field
+from collections import Counter
 
 # Opt in to python-telegram-bot's v23 time periods (RetryAfter.retry_after as a timedelta)
 # rather than be warned about the change on every flood-control answer.
 os.environ.setdefault("PTB_TIMEDELTA", "true")
 
-from aiolimiter import AsyncLimiter  # noqa: E402
 from telegram import Bot, LinkPreviewOptions, Update  # noqa: E402
 from telegram.constants import ParseMode  # noqa: E402
 from telegram.error import (  # noqa: E402
@@ -60,6 +59,9 @@ from telegram.request import HTTPXRequest  # noqa: E402
 from gateway import ingress, metrics, status  # noqa: E402
 from protocols.lease import Lease, jitter  # noqa: E402
 from protocols.scopes import Scope, scope_open, scopes_close  # noqa: E402
+from protocols.telegram.outbox import Outbox, Outgoing, SendLimits  # noqa: E402
+
+__all__ = ["SendLimits", "TelegramServer", "telegram_bot"]  # SendLimits: for gateway run
 
 logger = logging.getLogger(__name__)
 
@@ -79,45 +81,7 @@ ADMIN_STATUSES = ("administrator", "creator")  # they receive every message, pri
 GROUP_KINDS = ("group", "supergroup")
 PRIVACY_HINT = ("in groups where the bot is not an admin only commands reach it: "
                 "BotFather /setprivacy -> Disable, then re-add the bot to each group")
-SKIPPED = ("… {count} earlier messages were skipped here (this chat fell behind); "
-           "/history shows them.")
 LOG = {"protocol": "telegram"}
-
-
-@dataclass(frozen=True)
-class SendLimits:
-    """Telegram's flood limits: about one message a second per chat, 20 a minute per group,
-    30 a second in all (https://core.telegram.org/bots/faq#my-bot-is-hitting-limits-how-do-i-avoid-this)."""
-
-    chat_per_second: float = 1.0
-    group_per_minute: float = 20.0
-    overall_per_second: float = 30.0
-    backlog: int = 100  # room messages waiting per chat before the oldest are skipped
-
-
-@dataclass
-class _Outgoing:
-    text: str
-    room: str | None = None  # for room messages: which one this is, so it can be recorded
-    seq: int | None = None
-    last: bool = True  # the last piece of its message (long messages are split)
-
-    @property
-    def message(self) -> tuple[str | None, int | None]:
-        return self.room, self.seq
-
-
-@dataclass
-class _Outbox:
-    """A chat's messages waiting to be sent, in order."""
-
-    limiter: AsyncLimiter
-    items: deque[_Outgoing] = field(default_factory=deque)
-    waiting: int = 0  # room messages among the items
-    skipped: int = 0
-    sending: tuple[str | None, int | None] | None = None  # the room message being sent
-    recorded: asyncio.Future | None = None  # the relay has recorded the last one sent
-    task: asyncio.Task | None = None
 
 
 class TelegramServer:
@@ -146,10 +110,11 @@ class TelegramServer:
         self.chats: dict[str, Scope] = {}
         self.relays: dict[str, Scope] = {}
         self.directory: Scope | None = None
-        self.outboxes: dict[str, _Outbox] = {}
+        self.outbox = Outbox(limits)
+        self.drains: dict[str, asyncio.Task] = {}  # chat -> the task sending its queue
+        self.recorded: dict[str, asyncio.Future] = {}  # chat -> its last delivery recorded
         # update_id -> (whether handled, the chat scope handling it)
         self.handling: dict[int, tuple[asyncio.Future, Scope]] = {}
-        self.overall = AsyncLimiter(limits.overall_per_second, 1)
         self.stats: Counter[str] = Counter()
         self.last_update: float | None = None  # epoch seconds
         self.webhook_set = False
@@ -195,15 +160,13 @@ class TelegramServer:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await scopes_close(list(self.chats.values()), {"type": "chat.disconnect"}, wait=5)
-        drains = [box.task for box in self.outboxes.values() if box.task is not None]
-        if drains:
-            _, unsent = await asyncio.wait(drains, timeout=3)
+        if self.drains:
+            _, unsent = await asyncio.wait(list(self.drains.values()), timeout=3)
             if unsent:
                 logger.warning("stopped with %d chats' messages unsent", len(unsent), extra=LOG)
         await self._step_down()
-        for box in self.outboxes.values():
-            if box.task is not None:
-                box.task.cancel()
+        for task in self.drains.values():
+            task.cancel()
         if self.ready.is_set():
             await self.bot.shutdown()
         logger.info("telegram server stopped", extra={**LOG, **self.stats})
@@ -319,10 +282,7 @@ class TelegramServer:
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)
             self._poller = None
-        for box in self.outboxes.values():
-            for item in [i for i in box.items if i.room is not None]:
-                box.items.remove(item)
-            box.waiting = box.skipped = 0
+        self.outbox.drop_rooms()
         scopes = list(self.relays.values())
         if self.directory is not None:
             scopes.append(self.directory)
@@ -509,18 +469,18 @@ class TelegramServer:
     async def _send(self, message: dict) -> None:
         kind = message["type"]
         if kind == "chat.send_message":
-            self._queue(str(message["chat_id"]), _Outgoing(
+            self._queue(str(message["chat_id"]), Outgoing(
                 message["text"], message.get("room"), message.get("id"),
                 message.get("last", True),
             ))
         elif kind in ("chat.handled", "chat.failed"):
             self._handled(message["update_id"], kind == "chat.handled")
         elif kind == "chat.drop":
-            self._drop((message["room"], message["id"]))
+            self.outbox.drop((message["room"], message["id"]))
         elif kind == "chat.recorded":
-            box = self.outboxes.get(message["chat_id"])
-            if box is not None and box.recorded is not None and not box.recorded.done():
-                box.recorded.set_result(None)
+            recorded = self.recorded.get(message["chat_id"])
+            if recorded is not None and not recorded.done():
+                recorded.set_result(None)
         elif kind == "telegram.relay_rooms":
             self._relay_rooms(message["rooms"])
         else:
@@ -540,94 +500,64 @@ class TelegramServer:
 
     # --- outbound ----------------------------------------------------------------------
 
-    def _queue(self, chat_id: str, item: _Outgoing) -> None:
-        box = self.outboxes.get(chat_id)
-        if box is None:
-            group = chat_id.startswith("-")  # Telegram's group and channel ids are negative
-            limiter = (AsyncLimiter(self.limits.group_per_minute, 60) if group
-                       else AsyncLimiter(self.limits.chat_per_second, 1))
-            box = self.outboxes[chat_id] = _Outbox(limiter=limiter)
-        box.items.append(item)
-        if item.room is not None and item.last:
-            box.waiting += 1
-            if box.waiting > self.limits.backlog:
-                self._skip_oldest(box)
-                self.stats["skipped"] += 1
-                metrics.dropped("telegram", "chat_backlog")
-        if box.task is None:
-            box.task = asyncio.create_task(
-                self._drain(chat_id, box), name=f"telegram-send-{chat_id}"
+    def _queue(self, chat_id: str, item: Outgoing) -> None:
+        if self.outbox.queue(chat_id, item):
+            self.stats["skipped"] += 1
+            metrics.dropped("telegram", "chat_backlog")
+        if chat_id not in self.drains:
+            self.drains[chat_id] = asyncio.create_task(
+                self._drain(chat_id), name=f"telegram-send-{chat_id}"
             )
 
-    def _drop(self, message: tuple[str, int]) -> None:
-        """Take a room message out of every chat's queue (staff deleted it)."""
-        for box in self.outboxes.values():
-            pieces = [i for i in box.items if i.message == message]
-            for item in pieces:
-                box.items.remove(item)
-            box.waiting -= sum(1 for i in pieces if i.last)
-
-    @staticmethod
-    def _skip_oldest(box: _Outbox) -> None:
-        """Drop the oldest waiting room message, all its pieces (not the one being sent)."""
-        oldest = next((i.message for i in box.items
-                       if i.room is not None and i.message != box.sending), None)
-        if oldest is None:
-            return
-        for item in [i for i in box.items if i.message == oldest]:
-            box.items.remove(item)
-        box.waiting -= 1
-        box.skipped += 1
-
-    async def _drain(self, chat_id: str, box: _Outbox) -> None:
+    async def _drain(self, chat_id: str) -> None:
         try:
-            while box.items:
-                if box.skipped:
-                    count, box.skipped = box.skipped, 0
-                    await self._deliver(chat_id, box, SKIPPED.format(count=count))
-                    continue  # the chat may be gone, or more skipped meanwhile
-                item = box.items.popleft()
-                if item.room is not None:
-                    box.sending = item.message
-                    box.waiting -= 1 if item.last else 0
-                sent = await self._deliver(chat_id, box, item.text)
-                box.sending = None
+            while (item := self.outbox.next(chat_id)) is not None:
+                sent = await self._deliver(chat_id, item.text)
+                self.outbox.done(chat_id)
                 relay = self.relays.get(item.room) if item.room is not None else None
                 if sent and item.last and relay is not None:
-                    await self._record(relay, chat_id, box, item.seq)
-                elif not sent and item.room is not None and chat_id not in self.outboxes:
+                    await self._record(relay, chat_id, item.seq)
+                elif not sent and item.room is not None and chat_id not in self.outbox:
                     # Unreachable: tell the room's relay, which takes the chat out of it.
                     if relay is not None:
                         relay.put({"type": "chat.unreachable", "chat_id": chat_id})
         finally:
-            box.task = None
-            if not box.items and self.outboxes.get(chat_id) is box:
-                del self.outboxes[chat_id]
+            if self.drains.get(chat_id) is asyncio.current_task():
+                del self.drains[chat_id]
+            self.outbox.release(chat_id)
 
-    async def _record(self, relay: Scope, chat_id: str, box: _Outbox, seq: int | None) -> None:
+    async def _record(self, relay: Scope, chat_id: str, seq: int | None) -> None:
         """Have the relay record that the chat was sent ``seq``, and wait for it before the
         chat's next message: a relay taking over after a crash then resends at most the one
         message that was in flight (Telegram has no idempotent send)."""
-        box.recorded = asyncio.get_running_loop().create_future()
+        recorded = self.recorded[chat_id] = asyncio.get_running_loop().create_future()
         relay.put({"type": "chat.delivered", "positions": {chat_id: seq}})
         try:
-            await asyncio.wait_for(box.recorded, RECORD_TIMEOUT)
+            await asyncio.wait_for(recorded, RECORD_TIMEOUT)
         except TimeoutError:
             logger.warning("delivery not recorded in time", extra={**LOG, "chat": chat_id})
         finally:
-            box.recorded = None
+            if self.recorded.get(chat_id) is recorded:
+                del self.recorded[chat_id]
 
-    async def _deliver(self, chat_id: str, box: _Outbox, text: str) -> bool:
+    async def _paced(self, chat_id: str) -> None:
+        """Wait for the chat's turn, then the bot's overall one, as the outbox paces them."""
+        if (wait := self.outbox.due(chat_id)) > 0:
+            await asyncio.sleep(wait)
+        if (wait := self.outbox.turn(chat_id)) > 0:
+            await asyncio.sleep(wait)
+
+    async def _deliver(self, chat_id: str, text: str) -> bool:
         """Send one message, waiting out flood limits and outages; False if Telegram refused
         it for good (the chat is gone, or the message is invalid)."""
         backoff = 1.0
         while True:
             try:
-                async with box.limiter, self.overall:
-                    await self.bot.send_message(
-                        chat_id=int(chat_id), text=text, parse_mode=ParseMode.HTML,
-                        link_preview_options=LinkPreviewOptions(is_disabled=True),
-                    )
+                await self._paced(chat_id)
+                await self.bot.send_message(
+                    chat_id=int(chat_id), text=text, parse_mode=ParseMode.HTML,
+                    link_preview_options=LinkPreviewOptions(is_disabled=True),
+                )
                 self.stats["sent"] += 1
                 return True
             except RetryAfter as exc:
@@ -642,9 +572,7 @@ class TelegramServer:
                 logger.warning("Telegram refused a message to the chat: %s", exc,
                                extra={**LOG, "chat": chat_id, "gone": gone})
                 if gone:
-                    box.items.clear()
-                    box.waiting = box.skipped = 0
-                    self.outboxes.pop(chat_id, None)
+                    self.outbox.forget(chat_id)
                 return False
             except NetworkError as exc:  # includes TimedOut: kept, in order, and tried again
                 delay = jitter(backoff)
