@@ -10,8 +10,9 @@ from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
 from django.conf import settings
 
+from gateway import events as contract
 from gateway import selectors
-from gateway.events import RoomMessage
+from gateway.events import RoomEntry, RoomMessage
 from gateway.fanout import Delivery
 from gateway.logging import scope_log
 from gateway.runtime import Runtime, get_runtime
@@ -104,7 +105,8 @@ class RoomConsumer(ScopeConsumer):
         logger.info("left room", extra=scope_log(self.protocol, room, self.scope_id))
 
     async def room_catch_up(self, after: int | None) -> None:
-        """Send stored messages after ``after`` (or from the join), then go live.
+        """Send the room's log entries after the cursor ``after`` (or from the join), then go
+        live.
 
         While catching up, live deliveries are ignored: they are at most the hub's position,
         which the loop reads again before it goes live, so nothing is missed or sent twice.
@@ -116,14 +118,14 @@ class RoomConsumer(ScopeConsumer):
         target = hub.last_seq(room)
         position = self.joined_at if after is None else min(after, target or 0)
         while target is not None and position < target and self.is_open():
-            events = await database_sync_to_async(selectors.room_messages_after)(
+            entries, reached = await database_sync_to_async(selectors.room_log_after)(
                 room=room, after=position, upto=target, limit=page
             )
-            for event in events:
+            for entry in entries:
                 if not self.is_open():
                     return
-                await self.send_room_event(event, Delivery(event))
-            position = events[-1]["id"] if events else target
+                await self._send_entry(Delivery(entry))
+            position = reached if reached > position else target
             target = hub.last_seq(room)
         if target is None or not self.is_open():
             return  # the hub left the room (shutdown) or the scope is closing
@@ -139,19 +141,25 @@ class RoomConsumer(ScopeConsumer):
     # --- delivery (called by the hub) --------------------------------------------------
 
     async def deliver(self, delivery: Delivery) -> None:
-        event = delivery.event
-        if not self.live or event["id"] <= self.last_sent:
+        if not self.live or delivery.cursor <= self.last_sent:
             return
-        self.last_sent = event["id"]
-        await self.send_room_event(event, delivery)
+        self.last_sent = delivery.cursor
+        await self._send_entry(delivery)
+
+    async def _send_entry(self, delivery: Delivery) -> None:
+        event = delivery.event
+        if event["type"] == contract.ROOM_MESSAGE:
+            await self.send_room_event(event, delivery)  # type: ignore[arg-type]
+        else:
+            await self.send_room_entry(event, delivery)  # type: ignore[arg-type]
 
     async def send_room_event(self, event: RoomMessage, delivery: Delivery) -> None:
-        """Translate a room event into this protocol; implemented per protocol."""
+        """Translate a room message into this protocol; implemented per protocol."""
         raise NotImplementedError
 
-    async def room_control(self, event: dict) -> None:
-        """A staff action on the room (a message deleted, the room closed); by default
-        nothing (relays keep relaying; history no longer has a deleted message)."""
+    async def send_room_entry(self, entry: RoomEntry, delivery: Delivery) -> None:
+        """Any other log entry (a delete, a close, a reopen); by default nothing (a relay
+        keeps relaying; history no longer has a deleted message)."""
 
     async def close(self, code: int) -> None:
         """Close the scope from the server side (shutdown, admin action)."""

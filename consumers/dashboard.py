@@ -112,19 +112,22 @@ class DashboardConsumer(ScopeConsumer):
         await self.base_send({"type": "websocket.close", "code": CLOSE_FORBIDDEN})
 
     async def action_post(self, data: dict) -> None:
-        sender = events.sender(protocol="system", id=f"staff:{self.user.pk}",
-                               name=self.user.get_username())
+        sender = services.staff_sender(self.user)
         await database_sync_to_async(services.room_message_post)(
             room=data.get("room"), text=data.get("message"), sender=sender, origin="dashboard"
         )
 
     async def action_close_room(self, data: dict) -> None:
         room = room_name_validate(data.get("room"))
-        await database_sync_to_async(services.room_close)(room=room)
+        await database_sync_to_async(services.room_close)(
+            room=room, by=services.staff_sender(self.user)
+        )
 
     async def action_reopen_room(self, data: dict) -> None:
         room = room_name_validate(data.get("room"))
-        await database_sync_to_async(services.room_reopen)(room=room)
+        await database_sync_to_async(services.room_reopen)(
+            room=room, by=services.staff_sender(self.user)
+        )
 
     async def action_disconnect(self, data: dict) -> None:
         scope = data.get("scope")

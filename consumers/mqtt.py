@@ -173,6 +173,12 @@ class MqttRoomConsumer(RoomConsumer):
             "id": event["id"],
         })
 
+    async def send_room_entry(self, entry: events.RoomEntry, delivery: Delivery) -> None:
+        """Nothing is published for entries that are not messages (yet), but the room's
+        position moves past them, in order with what is published."""
+        await self.base_send({"type": "mqtt.publish", "topic": None, "payload": b"",
+                              "room": entry["room"], "id": entry["cursor"]})
+
     async def close(self, code: int) -> None:
         self.closed, self.live = True, False
 

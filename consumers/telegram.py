@@ -167,11 +167,11 @@ class TelegramRoomConsumer(RoomConsumer):
         for chat_id in message["positions"]:
             await self.base_send({"type": "chat.recorded", "chat_id": chat_id})
 
-    async def room_control(self, event: dict) -> None:
+    async def send_room_entry(self, entry: events.RoomEntry, delivery: Delivery) -> None:
         """A message deleted by staff is not sent to chats that have not had it yet."""
-        if event["type"] == events.MESSAGE_DELETED:
-            self.pending = [e for e in self.pending if e["id"] != event["id"]]
-            await self.base_send({"type": "chat.drop", "room": event["room"], "id": event["id"]})
+        if entry["kind"] == events.ENTRY_DELETE and entry["id"] is not None:
+            self.pending = [e for e in self.pending if e["id"] != entry["id"]]
+            await self.base_send({"type": "chat.drop", "room": entry["room"], "id": entry["id"]})
 
     async def chat_unreachable(self, message) -> None:
         """The chat blocked the bot or removed it: it leaves the room."""

@@ -8,13 +8,16 @@ client -> server  {"message": "hi"}                     tutorial form
 server -> client  {"type": "message", "message": "hi", "id": 7, "room": "lobby",
                    "sender": {"protocol": "web", "id": "anon:...", "name": "alice"},
                    "ts": 1764057600.0, "client_id": "c1"}
-                  {"type": "deleted", "room": "lobby", "id": 7}   staff deleted it
+                  {"type": "deleted", "room": "lobby", "id": 7, "cursor": 9}
+                                                staff deleted message 7 (log entry 9)
                   {"type": "ack", "client_id": "c1", "id": 7, "duplicate": false}
                   {"type": "error", "code": "invalid_json", "detail": "..."}
                   {"type": "pong"}
 
-Query parameters: ``after=<id>`` replays every stored message after that id before the live
-stream; ``name=<display name>`` and ``uid=<stable browser id>`` identify anonymous visitors.
+Query parameters: ``after=<cursor>`` replays the room's log after that cursor (a message's
+id is its cursor; a ``deleted`` frame carries its own) before the live stream: the messages,
+and the deletes made meanwhile, once and in order; ``name=<display name>`` and
+``uid=<stable browser id>`` identify anonymous visitors.
 
 Close codes: 4400 invalid room name or query, 4401 login required, 1011 the room could not
 be joined (all three before accept, which daphne answers with HTTP 403); 4008 the client
@@ -171,10 +174,11 @@ class ChatConsumer(RoomConsumer):
     def is_open(self) -> bool:
         return not self.closed and (self.writer is None or self.writer.is_open())
 
-    async def room_control(self, event: dict) -> None:
-        if event["type"] == events.MESSAGE_DELETED:
-            await self.send_json({"type": "deleted", "room": event["room"], "id": event["id"]})
-        elif event["type"] == events.ROOM_CLOSED:
+    async def send_room_entry(self, entry: events.RoomEntry, delivery: Delivery) -> None:
+        if entry["kind"] == events.ENTRY_DELETE:
+            await self.send_json({"type": "deleted", "room": entry["room"], "id": entry["id"],
+                                  "cursor": entry["cursor"]})
+        elif entry["kind"] == events.ENTRY_CLOSE:
             logger.info("room closed by staff", extra=self.log_extra(code=CLOSE_ROOM_CLOSED))
             await self.close(CLOSE_ROOM_CLOSED)
 

@@ -51,13 +51,13 @@ class RoomAdmin(admin.ModelAdmin):
     @admin.action(description="Close the selected rooms (disconnects their members)")
     def close_rooms(self, request: HttpRequest, queryset: QuerySet) -> None:
         for room in queryset:
-            services.room_close(room=room.name)
+            services.room_close(room=room.name, by=services.staff_sender(request.user))
         self.message_user(request, f"Closed {queryset.count()} room(s).", messages.SUCCESS)
 
     @admin.action(description="Reopen the selected rooms")
     def reopen_rooms(self, request: HttpRequest, queryset: QuerySet) -> None:
         for room in queryset:
-            services.room_reopen(room=room.name)
+            services.room_reopen(room=room.name, by=services.staff_sender(request.user))
         self.message_user(request, f"Reopened {queryset.count()} room(s).", messages.SUCCESS)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
@@ -69,8 +69,10 @@ class RoomAdmin(admin.ModelAdmin):
 
 @admin.register(Message)
 class MessageAdmin(admin.ModelAdmin):
-    list_display = ["room", "seq", "sender_name", "sender_protocol", "excerpt", "created_at"]
-    list_filter = ["sender_protocol", "created_at", ("room", admin.RelatedOnlyFieldListFilter)]
+    list_display = ["room", "seq", "sender_name", "sender_protocol", "excerpt", "created_at",
+                    "deleted_at"]
+    list_filter = ["sender_protocol", "created_at", ("deleted_at", admin.EmptyFieldListFilter),
+                   ("room", admin.RelatedOnlyFieldListFilter)]
     search_fields = ["text", "sender_name"]
     date_hierarchy = "created_at"
     list_select_related = ["room"]
@@ -87,10 +89,12 @@ class MessageAdmin(admin.ModelAdmin):
         return False  # history is not edited; it can be deleted
 
     def delete_model(self, request: HttpRequest, obj: Message) -> None:
-        services.messages_delete(messages=[(obj.room.name, obj.seq)])
+        services.messages_delete(messages=[(obj.room.name, obj.seq)],
+                                 by=services.staff_sender(request.user))
 
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet) -> None:
-        services.messages_delete(messages=list(queryset.values_list("room__name", "seq")))
+        services.messages_delete(messages=list(queryset.values_list("room__name", "seq")),
+                                 by=services.staff_sender(request.user))
 
 
 @admin.register(Device)

@@ -1,5 +1,10 @@
 """The event contract: what crosses the channel layer for a room.
 
+A room's log has two kinds of entry, each with its cursor (its place in the room's one
+sequence): ``room.message`` (its ``id`` is its cursor) and ``room.entry``, every other change
+(``kind`` delete, close or reopen; ``id`` the message it concerns, ``cursor`` its own place).
+Both go to the room's group, in cursor order; ``entry_cursor`` reads either's place.
+
 Every consumer and protocol server builds and reads room events only through this module.
 Events carry primitives only (channels-redis serialises them with msgpack): times are epoch
 floats, the sender is a plain dict. Decoding rejects unknown or missing keys. This module
@@ -11,9 +16,12 @@ from __future__ import annotations
 from typing import Any, TypedDict
 
 ROOM_MESSAGE = "room.message"
-# Control events, on the group every process joins (CONTROL_GROUP): staff actions.
-MESSAGE_DELETED = "room.message_deleted"  # {"room", "id"}: gone from history and pages
-ROOM_CLOSED = "room.closed"  # {"room"}: its members are disconnected
+ROOM_ENTRY = "room.entry"  # a log entry that is not a message (ENTRY_KINDS)
+ENTRY_DELETE = "delete"  # staff deleted message ``id``: gone from history and pages
+ENTRY_CLOSE = "close"  # staff closed the room: its members are disconnected
+ENTRY_REOPEN = "reopen"  # staff reopened it
+ENTRY_KINDS = (ENTRY_DELETE, ENTRY_CLOSE, ENTRY_REOPEN)
+# Control events, on the group every process joins (CONTROL_GROUP): not part of any log.
 SCOPE_DISCONNECT = "scope.disconnect"  # {"scope"}: that connection is closed
 CONTROL_GROUP = "gateway.control"
 
@@ -35,6 +43,31 @@ class RoomMessage(TypedDict):
     ts: float  # epoch seconds, when it was stored
     origin: str  # the scope that sent it, so no consumer echoes it back there
     client_id: str | None  # the sender's idempotency key, if it gave one
+
+
+class RoomEntry(TypedDict):
+    type: str  # ROOM_ENTRY
+    cursor: int  # its place in the room's log, after every entry before it
+    room: str
+    kind: str  # one of ENTRY_KINDS
+    id: int | None  # the message it concerns (delete), else None
+    sender: Sender  # who did it (staff act as the system sender)
+    ts: float  # epoch seconds, when it was stored
+
+
+LogEntry = RoomMessage | RoomEntry
+
+
+class ScopeDisconnect(TypedDict):
+    type: str  # SCOPE_DISCONNECT
+    scope: str
+
+
+def entry_cursor(entry: LogEntry) -> int:
+    """An entry's place in its room's log (a message's id is its cursor)."""
+    if entry["type"] == ROOM_MESSAGE:
+        return entry["id"]  # type: ignore[return-value]
+    return entry["cursor"]  # type: ignore[typeddict-item]
 
 
 class EventError(ValueError):
@@ -117,29 +150,59 @@ def message_public(event: RoomMessage) -> dict[str, Any]:
     }
 
 
-_CONTROL_KEYS: dict[str, dict[str, type]] = {
-    MESSAGE_DELETED: {"type": str, "room": str, "id": int},
-    ROOM_CLOSED: {"type": str, "room": str},
-    SCOPE_DISCONNECT: {"type": str, "scope": str},
+_ENTRY_KEYS: dict[str, type | tuple[type, ...]] = {
+    "type": str,
+    "cursor": int,
+    "room": str,
+    "kind": str,
+    "id": (int, type(None)),
+    "sender": dict,
+    "ts": float,
 }
 
 
-def message_deleted(*, room: str, id: int) -> dict[str, Any]:
-    return {"type": MESSAGE_DELETED, "room": room, "id": id}
+def room_entry(
+    *, cursor: int, room: str, kind: str, id: int | None, sender: Sender, ts: float
+) -> RoomEntry:
+    """Build a ``room.entry`` event."""
+    if kind not in ENTRY_KINDS:
+        raise EventError(f"unknown entry kind {kind!r}")
+    return {
+        "type": ROOM_ENTRY,
+        "cursor": cursor,
+        "room": room,
+        "kind": kind,
+        "id": id,
+        "sender": {"protocol": sender["protocol"], "id": sender["id"], "name": sender["name"]},
+        "ts": float(ts),
+    }
 
 
-def room_closed(*, room: str) -> dict[str, Any]:
-    return {"type": ROOM_CLOSED, "room": room}
+def room_entry_decode(data: object) -> RoomEntry:
+    """Validate a received ``room.entry`` against the contract and return it."""
+    if not isinstance(data, dict):
+        raise EventError(f"event is a {type(data).__name__}, not a dict")
+    _check_keys(data, _ENTRY_KEYS, ROOM_ENTRY)
+    if data["type"] != ROOM_ENTRY or data["kind"] not in ENTRY_KINDS:
+        raise EventError(f"not a room entry: {data['type']!r} {data['kind']!r}")
+    _check_keys(data["sender"], _SENDER_KEYS, "sender")
+    return data  # type: ignore[return-value]
 
 
-def scope_disconnect(*, scope: str) -> dict[str, Any]:
+def log_entry_decode(data: object) -> LogEntry:
+    """Either kind of log entry, validated."""
+    if isinstance(data, dict) and data.get("type") == ROOM_ENTRY:
+        return room_entry_decode(data)
+    return room_message_decode(data)
+
+
+def scope_disconnect(*, scope: str) -> ScopeDisconnect:
     return {"type": SCOPE_DISCONNECT, "scope": scope}
 
 
-def control_decode(data: dict[str, Any]) -> dict[str, Any]:
+def control_decode(data: dict[str, Any]) -> ScopeDisconnect:
     """Validate a received control event against the contract and return it."""
-    spec = _CONTROL_KEYS.get(data.get("type"))  # type: ignore[arg-type]
-    if spec is None:
+    if data.get("type") != SCOPE_DISCONNECT:
         raise EventError(f"unknown event type {data.get('type')!r}")
-    _check_keys(data, spec, data["type"])
-    return data
+    _check_keys(data, {"type": str, "scope": str}, SCOPE_DISCONNECT)
+    return data  # type: ignore[return-value]

@@ -6,11 +6,12 @@ layer once per member, is JSON-encoded once per member and costs a thread hop pe
 per room it serves, receives each event once, and hands the same ``Delivery`` to every local
 subscriber, which encodes its wire format once per message through ``Delivery.frame``.
 
-The hub also owns ordering and completeness. Message ids are assigned per room in commit
-order, so the hub delivers them strictly in sequence: a duplicate is dropped, and a gap
-(a message the layer lost, for instance while Redis restarted) is filled from the database
-before the newer message is delivered. A periodic resync compares each room with the
-database, so even a lost *last* message arrives within ``RESYNC_INTERVAL``.
+The hub also owns ordering and completeness. A room's log entries (messages, deletes,
+closes...) get their cursors per room in commit order, so the hub delivers them strictly in
+sequence: a duplicate is dropped, and a gap (an entry the layer lost, for instance while
+Redis restarted) is filled from the log before the newer entry is delivered. A periodic
+resync compares each room with the database, so even a lost *last* entry arrives within
+``RESYNC_INTERVAL``.
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ from django.conf import settings
 from gateway import metrics, selectors, services
 from gateway.events import (
     CONTROL_GROUP,
+    ROOM_ENTRY,
     ROOM_MESSAGE,
-    SCOPE_DISCONNECT,
     EventError,
-    RoomMessage,
+    LogEntry,
     control_decode,
-    room_message_decode,
+    entry_cursor,
+    log_entry_decode,
 )
 from gateway.names import room_group_name
 
@@ -49,15 +51,16 @@ DISCONNECT_CLOSE_CODE = 4403
 
 
 class Delivery:
-    """One room event on its way to local subscribers, with its encodings cached."""
+    """One log entry on its way to local subscribers, with its encodings cached."""
 
-    __slots__ = ("event", "_frames")
+    __slots__ = ("event", "cursor", "_frames")
 
-    def __init__(self, event: RoomMessage):
+    def __init__(self, event: LogEntry):
         self.event = event
+        self.cursor = entry_cursor(event)
         self._frames: dict[str, Any] = {}
 
-    def frame(self, wire_format: str, encode: Callable[[RoomMessage], Any]) -> Any:
+    def frame(self, wire_format: str, encode: Callable[[Any], Any]) -> Any:
         """The event encoded for ``wire_format``, computed once for all subscribers."""
         try:
             return self._frames[wire_format]
@@ -72,8 +75,6 @@ class Subscriber(Protocol):
 
     async def deliver(self, delivery: Delivery) -> None: ...
 
-    async def room_control(self, event: dict[str, Any]) -> None: ...
-
     async def close(self, code: int) -> None: ...
 
 
@@ -83,7 +84,7 @@ class _RoomState:
     def __init__(self) -> None:
         self.subscribers: set[Subscriber] = set()
         self.last_seq: int | None = None  # None until the room's position is read
-        self.pending: list[RoomMessage] = []
+        self.pending: list[LogEntry] = []
         self.ready = asyncio.Event()
         self.error: BaseException | None = None
 
@@ -167,7 +168,7 @@ class RoomHub:
                 logger.warning("could not leave room group", extra={"room": room})
 
     def last_seq(self, room: str) -> int | None:
-        """The id of the newest message delivered to the room's local subscribers (None if
+        """The cursor of the newest entry delivered to the room's local subscribers (None if
         this process no longer serves the room)."""
         state = self.rooms.get(room)
         return None if state is None else state.last_seq
@@ -212,11 +213,11 @@ class RoomHub:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
-            if message.get("type") != ROOM_MESSAGE:
+            if message.get("type") not in (ROOM_MESSAGE, ROOM_ENTRY):
                 await self._on_control(message)
                 continue
             try:
-                event = room_message_decode(message)
+                event = log_entry_decode(message)
             except EventError as exc:
                 logger.error("dropped malformed room event: %s", exc, extra={"protocol": "layer"})
                 continue
@@ -230,25 +231,17 @@ class RoomHub:
                 logger.exception("room event not delivered yet", extra={"room": event["room"]})
 
     async def _on_control(self, message: dict[str, Any]) -> None:
-        """A staff action: to the room's subscribers, or the connection it names."""
+        """A staff action outside any log: close the connection it names."""
         try:
             event = control_decode(message)
         except EventError as exc:
             logger.error("dropped malformed control event: %s", exc, extra={"protocol": "layer"})
             return
-        if event["type"] == SCOPE_DISCONNECT:
-            targets = [s for s in self.subscribers() if s.scope_id == event["scope"]]
-            for subscriber in targets:
-                await subscriber.close(DISCONNECT_CLOSE_CODE)
-            return
-        state = self.rooms.get(event["room"])
-        for subscriber in tuple(state.subscribers) if state is not None else ():
-            try:
-                await subscriber.room_control(event)
-            except Exception:
-                logger.exception("control event not delivered", extra={"room": event["room"]})
+        targets = [s for s in self.subscribers() if s.scope_id == event["scope"]]
+        for subscriber in targets:
+            await subscriber.close(DISCONNECT_CLOSE_CODE)
 
-    async def _on_event(self, event: RoomMessage) -> None:
+    async def _on_event(self, event: LogEntry) -> None:
         state = self.rooms.get(event["room"])
         if state is None:
             return  # nobody here any more
@@ -257,9 +250,9 @@ class RoomHub:
             return
         await self._advance(event["room"], state, event)
 
-    async def _advance(self, room: str, state: _RoomState, event: RoomMessage) -> None:
+    async def _advance(self, room: str, state: _RoomState, event: LogEntry) -> None:
         assert state.last_seq is not None
-        seq = event["id"]
+        seq = entry_cursor(event)
         if seq <= state.last_seq:
             self.stats["duplicates"] += 1
             return
@@ -271,25 +264,26 @@ class RoomHub:
         assert state.last_seq is not None
         start = state.last_seq
         while state.last_seq < upto:
-            missing = await database_sync_to_async(selectors.room_messages_after)(
+            missing, reached = await database_sync_to_async(selectors.room_log_after)(
                 room=room, after=state.last_seq, upto=upto, limit=GAP_FILL_PAGE
             )
-            if not missing:
-                # Never happens while ids are committed in order; do not wait forever.
-                logger.error("gap not in history", extra={"room": room, "upto": upto})
+            if reached == state.last_seq:
+                # Never happens while cursors are committed in order; do not wait forever.
+                logger.error("gap not in the room's log", extra={"room": room, "upto": upto})
                 state.last_seq = upto
                 break
             for event in missing:
                 await self._fanout(state, event)
+            state.last_seq = reached  # past a deleted message's tombstone too
         self.stats["gap_filled"] += state.last_seq - start
         logger.info(
             "filled gap from history",
             extra={"protocol": "layer", "room": room, "after": start, "upto": upto},
         )
 
-    async def _fanout(self, state: _RoomState, event: RoomMessage) -> None:
-        state.last_seq = event["id"]
+    async def _fanout(self, state: _RoomState, event: LogEntry) -> None:
         delivery = Delivery(event)
+        state.last_seq = delivery.cursor
         by_protocol: dict[str, int] = {}
         for subscriber in tuple(state.subscribers):
             by_protocol[subscriber.protocol] = by_protocol.get(subscriber.protocol, 0) + 1
@@ -298,6 +292,8 @@ class RoomHub:
             except Exception:
                 logger.exception("delivery failed", extra={"room": event["room"]})
         self.stats["delivered"] += len(state.subscribers)
+        if event["type"] != ROOM_MESSAGE:
+            return
         for protocol, count in by_protocol.items():
             metrics.MESSAGES_OUT.labels(protocol).inc(count)
         metrics.BROADCAST_LATENCY.observe(max(0.0, time.time() - event["ts"]))

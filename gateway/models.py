@@ -1,4 +1,12 @@
-"""The room domain: rooms, their stored messages, and the live processes that hold members."""
+"""The room domain: rooms, their log (messages and every other entry), and the live processes
+that hold members.
+
+A room's log is one ordered sequence with one cursor (``Room.last_seq``): every entry takes the
+room's next cursor in the transaction that stores it. Messages, the common case, are rows of
+``Message`` (their id is their cursor) and keep their current state (a deleted one stays as a
+tombstone, its text gone, so the log has no holes); every other kind of entry (a delete, a
+close, a reopen, later edits and reactions) is a row of ``RoomEvent``. Reading the log after a
+cursor reads both, merged by cursor (gateway/selectors.py ``room_log_after``)."""
 
 from __future__ import annotations
 
@@ -9,9 +17,9 @@ from django.db.models import Q
 class Room(models.Model):
     name = models.CharField(max_length=64, unique=True)
     created_at = models.DateTimeField(auto_now_add=True)
-    # The id of the room's newest message; incremented under the row lock, so ids are
-    # monotonic per room and commits happen in id order.
-    last_seq = models.BigIntegerField(default=0, verbose_name="last id")
+    # The cursor of the room's newest log entry (a message's id is its cursor); incremented
+    # under the row lock, so cursors are gap-free per room and commits happen in their order.
+    last_seq = models.BigIntegerField(default=0, verbose_name="last cursor")
     last_activity = models.DateTimeField(null=True, blank=True)
     # Closed by staff: refuses new messages and members until reopened.
     closed = models.BooleanField(default=False)
@@ -34,6 +42,9 @@ class Message(models.Model):
     # NULL, not "", means "no key": the uniqueness constraint below covers only real keys.
     client_id = models.CharField(max_length=64, null=True, blank=True)  # noqa: DJ001
     created_at = models.DateTimeField(db_index=True)  # the dashboard's hour, admin filters
+    # Deleted by staff: a tombstone, its text erased, its place in the log kept; the delete
+    # itself is the log entry (a RoomEvent) that follows.
+    deleted_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["room", "seq"]
@@ -48,6 +59,36 @@ class Message(models.Model):
 
     def __str__(self) -> str:
         return f"{self.room_id}#{self.seq} {self.sender_name}: {self.text[:40]}"
+
+
+class RoomEvent(models.Model):
+    """A log entry that is not a message: what happened to the room or to one of its
+    messages, at its own cursor in the room's sequence."""
+
+    KIND_DELETE = "delete"
+    KIND_CLOSE = "close"
+    KIND_REOPEN = "reopen"
+    KINDS = [(KIND_DELETE, "message deleted"), (KIND_CLOSE, "room closed"),
+             (KIND_REOPEN, "room reopened")]
+
+    room = models.ForeignKey(Room, on_delete=models.CASCADE, related_name="log_events")
+    seq = models.BigIntegerField(help_text="Cursor in the room's log")
+    kind = models.CharField(max_length=16, choices=KINDS)
+    target = models.BigIntegerField(null=True, blank=True, help_text="The message it concerns")
+    sender_protocol = models.CharField(max_length=16)
+    sender_id = models.CharField(max_length=128)
+    sender_name = models.CharField(max_length=128)
+    created_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["room", "seq"]
+        constraints = [
+            models.UniqueConstraint(fields=["room", "seq"], name="room_event_room_seq_unique"),
+        ]
+
+    def __str__(self) -> str:
+        target = f" #{self.target}" if self.target is not None else ""
+        return f"{self.room_id}@{self.seq} {self.kind}{target}"
 
 
 class GatewayProcess(models.Model):

@@ -10,28 +10,53 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from gateway import events
-from gateway.models import BotChat, GatewayProcess, Message, RelayCursor, Room
-from gateway.services import message_event
+from gateway.models import BotChat, GatewayProcess, Message, RelayCursor, Room, RoomEvent
+from gateway.services import entry_event, message_event
+
+
+def room_log_after(
+    *, room: str, after: int, limit: int, upto: int | None = None
+) -> tuple[list[events.LogEntry], int]:
+    """A room's log entries with ``after < cursor <= upto`` (every kind), oldest first, at
+    most ``limit``; and the cursor they reach, so a reader continues from there (a deleted
+    message's tombstone holds its place but is not an entry to deliver; the delete that
+    follows it is). The cursor reached is ``after`` when nothing was there."""
+    messages = Message.objects.filter(room__name=room, seq__gt=after)
+    others = RoomEvent.objects.filter(room__name=room, seq__gt=after)
+    if upto is not None:
+        messages, others = messages.filter(seq__lte=upto), others.filter(seq__lte=upto)
+    rows: list[Message | RoomEvent] = [*messages.order_by("seq")[:limit],
+                                       *others.order_by("seq")[:limit]]
+    rows.sort(key=lambda row: row.seq)
+    rows = rows[:limit]
+    entries: list[events.LogEntry] = []
+    for row in rows:
+        if isinstance(row, RoomEvent):
+            entries.append(entry_event(row, room=room))
+        elif row.deleted_at is None:
+            entries.append(message_event(row, room=room))
+    return entries, rows[-1].seq if rows else after
 
 
 def room_messages_after(
     *, room: str, after: int, limit: int, upto: int | None = None
 ) -> list[events.RoomMessage]:
-    """Stored messages of a room with ``after < id <= upto``, oldest first, at most ``limit``."""
-    query = Message.objects.select_related("room").filter(room__name=room, seq__gt=after)
+    """Stored messages of a room with ``after < id <= upto``, oldest first, at most ``limit``
+    (deleted ones are gone from history)."""
+    query = Message.objects.filter(room__name=room, seq__gt=after, deleted_at__isnull=True)
     if upto is not None:
         query = query.filter(seq__lte=upto)
-    return [message_event(m) for m in query.order_by("seq")[:limit]]
+    return [message_event(m, room=room) for m in query.order_by("seq")[:limit]]
 
 
 def room_messages_last(*, room: str, limit: int) -> list[events.RoomMessage]:
     """The newest ``limit`` messages of a room, oldest first."""
-    rows = Message.objects.select_related("room").filter(room__name=room).order_by("-seq")
-    return [message_event(m) for m in reversed(rows[:limit])]
+    rows = Message.objects.filter(room__name=room, deleted_at__isnull=True).order_by("-seq")
+    return [message_event(m, room=room) for m in reversed(rows[:limit])]
 
 
 def room_last_seqs(*, rooms: list[str]) -> dict[str, int]:
-    """The newest message id of each room (0 for rooms with no messages yet)."""
+    """The cursor of each room's newest log entry (0 for rooms with nothing yet)."""
     found = dict(Room.objects.filter(name__in=rooms).values_list("name", "last_seq"))
     return {room: found.get(room, 0) for room in rooms}
 

@@ -22,6 +22,7 @@ from gateway.models import (
     Message,
     RelayCursor,
     Room,
+    RoomEvent,
     WebBlock,
 )
 from gateway.names import room_name_validate
@@ -82,6 +83,28 @@ def message_event(message: Message, *, room: str | None = None) -> events.RoomMe
         origin=message.origin,
         client_id=message.client_id,
     )
+
+
+def entry_event(entry: RoomEvent, *, room: str) -> events.RoomEntry:
+    """The contract event for a stored log entry that is not a message."""
+    return events.room_entry(
+        cursor=entry.seq,
+        room=room,
+        kind=entry.kind,
+        id=entry.target,
+        sender=events.sender(
+            protocol=entry.sender_protocol, id=entry.sender_id, name=entry.sender_name
+        ),
+        ts=entry.created_at.timestamp(),
+    )
+
+
+SYSTEM_SENDER = events.sender(protocol="system", id="system", name="system")
+
+
+def staff_sender(user) -> events.Sender:
+    """A staff user acting on rooms (dashboard, admin), as the log records them."""
+    return events.sender(protocol="system", id=f"staff:{user.pk}", name=user.get_username())
 
 
 def room_get_or_create(
@@ -418,29 +441,65 @@ def bot_chats_delivered_save(*, platform: str, room: str, positions: dict[str, i
 # --- staff actions (admin, dashboard) -------------------------------------------------------
 
 
-def messages_delete(*, messages: list[tuple[str, int]]) -> int:
-    """Delete stored messages by ``(room, id)``: gone from history, and from the pages that
-    show them (a control event once committed). Returns how many were deleted."""
+def messages_delete(
+    *, messages: list[tuple[str, int]], by: events.Sender = SYSTEM_SENDER
+) -> int:
+    """Delete stored messages by ``(room, id)``: each becomes a tombstone (its text erased,
+    gone from history) and the room's log gets a delete entry, which reaches the pages that
+    show it, now or when they resume. Returns how many were deleted (one already deleted,
+    or never stored, counts nothing)."""
     deleted = 0
+    now = datetime.fromtimestamp(time.time(), tz=UTC)
     with transaction.atomic():
         for room, seq in messages:
-            count, _ = Message.objects.filter(room__name=room, seq=seq).delete()
-            if count:
+            gone = Message.objects.filter(
+                room__name=room, seq=seq, deleted_at__isnull=True
+            ).update(text="", deleted_at=now)
+            if gone:
                 deleted += 1
-                room_event_broadcast_on_commit(events.message_deleted(room=room, id=seq))
+                _log_append(room, RoomEvent.KIND_DELETE, by, target=seq, now=now)
     return deleted
 
 
-def room_close(*, room: str) -> None:
-    """Close a room: its members are disconnected and nobody can post until it reopens."""
+def room_close(*, room: str, by: events.Sender = SYSTEM_SENDER) -> None:
+    """Close a room: its members are disconnected and nobody can post until it reopens (a
+    close entry in its log; closing a closed room changes nothing)."""
     with transaction.atomic():
         room_get_or_create(room=room)
-        Room.objects.filter(name=room).update(closed=True)
-        room_event_broadcast_on_commit(events.room_closed(room=room))
+        if Room.objects.filter(name=room, closed=False).update(closed=True):
+            _log_append(room, RoomEvent.KIND_CLOSE, by)
 
 
-def room_reopen(*, room: str) -> None:
-    Room.objects.filter(name=room_name_validate(room)).update(closed=False)
+def room_reopen(*, room: str, by: events.Sender = SYSTEM_SENDER) -> None:
+    """Reopen a closed room (a reopen entry in its log)."""
+    room = room_name_validate(room)
+    with transaction.atomic():
+        if Room.objects.filter(name=room, closed=True).update(closed=False):
+            _log_append(room, RoomEvent.KIND_REOPEN, by)
+
+
+def _log_append(
+    room: str, kind: str, by: events.Sender, *, target: int | None = None,
+    now: datetime | None = None,
+) -> events.RoomEntry:
+    """Append an entry that is not a message to the room's log, at its next cursor, and
+    broadcast it once committed. Call it inside a transaction."""
+    now = now or datetime.fromtimestamp(time.time(), tz=UTC)
+    table = connection.ops.quote_name(Room._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {table} SET last_seq = last_seq + 1 WHERE name = %s "  # noqa: S608
+            "RETURNING id, last_seq",
+            [room],
+        )
+        room_pk, seq = cursor.fetchone()
+    entry = RoomEvent.objects.create(
+        room_id=room_pk, seq=seq, kind=kind, target=target, sender_protocol=by["protocol"],
+        sender_id=by["id"], sender_name=by["name"][:128], created_at=now,
+    )
+    event = entry_event(entry, room=room)
+    room_event_broadcast_on_commit(event)
+    return event
 
 
 def device_seen(*, device_id: str, room: str) -> None:

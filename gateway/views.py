@@ -118,15 +118,18 @@ def api_messages(request: HttpRequest, room: str) -> HttpResponse:
         return _error(400, "invalid_query", "'after' and 'limit' must be integers")
     if not 1 <= limit <= maximum or (after_id is not None and after_id < 0):
         return _error(400, "invalid_query", f"'limit' must be 1-{maximum}; 'after' >= 0")
+    more = False
     if after_id is None:
         messages = selectors.room_messages_last(room=room, limit=limit)
     else:
-        messages = selectors.room_messages_after(room=room, after=after_id, limit=limit)
+        # One more than the page, to know whether another follows (the log may go on past
+        # the last message with entries that are not messages, such as a delete).
+        messages = selectors.room_messages_after(room=room, after=after_id, limit=limit + 1)
+        more, messages = len(messages) > limit, messages[:limit]
     last = selectors.room_last_seqs(rooms=[room])[room]
-    next_after = messages[-1]["id"] if messages else (after_id or 0)
     return JsonResponse(
         {"room": room, "messages": [events.message_public(m) for m in messages],
-         "last_id": last, "next_after": next_after if next_after < last else None}
+         "last_id": last, "next_after": messages[-1]["id"] if more else None}
     )
 
 

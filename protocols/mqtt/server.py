@@ -45,6 +45,8 @@ from protocols.scopes import Scope, scope_open, scopes_cancel, scopes_close
 
 logger = logging.getLogger(__name__)
 
+Outgoing = tuple[str | None, bytes, str | None, int | None]
+
 ROOM_SCAN_INTERVAL = 2.0
 RELAY = "mqtt-out"  # the lease and cursor name of the rooms -> MQTT relay
 LEASE_TTL = 10.0
@@ -140,9 +142,8 @@ class MqttServer:
         self._new_rooms = asyncio.Event()  # a room's first relay: save its cursor soon
         self.devices: dict[tuple[str, str], Scope] = {}
         self.relays: dict[str, Scope] = {}
-        self.outbox: asyncio.Queue[tuple[str, bytes, str | None, int | None]] = asyncio.Queue(
-            maxsize=OUTBOX_LIMIT
-        )
+        # (topic, payload, room, cursor); topic None: only the room's position moves
+        self.outbox: asyncio.Queue[Outgoing] = asyncio.Queue(maxsize=OUTBOX_LIMIT)
         self.connected = asyncio.Event()  # set and cleared only with the connection itself
         self.stats = {"received": 0, "published": 0, "rejected": 0, "reconnects": 0,
                       "dropped": 0, "relay_pauses": 0}
@@ -282,8 +283,9 @@ class MqttServer:
     async def _publish_loop(self) -> None:
         while True:
             topic, payload, room, seq = await self.outbox.get()
-            await self._publish(topic, payload)
-            self.stats["published"] += 1
+            if topic is not None:  # None: only a position (a log entry with nothing to publish)
+                await self._publish(topic, payload)
+                self.stats["published"] += 1
             if room is not None and seq is not None:
                 self.published[room] = max(seq, self.published.get(room, 0))
             self.outbox.task_done()

@@ -14,7 +14,7 @@
   const nameInput = document.getElementById("name");
   const membersEl = document.getElementById("members");
 
-  let lastId = 0;          // newest message id shown; the server resumes after it
+  let lastId = 0;          // newest log cursor seen (a message's id is its cursor); resumed after
   let historyLoaded = false;
   let socket = null;
   let attempt = 0;
@@ -140,7 +140,10 @@
     socket.addEventListener("message", (e) => {
       const frame = JSON.parse(e.data);
       if (frame.type === "message") render(frame);
-      else if (frame.type === "deleted") removeMessage(frame.id);
+      else if (frame.type === "deleted") {
+        removeMessage(frame.id);
+        if (typeof frame.cursor === "number") lastId = Math.max(lastId, frame.cursor);
+      }
       else if (frame.type === "ack") outbox.delete(frame.client_id);
       else if (frame.type === "error") onError(frame);
     });

@@ -1,0 +1,238 @@
+"""The room log: every change to a room (messages, deletes, closes, reopens) is one entry with
+the room's next cursor, stored, and replayed by cursor. In-process (WebsocketCommunicator on
+the in-memory layer) and through a real gateway with WebSocket clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from channels.db import database_sync_to_async
+from channels.routing import URLRouter
+from channels.testing import WebsocketCommunicator
+from django.db import transaction
+from django.test import Client
+
+from gateway import events, selectors, services
+from gateway.models import Message, Room, RoomEvent
+from gateway.routing import websocket_urlpatterns
+from gateway.runtime import get_runtime
+from tests.helpers import (
+    FAST,
+    connect,
+    device,
+    gather_out,
+    mqtt_env,
+    mqtt_ready,
+    next_message,
+    nothing_more,
+)
+
+app = URLRouter(websocket_urlpatterns)
+ALICE = events.sender(protocol="web", id="anon:alice", name="alice")
+STAFF = events.sender(protocol="system", id="staff:1", name="boss")
+
+
+def post(room: str, text: str) -> int:
+    event, _ = services.room_message_post(room=room, text=text, sender=ALICE, origin="test")
+    return event["id"]
+
+
+def quietly(action, *args, **kwargs):
+    """Run a service as if the layer lost its broadcast (for instance while Redis restarted):
+    what it stored must still reach everyone, from the log."""
+    with transaction.atomic():
+        result = action(*args, **kwargs)
+        transaction.get_connection().run_on_commit = []
+    return result
+
+
+# --- the log itself -------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_a_delete_is_an_entry_after_a_tombstone_that_keeps_its_place():
+    for text in ("one", "two", "three"):
+        post("log", text)
+    assert services.messages_delete(messages=[("log", 2)], by=STAFF) == 1
+    assert services.messages_delete(messages=[("log", 2), ("log", 99)], by=STAFF) == 0
+    assert Room.objects.get(name="log").last_seq == 4  # three messages, one delete
+    tombstone = Message.objects.get(room__name="log", seq=2)
+    assert tombstone.text == "" and tombstone.deleted_at is not None
+    (entry,) = RoomEvent.objects.filter(room__name="log")
+    assert (entry.seq, entry.kind, entry.target, entry.sender_id) == (4, "delete", 2, "staff:1")
+    assert post("log", "four") == 5  # messages go on after the entry
+
+    entries, reached = selectors.room_log_after(room="log", after=0, limit=100)
+    assert [(e["type"], events.entry_cursor(e)) for e in entries] == [
+        ("room.message", 1), ("room.message", 3), ("room.entry", 4), ("room.message", 5)
+    ]
+    assert reached == 5
+    assert entries[2] == events.room_entry(cursor=4, room="log", kind="delete", id=2,
+                                           sender=STAFF, ts=entries[2]["ts"])
+    # pages end where they reach, past a tombstone too
+    assert selectors.room_log_after(room="log", after=1, limit=1) == ([], 2)
+    assert selectors.room_log_after(room="log", after=2, upto=4, limit=100)[1] == 4
+    assert selectors.room_log_after(room="log", after=5, limit=100) == ([], 5)
+    # history shows the current state: the deleted message is gone
+    assert [m["text"] for m in selectors.room_messages_last(room="log", limit=10)] == [
+        "one", "three", "four"
+    ]
+
+
+@pytest.mark.django_db
+def test_close_and_reopen_are_entries_once_each():
+    post("shut", "hello")
+    services.room_close(room="shut", by=STAFF)
+    services.room_close(room="shut", by=STAFF)  # already closed: nothing new
+    with pytest.raises(services.GatewayError) as refused:
+        post("shut", "while closed")
+    assert refused.value.code == "room_closed"
+    services.room_reopen(room="shut", by=STAFF)
+    services.room_reopen(room="shut", by=STAFF)
+    assert post("shut", "again") == 4
+    kinds = list(RoomEvent.objects.filter(room__name="shut").values_list("seq", "kind"))
+    assert kinds == [(2, "close"), (3, "reopen")]
+
+
+@pytest.mark.django_db
+def test_history_pages_end_when_the_log_goes_on_past_the_last_message():
+    for text in ("a", "b", "c"):
+        post("pages", text)
+    services.messages_delete(messages=[("pages", 3)], by=STAFF)
+    client = Client()
+    first = client.get("/api/rooms/pages/messages?after=0&limit=2").json()
+    assert [m["id"] for m in first["messages"]] == [1, 2] and first["last_id"] == 4
+    assert first["next_after"] is None  # nothing after 2 but a tombstone and its delete
+    page = client.get("/api/rooms/pages/messages?after=0&limit=1").json()
+    assert page["next_after"] == 1
+
+
+def test_entries_follow_the_contract():
+    entry = events.room_entry(cursor=9, room="r", kind="close", id=None, sender=STAFF, ts=1)
+    assert events.log_entry_decode(dict(entry)) == entry
+    for broken in ({**entry, "kind": "explode"}, {**entry, "cursor": "9"},
+                   {**entry, "extra": 1}, {k: v for k, v in entry.items() if k != "id"}):
+        with pytest.raises(events.EventError):
+            events.log_entry_decode(broken)
+    with pytest.raises(events.EventError):
+        events.room_entry(cursor=1, room="r", kind="explode", id=None, sender=STAFF, ts=1)
+
+
+# --- through the consumer, in-process -------------------------------------------------------
+
+
+async def ws(path: str) -> WebsocketCommunicator:
+    comm = WebsocketCommunicator(app, path)
+    connected, code = await comm.connect(timeout=5)
+    assert connected, f"refused with {code}"
+    return comm
+
+
+async def frame_of(comm: WebsocketCommunicator) -> dict:
+    return json.loads(await comm.receive_from(timeout=5))
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("runtime_stopped")
+async def test_a_client_that_resumes_gets_the_deletes_made_while_it_was_away():
+    for text in ("keep", "drop", "late"):
+        await database_sync_to_async(post)("away", text)
+    await database_sync_to_async(services.messages_delete)(messages=[("away", 2)], by=STAFF)
+    # It had seen message 1 only: it gets message 3 and the delete, not the deleted text.
+    comm = await ws("/ws/chat/away/?after=1")
+    assert (await frame_of(comm))["id"] == 3
+    assert await frame_of(comm) == {"type": "deleted", "room": "away", "id": 2, "cursor": 4}
+    assert await comm.receive_nothing(timeout=0.2)
+    await comm.disconnect()
+    # One that had seen everything before the delete gets just the delete.
+    comm = await ws("/ws/chat/away/?after=3")
+    assert await frame_of(comm) == {"type": "deleted", "room": "away", "id": 2, "cursor": 4}
+    assert await comm.receive_nothing(timeout=0.2)
+    await comm.disconnect()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("runtime_stopped")
+async def test_entries_the_layer_lost_are_filled_in_order_from_the_log(settings):
+    settings.GATEWAY = {**settings.GATEWAY, "RESYNC_INTERVAL": 0.2}
+    comm = await ws("/ws/chat/lossy/")
+    await database_sync_to_async(post)("lossy", "first")
+    assert (await frame_of(comm))["id"] == 1
+    await database_sync_to_async(quietly)(post, "lossy", "lost")
+    await database_sync_to_async(quietly)(
+        services.messages_delete, messages=[("lossy", 1)], by=STAFF
+    )
+    # The next live entry finds the gap and fills it from the log first, in cursor order.
+    await database_sync_to_async(post)("lossy", "live")
+    frames = [await frame_of(comm) for _ in range(3)]
+    assert [(f["type"], f.get("cursor", f["id"])) for f in frames] == [
+        ("message", 2), ("deleted", 3), ("message", 4)
+    ]
+    # A lost *last* entry (a close) arrives through the resync: the socket is closed.
+    await database_sync_to_async(quietly)(services.room_close, room="lossy", by=STAFF)
+    assert (await comm.receive_output(timeout=5)) == {"type": "websocket.close", "code": 4410}
+    runtime = await get_runtime()
+    assert runtime.hub.stats["gap_filled"] >= 3
+
+
+# --- through a real gateway -----------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_a_page_offline_during_a_staff_delete_drops_the_message_when_it_resumes(
+    gateway_factory,
+):
+    gw = gateway_factory(env=FAST).start()
+    async with connect(gw, "/ws/chat/resume/") as page:
+        for text in ("hello", "oops"):
+            await page.send(json.dumps({"message": text}))
+            await next_message(page)
+    # The page is offline; staff delete "oops" (the admin's service, in another process).
+    gw.manage("shell", "-c", "from gateway import services; "
+              "print(services.messages_delete(messages=[('resume', 2)]))")
+    async with connect(gw, "/ws/chat/resume/?after=2") as page:
+        frame = json.loads(await asyncio.wait_for(page.recv(), 10))
+        assert frame == {"type": "deleted", "room": "resume", "id": 2, "cursor": 3}
+        await page.send(json.dumps({"message": "after"}))
+        assert (await next_message(page))["id"] == 4
+    # A page that saw nothing replays the log: never the deleted text, but its delete.
+    async with connect(gw, "/ws/chat/resume/?after=0") as fresh:
+        got = [json.loads(await asyncio.wait_for(fresh.recv(), 10)) for _ in range(3)]
+        assert [(f["type"], f["id"]) for f in got] == [
+            ("message", 1), ("deleted", 2), ("message", 4)
+        ]
+
+
+@pytest.mark.slow
+async def test_the_mqtt_relay_moves_past_entries_it_does_not_publish(gateway_factory, mosquitto):
+    gw = gateway_factory(env=mqtt_env(mosquitto)).start()
+    await mqtt_ready(gw)
+    async with connect(gw, "/ws/chat/plant/") as browser, device(mosquitto) as reader:
+        await reader.subscribe("rooms/plant/out", qos=1)
+        for text in ("one", "two"):
+            await browser.send(json.dumps({"message": text}))
+            await next_message(browser)
+        assert [o["id"] for o in await gather_out(reader, 2)] == [1, 2]
+        gw.manage("shell", "-c", "from gateway import services; "
+                  "services.messages_delete(messages=[('plant', 2)])")
+        # The delete reaches the page (through the resync: another process stored it) ...
+        frame = json.loads(await asyncio.wait_for(browser.recv(), 10))
+        assert (frame["type"], frame["id"], frame["cursor"]) == ("deleted", 2, 3)
+        await browser.send(json.dumps({"message": "three"}))
+        assert (await next_message(browser))["id"] == 4
+        # ... while devices get messages only, in order, nothing for the delete (yet).
+        assert [o["id"] for o in await gather_out(reader, 1)] == [4]
+        # The log now ends with an entry that is not a message.
+        gw.manage("shell", "-c", "from gateway import services; "
+                  "services.messages_delete(messages=[('plant', 4)])")
+        frame = json.loads(await asyncio.wait_for(browser.recv(), 10))
+        assert (frame["type"], frame["id"], frame["cursor"]) == ("deleted", 4, 5)
+        assert await nothing_more(reader)
+    assert gw.terminate() == 0
+    # The relay's saved position is the log's last cursor: a restart publishes nothing again
+    # and the room is not "behind" forever.
+    cursor = gw.manage("shell", "-c", "from gateway.models import RelayCursor; "
+                       "print(RelayCursor.objects.get(relay='mqtt-out', room='plant').last_seq)")
+    assert cursor.split()[-1] == "5"
