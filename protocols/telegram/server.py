@@ -12,7 +12,7 @@ application's ``chat.send_message`` events to Telegram.
   its ``update_id`` in the application, so nothing is lost or posted twice.
 - Updates come by long polling (``getUpdates``), or, with ``TELEGRAM_WEBHOOK_URL``, by
   Telegram posting them to the web server's webhook route (gateway/views.py, which checks
-  the secret and hands them here through gateway/ingress.py).
+  the secret and hands them here through gateway/ingress.py): ``Ingress`` (ingress.py).
 - With several gateway processes, one holds the ``telegram`` lease: it polls (webhooks reach
   every process) and relays the rooms to the chats, through a ``rooms`` scope that names
   the rooms with chats and a ``room`` scope per such room. Another process takes the lease
@@ -29,7 +29,7 @@ application's ``chat.send_message`` events to Telegram.
   ``getChatMember`` of the bot itself) that the group's plain text does not, so the
   application can tell the group what to change; the status shows the mode.
 - An update whose ``update_id`` the handled-updates record cannot hold is refused (webhook)
-  or skipped and confirmed (polling), with a log line: never retried.
+  or skipped and confirmed (polling), with a log line: never retried (ingress.py).
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ from telegram.request import HTTPXRequest  # noqa: E402
 from gateway import ingress, metrics, status  # noqa: E402
 from protocols.lease import Lease, jitter  # noqa: E402
 from protocols.scopes import Scope, scope_open, scopes_close  # noqa: E402
+from protocols.telegram.ingress import LOG, Ingress, seconds  # noqa: E402
 from protocols.telegram.outbox import Outbox, Outgoing, SendLimits  # noqa: E402
 
 __all__ = ["SendLimits", "TelegramServer", "telegram_bot"]  # SendLimits: for gateway run
@@ -69,11 +70,7 @@ LEASE = "telegram"  # held by the process that polls and relays rooms to chats
 LEASE_TTL = 10.0  # another process takes over within this after the holder dies
 TICK = 1.0  # lease renewal, rooms scan, idle scopes
 PRUNE_INTERVAL = 3600.0
-ALLOWED_UPDATES = ["message"]
-HANDLE_TIMEOUT = 30.0  # an update not handled by then is fetched (or delivered) again
 RECORD_TIMEOUT = 5.0  # how long a chat's next message waits for the last one's record
-MAX_ATTEMPTS = 5  # an update that fails this often is given up (logged), not retried forever
-UPDATE_ID_MAX = 2**63 - 1  # what the record of handled updates holds (a BigIntegerField)
 ME_REFRESH = 300.0  # getMe again: the privacy mode may have been changed in BotFather
 MEMBER_TTL = 10.0  # how long the bot's status in a group is taken as known (bursts of commands)
 MEMBERS_KEPT = 10_000  # groups whose bot status is remembered (the oldest are forgotten)
@@ -81,7 +78,6 @@ ADMIN_STATUSES = ("administrator", "creator")  # they receive every message, pri
 GROUP_KINDS = ("group", "supergroup")
 PRIVACY_HINT = ("in groups where the bot is not an admin only commands reach it: "
                 "BotFather /setprivacy -> Disable, then re-add the bot to each group")
-LOG = {"protocol": "telegram"}
 
 
 class TelegramServer:
@@ -99,9 +95,6 @@ class TelegramServer:
         limits = limits or SendLimits()
         self.application = application
         self.bot = bot
-        self.webhook_url = webhook_url
-        self.webhook_secret = webhook_secret
-        self.poll_timeout = poll_timeout
         self.idle_timeout = idle_timeout
         self.limits = limits
         self.lease = Lease(LEASE, ttl=LEASE_TTL)
@@ -117,19 +110,20 @@ class TelegramServer:
         self.handling: dict[int, tuple[asyncio.Future, Scope]] = {}
         self.stats: Counter[str] = Counter()
         self.last_update: float | None = None  # epoch seconds
-        self.webhook_set = False
-        self.attempts: Counter[int] = Counter()  # update_id -> times it failed
+        self.ingress = Ingress(
+            bot, self._dispatch, ready=self.ready, stats=self.stats, webhook_url=webhook_url,
+            webhook_secret=webhook_secret, poll_timeout=poll_timeout,
+        )
         # From getMe: groups' plain text reaches the bot only where it is an admin (None
         # until Telegram has answered).
         self.group_privacy: bool | None = None
         self.members: dict[str, tuple[float, bool]] = {}  # chat -> (when, reads all)
         self.commands_only: set[str] = set()  # groups seen where plain text does not reach
-        self._poller: asyncio.Task | None = None
         self._tasks: list[asyncio.Task] = []
 
     @property
     def mode(self) -> str:
-        return "webhook" if self.webhook_url else "polling"
+        return self.ingress.mode
 
     def status(self) -> dict:
         """For /readyz and the dashboard."""
@@ -148,14 +142,14 @@ class TelegramServer:
 
     async def start(self) -> None:
         status.register("telegram", self.status)
-        if self.webhook_url:
-            ingress.register("telegram", self.webhook_update)
+        if self.ingress.webhook_url:
+            ingress.register("telegram", self.ingress.webhook_update)
         self._tasks = [asyncio.create_task(self._run(), name="telegram")]
 
     async def stop(self) -> None:
         """Stop taking updates, close the chats, send what is queued (briefly), hand over."""
         status.unregister("telegram")
-        ingress.unregister("telegram", self.webhook_update)
+        ingress.unregister("telegram", self.ingress.webhook_update)
         for task in self._tasks:  # no more housekeeping: it could take the lease again
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -187,8 +181,8 @@ class TelegramServer:
                     if time.monotonic() >= next_prune:
                         self.directory.put({"type": "telegram.prune"})
                         next_prune = time.monotonic() + PRUNE_INTERVAL
-                    if self.webhook_url and not self.webhook_set:
-                        await self._set_webhook()
+                    if self.ingress.webhook_url and not self.ingress.webhook_set:
+                        await self.ingress.set_webhook()
                 self._close_idle()
             except asyncio.CancelledError:
                 raise
@@ -249,39 +243,24 @@ class TelegramServer:
         held = await self.lease.renew()
         if held and not self.leader:
             self.leader = True
-            if not self.webhook_url:
-                self._poller = asyncio.create_task(self._poll(), name="telegram-poll")
+            self.ingress.lead()
             self.directory = scope_open(
                 self.application, {"type": "telegram", "role": "rooms"}, self._send,
                 first={"type": "telegram.scan"}, name="telegram-rooms", on_exit=self._exited,
             )
             logger.info("this process now %s Telegram and relays rooms to chats",
-                        "receives the webhook of" if self.webhook_url else "polls",
+                        "receives the webhook of" if self.ingress.webhook_url else "polls",
                         extra={**LOG, "mode": self.mode})
-        elif not held and (self.leader or self.relays or self.directory or self._poller):
+        elif not held and (self.leader or self.relays or self.directory
+                           or self.ingress.polling):
             await self._step_down()
             logger.warning("lost the telegram lease; another process relays now", extra=LOG)
-
-    async def _set_webhook(self) -> None:
-        try:
-            await self.bot.set_webhook(
-                self.webhook_url, secret_token=self.webhook_secret,
-                allowed_updates=ALLOWED_UPDATES,
-            )
-        except TelegramError as exc:
-            logger.warning("could not set the webhook (%s); will retry", exc, extra=LOG)
-            return
-        self.webhook_set = True
-        logger.info("webhook set", extra={**LOG, "url": self.webhook_url})
 
     async def _step_down(self) -> None:
         """Stop polling and relaying, record how far each chat got, and hand the lease over.
         Room messages still queued are dropped: the next relay sends them from the record."""
         was_leader, self.leader = self.leader, False
-        if self._poller is not None:
-            self._poller.cancel()
-            await asyncio.gather(self._poller, return_exceptions=True)
-            self._poller = None
+        await self.ingress.step_down()
         self.outbox.drop_rooms()
         scopes = list(self.relays.values())
         if self.directory is not None:
@@ -290,85 +269,7 @@ class TelegramServer:
         if was_leader:
             await self.lease.release()
 
-    async def _poll(self) -> None:
-        """Long-poll getUpdates, confirming a batch (by the next offset) only once every
-        update in it is handled; otherwise it is fetched again (the claim in the application
-        makes the handled ones no-ops). Never stops while this process leads."""
-        offset: int | None = None
-        backoff = 1.0
-        webhook_deleted = False
-        while True:
-            try:
-                if not webhook_deleted:  # getUpdates is refused while a webhook is set
-                    await self.bot.delete_webhook()
-                    webhook_deleted = True
-                updates = await self.bot.get_updates(
-                    offset=offset, timeout=self.poll_timeout, allowed_updates=ALLOWED_UPDATES
-                )
-                backoff = 1.0
-            except RetryAfter as exc:
-                await asyncio.sleep(_seconds(exc.retry_after))
-                continue
-            except Exception as exc:  # noqa: BLE001 - network, Telegram, or a bug: go on
-                delay = jitter(backoff)
-                logger.warning("polling Telegram failed (%s); retrying in %.1fs", exc, delay,
-                               extra=LOG, exc_info=not isinstance(exc, TelegramError))
-                await asyncio.sleep(delay)
-                backoff = min(backoff * 2, 30.0)
-                continue
-            if not updates:
-                continue
-            if await self._handle_batch(updates):
-                # Confirms them to Telegram, the skipped ones too.
-                offset = max(u.update_id for u in updates) + 1
-            else:
-                await asyncio.sleep(jitter(1.0))
-
-    async def _handle_batch(self, updates: tuple[Update, ...]) -> bool:
-        """Handle fetched updates; True once they may be confirmed."""
-        handled = {}
-        for update in updates:
-            if not update_id_storable(update.update_id):
-                self.stats["updates_refused"] += 1
-                logger.warning("skipped an update: %s", update_id_problem(update.update_id),
-                               extra={**LOG, "update_id": _shown(update.update_id)})
-            elif (future := await self._dispatch(update)) is not None:
-                handled[update.update_id] = future
-        if handled:
-            await asyncio.wait(handled.values(), timeout=HANDLE_TIMEOUT)
-        failed = [i for i, f in handled.items() if not (f.done() and f.result())]
-        for update_id in handled.keys() - set(failed):
-            self.attempts.pop(update_id, None)
-        for update_id in failed:
-            self.attempts[update_id] += 1
-        if failed and min(self.attempts[i] for i in failed) < MAX_ATTEMPTS:
-            logger.warning("%d updates not handled; fetching them again", len(failed),
-                           extra=LOG)
-            return False
-        for update_id in failed:
-            logger.error("gave up on update %d after %d attempts", update_id,
-                         self.attempts.pop(update_id), extra=LOG)
-        return True
-
-    # --- inbound -----------------------------------------------------------------------
-
-    async def webhook_update(self, data: dict) -> None:
-        """An update posted to the webhook: returns once handled."""
-        if not self.ready.is_set():
-            raise ingress.Unavailable("the bot has not reached Telegram yet")
-        try:
-            update = Update.de_json(data, self.bot)
-        except Exception as exc:  # noqa: BLE001 - whatever PTB makes of a malformed body
-            raise ingress.Rejected(f"not a Telegram update: {exc}") from None
-        if not update_id_storable(update.update_id):
-            # 400, not 503: the same update would fail the same way every time it came.
-            self.stats["updates_refused"] += 1
-            raise ingress.Rejected(update_id_problem(update.update_id))
-        handled = await self._dispatch(update)
-        if handled is not None and not await asyncio.wait_for(
-            asyncio.shield(handled), HANDLE_TIMEOUT
-        ):
-            raise ingress.Unavailable("the update could not be handled; deliver it again")
+    # --- inbound (from Ingress) --------------------------------------------------------
 
     async def _dispatch(self, update: Update) -> asyncio.Future | None:
         """Feed a message update to its chat's scope. The future's result is True once the
@@ -460,9 +361,7 @@ class TelegramServer:
             if failure is not None and self.leader:
                 # Lead again from the next tick: a new directory, and the poller restarted.
                 self.leader = False
-                if self._poller is not None:
-                    self._poller.cancel()
-                    self._poller = None
+                self.ingress.cancel()
 
     # --- from the application ----------------------------------------------------------
 
@@ -561,7 +460,7 @@ class TelegramServer:
                 self.stats["sent"] += 1
                 return True
             except RetryAfter as exc:
-                wait = _seconds(exc.retry_after)
+                wait = seconds(exc.retry_after)
                 self.stats["retry_after"] += 1
                 logger.warning("Telegram flood control: chat waits %.0fs", wait,
                                extra={**LOG, "chat": chat_id})
@@ -591,28 +490,6 @@ class TelegramServer:
             if scope.last_seen < cutoff:
                 del self.chats[chat_id]
                 scope.put({"type": "chat.disconnect"})
-
-
-def update_id_storable(update_id: int) -> bool:
-    """Telegram's update ids are positive and far below 2^63; only those can be recorded
-    (and confirmed by a getUpdates offset)."""
-    return 0 <= update_id <= UPDATE_ID_MAX
-
-
-def update_id_problem(update_id: int) -> str:
-    return f"update_id {_shown(update_id)} is out of range (0 to 2^63-1)"
-
-
-def _shown(number: int) -> str:
-    """A number for a log line: in full unless it is absurdly long."""
-    return str(number) if number.bit_length() <= 128 else f"of {number.bit_length()} bits"
-
-
-def _seconds(period) -> float:
-    """A PTB time period in seconds (a timedelta, or an int without PTB_TIMEDELTA)."""
-    return period.total_seconds() if hasattr(period, "total_seconds") else float(period)
-
-
 
 
 def telegram_bot(token: str, *, api_url: str) -> Bot:
