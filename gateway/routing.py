@@ -9,10 +9,10 @@ from django.conf import settings
 from django.urls import re_path
 
 from consumers.dashboard import DashboardConsumer
-from consumers.mqtt import MqttDeviceConsumer, MqttRoomConsumer
 from consumers.telegram import TelegramChatConsumer, TelegramRoomConsumer, TelegramRoomsConsumer
 from consumers.websocket import ChatConsumer
 from gateway.crosssite import websocket_refuse
+from protocols.mqtt.consumers import MqttDeviceConsumer, MqttRoomConsumer
 
 logger = logging.getLogger(__name__)
 

@@ -38,9 +38,9 @@ import aiomqtt
 from channels.db import database_sync_to_async
 
 from gateway import metrics, selectors, services, status
-from gateway import mqtt as topics
 from gateway.services import GatewayError
 from protocols.lease import Lease, jitter
+from protocols.mqtt import wire as topics
 from protocols.scopes import Scope, scope_open, scopes_cancel, scopes_close
 
 logger = logging.getLogger(__name__)

@@ -17,12 +17,12 @@ from django.db import DatabaseError, InterfaceError, OperationalError
 
 from consumers.base import RoomConsumer
 from gateway import events, metrics, services
-from gateway import mqtt as topics
 from gateway.fanout import Delivery
 from gateway.logging import LogSampler
 from gateway.names import display_name_clean
 from gateway.ratelimit import TokenBucket, flood_limit
 from gateway.services import GatewayError, room_message_post
+from protocols.mqtt import wire as topics
 
 logger = logging.getLogger(__name__)
 
