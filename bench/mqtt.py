@@ -137,7 +137,7 @@ async def ws_to_mqtt(port: int, http: int, room: str, count: int, rate: float | 
 
         async def take() -> None:
             async for message in sub.messages:
-                meter.record(json.loads(message.payload)["text"])
+                meter.record(json.loads(message.payload)["message"])
 
         async def drain_ws() -> None:
             async for _ in ws:

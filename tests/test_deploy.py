@@ -210,7 +210,7 @@ class Browser:
 def texts_by_sender(frames: list[dict]) -> dict[str, list[str]]:
     by_sender: dict[str, list[str]] = {}
     for frame in frames:
-        text = frame["message"] if "message" in frame else frame["text"]  # WebSocket, MQTT
+        text = frame["message"]  # WebSocket and MQTT frames alike
         by_sender.setdefault(frame["sender"]["name"], []).append(text)
     return by_sender
 

@@ -47,15 +47,16 @@ async def test_devices_and_browsers_share_a_room(gateway_factory, mosquitto):
         assert frame["sender"] == {"protocol": "mqtt", "id": "sensor1", "name": "sensor1"}
         for d in (d1, d2):
             [out] = await gather_out(d, 1)
-            assert (out["topic"], out["text"], out["id"]) == ("rooms/plant/out", "21.5 C", 1)
-            assert out["type"] == "room.message" and out["sender"]["protocol"] == "mqtt"
+            assert (out["topic"], out["message"], out["id"]) == ("rooms/plant/out", "21.5 C", 1)
+            assert out["type"] == "message" and out["sender"]["protocol"] == "mqtt"
+            assert "origin" not in out and out["room"] == "plant"
 
         # browser -> devices
         await browser.send(json.dumps({"message": "hello devices"}))
         assert (await next_message(browser))["message"] == "hello devices"  # its own copy
         for d in (d1, d2):
             [out] = await gather_out(d, 1)
-            assert (out["text"], out["sender"]["protocol"]) == ("hello devices", "web")
+            assert (out["message"], out["sender"]["protocol"]) == ("hello devices", "web")
 
         # a JSON payload with a display name and an idempotency key, sent twice
         payload = json.dumps({"message": "hi all", "name": "Boiler", "client_id": "b-1"})
@@ -65,7 +66,7 @@ async def test_devices_and_browsers_share_a_room(gateway_factory, mosquitto):
         assert (frame["message"], frame["sender"]["name"]) == ("hi all", "Boiler")
         for d in (d1, d2):
             [out] = await gather_out(d, 1)
-            assert out["text"] == "hi all" and out["client_id"] == "b-1"
+            assert out["message"] == "hi all" and out["client_id"] == "b-1"
             assert await nothing_more(d)  # no echo, no second copy, no re-ingestion
 
         history = gw.get_json("/api/rooms/plant/messages?after=0")
@@ -107,7 +108,7 @@ async def test_bad_payloads_are_refused_on_the_error_topic(gateway_factory, mosq
         # The bridge keeps serving: a good message still goes through.
         await d.publish("rooms/lab/in/probe", b"fine", qos=1)
         [out] = await gather_out(d, 1)
-        assert out["text"] == "fine"
+        assert out["message"] == "fine"
     assert [m["message"] for m in gw.get_json("/api/rooms/lab/messages")["messages"]] == ["fine"]
     assert f"refused device message {code}" in gw.log()
     gw.terminate()
@@ -221,7 +222,7 @@ async def test_a_browser_message_reaches_devices_subscribed_with_mosquitto_sub(
         await collect(browser, 2)
     read = await asyncio.to_thread(subprocess.run, [*sub, "-C", "2", "-W", "15"],
                                    capture_output=True, text=True, timeout=20)
-    assert [json.loads(line)["text"] for line in read.stdout.splitlines()] == ["one", "two"]
+    assert [json.loads(line)["message"] for line in read.stdout.splitlines()] == ["one", "two"]
     with pytest.raises(websockets.InvalidStatus):  # unrelated: MQTT adds no web routes
         async with connect(gw, "/ws/mqtt/"):
             pass
@@ -291,7 +292,7 @@ async def test_the_deploy_acl_lets_a_device_publish_only_as_itself(gateway_facto
             await s1.publish("rooms/acl/in/sensor2", b"pretending to be sensor2", qos=1)
             await s1.publish("rooms/acl/in/sensor1", b"as myself", qos=1)
             [out] = await gather_out(s1, 1)
-            assert (out["text"], out["sender"]["id"]) == ("as myself", "sensor1")
+            assert (out["message"], out["sender"]["id"]) == ("as myself", "sensor1")
             assert await nothing_more(s1, 1.0)
         history = gw.get_json("/api/rooms/acl/messages")["messages"]
         assert [m["message"] for m in history] == ["as myself"]
@@ -333,7 +334,7 @@ async def test_a_room_created_while_the_layer_is_down_is_still_relayed(
         await asyncio.sleep(1.0)
         redis_server.start()
         [out] = await gather_out(d, 1, timeout=15)
-        assert (out["id"], out["text"]) == (1, "stored while the layer is down")
+        assert (out["id"], out["message"]) == (1, "stored while the layer is down")
         assert await nothing_more(d, 1.0)
 
 

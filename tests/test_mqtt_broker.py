@@ -363,7 +363,7 @@ async def test_devices_log_in_from_a_mosquitto_passwd_file_and_publish_only_as_t
                                   timeout=10) as legacy:  # a $6$ line
             await legacy.publish("rooms/acl/in/legacy", b"old hash", qos=1)
         received = await gather(s1)
-    assert [(topic, m["text"], m["sender"]["id"]) for topic, m in received] == [
+    assert [(topic, m["message"], m["sender"]["id"]) for topic, m in received] == [
         ("rooms/acl/out", "as myself", "sensor1"), ("rooms/acl/out", "old hash", "legacy"),
     ]
     gw.create_user("staff", "staff-password", staff=True)  # history needs a login here
@@ -383,13 +383,13 @@ async def test_anonymous_devices_cannot_publish_as_the_gateway_nor_read_other_de
         assert failures(await device.subscribe("rooms/inj/error/+", qos=1)) == [False]
         for wider in ("#", "rooms/+/in/+", "rooms/inj/in/meter"):
             assert failures(await device.subscribe(wider, qos=1)) == [True], wider
-        fake = json.dumps({"type": "room.message", "id": 99, "text": "fake"}).encode()
+        fake = json.dumps({"type": "message", "id": 99, "message": "fake"}).encode()
         await device.publish("rooms/inj/out", fake, qos=1)
         await device.publish("rooms/inj/error/meter", b'{"type": "error"}', qos=1)
         await device.publish("elsewhere/topic", b"not a gateway topic", qos=1)
         await device.publish("rooms/inj/in/meter", b"real", qos=1)
         received = await gather(device)
-    assert [(topic, m["text"], m["id"]) for topic, m in received] == [
+    assert [(topic, m["message"], m["id"]) for topic, m in received] == [
         ("rooms/inj/out", "real", 1)
     ]
 

@@ -2,7 +2,9 @@
 
     <prefix>/<room>/in/<device_id>      a device publishes here (the id is in the topic, so a
                                         broker ACL can make each device publish only as itself)
-    <prefix>/<room>/out                 every message of the room, as the event contract's JSON
+    <prefix>/<room>/out                 every message of the room, in the public shape (the
+                                        WebSocket message frame: type, id, room, message,
+                                        sender, ts, client_id)
     <prefix>/<room>/error/<device_id>   why the gateway refused a device's message
 """
 
@@ -81,8 +83,10 @@ def payload_decode(payload: bytes) -> DevicePayload:
 
 
 def out_payload(event: events.RoomMessage) -> bytes:
-    """The one MQTT encoding of a room message: the event contract as JSON."""
-    return json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    """The one MQTT encoding of a room message: its public shape (as the WebSocket frame and
+    the history API show it; nothing internal such as the scope it came from)."""
+    frame = {"type": "message", **events.message_public(event)}
+    return json.dumps(frame, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 def error_payload(code: str, detail: str, client_id: object = None) -> bytes:
