@@ -9,10 +9,14 @@ from django.conf import settings
 from django.urls import re_path
 
 from consumers.dashboard import DashboardConsumer
-from consumers.telegram import TelegramChatConsumer, TelegramRoomConsumer, TelegramRoomsConsumer
 from consumers.websocket import ChatConsumer
 from gateway.crosssite import websocket_refuse
 from protocols.mqtt.consumers import MqttDeviceConsumer, MqttRoomConsumer
+from protocols.telegram.consumers import (
+    TelegramChatConsumer,
+    TelegramRoomConsumer,
+    TelegramRoomsConsumer,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -4,6 +4,7 @@ from django.contrib.auth import views as auth_views
 from django.urls import path, re_path
 
 from gateway import views
+from protocols.telegram.webhook import telegram_webhook
 
 # Every process: for load balancers, orchestrators and Prometheus.
 urlpatterns = [
@@ -14,7 +15,7 @@ urlpatterns = [
 
 if "telegram" in settings.GATEWAY_PROTOCOLS:
     urlpatterns += [
-        path("telegram/webhook/", views.telegram_webhook, name="telegram-webhook"),
+        path("telegram/webhook/", telegram_webhook, name="telegram-webhook"),
     ]
 
 if "web" in settings.GATEWAY_PROTOCOLS:

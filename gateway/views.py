@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import functools
-import hmac
-import json
 import logging
 from collections.abc import Callable
 
@@ -13,10 +11,9 @@ from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
-from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_GET, require_POST
+from django.views.decorators.http import require_GET
 
-from gateway import events, ingress, selectors, status
+from gateway import events, selectors, status
 from gateway.names import ROOM_NAME_RULE, room_name_is_valid
 
 logger = logging.getLogger(__name__)
@@ -28,7 +25,8 @@ def _login_gate(request: HttpRequest) -> HttpResponse | None:
     return None
 
 
-def _error(status: int, code: str, detail: str) -> JsonResponse:
+def error_response(status: int, code: str, detail: str) -> JsonResponse:
+    """A JSON error: ``{"type": "error", "code", "detail"}`` with an HTTP status."""
     return JsonResponse({"type": "error", "code": code, "detail": detail}, status=status)
 
 
@@ -74,9 +72,9 @@ def api(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
     @functools.wraps(view)
     def wrapper(request: HttpRequest, **kwargs: str) -> HttpResponse:
         if settings.GATEWAY["REQUIRE_LOGIN"] and not request.user.is_authenticated:
-            return _error(401, "login_required", "log in first")
+            return error_response(401, "login_required", "log in first")
         if "room" in kwargs and not room_name_is_valid(kwargs["room"]):
-            return _error(400, "invalid_room", f"invalid room name: {ROOM_NAME_RULE}")
+            return error_response(400, "invalid_room", f"invalid room name: {ROOM_NAME_RULE}")
         return view(request, **kwargs)
 
     return wrapper
@@ -89,9 +87,9 @@ def api_rooms(request: HttpRequest) -> HttpResponse:
     try:
         limit = int(request.GET.get("limit", 200))
     except ValueError:
-        return _error(400, "invalid_query", "'limit' must be an integer")
+        return error_response(400, "invalid_query", "'limit' must be an integer")
     if not 1 <= limit <= maximum:
-        return _error(400, "invalid_query", f"'limit' must be 1-{maximum}")
+        return error_response(400, "invalid_query", f"'limit' must be 1-{maximum}")
     return JsonResponse({"rooms": selectors.room_list(limit=limit)})
 
 
@@ -115,9 +113,9 @@ def api_messages(request: HttpRequest, room: str) -> HttpResponse:
         after = request.GET.get("after")
         after_id = None if after is None else int(after)
     except ValueError:
-        return _error(400, "invalid_query", "'after' and 'limit' must be integers")
+        return error_response(400, "invalid_query", "'after' and 'limit' must be integers")
     if not 1 <= limit <= maximum or (after_id is not None and after_id < 0):
-        return _error(400, "invalid_query", f"'limit' must be 1-{maximum}; 'after' >= 0")
+        return error_response(400, "invalid_query", f"'limit' must be 1-{maximum}; 'after' >= 0")
     more = False
     if after_id is None:
         messages = selectors.room_messages_last(room=room, limit=limit)
@@ -172,43 +170,3 @@ def dashboard(request: HttpRequest) -> HttpResponse:
     if not request.user.is_staff:
         raise PermissionDenied("staff only")
     return render(request, "gateway/dashboard.html", {"chart_minutes": 60})
-
-
-TELEGRAM_SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
-
-
-@csrf_exempt
-@require_POST
-async def telegram_webhook(request: HttpRequest) -> HttpResponse:
-    """Telegram posts each update here when ``TELEGRAM_WEBHOOK_URL`` is set.
-
-    403 without the right secret header, 400 for a body that is not an update, 503 when the
-    bot cannot take it now (Telegram delivers it again), 200 once it is handled.
-    """
-    log = {"protocol": "telegram", "scope": "webhook"}
-    secret = settings.TELEGRAM["WEBHOOK_SECRET"]
-    if not settings.TELEGRAM["WEBHOOK_URL"]:
-        return _error(404, "not_found", "the Telegram webhook is not enabled")
-    given = request.headers.get(TELEGRAM_SECRET_HEADER, "")
-    if not hmac.compare_digest(given.encode(), secret.encode()):
-        logger.warning("refused a webhook call: wrong or missing secret", extra=log)
-        return _error(403, "forbidden", "wrong or missing secret token")
-    try:
-        update = json.loads(request.body)
-    except (ValueError, RecursionError):  # bad UTF-8 or JSON, an int of 4,300+ digits, depth
-        update = None
-    if not isinstance(update, dict) or type(update.get("update_id")) is not int:
-        logger.warning("refused a webhook call: not an update", extra=log)
-        return _error(400, "invalid_update", "the body must be a JSON update with an update_id")
-    handler = ingress.handler("telegram")
-    if handler is None:
-        return _error(503, "unavailable", "the bot is not running in this process")
-    try:
-        await handler(update)
-    except ingress.Rejected as exc:
-        logger.warning("refused a webhook call: %s", exc, extra=log)
-        return _error(400, "invalid_update", str(exc))
-    except (TimeoutError, ingress.Unavailable) as exc:
-        logger.warning("could not take a webhook update now: %s", exc or "timed out", extra=log)
-        return _error(503, "unavailable", "try again later")
-    return JsonResponse({"ok": True})

@@ -4,8 +4,8 @@ The counterpart of python-telegram-bot's ``Updater``, which we do not use becaus
 updates as soon as they are fetched: here an update is confirmed to Telegram (by the next
 ``getUpdates`` offset, or the webhook's answer) only once the server's ``dispatch`` reports
 it handled. With ``TELEGRAM_WEBHOOK_URL``, Telegram posts updates to the web server's webhook
-route (gateway/views.py, which checks the secret and hands them here through
-gateway/ingress.py); otherwise the process holding the lease polls.
+route (protocols/telegram/webhook.py, which checks the secret and hands them here through
+protocols/telegram/handoff.py); otherwise the process holding the lease polls.
 
 An update whose ``update_id`` the handled-updates record cannot hold is refused (webhook) or
 skipped and confirmed (polling), with a log line: never retried.
@@ -21,8 +21,8 @@ from collections.abc import Awaitable, Callable
 from telegram import Bot, Update
 from telegram.error import RetryAfter, TelegramError
 
-from gateway.ingress import Rejected, Unavailable
 from protocols.lease import jitter
+from protocols.telegram.handoff import Rejected, Unavailable
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ application's ``chat.send_message`` events to Telegram.
   its ``update_id`` in the application, so nothing is lost or posted twice.
 - Updates come by long polling (``getUpdates``), or, with ``TELEGRAM_WEBHOOK_URL``, by
   Telegram posting them to the web server's webhook route (gateway/views.py, which checks
-  the secret and hands them here through gateway/ingress.py): ``Ingress`` (ingress.py).
+  the secret and hands them here through protocols/telegram/handoff.py): ``Ingress`` (ingress.py).
 - With several gateway processes, one holds the ``telegram`` lease: it polls (webhooks reach
   every process) and relays the rooms to the chats, through a ``rooms`` scope that names
   the rooms with chats and a ``room`` scope per such room. Another process takes the lease
@@ -56,9 +56,10 @@ from telegram.error import (  # noqa: E402
 )
 from telegram.request import HTTPXRequest  # noqa: E402
 
-from gateway import ingress, metrics, status  # noqa: E402
+from gateway import metrics, status  # noqa: E402
 from protocols.lease import Lease, jitter  # noqa: E402
 from protocols.scopes import Scope, scope_open, scopes_close  # noqa: E402
+from protocols.telegram import handoff  # noqa: E402
 from protocols.telegram.ingress import LOG, Ingress, seconds  # noqa: E402
 from protocols.telegram.outbox import Outbox, Outgoing, SendLimits  # noqa: E402
 
@@ -143,13 +144,13 @@ class TelegramServer:
     async def start(self) -> None:
         status.register("telegram", self.status)
         if self.ingress.webhook_url:
-            ingress.register("telegram", self.ingress.webhook_update)
+            handoff.register("telegram", self.ingress.webhook_update)
         self._tasks = [asyncio.create_task(self._run(), name="telegram")]
 
     async def stop(self) -> None:
         """Stop taking updates, close the chats, send what is queued (briefly), hand over."""
         status.unregister("telegram")
-        ingress.unregister("telegram", self.ingress.webhook_update)
+        handoff.unregister("telegram", self.ingress.webhook_update)
         for task in self._tasks:  # no more housekeeping: it could take the lease again
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

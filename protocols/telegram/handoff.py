@@ -1,8 +1,8 @@
-"""Updates that reach this process over HTTP for one of its protocol servers.
+"""Updates that reach this process over HTTP for its Telegram server.
 
-Telegram's webhook posts to a route of the web server (gateway/views.py), while the bot runs
-in protocols/telegram: the protocol server registers a handler here when it starts, and the
-view hands it each update. The handler returns once the update is handled (stored), so the
+Telegram's webhook posts to a route of the web server (protocols/telegram/webhook.py), while
+the bot runs in the Telegram server: the server registers a handler here when it starts, and
+the view hands it each update. The handler returns once the update is handled (stored), so the
 HTTP answer tells the sender whether to deliver it again.
 """
 
@@ -28,7 +28,7 @@ def register(name: str, handler: Handler) -> None:
 
 
 def unregister(name: str, handler: Handler) -> None:
-    if _handlers.get(name) is handler:
+    if _handlers.get(name) == handler:  # a bound method is a new object on each access
         del _handlers[name]
 
 
