@@ -1,4 +1,5 @@
-"""The root ASGI application: one router for every scope type."""
+"""The root ASGI application: one router for every scope type, with the routes and scope
+types of the protocol adapters this process runs (gateway/adapters.py)."""
 
 import os
 
@@ -11,25 +12,30 @@ django_asgi_app = get_asgi_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from django.urls import re_path  # noqa: E402
 
 from gateway.crosssite import SameOriginValidator  # noqa: E402
 from gateway.routing import (  # noqa: E402
-    mqtt_application,
-    telegram_application,
+    http_stream_urlpatterns,
+    scope_applications,
     websocket_urlpatterns,
 )
 
+http_application = django_asgi_app
+if http_stream_urlpatterns:
+    # The adapters' event streams, then everything else is Django's.
+    http_application = URLRouter([*http_stream_urlpatterns, re_path(r"", django_asgi_app)])
+
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        "http": http_application,
         # The exact origin (scheme, host and port), before the session is even read: a page
         # on another port or scheme of this host must not use the visitor's cookies.
         "websocket": SameOriginValidator(
             AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
         ),
-        # Opened by protocols/mqtt: one scope per device and room, one per room's relay.
-        "mqtt": mqtt_application,
-        # Opened by protocols/telegram: one scope per chat, one per relayed room.
-        "telegram": telegram_application,
+        # Opened by the adapters' protocol servers (mqtt: a device in a room, a room's
+        # relay; telegram: a chat, a relayed room).
+        **scope_applications,
     }
 )

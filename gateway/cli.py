@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
-import ipaddress
-import logging
 import os
 import signal
-import socket
 import sys
 
 
@@ -30,6 +27,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     from django.conf import settings
     from django.core.management import call_command
     from django.core.management.base import SystemCheckError
+
+    from gateway.adapters import (
+        RunContext,
+        RunRefused,
+        adapters_enabled,
+        is_loopback,
+        warn,
+    )
+
+    if args.protocols is not None:  # the settings were read for the options already
+        settings.GATEWAY_PROTOCOLS = [p.strip() for p in args.protocols.split(",") if p.strip()]
 
     try:
         call_command("check", fail_level="ERROR")
@@ -55,11 +63,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             host = f"[{host}]"
         print(f"Gateway running at http://{host}:{address.port}/  (Ctrl+C to stop)", flush=True)
 
-    if settings.DEBUG and not _is_loopback(args.host):
-        _warn(f"development mode (DJANGO_DEBUG=1) on {args.host}: the site, with Django's "
+    if settings.DEBUG and not is_loopback(args.host):
+        warn(f"development mode (DJANGO_DEBUG=1) on {args.host}: the site, with Django's "
               f"debug pages, is reachable from other machines. Use DJANGO_DEBUG=0 for that.")
     try:
-        services = _protocol_services(args, application)
+        context = RunContext(application=application, options=args)
+        services = [server for adapter in adapters_enabled() for server in adapter.servers(context)]
     except RunRefused as exc:
         print(f"gateway run refused: {exc}", file=sys.stderr, flush=True)
         return 2
@@ -103,131 +112,6 @@ def _migrate() -> None:
 MIGRATION_LOCK = 7_215_001  # the gateway's advisory lock id for migrations
 
 
-def _protocol_services(args: argparse.Namespace, application) -> list:
-    """The protocol servers besides daphne that this process runs."""
-    return [*_mqtt_services(args, application), *_telegram_services(application)]
-
-
-def _telegram_services(application) -> list:
-    from django.conf import settings
-
-    telegram = settings.TELEGRAM
-    if not telegram["TOKEN"] or "telegram" not in settings.GATEWAY_PROTOCOLS:
-        return []
-    from protocols.telegram.server import SendLimits, TelegramServer, telegram_bot
-
-    return [TelegramServer(
-        application,
-        bot=telegram_bot(telegram["TOKEN"], api_url=telegram["API_URL"]),
-        webhook_url=telegram["WEBHOOK_URL"],
-        webhook_secret=telegram["WEBHOOK_SECRET"],
-        poll_timeout=telegram["POLL_TIMEOUT"],
-        idle_timeout=telegram["IDLE_TIMEOUT"],
-        limits=SendLimits(
-            chat_per_second=telegram["CHAT_RATE"], group_per_minute=telegram["GROUP_RATE"],
-            overall_per_second=telegram["OVERALL_RATE"], backlog=telegram["CHAT_BACKLOG"],
-        ),
-    )]
-
-
-def _mqtt_services(args: argparse.Namespace, application) -> list:
-    from django.conf import settings
-
-    mqtt = settings.MQTT
-    if args.no_mqtt or not mqtt["ENABLED"] or "mqtt" not in settings.GATEWAY_PROTOCOLS:
-        return []
-    from protocols.mqtt.server import BrokerAddress, MqttServer
-
-    client_id = (mqtt["CLIENT_ID"] or f"rt-gateway-{socket.gethostname()}-{args.port}")[:128]
-    services: list = []
-    if mqtt["URL"]:
-        address = BrokerAddress.from_url(mqtt["URL"])
-    else:
-        broker = _embedded_broker(args, client_id)
-        if broker is None:
-            return []
-        services.append(broker)
-        # The gateway's own client logs in with this process's credentials (never logged).
-        address = BrokerAddress(host=_connect_host(broker.host), port=broker.port,
-                                username=broker.policy.gateway_user,
-                                password=broker.policy.gateway_password)
-    services.append(MqttServer(
-        application, address=address, prefix=mqtt["TOPIC_PREFIX"],
-        client_id=client_id, idle_timeout=mqtt["IDLE_TIMEOUT"],
-        keepalive=mqtt["KEEPALIVE"], shared_group=mqtt["SHARED_GROUP"],
-    ))
-    return services
-
-
-class RunRefused(Exception):
-    """A setting ``gateway run`` cannot start with; the message says which and why."""
-
-
-def _embedded_broker(args: argparse.Namespace, client_id: str):
-    """The embedded broker (MQTT_URL empty), or None when its port is taken."""
-    from django.conf import settings
-
-    from protocols.mqtt.broker import EmbeddedBroker
-
-    mqtt = settings.MQTT
-    host = mqtt["EMBEDDED_HOST"]
-    port = args.mqtt_port if args.mqtt_port is not None else mqtt["EMBEDDED_PORT"]
-    if args.mqtt_port is None and not _port_free(host, port):
-        print(f"MQTT left out: port {port} is taken (another broker?). Use it with "
-              f"MQTT_URL=mqtt://127.0.0.1:{port}, or move ours with --mqtt-port.",
-              file=sys.stderr, flush=True)
-        return None
-    if not _is_loopback(host):
-        _warn(f"the embedded MQTT broker listens on {host}:{port}, reachable from other "
-              f"machines (MQTT_EMBEDDED_HOST). It is meant for development and small setups; "
-              f"anonymous devices are {'ALLOWED' if mqtt['ALLOW_ANONYMOUS'] else 'refused'}. "
-              f"For production use Mosquitto with MQTT_URL (deploy/mosquitto).")
-    if not mqtt["ALLOW_ANONYMOUS"] and not mqtt["DEVICE_PASSWORDS"]:
-        _warn("the embedded MQTT broker accepts no device: anonymous clients are refused "
-              "(production mode or GATEWAY_REQUIRE_LOGIN=1) and MQTT_DEVICE_PASSWORDS is empty.")
-    try:
-        return EmbeddedBroker(
-            host, port, prefix=mqtt["TOPIC_PREFIX"], gateway_client_id=client_id,
-            device_passwords=mqtt["DEVICE_PASSWORDS"], allow_anonymous=mqtt["ALLOW_ANONYMOUS"],
-            max_packet_size=mqtt["MAX_PACKET_SIZE"],
-        )
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RunRefused(f"MQTT_DEVICE_PASSWORDS: cannot read it ({exc})") from None
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name: it may well be reachable
-
-
-def _connect_host(host: str) -> str:
-    """Where this process's own client reaches a broker bound to ``host``."""
-    return {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
-
-
-def _warn(text: str) -> None:
-    """Said loudly: on stderr and as a WARNING log line."""
-    print(f"WARNING: {text}", file=sys.stderr, flush=True)
-    logging.getLogger("gateway.cli").warning(text)
-
-
-def _port_free(host: str, port: int) -> bool:
-    """Whether nothing listens on ``host:port``. With SO_REUSEADDR, as the broker binds:
-    after a crash the port's old connections linger in TIME_WAIT for a minute, and without
-    it they would count as taken."""
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
 def cmd_manage(args: argparse.Namespace) -> int:
     _setup_django()
     from django.core.management import execute_from_command_line
@@ -237,21 +121,24 @@ def cmd_manage(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "settings")
+    from gateway.adapters import adapters_all
+
+    adapters = adapters_all()  # their modules are light: nothing of Django is set up yet
     parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="serve the gateway (applies migrations first)")
     run.add_argument("--host", default=os.environ.get("GATEWAY_HOST", "127.0.0.1"))
     run.add_argument("--port", type=int, default=int(os.environ.get("GATEWAY_PORT", "8000")))
     run.add_argument("--no-migrate", action="store_true", help="do not apply migrations")
-    run.add_argument("--mqtt-port", type=int, default=None,
-                     help="port of the embedded MQTT broker (default MQTT_EMBEDDED_PORT, 1883)")
-    run.add_argument("--no-mqtt", action="store_true", help="leave MQTT out")
     run.add_argument(
         "--protocols", default=None,
-        help="the protocol servers to run, any of web,mqtt,telegram (default: "
-        "GATEWAY_PROTOCOLS, or all). Without web, HTTP serves only /healthz, /readyz, "
-        "/metrics (and Telegram's webhook)",
+        help=f"the protocols to run, any of {','.join(adapters)} (default: GATEWAY_PROTOCOLS, "
+        "or all). Without web, HTTP serves only /healthz, /readyz, /metrics and the other "
+        "protocols' routes",
     )
+    for adapter in adapters.values():  # each protocol's own options
+        adapter.add_arguments(run)
     run.set_defaults(func=cmd_run)
     manage = sub.add_parser("manage", help="Django management commands (createsuperuser, ...)")
     manage.add_argument("rest", nargs=argparse.REMAINDER)

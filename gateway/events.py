@@ -25,7 +25,13 @@ ENTRY_KINDS = (ENTRY_DELETE, ENTRY_CLOSE, ENTRY_REOPEN)
 SCOPE_DISCONNECT = "scope.disconnect"  # {"scope"}: that connection is closed
 CONTROL_GROUP = "gateway.control"
 
-PROTOCOLS = ("web", "mqtt", "telegram", "system")
+# The sender protocols: "system" (staff, the gateway itself) and those of the configured
+# protocol adapters, which gateway/adapters.py registers when it loads them.
+PROTOCOLS: set[str] = {"system"}
+
+
+def protocols_register(*names: str) -> None:
+    PROTOCOLS.update(names)
 
 
 class Sender(TypedDict):

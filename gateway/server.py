@@ -267,7 +267,7 @@ class GatewayServer(daphne.server.Server):
 
         return {"ready": bool(self.ports) and not self._stopping,
                 "listening": list(self.listening),
-                "serves": "chat" if "web" in settings.GATEWAY_PROTOCOLS else "health only"}
+                "serves": list(settings.GATEWAY_PROTOCOLS)}
 
     def listen_error(self, failure) -> None:
         """The HTTP port cannot be had (taken, not allowed): say so and exit non-zero."""

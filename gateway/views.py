@@ -14,6 +14,7 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET
 
 from gateway import events, selectors, status
+from gateway.adapters import adapters_enabled
 from gateway.names import ROOM_NAME_RULE, room_name_is_valid
 
 logger = logging.getLogger(__name__)
@@ -155,7 +156,7 @@ async def metrics(request: HttpRequest) -> HttpResponse:
     from gateway.runtime import get_runtime
 
     runtime = await get_runtime()
-    counts: dict[str, int] = {"web": 0, "mqtt": 0}
+    counts = {name: 0 for adapter in adapters_enabled() for name in adapter.sender_protocols}
     for entry in runtime.presence.entries.values():
         counts[entry["protocol"]] = counts.get(entry["protocol"], 0) + 1
     for protocol, count in counts.items():

@@ -227,10 +227,18 @@ else:
 
 # --- Gateway -----------------------------------------------------------------------------
 
-# The protocol servers this process runs (`gateway run --protocols` sets it): any of web
-# (pages, API, chat and dashboard sockets), mqtt, telegram. Without web, the HTTP server
-# still answers /healthz, /readyz and /metrics (and Telegram's webhook, with telegram).
-PROTOCOL_NAMES = ("web", "mqtt", "telegram")
+# The protocol adapters (gateway/adapters.py): a protocol's name and the class that brings
+# its routes, consumers, server, checks and options. Adding a protocol is a folder under
+# protocols/ and a line here ("How to add a protocol" in docs/architecture.md).
+GATEWAY_ADAPTERS = {
+    "web": "protocols.web.adapter.WebAdapter",  # pages, API, chat and dashboard sockets
+    "mqtt": "protocols.mqtt.adapter.MqttAdapter",  # devices, through a broker
+    "telegram": "protocols.telegram.adapter.TelegramAdapter",  # the bot, with a token
+}
+PROTOCOL_NAMES = tuple(GATEWAY_ADAPTERS)
+# The ones this process runs (`gateway run --protocols` sets it; default all). Without web,
+# the HTTP server still answers /healthz, /readyz and /metrics, and the routes of the others
+# (Telegram's webhook with telegram).
 GATEWAY_PROTOCOLS = env_list("GATEWAY_PROTOCOLS", ",".join(PROTOCOL_NAMES))
 
 GATEWAY = {

@@ -1,0 +1,1 @@
+"""Browsers: the pages, the JSON API, the chat and dashboard sockets, the admin."""
