@@ -44,6 +44,9 @@ GAP_FILL_PAGE = 500
 # The scope extension through which a server offers to write one prepared frame to many
 # sockets (gateway/server.py for daphne).
 FRAME_WRITER_EXTENSION = "gateway.frame_writer"
+# The scope extension through which a server tells how many bytes of a connection's output
+# are still waiting for the client (a callable): a stream that lags is ended, not buffered.
+SEND_BUFFER_EXTENSION = "gateway.send_buffer"
 # The in-memory layer forgets group members after a day (group_expiry); rejoin well before.
 GROUP_REFRESH_SECONDS = 3600.0
 # Sent to a connection that staff disconnected (a page does not reconnect by itself).

@@ -14,6 +14,7 @@ to the hard limit at start. ``/metrics`` shows the open connections by state.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import resource
 import signal
@@ -30,13 +31,19 @@ from twisted.internet import tcp
 from twisted.web import http
 
 from gateway import status
-from gateway.fanout import FRAME_WRITER_EXTENSION
+from gateway.fanout import FRAME_WRITER_EXTENSION, SEND_BUFFER_EXTENSION
 from gateway.runtime import get_runtime, stop_runtime
 
 logger = logging.getLogger(__name__)
 # The installed reactor: Twisted's stubs type the module attribute as the interfaces it
 # provides, not as the asyncio reactor with its own methods.
 reactor: Any = _reactor
+
+
+def transport_buffered(protocol) -> int:
+    """Bytes a connection has written but the kernel has not taken yet."""
+    transport = getattr(protocol, "transport", None)
+    return len(getattr(transport, "dataBuffer", b"")) + getattr(transport, "_tempDataLen", 0)
 
 
 class FrameWriter:
@@ -62,8 +69,7 @@ class FrameWriter:
 
     def buffered(self) -> int:
         """Bytes written but not yet taken by the kernel: how far the client lags."""
-        transport = self.protocol.transport
-        return len(getattr(transport, "dataBuffer", b"")) + getattr(transport, "_tempDataLen", 0)
+        return transport_buffered(self.protocol)
 
     def fail(self, code: int, reason: str) -> None:
         """Close with a protocol-level code (1008), as autobahn closes with 1007 or 1009.
@@ -247,10 +253,11 @@ class GatewayServer(daphne.server.Server):
         loop.close()
 
     def create_application(self, protocol, scope):
+        extensions = scope.setdefault("extensions", {})
         if scope.get("type") == "websocket":
-            scope.setdefault("extensions", {})[FRAME_WRITER_EXTENSION] = FrameWriter(
-                protocol, self.ws_factory
-            )
+            extensions[FRAME_WRITER_EXTENSION] = FrameWriter(protocol, self.ws_factory)
+        else:  # an HTTP response, perhaps a long stream
+            extensions[SEND_BUFFER_EXTENSION] = functools.partial(transport_buffered, protocol)
         return super().create_application(protocol, scope)
 
     def listen_success(self, port) -> None:
