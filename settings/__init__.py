@@ -232,13 +232,14 @@ else:
 # protocols/ and a line here ("How to add a protocol" in docs/architecture.md).
 GATEWAY_ADAPTERS = {
     "web": "protocols.web.adapter.WebAdapter",  # pages, API, chat and dashboard sockets
+    "sse": "protocols.sse.adapter.SseAdapter",  # GET /sse/rooms/<room>/, an event stream
     "mqtt": "protocols.mqtt.adapter.MqttAdapter",  # devices, through a broker
     "telegram": "protocols.telegram.adapter.TelegramAdapter",  # the bot, with a token
 }
 PROTOCOL_NAMES = tuple(GATEWAY_ADAPTERS)
 # The ones this process runs (`gateway run --protocols` sets it; default all). Without web,
 # the HTTP server still answers /healthz, /readyz and /metrics, and the routes of the others
-# (Telegram's webhook with telegram).
+# (the event stream with sse, Telegram's webhook with telegram).
 GATEWAY_PROTOCOLS = env_list("GATEWAY_PROTOCOLS", ",".join(PROTOCOL_NAMES))
 
 GATEWAY = {

@@ -1,0 +1,188 @@
+"""A room as a Server-Sent Events stream: ``GET /sse/rooms/<room>/``.
+
+    curl -N http://127.0.0.1:8000/sse/rooms/lobby/
+
+Each entry of the room's log is one event, its cursor as the event id, its data the JSON the
+WebSocket sends for it::
+
+    id: 7
+    event: message
+    data: {"type":"message","message":"hi","id":7,"room":"lobby","sender":{...},...}
+
+    id: 9
+    event: deleted
+    data: {"type":"deleted","room":"lobby","id":7,"cursor":9}
+
+Other entries are ``closed`` (staff closed the room; the stream ends) and ``reopened``.
+A browser's ``EventSource`` hands ``message`` events to ``onmessage`` and the others to their
+listeners, and reconnects by itself with ``Last-Event-ID``: the stream resumes after that
+cursor, with nothing missing and nothing twice (``?after=<cursor>`` does the same for a first
+connection). A comment line every ``KEEPALIVE`` seconds keeps proxies from closing it.
+
+Refused with a JSON error, before the stream starts: 405 for a method other than GET, 400 a
+bad room name or cursor, 401 login required (``GATEWAY_REQUIRE_LOGIN``), 403 an ``Origin``
+that is not the site's own (gateway/crosssite.py: a page elsewhere must not read a room with
+the visitor's cookies), 404 no such room (listening creates none). A reader that falls more
+than ``GATEWAY_WS_SEND_BUFFER_LIMIT`` bytes behind is ended, and resumes by its cursor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from urllib.parse import parse_qs
+
+from channels.db import database_sync_to_async
+from channels.exceptions import StopConsumer
+from django.conf import settings
+
+from consumers.base import RoomConsumer
+from consumers.websocket import message_frame
+from gateway import events, selectors
+from gateway.crosssite import scope_origin_allowed
+from gateway.fanout import SEND_BUFFER_EXTENSION, Delivery
+from gateway.names import ROOM_NAME_RULE, room_name_is_valid
+
+logger = logging.getLogger(__name__)
+
+KEEPALIVE = 15.0  # seconds between comment lines
+RETRY_MS = 2000  # how long EventSource waits before it reconnects
+WIRE_FORMAT = "sse"
+ENTRY_EVENTS = {events.ENTRY_DELETE: "deleted", events.ENTRY_CLOSE: "closed",
+                events.ENTRY_REOPEN: "reopened"}
+HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),  # nginx: pass events on as they come
+]
+
+
+def message_event(event: events.RoomMessage) -> bytes:
+    """The one SSE encoding of a room message (JSON has no raw newline: one data line)."""
+    return f"id: {event['id']}\nevent: message\ndata: {message_frame(event)}\n\n".encode()
+
+
+def entry_event(entry: events.RoomEntry) -> bytes:
+    """Any other log entry: its kind as the event name (deleted, closed, reopened)."""
+    name = ENTRY_EVENTS[entry["kind"]]
+    data = {"type": name, "room": entry["room"], "id": entry["id"], "cursor": entry["cursor"]}
+    text = json.dumps(data, separators=(",", ":"))
+    return f"id: {entry['cursor']}\nevent: {name}\ndata: {text}\n\n".encode()
+
+
+class RoomStreamConsumer(RoomConsumer):
+    protocol = "sse"
+
+    def setup(self) -> None:
+        super().setup()
+        self.started = False
+        self.keepalive: asyncio.Task | None = None
+        self.buffered = self.scope.get("extensions", {}).get(SEND_BUFFER_EXTENSION)
+
+    async def http_request(self, message) -> None:
+        if message.get("more_body") or self.started:
+            return  # a GET has no body to wait for; anything after the start is ignored
+        refusal = await self._refusal()
+        if refusal is not None:
+            status, code, detail = refusal
+            logger.warning("refused an event stream: %s", detail,
+                           extra=self.log_extra(path=self.scope.get("path"), code=code))
+            return await self._respond_error(status, code, detail)
+        room, after = self._room, self._after
+        await self.room_join(room, member_id=None)
+        await self.base_send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+        self.started = True
+        await self._write(f"retry: {RETRY_MS}\n\n".encode())
+        self.keepalive = asyncio.create_task(self._keep_alive(), name=self.scope_id)
+        await self.room_catch_up(after)
+
+    async def _refusal(self) -> tuple[int, str, str] | None:
+        """Why this request gets no stream: (status, code, detail), or None."""
+        if self.scope.get("method") != "GET":
+            return 405, "method_not_allowed", "use GET"
+        room = self.scope["url_route"]["kwargs"]["room"]
+        if not room_name_is_valid(room):
+            return 400, "invalid_room", f"invalid room name: {ROOM_NAME_RULE}"
+        try:
+            self._after = _cursor(self.scope)
+        except ValueError as exc:
+            return 400, "invalid_cursor", str(exc)
+        if not scope_origin_allowed(self.scope) and _header(self.scope, b"origin") is not None:
+            return 403, "forbidden_origin", "the Origin is not this site's"
+        user = self.scope.get("user")
+        if settings.GATEWAY["REQUIRE_LOGIN"] and not (user and user.is_authenticated):
+            return 401, "login_required", "log in first"
+        if not await database_sync_to_async(selectors.room_exists)(room=room):
+            return 404, "room_not_found", f"no room {room}"
+        self._room = room
+        return None
+
+    async def _respond_error(self, status: int, code: str, detail: str) -> None:
+        body = json.dumps({"type": "error", "code": code, "detail": detail}).encode()
+        await self.base_send({"type": "http.response.start", "status": status,
+                              "headers": [(b"content-type", b"application/json")]})
+        await self.base_send({"type": "http.response.body", "body": body})
+        self.closed = True
+
+    async def http_disconnect(self, message) -> None:
+        raise StopConsumer()
+
+    async def finish(self) -> None:
+        if self.keepalive is not None:
+            self.keepalive.cancel()
+        await super().finish()
+
+    async def _keep_alive(self) -> None:
+        while not self.closed:
+            await asyncio.sleep(KEEPALIVE)
+            await self._write(b": keepalive\n\n")
+
+    # --- room -> stream ---------------------------------------------------------------
+
+    async def send_room_event(self, event: events.RoomMessage, delivery: Delivery) -> None:
+        await self._write(delivery.frame(WIRE_FORMAT, message_event))
+
+    async def send_room_entry(self, entry: events.RoomEntry, delivery: Delivery) -> None:
+        await self._write(entry_event(entry))
+        if entry["kind"] == events.ENTRY_CLOSE:
+            await self.close(0)
+
+    async def _write(self, data: bytes) -> None:
+        if self.closed:
+            return
+        limit = settings.GATEWAY["WS_SEND_BUFFER_LIMIT"]
+        if self.buffered is not None and self.buffered() > limit:
+            logger.warning("event stream fell behind; ending it so it resumes by its cursor",
+                           extra=self.log_extra(last_sent=self.last_sent))
+            return await self.close(0)
+        await self.base_send({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def close(self, code: int) -> None:
+        """End the stream (shutdown, staff, a closed room): the client reconnects and
+        resumes by its cursor, or is refused if it may no longer read."""
+        if self.closed:
+            return
+        self.closed, self.live = True, False
+        if self.started:
+            await self.base_send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _header(scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _cursor(scope) -> int | None:
+    """Where to resume: ``Last-Event-ID`` (EventSource's reconnect), else ``?after=``."""
+    value = _header(scope, b"last-event-id")
+    if value is None:
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        value = (query.get("after") or [None])[-1]
+    if value is None:
+        return None
+    if not value.isascii() or not value.isdigit() or len(value) > 18:
+        raise ValueError("the cursor (Last-Event-ID or after) must be a non-negative integer")
+    return int(value)
