@@ -16,6 +16,7 @@ from django.db import transaction
 
 from bots import formatting
 from gateway import events, metrics, selectors, services
+from gateway.errors import GatewayError
 from gateway.models import BotChat
 from gateway.names import (
     ROOM_NAME_RULE,
@@ -23,7 +24,6 @@ from gateway.names import (
     display_name_clean,
     room_name_validate,
 )
-from gateway.services import GatewayError
 
 logger = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from consumers.base import ScopeConsumer
 from gateway import dashboard, events, services
 from gateway.broadcast import control_broadcast
 from gateway.crosssite import csrf_token_valid
-from gateway.names import InvalidRoomName, room_name_validate
-from gateway.services import GatewayError
+from gateway.errors import GatewayError
+from gateway.names import room_name_validate
 
 logger = logging.getLogger(__name__)
 
@@ -96,9 +96,8 @@ class DashboardConsumer(ScopeConsumer):
     async def _act(self, action: str, handler, data: dict) -> None:
         try:
             await handler(data)
-        except (GatewayError, InvalidRoomName) as exc:
-            code = getattr(exc, "code", "invalid")
-            return await self.send_error(code, getattr(exc, "detail", str(exc)))
+        except GatewayError as exc:  # an invalid room name too
+            return await self.send_error(exc.code, exc.detail)
         logger.info("staff action %s", action, extra={**self.log, "action": action,
                     "room": data.get("room"), "target": data.get("scope")})
         await self.send_json({"type": "done", "action": action})

@@ -58,11 +58,12 @@ from django.db import DatabaseError
 
 from consumers.base import RoomConsumer
 from gateway import events, metrics, services
+from gateway.errors import GatewayError
 from gateway.fanout import FRAME_WRITER_EXTENSION, Delivery
 from gateway.logging import LogSampler
 from gateway.names import ROOM_NAME_RULE, display_name_clean, room_name_is_valid
 from gateway.ratelimit import TokenBucket, flood_limit
-from gateway.services import GatewayError, room_message_post
+from gateway.services import room_message_post
 
 logger = logging.getLogger(__name__)
 

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import re
 
+from gateway.errors import InvalidRoomName
+
+__all__ = ["InvalidRoomName"]  # raised here; it lives with the other errors
+
 # Channels accepts group names matching ^[a-zA-Z\d\-_.]+$ below 100 characters
 # (channels/layers.py); a room name is a stricter subset so "room." + name always fits.
 ROOM_NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 ROOM_NAME_RULE = "1 to 64 characters: ASCII letters, digits, '-', '_' or '.'"
 GROUP_PREFIX = "room."
-
-
-class InvalidRoomName(ValueError):
-    """A room name that no protocol may use."""
-
-    code = "invalid_room"
 
 
 def room_name_is_valid(name: object) -> bool:

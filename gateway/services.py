@@ -14,6 +14,7 @@ from django.db.models import Q
 
 from gateway import events, metrics
 from gateway.broadcast import room_event_broadcast_on_commit
+from gateway.errors import GatewayError
 from gateway.models import (
     BotChat,
     BotUpdate,
@@ -27,15 +28,6 @@ from gateway.models import (
 )
 from gateway.names import room_name_validate
 from gateway.ratelimit import TokenBucket
-
-
-class GatewayError(Exception):
-    """A refusal with a stable code for the client and a readable detail."""
-
-    def __init__(self, code: str, detail: str):
-        super().__init__(detail)
-        self.code = code
-        self.detail = detail
 
 
 def message_text_validate(text: object) -> str:

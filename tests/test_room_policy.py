@@ -10,8 +10,8 @@ import websockets
 from django.contrib.auth import get_user_model
 
 from gateway import events, services
+from gateway.errors import GatewayError
 from gateway.models import Room
-from gateway.services import GatewayError
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.django_db
