@@ -5,6 +5,10 @@ message, so nobody hears about a message that was not stored. When the process r
 gateway runtime, committed events are handed to its ``Publisher`` without blocking the
 database thread (one task publishes them in commit order); elsewhere (a management
 command, a test without a runtime) they are published synchronously.
+
+The publisher's queue is bounded (``PUBLISH_BACKLOG``): past it an event is dropped and
+counted, never blocking a store. A dropped log entry is still delivered, from the log, by
+every hub's resync; a dropped control event (a staff disconnect) is lost, with a log line.
 """
 
 from __future__ import annotations
@@ -18,14 +22,17 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.db import transaction
 
-from gateway.events import CONTROL_GROUP, ROOM_MESSAGE, RoomMessage
+from gateway import metrics
+from gateway.events import CONTROL_GROUP, ROOM_ENTRY, ROOM_MESSAGE, LogEntry
 from gateway.names import room_group_name
 
 logger = logging.getLogger(__name__)
 
+PUBLISH_BACKLOG = 10_000  # committed events waiting for the layer, per process
 
-async def room_event_broadcast(event: RoomMessage) -> None:
-    """Send a stored room event to every process serving the room.
+
+async def room_event_broadcast(event: LogEntry) -> None:
+    """Send a stored log entry (a message, a delete...) to every process serving the room.
 
     A failure is logged, not raised: the message is stored, and every process fills the gap
     from the database on its next resync (gateway/fanout.py).
@@ -62,8 +69,9 @@ class Publisher:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.queue: asyncio.Queue[Mapping[str, Any]] = asyncio.Queue()
+        self.queue: asyncio.Queue[Mapping[str, Any]] = asyncio.Queue(maxsize=PUBLISH_BACKLOG)
         self.task: asyncio.Task[None] | None = None
+        self.dropped = 0
 
     def start(self) -> None:
         self.task = self.loop.create_task(self._run(), name="gateway-publisher")
@@ -77,7 +85,19 @@ class Publisher:
 
     def submit(self, event: Mapping[str, Any]) -> None:
         """Queue an event; safe from any thread, never blocks."""
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        self.loop.call_soon_threadsafe(self._put, event)
+
+    def _put(self, event: Mapping[str, Any]) -> None:
+        try:
+            self.queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.dropped += 1
+            metrics.dropped("layer", "publish_backlog")
+            if self.dropped % 1000 == 1:  # the first, then a line a thousand
+                logger.warning("publish backlog full: dropped %d events so far (log entries "
+                               "still arrive through the resync)", self.dropped,
+                               extra={"protocol": "layer", "type": event.get("type"),
+                                      "room": event.get("room")})
 
     async def _run(self) -> None:
         while True:
@@ -97,7 +117,7 @@ def publisher_install(publisher: Publisher | None) -> None:
 
 
 async def _broadcast(event: Mapping[str, Any]) -> None:
-    if event["type"] == ROOM_MESSAGE:
+    if event["type"] in (ROOM_MESSAGE, ROOM_ENTRY):
         await room_event_broadcast(event)  # type: ignore[arg-type]
     else:
         await control_broadcast(event)

@@ -236,3 +236,48 @@ async def test_the_mqtt_relay_moves_past_entries_it_does_not_publish(gateway_fac
     cursor = gw.manage("shell", "-c", "from gateway.models import RelayCursor; "
                        "print(RelayCursor.objects.get(relay='mqtt-out', room='plant').last_seq)")
     assert cursor.split()[-1] == "5"
+
+
+# --- the broadcast ----------------------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_entries_go_to_their_room_group_not_to_every_process():
+    from asgiref.sync import async_to_sync
+    from channels.layers import get_channel_layer
+
+    layer = get_channel_layer()
+
+    async def listen(group: str) -> str:
+        channel = await layer.new_channel()
+        await layer.group_add(group, channel)
+        return channel
+
+    async def receive(channel: str) -> dict | None:
+        try:
+            return await asyncio.wait_for(layer.receive(channel), 0.3)
+        except TimeoutError:
+            return None
+
+    room = async_to_sync(listen)("room.grouped")
+    control = async_to_sync(listen)(events.CONTROL_GROUP)
+    post("grouped", "hello")
+    services.messages_delete(messages=[("grouped", 1)], by=STAFF)
+    services.room_close(room="grouped", by=STAFF)
+    got = [async_to_sync(receive)(room) for _ in range(3)]
+    assert [(e["type"], events.entry_cursor(e)) for e in got] == [
+        ("room.message", 1), ("room.entry", 2), ("room.entry", 3)
+    ]
+    assert async_to_sync(receive)(control) is None
+
+
+async def test_the_publish_backlog_is_bounded_and_counts_what_it_drops(monkeypatch):
+    from gateway import broadcast
+
+    monkeypatch.setattr(broadcast, "PUBLISH_BACKLOG", 3)
+    publisher = broadcast.Publisher(asyncio.get_running_loop())  # not started: nothing drains
+    for cursor in range(1, 6):
+        publisher.submit({"type": events.ROOM_ENTRY, "room": "r", "cursor": cursor})
+    await asyncio.sleep(0.05)  # submit hands over through the loop
+    assert publisher.queue.qsize() == 3 and publisher.dropped == 2
+    assert [publisher.queue.get_nowait()["cursor"] for _ in range(3)] == [1, 2, 3]
