@@ -85,3 +85,20 @@ def room_creation_allowance(monkeypatch):
     from gateway import services
 
     monkeypatch.setattr(services, "_room_creations", services._CreationLimits())
+
+
+@pytest.fixture
+def room_events(monkeypatch) -> list[dict]:
+    """Every room event the code under test published once its transaction committed, in
+    order (they are still published: consumers in the test receive them as usual)."""
+    from gateway import broadcast
+
+    captured: list[dict] = []
+    publish = broadcast._publish
+
+    def capture(event) -> None:
+        captured.append(dict(event))
+        publish(event)
+
+    monkeypatch.setattr(broadcast, "_publish", capture)
+    return captured

@@ -281,3 +281,21 @@ async def test_the_publish_backlog_is_bounded_and_counts_what_it_drops(monkeypat
     await asyncio.sleep(0.05)  # submit hands over through the loop
     assert publisher.queue.qsize() == 3 and publisher.dropped == 2
     assert [publisher.queue.get_nowait()["cursor"] for _ in range(3)] == [1, 2, 3]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_each_entry_is_published_once_after_its_commit_and_never_when_rolled_back(room_events):
+    post("pub", "kept")
+    with pytest.raises(RuntimeError), transaction.atomic():
+        post("pub", "rolled back")
+        services.messages_delete(messages=[("pub", 1)], by=STAFF)
+        raise RuntimeError("the transaction fails")
+    assert [e["id"] for e in room_events] == [1]  # nothing of the failed transaction
+    services.messages_delete(messages=[("pub", 1)], by=STAFF)
+    services.room_close(room="pub", by=STAFF)
+    services.room_reopen(room="pub", by=STAFF)
+    assert [(e["type"], e.get("kind"), events.entry_cursor(e)) for e in room_events] == [
+        ("room.message", None, 1), ("room.entry", "delete", 2), ("room.entry", "close", 3),
+        ("room.entry", "reopen", 4),
+    ]
+    assert Room.objects.get(name="pub").last_seq == 4  # the rolled-back cursors are not kept
