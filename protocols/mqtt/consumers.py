@@ -1,7 +1,7 @@
 """MQTT consumers: devices posting into a room, and a room's relay to ``<prefix>/<room>/out``.
 
 The protocol server (protocols/mqtt/server.py) opens the scopes; these translate between
-its ``mqtt.*`` events and the room.
+its ``mqtt.*`` events (protocols/mqtt/events.py) and the room.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Awaitable, Callable
 
 from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
@@ -23,6 +24,13 @@ from gateway.names import display_name_clean
 from gateway.ratelimit import TokenBucket, flood_limit
 from gateway.services import GatewayError, room_message_post
 from protocols.mqtt import wire as topics
+from protocols.mqtt.events import (
+    DeviceSend,
+    MqttConnect,
+    MqttDisconnect,
+    MqttMessage,
+    RelaySend,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +46,9 @@ class MqttDeviceConsumer(RoomConsumer):
     """One device in one room: what it publishes on ``<prefix>/<room>/in/<device>``."""
 
     protocol = "mqtt"
+    base_send: Callable[[DeviceSend], Awaitable[None]]  # the scope's send, typed
 
-    async def mqtt_connect(self, message) -> None:
+    async def mqtt_connect(self, message: MqttConnect) -> None:
         self.device_id = self.scope["device_id"]
         self.prefix = self.scope["prefix"]
         self.bucket = flood_limit()
@@ -60,7 +69,7 @@ class MqttDeviceConsumer(RoomConsumer):
             logger.warning("device not shown in presence (runtime unavailable)",
                            extra=self.log_extra(), exc_info=True)
 
-    async def mqtt_message(self, message) -> None:
+    async def mqtt_message(self, message: MqttMessage) -> None:
         client_id, stored = None, False
         try:
             # Every message spends the limit, a refused one too; counted when it reached the
@@ -149,7 +158,7 @@ class MqttDeviceConsumer(RoomConsumer):
                            extra=self.log_extra(counted=counted))
         await super().finish()
 
-    async def mqtt_disconnect(self, message) -> None:
+    async def mqtt_disconnect(self, message: MqttDisconnect) -> None:
         raise StopConsumer()
 
 
@@ -157,8 +166,9 @@ class MqttRoomConsumer(RoomConsumer):
     """A room's relay: each room message published once on ``<prefix>/<room>/out``."""
 
     protocol = "mqtt"
+    base_send: Callable[[RelaySend], Awaitable[None]]  # the scope's send, typed
 
-    async def mqtt_connect(self, message) -> None:
+    async def mqtt_connect(self, message: MqttConnect) -> None:
         self.scope_id = f"mqtt-out-{self.scope['room']}"
         self.topic = topics.out_topic(self.scope["prefix"], self.scope["room"])
         await self.room_join(self.scope["room"], member_id=None)
@@ -182,5 +192,5 @@ class MqttRoomConsumer(RoomConsumer):
     async def close(self, code: int) -> None:
         self.closed, self.live = True, False
 
-    async def mqtt_disconnect(self, message) -> None:
+    async def mqtt_disconnect(self, message: MqttDisconnect) -> None:
         raise StopConsumer()

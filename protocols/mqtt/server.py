@@ -2,7 +2,7 @@
 
 Like daphne for WebSockets, it knows nothing of rooms: it turns broker traffic into scopes
 and events for the root ASGI application, and carries the application's ``mqtt.publish``
-events back to the broker.
+events back to the broker. The events are written down in protocols/mqtt/events.py.
 
 - A device scope per (device, room), ``{"type": "mqtt", "role": "device", ...}``, opened
   on the device's first message and fed ``mqtt.message`` events; closed (``mqtt.disconnect``)
@@ -41,6 +41,16 @@ from gateway import metrics, selectors, services, status
 from gateway.services import GatewayError
 from protocols.lease import Lease, jitter
 from protocols.mqtt import wire as topics
+from protocols.mqtt.events import (
+    DeviceReceive,
+    MqttDisconnect,
+    MqttHandled,
+    MqttRoomPublish,
+    RelayReceive,
+    ScopeSend,
+    mqtt_connect,
+    mqtt_disconnect,
+)
 from protocols.scopes import Scope, scope_open, scopes_cancel, scopes_close
 
 logger = logging.getLogger(__name__)
@@ -140,8 +150,8 @@ class MqttServer:
         self._saved: dict[str, int] = {}
         self._paused: set[str] = set()  # rooms whose relay stopped on a full outbox
         self._new_rooms = asyncio.Event()  # a room's first relay: save its cursor soon
-        self.devices: dict[tuple[str, str], Scope] = {}
-        self.relays: dict[str, Scope] = {}
+        self.devices: dict[tuple[str, str], Scope[DeviceReceive]] = {}
+        self.relays: dict[str, Scope[RelayReceive]] = {}
         # (topic, payload, room, cursor); topic None: only the room's position moves
         self.outbox: asyncio.Queue[Outgoing] = asyncio.Queue(maxsize=OUTBOX_LIMIT)
         self.connected = asyncio.Event()  # set and cleared only with the connection itself
@@ -152,7 +162,7 @@ class MqttServer:
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
         # Received messages not yet acknowledged: token -> (scope, connection, mid, qos)
-        self._acks: dict[int, tuple[Scope | None, _Link, int, int]] = {}
+        self._acks: dict[int, tuple[Scope[DeviceReceive] | None, _Link, int, int]] = {}
         self._token = 0
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -186,8 +196,8 @@ class MqttServer:
         # No more lease renewals or new relays from here.
         self._housekeeping.cancel()
         await asyncio.gather(self._housekeeping, return_exceptions=True)
-        scopes = [*self.devices.values(), *self.relays.values()]
-        await scopes_close(scopes, {"type": "mqtt.disconnect"}, wait=SCOPE_STOP_WAIT)
+        scopes: list[Scope[MqttDisconnect]] = [*self.devices.values(), *self.relays.values()]
+        await scopes_close(scopes, mqtt_disconnect(), wait=SCOPE_STOP_WAIT)
         await scopes_cancel(scopes)
         self.devices.clear()
         self.relays.clear()
@@ -329,7 +339,7 @@ class MqttServer:
         self.stats["received"] += 1
         scope = self.devices.get((where.device_id, where.room))
         if scope is None:
-            scope = self.devices[(where.device_id, where.room)] = self._open(
+            scope = self.devices[(where.device_id, where.room)] = self._open_device(
                 {"type": "mqtt", "role": "device", "room": where.room,
                  "device_id": where.device_id, "prefix": self.prefix},
                 name=f"mqtt-device-{where.device_id}-{where.room}",
@@ -342,11 +352,15 @@ class MqttServer:
         scope.put({"type": "mqtt.message", "payload": bytes(message.payload), "ack": token,
                    "received_at": now})
 
-    def _open(self, scope: dict, *, name: str) -> Scope:
-        return scope_open(self.application, scope, self._send, first={"type": "mqtt.connect"},
+    def _open_device(self, scope: dict, *, name: str) -> Scope[DeviceReceive]:
+        return scope_open(self.application, scope, self._send, first=mqtt_connect(),
                           name=name, on_exit=self._exited)
 
-    def _exited(self, opened: Scope, failure: BaseException | None) -> None:
+    def _open_relay(self, scope: dict, *, name: str) -> Scope[RelayReceive]:
+        return scope_open(self.application, scope, self._send, first=mqtt_connect(),
+                          name=name, on_exit=self._exited)
+
+    def _exited(self, opened: Scope[MqttDisconnect], failure: BaseException | None) -> None:
         scope = opened.scope
         if scope["role"] != "device":
             if self.relays.get(scope["room"]) is opened:
@@ -367,15 +381,14 @@ class MqttServer:
                 # Cancelled while storing (a stop): unacknowledged, the broker sends it again.
                 del self._acks[token]
 
-    async def _send(self, message: dict) -> None:
+    async def _send(self, message: ScopeSend) -> None:
         if message["type"] == "mqtt.handled":
             return self._handled(message)
         if message["type"] != "mqtt.publish":
             raise ValueError(f"unknown mqtt event {message['type']!r}")
-        if message.get("room") is not None and message.get("id") is not None:
+        if "room" in message:  # a room's entry; else a device's error reply
             return self._relay_publish(message)
-        if "refused" in message:
-            self.refused[message["refused"]] += 1
+        self.refused[message["refused"]] += 1
         # Error replies take at most half the outbox, so they never pause a room's relay.
         if self.outbox.qsize() < max(1, self.outbox.maxsize // 2):
             self.outbox.put_nowait((message["topic"], message["payload"], None, None))
@@ -385,17 +398,17 @@ class MqttServer:
                 logger.warning("MQTT outbox full: dropped %d error replies so far",
                                self.stats["dropped"], extra={"protocol": "mqtt"})
 
-    def _handled(self, message: dict) -> None:
+    def _handled(self, message: MqttHandled) -> None:
         """A device's message is stored or refused: acknowledge it; a stored one wakes its
         room's relay."""
         entry = self._acks.get(message["ack"])
         self._ack(message["ack"])
-        if entry is not None and entry[0] is not None and message.get("stored") and self.leader:
+        if entry is not None and entry[0] is not None and message["stored"] and self.leader:
             room = entry[0].scope["room"]
             if room not in self.relays and self.outbox.qsize() < OUTBOX_LIMIT // 2:
                 self._relay(room, after=self.queued.get(room, 0))
 
-    def _relay_publish(self, message: dict) -> None:
+    def _relay_publish(self, message: MqttRoomPublish) -> None:
         """Queue a relay's message; on a full outbox, stop the relay instead (it starts
         again from the last message queued once the broker has caught up)."""
         room = message["room"]
@@ -406,7 +419,7 @@ class MqttServer:
             self._paused.add(room)
             self.stats["relay_pauses"] += 1
             if relay is not None:
-                relay.close({"type": "mqtt.disconnect"})
+                relay.close(mqtt_disconnect())
             logger.warning("MQTT outbox full: the room's relay pauses",
                            extra={"protocol": "mqtt", "room": room,
                                   "resume_after": self.queued.get(room, 0)})
@@ -429,7 +442,7 @@ class MqttServer:
             # was never published).
             self.published[room] = after
             self._new_rooms.set()
-        self.relays[room] = self._open(
+        self.relays[room] = self._open_relay(
             {"type": "mqtt", "role": "out", "room": room, "prefix": self.prefix,
              "after": after},
             name=f"mqtt-out-{room}",
@@ -473,7 +486,7 @@ class MqttServer:
         elif not held and self.leader:
             self.leader = False
             for relay in self.relays.values():
-                relay.close({"type": "mqtt.disconnect"})
+                relay.close(mqtt_disconnect())
             self.queued, self.published, self._saved = {}, {}, {}
             self._paused.clear()
             logger.warning("lost the MQTT relay lease; another process relays now",
@@ -525,7 +538,7 @@ class MqttServer:
         for key, scope in list(self.devices.items()):
             if scope.last_seen < cutoff and not scope.pending:
                 del self.devices[key]
-                scope.close({"type": "mqtt.disconnect"})
+                scope.close(mqtt_disconnect())
         for relay in self.relays.values():
             if relay.last_seen < cutoff:
-                relay.close({"type": "mqtt.disconnect"})
+                relay.close(mqtt_disconnect())
