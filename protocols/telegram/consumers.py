@@ -1,7 +1,8 @@
 """Telegram consumers: a chat talking to the bot, and the rooms relayed to the chats.
 
 The protocol server (protocols/telegram/server.py) opens the scopes; these translate between
-its ``chat.*`` events and the conversation (bots/) and rooms.
+its ``chat.*`` and ``telegram.*`` events (protocols/telegram/events.py) and the
+conversation (bots/) and rooms.
 
 - ``role: chat``, one per chat, is fed ``chat.received_message`` and answers with
   ``chat.send_message``; it reports each update as handled (``chat.handled``) once its
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
@@ -29,6 +31,18 @@ from gateway import events, selectors, services
 from gateway.fanout import Delivery
 from gateway.logging import scope_log
 from gateway.ratelimit import flood_limit
+from protocols.telegram.events import (
+    ChatConnect,
+    ChatDelivered,
+    ChatDisconnect,
+    ChatReceivedMessage,
+    ChatSend,
+    ChatUnreachable,
+    RoomSend,
+    RoomsSend,
+    TelegramPrune,
+    TelegramScan,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,16 +59,18 @@ PRIVACY_ADVICE = (
 class TelegramChatConsumer(ScopeConsumer):
     """One chat: what its people write is answered by the bot or posted to its room."""
 
+    base_send: Callable[[ChatSend], Awaitable[None]]  # the scope's send, typed
+
     def setup(self) -> None:
         chat = self.scope["chat"]
         self.chat_id = chat["id"]
         self.log = scope_log(PLATFORM, None, f"telegram-chat-{self.chat_id}")
         self.bucket = flood_limit()
 
-    async def chat_connect(self, message) -> None:
+    async def chat_connect(self, message: ChatConnect) -> None:
         logger.info("chat scope opened", extra=self.log)
 
-    async def chat_received_message(self, message) -> None:
+    async def chat_received_message(self, message: ChatReceivedMessage) -> None:
         chat, user = self.scope["chat"], message["user"]
         incoming = conversation.Incoming(
             platform=PLATFORM, chat_id=self.chat_id, chat_kind=chat["kind"],
@@ -82,7 +98,7 @@ class TelegramChatConsumer(ScopeConsumer):
                                   "text": text})
         await self.base_send({"type": "chat.handled", "update_id": message["update_id"]})
 
-    async def chat_disconnect(self, message) -> None:
+    async def chat_disconnect(self, message: ChatDisconnect) -> None:
         raise StopConsumer()
 
     async def finish(self) -> None:
@@ -99,8 +115,9 @@ class TelegramRoomConsumer(RoomConsumer):
     """
 
     protocol = PLATFORM
+    base_send: Callable[[RoomSend], Awaitable[None]]  # the scope's send, typed
 
-    async def chat_connect(self, message) -> None:
+    async def chat_connect(self, message: ChatConnect) -> None:
         room = self.scope["room"]
         self.scope_id = f"telegram-out-{room}"
         self.pending: list[events.RoomMessage] = []
@@ -155,7 +172,7 @@ class TelegramRoomConsumer(RoomConsumer):
                     "last": index == len(pieces) - 1,
                 })
 
-    async def chat_delivered(self, message) -> None:
+    async def chat_delivered(self, message: ChatDelivered) -> None:
         """The server sent these; record it, then tell it (it waits before the next)."""
         try:
             await database_sync_to_async(services.bot_chats_delivered_save)(
@@ -173,7 +190,7 @@ class TelegramRoomConsumer(RoomConsumer):
             self.pending = [e for e in self.pending if e["id"] != entry["id"]]
             await self.base_send({"type": "chat.drop", "room": entry["room"], "id": entry["id"]})
 
-    async def chat_unreachable(self, message) -> None:
+    async def chat_unreachable(self, message: ChatUnreachable) -> None:
         """The chat blocked the bot or removed it: it leaves the room."""
         try:
             await database_sync_to_async(services.bot_chat_leave_unreachable)(
@@ -189,7 +206,7 @@ class TelegramRoomConsumer(RoomConsumer):
     async def close(self, code: int) -> None:
         self.closed, self.live = True, False
 
-    async def chat_disconnect(self, message) -> None:
+    async def chat_disconnect(self, message: ChatDisconnect) -> None:
         raise StopConsumer()
 
     async def finish(self) -> None:
@@ -201,14 +218,16 @@ class TelegramRoomConsumer(RoomConsumer):
 class TelegramRoomsConsumer(ScopeConsumer):
     """Tells the relaying server which rooms have chats, and forgets old updates."""
 
-    async def telegram_scan(self, message) -> None:
+    base_send: Callable[[RoomsSend], Awaitable[None]]  # the scope's send, typed
+
+    async def telegram_scan(self, message: TelegramScan) -> None:
         rooms = await database_sync_to_async(selectors.bot_chat_rooms)(platform=PLATFORM)
         await self.base_send({"type": "telegram.relay_rooms", "rooms": rooms})
 
-    async def telegram_prune(self, message) -> None:
+    async def telegram_prune(self, message: TelegramPrune) -> None:
         await database_sync_to_async(services.bot_updates_prune)(
             platform=PLATFORM, older_than=UPDATES_KEPT
         )
 
-    async def chat_disconnect(self, message) -> None:
+    async def chat_disconnect(self, message: ChatDisconnect) -> None:
         raise StopConsumer()

@@ -2,7 +2,8 @@
 
 Like daphne for WebSockets, it knows nothing of rooms or commands. It turns Telegram
 updates into scopes and events for the root ASGI application, and carries the
-application's ``chat.send_message`` events to Telegram.
+application's ``chat.send_message`` events to Telegram. The events are written down in
+protocols/telegram/events.py.
 
 - A chat scope per chat, ``{"type": "telegram", "role": "chat", "chat": {...}, "user": {...}}``
   (the user who opened it), fed ``chat.received_message`` events; closed after
@@ -60,6 +61,17 @@ from gateway import metrics, status  # noqa: E402
 from protocols.lease import Lease, jitter  # noqa: E402
 from protocols.scopes import Scope, scope_open, scopes_close  # noqa: E402
 from protocols.telegram import handoff  # noqa: E402
+from protocols.telegram.events import (  # noqa: E402
+    ChatDisconnect,
+    ChatReceive,
+    ChatUser,
+    RoomReceive,
+    RoomsReceive,
+    ScopeSend,
+    chat_connect,
+    chat_disconnect,
+    telegram_scan,
+)
 from protocols.telegram.ingress import LOG, Ingress, seconds  # noqa: E402
 from protocols.telegram.outbox import Outbox, Outgoing, SendLimits  # noqa: E402
 
@@ -101,14 +113,14 @@ class TelegramServer:
         self.lease = Lease(LEASE, ttl=LEASE_TTL)
         self.leader = False
         self.ready = asyncio.Event()
-        self.chats: dict[str, Scope] = {}
-        self.relays: dict[str, Scope] = {}
-        self.directory: Scope | None = None
+        self.chats: dict[str, Scope[ChatReceive]] = {}
+        self.relays: dict[str, Scope[RoomReceive]] = {}
+        self.directory: Scope[RoomsReceive] | None = None
         self.outbox = Outbox(limits)
         self.drains: dict[str, asyncio.Task] = {}  # chat -> the task sending its queue
         self.recorded: dict[str, asyncio.Future] = {}  # chat -> its last delivery recorded
         # update_id -> (whether handled, the chat scope handling it)
-        self.handling: dict[int, tuple[asyncio.Future, Scope]] = {}
+        self.handling: dict[int, tuple[asyncio.Future, Scope[ChatReceive]]] = {}
         self.stats: Counter[str] = Counter()
         self.last_update: float | None = None  # epoch seconds
         self.ingress = Ingress(
@@ -154,7 +166,7 @@ class TelegramServer:
         for task in self._tasks:  # no more housekeeping: it could take the lease again
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await scopes_close(list(self.chats.values()), {"type": "chat.disconnect"}, wait=5)
+        await scopes_close(list(self.chats.values()), chat_disconnect(), wait=5)
         if self.drains:
             _, unsent = await asyncio.wait(list(self.drains.values()), timeout=3)
             if unsent:
@@ -178,7 +190,7 @@ class TelegramServer:
                     await self._refresh_me()
                 await self._lead()
                 if self.leader and self.directory is not None:
-                    self.directory.put({"type": "telegram.scan"})
+                    self.directory.put(telegram_scan())
                     if time.monotonic() >= next_prune:
                         self.directory.put({"type": "telegram.prune"})
                         next_prune = time.monotonic() + PRUNE_INTERVAL
@@ -247,7 +259,7 @@ class TelegramServer:
             self.ingress.lead()
             self.directory = scope_open(
                 self.application, {"type": "telegram", "role": "rooms"}, self._send,
-                first={"type": "telegram.scan"}, name="telegram-rooms", on_exit=self._exited,
+                first=telegram_scan(), name="telegram-rooms", on_exit=self._exited,
             )
             logger.info("this process now %s Telegram and relays rooms to chats",
                         "receives the webhook of" if self.ingress.webhook_url else "polls",
@@ -263,10 +275,10 @@ class TelegramServer:
         was_leader, self.leader = self.leader, False
         await self.ingress.step_down()
         self.outbox.drop_rooms()
-        scopes = list(self.relays.values())
+        scopes: list[Scope[ChatDisconnect]] = list(self.relays.values())
         if self.directory is not None:
             scopes.append(self.directory)
-        await scopes_close(scopes, {"type": "chat.disconnect"}, wait=5)
+        await scopes_close(scopes, chat_disconnect(), wait=5)
         if was_leader:
             await self.lease.release()
 
@@ -289,7 +301,7 @@ class TelegramServer:
         self.last_update = time.time()
         chat_id = str(message.chat.id)
         user = message.from_user
-        person = {
+        person: ChatUser = {
             "id": str(user.id) if user else chat_id,
             "username": (user.username or "") if user else "",
             "name": user.full_name if user else (message.chat.title or chat_id),
@@ -302,7 +314,7 @@ class TelegramServer:
                 self.application,
                 {"type": "telegram", "role": "chat", "chat": chat, "user": person,
                  "bot_username": self.bot.username},
-                self._send, first={"type": "chat.connect"}, name=f"telegram-chat-{chat_id}",
+                self._send, first=chat_connect(), name=f"telegram-chat-{chat_id}",
                 on_exit=self._exited,
             )
             metrics.CONNECTIONS.labels("telegram").set(len(self.chats))
@@ -344,7 +356,7 @@ class TelegramServer:
         if pending is not None and not pending[0].done():
             pending[0].set_result(ok)
 
-    def _exited(self, scope: Scope, failure: BaseException | None) -> None:
+    def _exited(self, scope: Scope[ChatDisconnect], failure: BaseException | None) -> None:
         info = scope.scope
         if info["role"] == "chat":
             chat_id = info["chat"]["id"]
@@ -366,25 +378,25 @@ class TelegramServer:
 
     # --- from the application ----------------------------------------------------------
 
-    async def _send(self, message: dict) -> None:
-        kind = message["type"]
-        if kind == "chat.send_message":
-            self._queue(str(message["chat_id"]), Outgoing(
-                message["text"], message.get("room"), message.get("id"),
-                message.get("last", True),
-            ))
-        elif kind in ("chat.handled", "chat.failed"):
-            self._handled(message["update_id"], kind == "chat.handled")
-        elif kind == "chat.drop":
+    async def _send(self, message: ScopeSend) -> None:
+        if message["type"] == "chat.send_message":
+            if "room" in message:  # a piece of a room message; else a reply
+                item = Outgoing(message["text"], message["room"], message["id"], message["last"])
+            else:
+                item = Outgoing(message["text"])
+            self._queue(str(message["chat_id"]), item)
+        elif message["type"] == "chat.handled" or message["type"] == "chat.failed":
+            self._handled(message["update_id"], message["type"] == "chat.handled")
+        elif message["type"] == "chat.drop":
             self.outbox.drop((message["room"], message["id"]))
-        elif kind == "chat.recorded":
+        elif message["type"] == "chat.recorded":
             recorded = self.recorded.get(message["chat_id"])
             if recorded is not None and not recorded.done():
                 recorded.set_result(None)
-        elif kind == "telegram.relay_rooms":
+        elif message["type"] == "telegram.relay_rooms":
             self._relay_rooms(message["rooms"])
         else:
-            raise ValueError(f"unknown telegram event {kind!r}")
+            raise ValueError(f"unknown telegram event {message['type']!r}")
 
     def _relay_rooms(self, rooms: list[str]) -> None:
         if not self.leader:
@@ -392,11 +404,11 @@ class TelegramServer:
         for room in set(rooms) - self.relays.keys():
             self.relays[room] = scope_open(
                 self.application, {"type": "telegram", "role": "room", "room": room},
-                self._send, first={"type": "chat.connect"}, name=f"telegram-out-{room}",
+                self._send, first=chat_connect(), name=f"telegram-out-{room}",
                 on_exit=self._exited,
             )
         for room in self.relays.keys() - set(rooms):
-            self.relays[room].put({"type": "chat.disconnect"})
+            self.relays[room].put(chat_disconnect())
 
     # --- outbound ----------------------------------------------------------------------
 
@@ -415,7 +427,7 @@ class TelegramServer:
                 sent = await self._deliver(chat_id, item.text)
                 self.outbox.done(chat_id)
                 relay = self.relays.get(item.room) if item.room is not None else None
-                if sent and item.last and relay is not None:
+                if sent and item.last and relay is not None and item.seq is not None:
                     await self._record(relay, chat_id, item.seq)
                 elif not sent and item.room is not None and chat_id not in self.outbox:
                     # Unreachable: tell the room's relay, which takes the chat out of it.
@@ -426,7 +438,7 @@ class TelegramServer:
                 del self.drains[chat_id]
             self.outbox.release(chat_id)
 
-    async def _record(self, relay: Scope, chat_id: str, seq: int | None) -> None:
+    async def _record(self, relay: Scope[RoomReceive], chat_id: str, seq: int) -> None:
         """Have the relay record that the chat was sent ``seq``, and wait for it before the
         chat's next message: a relay taking over after a crash then resends at most the one
         message that was in flight (Telegram has no idempotent send)."""
@@ -490,7 +502,7 @@ class TelegramServer:
         for chat_id, scope in list(self.chats.items()):
             if scope.last_seen < cutoff:
                 del self.chats[chat_id]
-                scope.put({"type": "chat.disconnect"})
+                scope.put(chat_disconnect())
 
 
 def telegram_bot(token: str, *, api_url: str) -> Bot:
