@@ -1,8 +1,9 @@
 """The chatbot's conversation: commands, replies, and text posted to the joined room.
 
-Platform-neutral: a protocol's consumer turns its platform's message into an ``Incoming``
-and sends the returned replies (HTML: b, i, code) back to the chat. Runs in a database
-thread, one update at a time per chat.
+Platform-neutral: a protocol's consumer turns its platform's message into an ``Incoming``,
+and renders the returned replies (the neutral markup of bots/markup.py) for its platform
+(protocols/telegram/render.py) to send them back to the chat. Runs in a database thread, one
+update at a time per chat.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import cast
 from django.db import transaction
 
 from bots import formatting
+from bots.markup import Line, Reply, bold, line, reply
 from gateway import events, metrics, selectors, services
 from gateway.errors import GatewayError
 from gateway.models import BotChat
@@ -54,7 +56,7 @@ class Incoming:
         return self.chat_kind == "private"
 
 
-def handle(incoming: Incoming, *, bot_username: str = "") -> list[str]:
+def handle(incoming: Incoming, *, bot_username: str = "") -> list[Reply]:
     """Answer one message: the replies to send to its chat (none for a repeated update)."""
     with transaction.atomic():
         if incoming.update_id is not None and not services.bot_update_claim(
@@ -70,7 +72,7 @@ def handle(incoming: Incoming, *, bot_username: str = "") -> list[str]:
             logger.info("ignored a blocked chat", extra=_log(incoming))
             return []
         if not incoming.text:  # a photo, a sticker, someone joining the group...
-            return [ONLY_TEXT] if incoming.private else []
+            return [reply(ONLY_TEXT)] if incoming.private else []
         command, argument = command_parse(incoming.text, bot_username)
         if command is None:
             return _post(chat, incoming)
@@ -78,8 +80,8 @@ def handle(incoming: Incoming, *, bot_username: str = "") -> list[str]:
             return []  # a command for another bot in the group
         action = COMMANDS.get(command)
         if action is None:
-            shown = formatting.escape(command[:COMMAND_SHOWN])
-            return [f"Unknown command /{shown}. /help lists the commands."]
+            shown = command[:COMMAND_SHOWN]
+            return [reply(f"Unknown command /{shown}. /help lists the commands.")]
         return action(chat, incoming, argument)
 
 
@@ -107,10 +109,10 @@ def _sender(chat: BotChat, incoming: Incoming) -> events.Sender:
     )
 
 
-def _post(chat: BotChat, incoming: Incoming) -> list[str]:
+def _post(chat: BotChat, incoming: Incoming) -> list[Reply]:
     if not chat.room:
         # In a group, people talk among themselves: only a private chat gets the hint.
-        return [JOIN_HINT] if incoming.private else []
+        return [reply(JOIN_HINT)] if incoming.private else []
     client_id = None if incoming.update_id is None else f"update-{incoming.update_id}"
     try:
         services.room_message_post(
@@ -122,112 +124,115 @@ def _post(chat: BotChat, incoming: Incoming) -> list[str]:
         logger.warning("refused a chat message %s: %s", exc.code, exc.detail,
                        extra=_log(incoming, room=chat.room, code=exc.code))
         metrics.refused(incoming.platform, exc.code)
-        return [f"Not sent: {formatting.escape(exc.detail)}"]
+        return [reply(f"Not sent: {exc.detail}")]
     return []
 
 
 # --- commands ------------------------------------------------------------------------------
 
 ONLY_TEXT = "Only text messages are passed on to the room."
-JOIN_HINT = "Join a room first: /join &lt;room&gt; (/rooms lists them)."
+JOIN_HINT = "Join a room first: /join <room> (/rooms lists them)."
 
 HELP = (
     "I bridge this chat to a room of the gateway: browsers, devices and other chats.\n"
     "/rooms: active rooms\n"
-    "/join &lt;room&gt;: receive a room and write to it\n"
+    "/join <room>: receive a room and write to it\n"
     "/leave: leave the room\n"
     "/who: who is in the room\n"
     f"/history [n]: the last n messages (up to {HISTORY_MAX})\n"
-    "/name &lt;name&gt;: the name others see\n"
+    "/name <name>: the name others see\n"
     "/help: this help"
 )
 
 
-def _start(chat: BotChat, incoming: Incoming, argument: str) -> list[str]:
-    return [f"Welcome! {HELP}\n\n{_where(chat)}"]
+def _start(chat: BotChat, incoming: Incoming, argument: str) -> list[Reply]:
+    return [reply(f"Welcome! {HELP}", "", _where(chat))]
 
 
-def _help(chat: BotChat, incoming: Incoming, argument: str) -> list[str]:
-    return [f"{HELP}\n\n{_where(chat)}"]
+def _help(chat: BotChat, incoming: Incoming, argument: str) -> list[Reply]:
+    return [reply(HELP, "", _where(chat))]
 
 
-def _where(chat: BotChat) -> str:
+def _where(chat: BotChat) -> Line:
     if chat.room:
-        return f"You are in <b>{formatting.escape(chat.room)}</b>."
-    return "You are in no room yet."
+        return line("You are in ", bold(chat.room), ".")
+    return line("You are in no room yet.")
 
 
-def _rooms(chat: BotChat, incoming: Incoming, argument: str) -> list[str]:
+def _rooms(chat: BotChat, incoming: Incoming, argument: str) -> list[Reply]:
     rooms = selectors.room_list(limit=ROOMS_SHOWN)
     if not rooms:
-        return ["No rooms yet: /join &lt;room&gt; opens one."]
-    items = ["Rooms, most recently active first:"]
+        return [reply("No rooms yet: /join <room> opens one.")]
+    items = [line("Rooms, most recently active first:")]
     for room in rooms:
         counts = cast(dict[str, int], room["members_by_protocol"])
         by_protocol = ", ".join(f"{p} {n}" for p, n in counts.items())
         members = f"{room['members']} ({by_protocol})" if by_protocol else "0"
-        items.append(f"• <b>{formatting.escape(str(room['name']))}</b>: {members}")
-    return formatting.lines(items)
+        items.append(line("• ", bold(str(room["name"])), f": {members}"))
+    return [reply(*items)]
 
 
-def _join(chat: BotChat, incoming: Incoming, argument: str) -> list[str]:
+def _join(chat: BotChat, incoming: Incoming, argument: str) -> list[Reply]:
     if not argument:
-        return [f"Usage: /join &lt;room&gt; ({ROOM_NAME_RULE})"]
+        return [reply(f"Usage: /join <room> ({ROOM_NAME_RULE})")]
     try:  # before any query: PostgreSQL refuses a NUL in a name, for one
         room_name_validate(argument)
     except InvalidRoomName as exc:
-        return [formatting.escape(str(exc))]
+        return [reply(line(exc.detail))]
     if selectors.room_is_closed(room=argument):
-        return [f"Room <b>{formatting.escape(argument)}</b> is closed."]
+        return [reply(line("Room ", bold(argument), " is closed."))]
     try:
         services.bot_chat_join(chat=chat, room=argument)
     except GatewayError as exc:  # the room policy refused a new room
         logger.warning("refused a join %s: %s", exc.code, exc.detail,
                        extra=_log(incoming, room=argument, code=exc.code))
         metrics.refused(incoming.platform, exc.code)
-        return [f"Not joined: {formatting.escape(exc.detail)}"]
+        return [reply(f"Not joined: {exc.detail}")]
     logger.info("chat joined a room", extra=_log(incoming, room=chat.room))
-    room = formatting.escape(chat.room)
     if incoming.text_withheld and not incoming.private:
         logger.warning("joined a room, but the group's plain text does not reach the bot",
                        extra=_log(incoming, room=chat.room))
-        return [f"You joined <b>{room}</b>: its messages come here, and commands work. "
-                f"But plain text in this group does not reach me, so it is not passed on. "
-                f"{incoming.text_withheld}"]
-    return [f"You joined <b>{room}</b>: its messages come here, and what you write goes there. "
-            "/history shows what was said; /leave stops."]
+        return [reply(line(
+            "You joined ", bold(chat.room), ": its messages come here, and commands work. "
+            "But plain text in this group does not reach me, so it is not passed on. "
+            f"{incoming.text_withheld}"
+        ))]
+    return [reply(line(
+        "You joined ", bold(chat.room), ": its messages come here, and what you write goes "
+        "there. /history shows what was said; /leave stops."
+    ))]
 
 
-def _leave(chat: BotChat, incoming: Incoming, argument: str) -> list[str]:
+def _leave(chat: BotChat, incoming: Incoming, argument: str) -> list[Reply]:
     if not chat.room:
-        return ["You are in no room."]
+        return [reply("You are in no room.")]
     room = chat.room
     services.bot_chat_leave(chat=chat)
     logger.info("chat left a room", extra=_log(incoming, room=room))
-    return [f"You left <b>{formatting.escape(room)}</b>."]
+    return [reply(line("You left ", bold(room), "."))]
 
 
-def _who(chat: BotChat, incoming: Incoming, argument: str) -> list[str]:
+def _who(chat: BotChat, incoming: Incoming, argument: str) -> list[Reply]:
     if not chat.room:
-        return [JOIN_HINT]
+        return [reply(JOIN_HINT)]
     members = selectors.room_member_list(room=chat.room)
-    items = [f"In <b>{formatting.escape(chat.room)}</b>:"]
+    items = [line("In ", bold(chat.room), ":")]
     for member in members:
-        label = formatting.PROTOCOL_LABELS.get(str(member["protocol"]), str(member["protocol"]))
-        items.append(f"• {formatting.escape(str(member['name']))} ({label})")
-    return formatting.lines(items)
+        label = formatting.protocol_label(str(member["protocol"]))
+        items.append(line(f"• {member['name']} ({label})"))
+    return [reply(*items)]
 
 
-def _history(chat: BotChat, incoming: Incoming, argument: str) -> list[str]:
+def _history(chat: BotChat, incoming: Incoming, argument: str) -> list[Reply]:
     if not chat.room:
-        return [JOIN_HINT]
+        return [reply(JOIN_HINT)]
     count = HISTORY_DEFAULT if not argument else count_parse(argument, HISTORY_MAX)
     if count is None:
-        return [f"Usage: /history [n], n from 1 to {HISTORY_MAX}"]
+        return [reply(f"Usage: /history [n], n from 1 to {HISTORY_MAX}")]
     history = selectors.room_messages_last(room=chat.room, limit=count)
     if not history:
-        return [f"No messages in <b>{formatting.escape(chat.room)}</b> yet."]
-    return formatting.lines([formatting.history_line(event) for event in history])
+        return [reply(line("No messages in ", bold(chat.room), " yet."))]
+    return [reply(*(formatting.history_line(event) for event in history))]
 
 
 def count_parse(text: str, most: int) -> int | None:
@@ -242,15 +247,15 @@ def count_parse(text: str, most: int) -> int | None:
     return count if 1 <= count <= most else None
 
 
-def _name(chat: BotChat, incoming: Incoming, argument: str) -> list[str]:
+def _name(chat: BotChat, incoming: Incoming, argument: str) -> list[Reply]:
     name = display_name_clean(argument)
     if not name:
-        return ["Usage: /name &lt;display name&gt;"]
+        return [reply("Usage: /name <display name>")]
     services.bot_chat_name_set(chat=chat, user_id=incoming.user_id, name=name)
-    return [f"Others now see you as <b>{formatting.escape(name)}</b>."]
+    return [reply(line("Others now see you as ", bold(name), "."))]
 
 
-COMMANDS: dict[str, Callable[[BotChat, Incoming, str], list[str]]] = {
+COMMANDS: dict[str, Callable[[BotChat, Incoming, str], list[Reply]]] = {
     "start": _start,
     "help": _help,
     "rooms": _rooms,

@@ -7,8 +7,9 @@ import itertools
 
 import pytest
 
-from bots import conversation, formatting
+from bots import conversation
 from bots.conversation import HISTORY_MAX, Incoming, count_parse
+from protocols.telegram import render
 from tests.botapi import visible_text
 
 pytestmark = pytest.mark.django_db
@@ -29,14 +30,15 @@ def say(text: str, *, chat_id: str = "7", kind: str = "private", withheld: str =
         platform="telegram", chat_id=chat_id, chat_kind=kind, chat_title="T", user_id="7",
         user_name="Tester", text=text, update_id=next(_update_ids), text_withheld=withheld,
     )
-    return conversation.handle(incoming, bot_username="gateway_test_bot")
+    replies = conversation.handle(incoming, bot_username="gateway_test_bot")
+    return [text for reply in replies for text in render.messages(reply)]  # as Telegram gets
 
 
 def assert_sendable(replies: list[str]) -> None:
     """Each reply is HTML Telegram parses, within its length limit."""
     for reply in replies:
         shown = visible_text(reply, "HTML")
-        assert 0 < formatting.visible_length(shown) <= formatting.LIMIT, reply[:200]
+        assert 0 < render.visible_length(shown) <= render.LIMIT, reply[:200]
 
 
 @pytest.mark.parametrize("count", ["²", "٣", "１０", "-1", "0", "51", "9" * 5000, "x", "5 6"])

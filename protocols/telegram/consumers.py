@@ -26,11 +26,13 @@ from channels.exceptions import StopConsumer
 from django.db import DatabaseError
 
 from bots import conversation, formatting
+from bots.markup import reply
 from consumers.base import RoomConsumer, ScopeConsumer
 from gateway import events, selectors, services
 from gateway.fanout import Delivery
 from gateway.logging import scope_log
 from gateway.ratelimit import flood_limit
+from protocols.telegram import render
 from protocols.telegram.events import (
     ChatConnect,
     ChatDelivered,
@@ -80,7 +82,7 @@ class TelegramChatConsumer(ScopeConsumer):
         )
         if not self.bucket.allow():
             logger.warning("refused a chat message: rate limited", extra=self.log)
-            replies = ["Slow down: too many messages. This one was not sent."]
+            replies = [reply("Slow down: too many messages. This one was not sent.")]
         else:
             try:
                 replies = await database_sync_to_async(conversation.handle)(
@@ -93,9 +95,10 @@ class TelegramChatConsumer(ScopeConsumer):
                                  extra=self.log)
                 await self.base_send({"type": "chat.failed", "update_id": message["update_id"]})
                 return
-        for text in replies:
-            await self.base_send({"type": "chat.send_message", "chat_id": self.chat_id,
-                                  "text": text})
+        for answer in replies:
+            for text in render.messages(answer):
+                await self.base_send({"type": "chat.send_message", "chat_id": self.chat_id,
+                                      "text": text})
         await self.base_send({"type": "chat.handled", "update_id": message["update_id"]})
 
     async def chat_disconnect(self, message: ChatDisconnect) -> None:
@@ -163,7 +166,7 @@ class TelegramRoomConsumer(RoomConsumer):
                 PLATFORM, chat_id
             ):
                 continue
-            pieces = pieces or formatting.room_message(event)
+            pieces = pieces or render.messages(formatting.room_message(event))
             for index, text in enumerate(pieces):
                 await self.base_send({
                     "type": "chat.send_message", "chat_id": chat_id, "text": text,
