@@ -28,7 +28,7 @@ from django.db import DatabaseError
 from bots import conversation, formatting
 from bots.markup import reply
 from consumers.base import RoomConsumer, ScopeConsumer
-from gateway import events, selectors, services
+from gateway import events, metrics, selectors, services
 from gateway.fanout import Delivery
 from gateway.logging import scope_log
 from gateway.ratelimit import flood_limit
@@ -50,6 +50,9 @@ logger = logging.getLogger(__name__)
 
 PLATFORM = "telegram"
 UPDATES_KEPT = 48 * 3600.0  # Telegram redelivers an update for at most 24 hours
+# Room messages a relay holds before its worker sends them on; past it the relay ends and
+# starts again from the chats' recorded positions (its worker is stuck: the database).
+RELAY_PENDING_LIMIT = 10_000
 # Told on /join in a group whose plain text the bot does not receive (privacy mode, no admin).
 PRIVACY_ADVICE = (
     "To bridge this group, turn the bot's privacy mode off: in @BotFather, "
@@ -124,6 +127,7 @@ class TelegramRoomConsumer(RoomConsumer):
         room = self.scope["room"]
         self.scope_id = f"telegram-out-{room}"
         self.pending: list[events.RoomMessage] = []
+        self.behind = False  # past RELAY_PENDING_LIMIT: ending, takes nothing more
         self.wakeup = asyncio.Event()
         self.worker = asyncio.create_task(self._work(), name=self.scope_id)
         chats = await database_sync_to_async(selectors.room_bot_chats)(
@@ -133,8 +137,23 @@ class TelegramRoomConsumer(RoomConsumer):
         await self.room_catch_up(min(chats.values()) if chats else None)
 
     async def send_room_event(self, event: events.RoomMessage, delivery: Delivery) -> None:
+        if len(self.pending) >= RELAY_PENDING_LIMIT:
+            # The worker is stuck (the database?): stop taking messages and have the server
+            # end this relay; it starts again from each chat's recorded position.
+            self.live = False
+            if not self.behind:
+                self.behind = True
+                metrics.dropped(PLATFORM, "relay_behind")
+                logger.warning("room relay fell behind; it restarts from the chats' positions",
+                               extra=self.log_extra(pending=len(self.pending),
+                                                    dropped_from=event["id"]))
+                await self.base_send({"type": "chat.relay_behind", "room": event["room"]})
+            return
         self.pending.append(event)
         self.wakeup.set()
+
+    def is_open(self) -> bool:
+        return not self.closed and not getattr(self, "behind", False)  # a catch-up stops too
 
     async def _work(self) -> None:
         while True:

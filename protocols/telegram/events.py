@@ -47,6 +47,9 @@ A scope sends the server:
 - ``chat.drop`` (room): message ``id`` of ``room`` was deleted: taken out of every chat's
   queue.
 - ``chat.recorded`` (room): the delivery to ``chat_id`` is recorded (see ``chat.delivered``).
+- ``chat.relay_behind`` (room): the relay of ``room`` holds more messages than it may
+  (``RELAY_PENDING_LIMIT``): the server ends it, and the next scan opens it again from the
+  chats' recorded positions (bounded, nothing lost).
 - ``telegram.relay_rooms`` (rooms): ``rooms``, every room with chats: the server opens a
   room scope for each it does not relay yet and closes those no longer named.
 
@@ -149,6 +152,12 @@ class ChatDrop(TypedDict):
 
 
 @final
+class ChatRelayBehind(TypedDict):
+    type: Literal["chat.relay_behind"]
+    room: str
+
+
+@final
 class ChatRecorded(TypedDict):
     type: Literal["chat.recorded"]
     chat_id: str
@@ -165,7 +174,7 @@ ChatReceive = ChatConnect | ChatReceivedMessage | ChatDisconnect  # server -> ro
 RoomReceive = ChatConnect | ChatDelivered | ChatUnreachable | ChatDisconnect  # -> role room
 RoomsReceive = TelegramScan | TelegramPrune | ChatDisconnect  # server -> role rooms
 ChatSend = ChatSendReply | ChatHandled | ChatFailed  # role chat -> server
-RoomSend = ChatSendRoomPiece | ChatDrop | ChatRecorded  # role room -> server
+RoomSend = ChatSendRoomPiece | ChatDrop | ChatRecorded | ChatRelayBehind  # role room -> server
 RoomsSend = TelegramRelayRooms  # role rooms -> server
 ScopeSend = ChatSend | RoomSend | RoomsSend  # what the server's send takes
 

@@ -395,6 +395,10 @@ class TelegramServer:
                 recorded.set_result(None)
         elif message["type"] == "telegram.relay_rooms":
             self._relay_rooms(message["rooms"])
+        elif message["type"] == "chat.relay_behind":
+            relay = self.relays.get(message["room"])
+            if relay is not None:  # ended; the next scan opens it again where chats got
+                relay.put(chat_disconnect())
         else:
             raise ValueError(f"unknown telegram event {message['type']!r}")
 
