@@ -473,7 +473,7 @@ async def test_production_mode_warns_when_the_embedded_broker_is_reachable(gatew
     await gateway_connected(gw)
     log = gw.log()
     assert "WARNING: the embedded MQTT broker listens on 0.0.0.0" in log  # stderr
-    assert '"level": "warning", "logger": "gateway.cli"' in log  # and the log line
+    assert '"level": "warning", "logger": "gateway.adapters"' in log  # and the log line
     assert await refused(port)  # anonymous: off in production mode
     assert "WARNING: the embedded MQTT broker accepts no device" in log  # and no accounts
 
