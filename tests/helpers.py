@@ -274,3 +274,15 @@ def log_in(browser, gw, path: str, username: str = STAFF, password: str = PASSWO
     page.fill("#id_password", password)
     page.click("form.login button[type=submit]")
     return page
+
+
+async def until_live(scope_id: str) -> None:
+    """Wait for an in-process scope to have caught up with its room (it tells nobody:
+    polled on the runtime's hub)."""
+    from gateway.runtime import get_runtime
+
+    runtime = await get_runtime()
+    async with asyncio.timeout(5):
+        while not any(s.scope_id == scope_id and getattr(s, "live", False)  # noqa: ASYNC110
+                      for s in runtime.hub.subscribers()):
+            await asyncio.sleep(0.01)

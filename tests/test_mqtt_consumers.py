@@ -21,6 +21,7 @@ from gateway.ratelimit import TokenBucket
 from gateway.runtime import get_runtime
 from protocols.mqtt import consumers
 from protocols.mqtt.consumers import MqttDeviceConsumer, MqttRoomConsumer
+from tests.helpers import until_live
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("runtime_stopped")]
 
@@ -49,15 +50,6 @@ async def relay(room: str, after: int | None = None) -> ApplicationCommunicator:
     await comm.send_input({"type": "mqtt.connect"})
     await until_live(f"mqtt-out-{room}")
     return comm
-
-
-async def until_live(scope_id: str) -> None:
-    """Wait for the scope to have caught up (it tells nobody: polled)."""
-    runtime = await get_runtime()
-    async with asyncio.timeout(5):
-        while not any(s.scope_id == scope_id and getattr(s, "live", False)  # noqa: ASYNC110
-                      for s in runtime.hub.subscribers()):
-            await asyncio.sleep(0.01)
 
 
 async def disconnect(comm: ApplicationCommunicator) -> None:

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 from channels.db import database_sync_to_async
 from channels.testing import ApplicationCommunicator
@@ -13,9 +11,9 @@ from django.db import OperationalError
 from gateway import events, selectors, services
 from gateway.models import BotChat, Message
 from gateway.ratelimit import TokenBucket
-from gateway.runtime import get_runtime
 from protocols.telegram import consumers
 from protocols.telegram.consumers import TelegramChatConsumer, TelegramRoomConsumer
+from tests.helpers import until_live
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("runtime_stopped")]
 
@@ -65,15 +63,6 @@ async def relay(room: str) -> ApplicationCommunicator:
     await comm.send_input({"type": "chat.connect"})
     await until_live(f"telegram-out-{room}")
     return comm
-
-
-async def until_live(scope_id: str) -> None:
-    """Wait for the scope to have caught up (it tells nobody: polled)."""
-    runtime = await get_runtime()
-    async with asyncio.timeout(5):
-        while not any(s.scope_id == scope_id and getattr(s, "live", False)  # noqa: ASYNC110
-                      for s in runtime.hub.subscribers()):
-            await asyncio.sleep(0.01)
 
 
 async def disconnect(comm: ApplicationCommunicator) -> None:

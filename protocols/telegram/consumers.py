@@ -234,6 +234,7 @@ class TelegramRoomConsumer(RoomConsumer):
     async def finish(self) -> None:
         if hasattr(self, "worker"):
             self.worker.cancel()
+            await asyncio.gather(self.worker, return_exceptions=True)
         await super().finish()
 
 
