@@ -98,3 +98,67 @@ async def scopes_cancel(scopes: list[Scope[Any]], *, wait: float = 2.0) -> None:
         task.cancel()
     if tasks:
         await asyncio.wait(tasks, timeout=wait)
+
+
+K = TypeVar("K")
+S = TypeVar("S", bound=Scope[Any])
+
+
+class ScopeRegistry(Generic[K, S]):
+    """A protocol server's open scopes of one kind, by key (a device in a room, a chat, a
+    room's relay): the one place that opens them on demand, forgets them when they end, and
+    finds the idle ones. Both servers (MQTT, Telegram) keep theirs here."""
+
+    def __init__(self, *, on_count: Callable[[int], None] | None = None) -> None:
+        self._scopes: dict[K, S] = {}
+        self._on_count = on_count  # told the number of open scopes when it changes
+
+    def __len__(self) -> int:
+        return len(self._scopes)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._scopes
+
+    def get(self, key: K) -> S | None:
+        return self._scopes.get(key)
+
+    def keys(self):
+        return self._scopes.keys()
+
+    def values(self) -> list[S]:
+        return list(self._scopes.values())
+
+    def open(self, key: K, opener: Callable[[], S]) -> S:
+        """The scope for ``key``, opened by ``opener`` if there is none."""
+        scope = self._scopes.get(key)
+        if scope is None:
+            scope = self._scopes[key] = opener()
+            self._count()
+        return scope
+
+    def ended(self, key: K, scope: object) -> bool:
+        """Forget ``scope`` (it ended) if it is still the one for ``key``; whether it was."""
+        if self._scopes.get(key) is not scope:
+            return False
+        del self._scopes[key]
+        self._count()
+        return True
+
+    def idle(self, idle_timeout: float) -> list[tuple[K, S]]:
+        """The scopes unused for ``idle_timeout`` seconds with nothing pending; the caller
+        closes them (and may forget them at once with ``ended``)."""
+        cutoff = time.monotonic() - idle_timeout
+        return [(key, scope) for key, scope in self._scopes.items()
+                if scope.last_seen < cutoff and not scope.pending]
+
+    def take_all(self) -> list[S]:
+        """Forget and return every scope (a stop, a lost lease)."""
+        taken = list(self._scopes.values())
+        self._scopes.clear()
+        if taken:
+            self._count()
+        return taken
+
+    def _count(self) -> None:
+        if self._on_count is not None:
+            self._on_count(len(self._scopes))

@@ -102,7 +102,7 @@ def relay_message(room: str, seq: int) -> dict:
 async def test_a_full_outbox_pauses_the_relay_where_it_got():
     mqtt = server()
     mqtt.outbox = asyncio.Queue(maxsize=3)
-    mqtt.relays["r"] = relay = relay_scope("r")
+    relay = mqtt.relays.open("r", lambda: relay_scope("r"))
     for seq in range(1, 6):
         await mqtt._send(relay_message("r", seq))
     # Three queued; the fourth found the outbox full: the relay is told to close, nothing

@@ -51,7 +51,7 @@ from protocols.mqtt.events import (
     mqtt_connect,
     mqtt_disconnect,
 )
-from protocols.scopes import Scope, scope_open, scopes_cancel, scopes_close
+from protocols.scopes import Scope, ScopeRegistry, scope_open, scopes_cancel, scopes_close
 
 logger = logging.getLogger(__name__)
 
@@ -150,8 +150,8 @@ class MqttServer:
         self._saved: dict[str, int] = {}
         self._paused: set[str] = set()  # rooms whose relay stopped on a full outbox
         self._new_rooms = asyncio.Event()  # a room's first relay: save its cursor soon
-        self.devices: dict[tuple[str, str], Scope[DeviceReceive]] = {}
-        self.relays: dict[str, Scope[RelayReceive]] = {}
+        self.devices: ScopeRegistry[tuple[str, str], Scope[DeviceReceive]] = ScopeRegistry()
+        self.relays: ScopeRegistry[str, Scope[RelayReceive]] = ScopeRegistry()
         # (topic, payload, room, cursor); topic None: only the room's position moves
         self.outbox: asyncio.Queue[Outgoing] = asyncio.Queue(maxsize=OUTBOX_LIMIT)
         self.connected = asyncio.Event()  # set and cleared only with the connection itself
@@ -199,8 +199,8 @@ class MqttServer:
         scopes: list[Scope[MqttDisconnect]] = [*self.devices.values(), *self.relays.values()]
         await scopes_close(scopes, mqtt_disconnect(), wait=SCOPE_STOP_WAIT)
         await scopes_cancel(scopes)
-        self.devices.clear()
-        self.relays.clear()
+        self.devices.take_all()
+        self.relays.take_all()
         if self.connected.is_set():
             try:
                 await asyncio.wait_for(self.outbox.join(), timeout=3)
@@ -337,13 +337,11 @@ class MqttServer:
                            extra={"protocol": "mqtt", "topic": topic[:200], "code": exc.code})
             return self._ack(token)
         self.stats["received"] += 1
-        scope = self.devices.get((where.device_id, where.room))
-        if scope is None:
-            scope = self.devices[(where.device_id, where.room)] = self._open_device(
-                {"type": "mqtt", "role": "device", "room": where.room,
-                 "device_id": where.device_id, "prefix": self.prefix},
-                name=f"mqtt-device-{where.device_id}-{where.room}",
-            )
+        scope = self.devices.open((where.device_id, where.room), lambda: self._open_device(
+            {"type": "mqtt", "role": "device", "room": where.room,
+             "device_id": where.device_id, "prefix": self.prefix},
+            name=f"mqtt-device-{where.device_id}-{where.room}",
+        ))
         now = scope.last_seen = time.monotonic()
         scope.pending += 1
         self._acks[token] = (scope, link, message.mid, message.qos)
@@ -363,14 +361,11 @@ class MqttServer:
     def _exited(self, opened: Scope[MqttDisconnect], failure: BaseException | None) -> None:
         scope = opened.scope
         if scope["role"] != "device":
-            if self.relays.get(scope["room"]) is opened:
+            if self.relays.ended(scope["room"], opened):
                 # The scan opens it again where it got once the room has something new.
-                del self.relays[scope["room"]]
                 self._paused.discard(scope["room"])
             return
-        key = (scope["device_id"], scope["room"])
-        if self.devices.get(key) is opened:
-            del self.devices[key]
+        self.devices.ended((scope["device_id"], scope["room"]), opened)
         unhandled = [token for token, entry in self._acks.items() if entry[0] is opened]
         for token in unhandled:
             if failure is not None and not self._stopping:
@@ -442,11 +437,11 @@ class MqttServer:
             # was never published).
             self.published[room] = after
             self._new_rooms.set()
-        self.relays[room] = self._open_relay(
+        self.relays.open(room, lambda: self._open_relay(
             {"type": "mqtt", "role": "out", "room": room, "prefix": self.prefix,
              "after": after},
             name=f"mqtt-out-{room}",
-        )
+        ))
 
     async def _housekeeping_loop(self) -> None:
         while True:
@@ -534,11 +529,8 @@ class MqttServer:
     def _close_idle(self) -> None:
         """Close the scopes idle for ``idle_timeout``: a device's once it has handled all it
         received, a relay's (its room costs nothing until the scan finds news)."""
-        cutoff = time.monotonic() - self.idle_timeout
-        for key, scope in list(self.devices.items()):
-            if scope.last_seen < cutoff and not scope.pending:
-                del self.devices[key]
-                scope.close(mqtt_disconnect())
-        for relay in self.relays.values():
-            if relay.last_seen < cutoff:
-                relay.close(mqtt_disconnect())
+        for key, scope in self.devices.idle(self.idle_timeout):
+            self.devices.ended(key, scope)  # a new message opens a new scope at once
+            scope.close(mqtt_disconnect())
+        for _, relay in self.relays.idle(self.idle_timeout):
+            relay.close(mqtt_disconnect())  # forgotten when it has ended

@@ -36,6 +36,7 @@ protocols/telegram/events.py.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -59,7 +60,7 @@ from telegram.request import HTTPXRequest  # noqa: E402
 
 from gateway import metrics, status  # noqa: E402
 from protocols.lease import Lease, jitter  # noqa: E402
-from protocols.scopes import Scope, scope_open, scopes_close  # noqa: E402
+from protocols.scopes import Scope, ScopeRegistry, scope_open, scopes_close  # noqa: E402
 from protocols.telegram import handoff  # noqa: E402
 from protocols.telegram.events import (  # noqa: E402
     ChatDisconnect,
@@ -113,8 +114,10 @@ class TelegramServer:
         self.lease = Lease(LEASE, ttl=LEASE_TTL)
         self.leader = False
         self.ready = asyncio.Event()
-        self.chats: dict[str, Scope[ChatReceive]] = {}
-        self.relays: dict[str, Scope[RoomReceive]] = {}
+        self.chats: ScopeRegistry[str, Scope[ChatReceive]] = ScopeRegistry(
+            on_count=metrics.CONNECTIONS.labels("telegram").set
+        )
+        self.relays: ScopeRegistry[str, Scope[RoomReceive]] = ScopeRegistry()
         self.directory: Scope[RoomsReceive] | None = None
         self.outbox = Outbox(limits)
         self.drains: dict[str, asyncio.Task] = {}  # chat -> the task sending its queue
@@ -306,21 +309,19 @@ class TelegramServer:
             "username": (user.username or "") if user else "",
             "name": user.full_name if user else (message.chat.title or chat_id),
         }
-        scope = self.chats.get(chat_id)
-        if scope is None:
-            chat = {"id": chat_id, "kind": message.chat.type,
-                    "title": message.chat.title or message.chat.full_name or person["name"]}
-            scope = self.chats[chat_id] = scope_open(
-                self.application,
-                {"type": "telegram", "role": "chat", "chat": chat, "user": person,
-                 "bot_username": self.bot.username},
-                self._send, first=chat_connect(), name=f"telegram-chat-{chat_id}",
-                on_exit=self._exited,
-            )
-            metrics.CONNECTIONS.labels("telegram").set(len(self.chats))
+        chat = {"id": chat_id, "kind": message.chat.type,
+                "title": message.chat.title or message.chat.full_name or person["name"]}
+        scope = self.chats.open(chat_id, lambda: scope_open(
+            self.application,
+            {"type": "telegram", "role": "chat", "chat": chat, "user": person,
+             "bot_username": self.bot.username},
+            self._send, first=chat_connect(), name=f"telegram-chat-{chat_id}",
+            on_exit=self._exited,
+        ))
         handled = asyncio.get_running_loop().create_future()
         self.handling[update.update_id] = (handled, scope)
         scope.last_seen = time.monotonic()
+        scope.pending += 1  # until handled: an idle close waits for it
         scope.put({"type": "chat.received_message", "update_id": update.update_id,
                    "text": message.text or "", "user": person, "reads_all": reads_all})
         return handled
@@ -353,22 +354,22 @@ class TelegramServer:
 
     def _handled(self, update_id: int, ok: bool) -> None:
         pending = self.handling.pop(update_id, None)
-        if pending is not None and not pending[0].done():
-            pending[0].set_result(ok)
+        if pending is None:
+            return
+        handled, scope = pending
+        scope.pending = max(scope.pending - 1, 0)
+        if not handled.done():
+            handled.set_result(ok)
 
     def _exited(self, scope: Scope[ChatDisconnect], failure: BaseException | None) -> None:
         info = scope.scope
         if info["role"] == "chat":
-            chat_id = info["chat"]["id"]
-            if self.chats.get(chat_id) is scope:
-                del self.chats[chat_id]
-            metrics.CONNECTIONS.labels("telegram").set(len(self.chats))
+            self.chats.ended(info["chat"]["id"], scope)
             for update_id, (_, owner) in list(self.handling.items()):
                 if owner is scope:  # it ended (or failed) before handling them
                     self._handled(update_id, False)
         elif info["role"] == "room":
-            if self.relays.get(info["room"]) is scope:
-                del self.relays[info["room"]]  # a failed relay is opened again by the next scan
+            self.relays.ended(info["room"], scope)  # a failed one is opened again by the next scan
         elif self.directory is scope:
             self.directory = None
             if failure is not None and self.leader:
@@ -406,13 +407,18 @@ class TelegramServer:
         if not self.leader:
             return
         for room in set(rooms) - self.relays.keys():
-            self.relays[room] = scope_open(
-                self.application, {"type": "telegram", "role": "room", "room": room},
-                self._send, first=chat_connect(), name=f"telegram-out-{room}",
-                on_exit=self._exited,
-            )
+            self.relays.open(room, functools.partial(self._open_relay, room))
         for room in self.relays.keys() - set(rooms):
-            self.relays[room].put(chat_disconnect())
+            relay = self.relays.get(room)
+            if relay is not None:
+                relay.put(chat_disconnect())
+
+    def _open_relay(self, room: str) -> Scope[RoomReceive]:
+        return scope_open(
+            self.application, {"type": "telegram", "role": "room", "room": room},
+            self._send, first=chat_connect(), name=f"telegram-out-{room}",
+            on_exit=self._exited,
+        )
 
     # --- outbound ----------------------------------------------------------------------
 
@@ -502,11 +508,9 @@ class TelegramServer:
                 return False
 
     def _close_idle(self) -> None:
-        cutoff = time.monotonic() - self.idle_timeout
-        for chat_id, scope in list(self.chats.items()):
-            if scope.last_seen < cutoff:
-                del self.chats[chat_id]
-                scope.put(chat_disconnect())
+        for chat_id, scope in self.chats.idle(self.idle_timeout):
+            self.chats.ended(chat_id, scope)  # a new update opens a new scope at once
+            scope.put(chat_disconnect())
 
 
 def telegram_bot(token: str, *, api_url: str) -> Bot:
