@@ -161,6 +161,12 @@ class RoomConsumer(ScopeConsumer):
         """Any other log entry (a delete, a close, a reopen); by default nothing (a relay
         keeps relaying; history no longer has a deleted message)."""
 
+    async def end(self, reason: str) -> None:
+        """The core ends the scope (``fanout.END_SHUTDOWN``, ``END_DISCONNECTED``); by default
+        it closes it (a protocol with close codes maps the reason to its own)."""
+        await self.close(0)
+
     async def close(self, code: int) -> None:
-        """Close the scope from the server side (shutdown, admin action)."""
+        """Close the scope from the server side, with the protocol's ``code`` if it has
+        codes (a room closed, a client too slow)."""
         raise NotImplementedError

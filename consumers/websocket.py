@@ -59,7 +59,7 @@ from django.db import DatabaseError
 from consumers.base import RoomConsumer
 from gateway import events, metrics, services
 from gateway.errors import GatewayError
-from gateway.fanout import FRAME_WRITER_EXTENSION, Delivery
+from gateway.fanout import END_DISCONNECTED, END_SHUTDOWN, FRAME_WRITER_EXTENSION, Delivery
 from gateway.logging import LogSampler
 from gateway.names import ROOM_NAME_RULE, display_name_clean, room_name_is_valid
 from gateway.ratelimit import TokenBucket, flood_limit
@@ -75,6 +75,11 @@ CLOSE_ROOM_CLOSED = 4410
 CLOSE_NO_SUCH_ROOM = 4404  # rooms are created by staff only
 CLOSE_TRY_LATER = 4429  # this sender created too many rooms lately, or the cap is reached
 CLOSE_POLICY = 1008
+# It mirrors 1012 "service restart", which daphne (autobahn) does not let an application
+# send (only 1000 and 3000-4999): clients reconnect, to another replica if any, and resume.
+CLOSE_RESTARTING = 4012
+CLOSE_DISCONNECTED = 4403  # by staff: the page does not reconnect by itself
+END_CODES = {END_SHUTDOWN: CLOSE_RESTARTING, END_DISCONNECTED: CLOSE_DISCONNECTED}
 
 LOGGED_PER_CODE = 5
 # Error codes that are the server's fault: they cost the client nothing.
@@ -167,6 +172,9 @@ class ChatConsumer(RoomConsumer):
 
     async def websocket_disconnect(self, message) -> None:
         raise StopConsumer()
+
+    async def end(self, reason: str) -> None:
+        await self.close(END_CODES.get(reason, CLOSE_RESTARTING))
 
     async def close(self, code: int) -> None:
         self.closed, self.live = True, False

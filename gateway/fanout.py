@@ -49,8 +49,10 @@ FRAME_WRITER_EXTENSION = "gateway.frame_writer"
 SEND_BUFFER_EXTENSION = "gateway.send_buffer"
 # The in-memory layer forgets group members after a day (group_expiry); rejoin well before.
 GROUP_REFRESH_SECONDS = 3600.0
-# Sent to a connection that staff disconnected (a page does not reconnect by itself).
-DISCONNECT_CLOSE_CODE = 4403
+# Why the core ends a subscriber's scope; each protocol says it its own way (a WebSocket
+# close code, the end of a stream...).
+END_SHUTDOWN = "shutdown"  # this process stops: reconnect (elsewhere) and resume
+END_DISCONNECTED = "disconnected"  # staff disconnected it: do not come back by yourself
 
 
 class Delivery:
@@ -78,7 +80,7 @@ class Subscriber(Protocol):
 
     async def deliver(self, delivery: Delivery) -> None: ...
 
-    async def close(self, code: int) -> None: ...
+    async def end(self, reason: str) -> None: ...
 
 
 class _RoomState:
@@ -242,7 +244,7 @@ class RoomHub:
             return
         targets = [s for s in self.subscribers() if s.scope_id == event["scope"]]
         for subscriber in targets:
-            await subscriber.close(DISCONNECT_CLOSE_CODE)
+            await subscriber.end(END_DISCONNECTED)
 
     async def _on_event(self, event: LogEntry) -> None:
         state = self.rooms.get(event["room"])

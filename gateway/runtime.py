@@ -14,16 +14,10 @@ import weakref
 from channels.layers import InMemoryChannelLayer, get_channel_layer
 
 from gateway.broadcast import Publisher, publisher_install
-from gateway.fanout import RoomHub
+from gateway.fanout import END_SHUTDOWN, RoomHub
 from gateway.presence import PresenceTracker
 
 logger = logging.getLogger(__name__)
-
-# Close code sent to every open socket at shutdown, so clients reconnect (to another
-# replica, if any) and resume from the last id they saw. It mirrors 1012 "service restart",
-# which daphne (autobahn) does not let an application send: only 1000 and 3000-4999.
-SHUTDOWN_CLOSE_CODE = 4012
-
 
 class Runtime:
     def __init__(self) -> None:
@@ -46,7 +40,7 @@ class Runtime:
         """Close every open scope, then leave the layer and remove our presence."""
         subscribers = self.hub.subscribers()
         await asyncio.gather(
-            *(sub.close(SHUTDOWN_CLOSE_CODE) for sub in subscribers), return_exceptions=True
+            *(sub.end(END_SHUTDOWN) for sub in subscribers), return_exceptions=True
         )
         publisher_install(None)
         await self.publisher.stop()

@@ -1,7 +1,7 @@
 """daphne, started in-process by ``gateway run``, with a graceful shutdown.
 
-On SIGTERM or SIGINT: stop accepting connections, close every open scope with code 4012
-(clients reconnect and resume), leave the channel layer, remove this process's presence,
+On SIGTERM or SIGINT: stop accepting connections, end every open scope (sockets get 4012,
+streams end: clients reconnect and resume), leave the channel layer, remove this process's presence,
 then stop the reactor.
 
 Slow clients cannot hold connections: a request's headers must arrive within

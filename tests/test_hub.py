@@ -17,7 +17,7 @@ from channels.layers import get_channel_layer
 from django.db import OperationalError, connection, transaction
 
 from gateway import events, fanout, services
-from gateway.fanout import DISCONNECT_CLOSE_CODE, Delivery, RoomHub
+from gateway.fanout import END_DISCONNECTED, Delivery, RoomHub
 from gateway.names import room_group_name
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("runtime_stopped")]
@@ -34,15 +34,15 @@ class Fake:
         self.scope_id = scope_id
         self.fail = fail
         self.got: list[Delivery] = []
-        self.closed: list[int] = []
+        self.closed: list[str] = []
 
     async def deliver(self, delivery: Delivery) -> None:
         self.got.append(delivery)
         if self.fail:
             raise RuntimeError("this subscriber's socket broke")
 
-    async def close(self, code: int) -> None:
-        self.closed.append(code)
+    async def end(self, reason: str) -> None:
+        self.closed.append(reason)
 
     def cursors(self) -> list[int]:
         return [d.cursor for d in self.got]
@@ -306,7 +306,7 @@ async def test_a_staff_disconnect_closes_only_the_scope_it_names(hub):
     await hub.subscribe("ctl", a)
     await hub.subscribe("ctl", b)
     await hub.layer.group_send(events.CONTROL_GROUP, dict(events.scope_disconnect(scope="scope-b")))
-    await until(lambda: b.closed == [DISCONNECT_CLOSE_CODE])
+    await until(lambda: b.closed == [END_DISCONNECTED])
     assert a.closed == []
     for sub in (a, b):
         await hub.unsubscribe("ctl", sub)
