@@ -97,8 +97,11 @@ def test_verified_senders_are_marked_and_a_borrowed_name_is_not(browser, gateway
     real = log_in(browser, gw, "/chat/vip/", username="admin")
     expect(real.locator("#status")).to_have_text("connected")
     send(real, "from the real admin")
+    expect(real.locator("#messages li .text").last).to_have_text("from the real admin")
     impostor = open_chat(browser, gw, "vip", "admin")
     send(impostor, "from someone typing admin")
+    # Stored (its own page shows it back) before the notice below, whose order is checked.
+    expect(impostor.locator("#messages li .text").last).to_have_text("from someone typing admin")
     dash = real.context.new_page()
     dash.goto(gw.http + "/dashboard/")
     expect(dash.locator("#status")).to_have_text("live")
