@@ -299,3 +299,18 @@ def test_each_entry_is_published_once_after_its_commit_and_never_when_rolled_bac
         ("room.entry", "reopen", 4),
     ]
     assert Room.objects.get(name="pub").last_seq == 4  # the rolled-back cursors are not kept
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("runtime_stopped")
+async def test_a_client_that_resumes_across_a_close_and_reopen_stays():
+    await database_sync_to_async(post)("cycle", "before")
+    await database_sync_to_async(services.room_close)(room="cycle", by=STAFF)
+    await database_sync_to_async(services.room_reopen)(room="cycle", by=STAFF)
+    comm = await ws("/ws/chat/cycle/?after=1")  # it was away for both
+    assert await comm.receive_nothing(timeout=0.3)  # not closed: the room is open again
+    await database_sync_to_async(post)("cycle", "after")
+    assert (await frame_of(comm))["id"] == 4
+    # A close that reaches it live closes it (4410: the page does not come back by itself).
+    await database_sync_to_async(services.room_close)(room="cycle", by=STAFF)
+    assert (await comm.receive_output(timeout=5)) == {"type": "websocket.close", "code": 4410}
