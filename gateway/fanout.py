@@ -47,6 +47,9 @@ FRAME_WRITER_EXTENSION = "gateway.frame_writer"
 # The scope extension through which a server tells how many bytes of a connection's output
 # are still waiting for the client (a callable): a stream that lags is ended, not buffered.
 SEND_BUFFER_EXTENSION = "gateway.send_buffer"
+# And whether the client is still there (a callable): a long replay stops when it is gone,
+# not once it has been read to the end for nobody.
+CONNECTION_OPEN_EXTENSION = "gateway.connection_open"
 # The in-memory layer forgets group members after a day (group_expiry); rejoin well before.
 GROUP_REFRESH_SECONDS = 3600.0
 # Why the core ends a subscriber's scope; each protocol says it its own way (a WebSocket

@@ -162,8 +162,9 @@ def room_bot_chats(*, platform: str, room: str) -> dict[str, int]:
     return dict(chats.values_list("chat_id", "delivered_seq"))
 
 
-def room_exists(*, room: str) -> bool:
-    return Room.objects.filter(name=room).exists()
+def room_closed(*, room: str) -> bool | None:
+    """Whether staff closed the room; None if there is no such room."""
+    return Room.objects.filter(name=room).values_list("closed", flat=True).first()
 
 
 def room_is_closed(*, room: str) -> bool:

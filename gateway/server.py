@@ -31,7 +31,11 @@ from twisted.internet import tcp
 from twisted.web import http
 
 from gateway import status
-from gateway.fanout import FRAME_WRITER_EXTENSION, SEND_BUFFER_EXTENSION
+from gateway.fanout import (
+    CONNECTION_OPEN_EXTENSION,
+    FRAME_WRITER_EXTENSION,
+    SEND_BUFFER_EXTENSION,
+)
 from gateway.runtime import get_runtime, stop_runtime
 
 logger = logging.getLogger(__name__)
@@ -44,6 +48,12 @@ def transport_buffered(protocol) -> int:
     """Bytes a connection has written but the kernel has not taken yet."""
     transport = getattr(protocol, "transport", None)
     return len(getattr(transport, "dataBuffer", b"")) + getattr(transport, "_tempDataLen", 0)
+
+
+def request_open(request) -> bool:
+    """Whether an HTTP request's client is still connected and its response not finished
+    (Twisted's ``Request`` marks both)."""
+    return not getattr(request, "_disconnected", False) and not getattr(request, "finished", False)
 
 
 class FrameWriter:
@@ -258,6 +268,7 @@ class GatewayServer(daphne.server.Server):
             extensions[FRAME_WRITER_EXTENSION] = FrameWriter(protocol, self.ws_factory)
         else:  # an HTTP response, perhaps a long stream
             extensions[SEND_BUFFER_EXTENSION] = functools.partial(transport_buffered, protocol)
+            extensions[CONNECTION_OPEN_EXTENSION] = functools.partial(request_open, protocol)
         return super().create_application(protocol, scope)
 
     def listen_success(self, port) -> None:

@@ -131,6 +131,7 @@ async def test_bad_requests_get_a_clear_error_and_the_stream_ends_when_the_room_
             ("GET", "/sse/rooms/here/?after=x", {}, 400, "invalid_cursor"),
             ("GET", "/sse/rooms/here/", {"Origin": "http://evil.test"}, 403, "forbidden_origin"),
             ("GET", "/sse/rooms/nowhere/", {}, 404, "room_not_found"),
+            ("GET", "/sse/rooms/here/", {"Host": "evil.example"}, 400, "disallowed_host"),
             ("POST", "/sse/rooms/here/", {}, 405, "method_not_allowed"),
         ]
         for method, path, headers, status, code in refused:
@@ -150,6 +151,21 @@ async def test_bad_requests_get_a_clear_error_and_the_stream_ends_when_the_room_
             assert (closed["event"], closed["data"]["type"]) == ("closed", "closed")
             with pytest.raises(StopAsyncIteration):
                 await live.next()
+        # EventSource would come back: a closed room answers 410, after which it does not.
+        response = await client.get(gw.http + "/sse/rooms/here/")
+        assert (response.status_code, response.json()["code"]) == (410, "room_closed")
+        # Reopened: a reader that was away for both resumes past them and stays.
+        gw.manage("shell", "-c", "from gateway import services; "
+                  "services.room_reopen(room='here')")
+        async with stream(client, gw, "here", **{"Last-Event-ID": closed["id"]}) as response:
+            back = Stream(response)
+            assert (await back.next())["event"] == "reopened"
+        async with connect(gw, "/ws/chat/here/") as again:
+            await again.send(json.dumps({"message": "open again"}))
+            await next_message(again)
+        async with stream(client, gw, "here", **{"Last-Event-ID": "1"}) as response:
+            replay = await Stream(response).messages(4)
+        assert [e["event"] for e in replay] == ["message", "closed", "reopened", "message"]
 
 
 @pytest.mark.slow

@@ -20,10 +20,14 @@ cursor, with nothing missing and nothing twice (``?after=<cursor>`` does the sam
 connection). A comment line every ``KEEPALIVE`` seconds keeps proxies from closing it.
 
 Refused with a JSON error, before the stream starts: 405 for a method other than GET, 400 a
-bad room name or cursor, 401 login required (``GATEWAY_REQUIRE_LOGIN``), 403 an ``Origin``
+``Host`` not in ``ALLOWED_HOSTS`` (as Django refuses it: this route is served beside Django),
+a bad room name or cursor, 401 login required (``GATEWAY_REQUIRE_LOGIN``), 403 an ``Origin``
 that is not the site's own (gateway/crosssite.py: a page elsewhere must not read a room with
-the visitor's cookies), 404 no such room (listening creates none). A reader that falls more
-than ``GATEWAY_WS_SEND_BUFFER_LIMIT`` bytes behind is ended, and resumes by its cursor.
+the visitor's cookies), 404 no such room (listening creates none), 410 the room is closed
+(EventSource does not come back after it), 503 the room cannot be joined now. A reader that
+falls more than ``GATEWAY_WS_SEND_BUFFER_LIMIT`` bytes behind is ended, and resumes by its
+cursor; a replay stops as soon as the reader is gone. A close replayed from the log ends the
+stream only if no reopen follows it.
 """
 
 from __future__ import annotations
@@ -40,8 +44,8 @@ from django.conf import settings
 from consumers.base import RoomConsumer
 from consumers.websocket import message_frame
 from gateway import events, selectors
-from gateway.crosssite import scope_origin_allowed
-from gateway.fanout import SEND_BUFFER_EXTENSION, Delivery
+from gateway.crosssite import host_allowed, scope_origin_allowed
+from gateway.fanout import CONNECTION_OPEN_EXTENSION, SEND_BUFFER_EXTENSION, Delivery
 from gateway.names import ROOM_NAME_RULE, room_name_is_valid
 
 logger = logging.getLogger(__name__)
@@ -77,8 +81,11 @@ class RoomStreamConsumer(RoomConsumer):
     def setup(self) -> None:
         super().setup()
         self.started = False
+        self.close_replayed = False  # a close met in the replay, no reopen after it yet
         self.keepalive: asyncio.Task | None = None
-        self.buffered = self.scope.get("extensions", {}).get(SEND_BUFFER_EXTENSION)
+        extensions = self.scope.get("extensions", {})
+        self.buffered = extensions.get(SEND_BUFFER_EXTENSION)
+        self.connected = extensions.get(CONNECTION_OPEN_EXTENSION)
 
     async def http_request(self, message) -> None:
         if message.get("more_body") or self.started:
@@ -90,17 +97,25 @@ class RoomStreamConsumer(RoomConsumer):
                            extra=self.log_extra(path=self.scope.get("path"), code=code))
             return await self._respond_error(status, code, detail)
         room, after = self._room, self._after
-        await self.room_join(room, member_id=None)
+        try:
+            await self.room_join(room, member_id=None)
+        except Exception:
+            logger.exception("could not join room", extra=self.log_extra(joining=room))
+            return await self._respond_error(503, "unavailable", "try again later")
         await self.base_send({"type": "http.response.start", "status": 200, "headers": HEADERS})
         self.started = True
         await self._write(f"retry: {RETRY_MS}\n\n".encode())
         self.keepalive = asyncio.create_task(self._keep_alive(), name=self.scope_id)
         await self.room_catch_up(after)
+        if self.close_replayed:  # closed since, and not reopened
+            await self.close(0)
 
     async def _refusal(self) -> tuple[int, str, str] | None:
         """Why this request gets no stream: (status, code, detail), or None."""
         if self.scope.get("method") != "GET":
             return 405, "method_not_allowed", "use GET"
+        if not host_allowed(_header(self.scope, b"host") or ""):
+            return 400, "disallowed_host", "the Host header names another site"
         room = self.scope["url_route"]["kwargs"]["room"]
         if not room_name_is_valid(room):
             return 400, "invalid_room", f"invalid room name: {ROOM_NAME_RULE}"
@@ -113,8 +128,15 @@ class RoomStreamConsumer(RoomConsumer):
         user = self.scope.get("user")
         if settings.GATEWAY["REQUIRE_LOGIN"] and not (user and user.is_authenticated):
             return 401, "login_required", "log in first"
-        if not await database_sync_to_async(selectors.room_exists)(room=room):
+        try:
+            closed = await database_sync_to_async(selectors.room_closed)(room=room)
+        except Exception:
+            logger.exception("could not read the room", extra=self.log_extra(joining=room))
+            return 503, "unavailable", "try again later"
+        if closed is None:
             return 404, "room_not_found", f"no room {room}"
+        if closed:
+            return 410, "room_closed", f"room {room} is closed"
         self._room = room
         return None
 
@@ -131,7 +153,12 @@ class RoomStreamConsumer(RoomConsumer):
     async def finish(self) -> None:
         if self.keepalive is not None:
             self.keepalive.cancel()
+            await asyncio.gather(self.keepalive, return_exceptions=True)
         await super().finish()
+
+    def is_open(self) -> bool:
+        """Whether the reader is still there: a replay stops as soon as it is gone."""
+        return not self.closed and (self.connected is None or self.connected())
 
     async def _keep_alive(self) -> None:
         while not self.closed:
@@ -146,7 +173,12 @@ class RoomStreamConsumer(RoomConsumer):
     async def send_room_entry(self, entry: events.RoomEntry, delivery: Delivery) -> None:
         await self._write(entry_event(entry))
         if entry["kind"] == events.ENTRY_CLOSE:
+            if not self.live:  # replayed: a reopen may follow (then the stream goes on)
+                self.close_replayed = True
+                return
             await self.close(0)
+        elif entry["kind"] == events.ENTRY_REOPEN:
+            self.close_replayed = False
 
     async def _write(self, data: bytes) -> None:
         if self.closed:
