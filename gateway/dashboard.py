@@ -90,7 +90,8 @@ def feed(*, after_pk: int = 0) -> tuple[list[dict[str, object]], int]:
     newest = settled.aggregate(top=Max("pk"))["top"]
     if newest is None:
         return [], after_pk
-    rows = settled.filter(pk__lte=newest).select_related("room").order_by("-pk")[:FEED_SIZE]
+    rows = (settled.filter(pk__lte=newest, deleted_at__isnull=True)  # deleted: not shown
+            .select_related("room").order_by("-pk")[:FEED_SIZE])
     items = [
         {"room": m.room.name, "id": m.seq, "text": m.text[:500], "ts": m.created_at.timestamp(),
          "sender": {"protocol": m.sender_protocol, "id": m.sender_id, "name": m.sender_name}}

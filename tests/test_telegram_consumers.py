@@ -132,6 +132,7 @@ async def test_a_group_under_privacy_mode_is_told_its_text_does_not_reach_the_bo
     await comm.send_input(update(1, "/join@gateway_bot lobby", reads_all=False))
     out = await comm.receive_output(timeout=5)
     assert out["chat_id"] == "-200" and "privacy mode" in out["text"]
+    assert "/setprivacy" in out["text"] and "&lt;" not in out["text"]  # no markup shown as text
     assert await comm.receive_output(timeout=5) == handled(1)
     await disconnect(comm)
 

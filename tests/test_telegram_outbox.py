@@ -215,6 +215,20 @@ def test_stepping_down_keeps_replies_and_forgets_room_messages_and_skips():
     assert [text for _, text in send_all(box, clock, "7")] == ["reply"]
 
 
+def test_a_relay_starting_again_drops_only_its_room_queued_messages():
+    box, clock = outbox(backlog=5)
+    box.queue("7", room(1))
+    box.queue("7", Outgoing("reply"))
+    box.queue("7", room(1, room="other"))
+    box.queue("7", room(2))
+    box.drop_rooms("lobby")  # its relay sends them again from the chat's record
+    for seq in (3, 4, 5, 6):  # the dropped ones no longer count against the backlog (5)
+        assert not box.queue("7", room(seq))
+    assert [text for _, text in send_all(box, clock, "7")] == [
+        "reply", "m1", "m3", "m4", "m5", "m6"
+    ]
+
+
 def test_a_gone_chat_is_forgotten_with_everything_it_had_waiting():
     box, clock = outbox(backlog=1)
     box.queue("7", room(1))

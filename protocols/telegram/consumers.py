@@ -55,9 +55,9 @@ UPDATES_KEPT = 48 * 3600.0  # Telegram redelivers an update for at most 24 hours
 RELAY_PENDING_LIMIT = 10_000
 # Told on /join in a group whose plain text the bot does not receive (privacy mode, no admin).
 PRIVACY_ADVICE = (
-    "To bridge this group, turn the bot's privacy mode off: in @BotFather, "
-    "<code>/setprivacy</code>, choose this bot, <b>Disable</b>; then remove the bot from "
-    "this group and add it again. Or make the bot an admin of this group."
+    "To bridge this group, turn the bot's privacy mode off: in @BotFather, send "
+    "/setprivacy, choose this bot, then Disable; then remove the bot from this group and add "
+    "it again. Or make the bot an admin of this group."
 )
 
 

@@ -147,12 +147,18 @@ class Outbox:
                 chat.items.remove(item)
             chat.waiting -= sum(1 for i in pieces if i.last)
 
-    def drop_rooms(self) -> None:
-        """Take every room message out of every queue (another process relays them now)."""
+    def drop_rooms(self, room: str | None = None) -> None:
+        """Take every room message (of ``room``, or of every room) out of every queue: another
+        process relays them now, or the room's relay starts again from the chats' records."""
         for chat in self.chats.values():
-            for item in [i for i in chat.items if i.room is not None]:
+            dropped = [i for i in chat.items
+                       if i.room is not None and (room is None or i.room == room)]
+            for item in dropped:
                 chat.items.remove(item)
-            chat.waiting = chat.skipped = 0
+            if room is None:
+                chat.waiting = chat.skipped = 0
+            else:
+                chat.waiting -= sum(1 for i in dropped if i.last)
 
     def forget(self, chat_id: str) -> None:
         """The chat is gone (it blocked the bot, or does not exist): nothing more for it."""

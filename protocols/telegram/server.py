@@ -12,8 +12,8 @@ protocols/telegram/events.py.
   application reports it handled (``chat.handled``); a repeated update is recognised by
   its ``update_id`` in the application, so nothing is lost or posted twice.
 - Updates come by long polling (``getUpdates``), or, with ``TELEGRAM_WEBHOOK_URL``, by
-  Telegram posting them to the web server's webhook route (gateway/views.py, which checks
-  the secret and hands them here through protocols/telegram/handoff.py): ``Ingress`` (ingress.py).
+  Telegram posting them to the web server's webhook route (webhook.py, which checks the
+  secret and hands them here through handoff.py): ``Ingress`` (ingress.py).
 - With several gateway processes, one holds the ``telegram`` lease: it polls (webhooks reach
   every process) and relays the rooms to the chats, through a ``rooms`` scope that names
   the rooms with chats and a ``room`` scope per such room. Another process takes the lease
@@ -397,8 +397,11 @@ class TelegramServer:
         elif message["type"] == "telegram.relay_rooms":
             self._relay_rooms(message["rooms"])
         elif message["type"] == "chat.relay_behind":
+            # Ended, with what it queued: the next scan opens it again where chats got, and
+            # sends those again (kept, they would reach the chats twice).
+            self.outbox.drop_rooms(message["room"])
             relay = self.relays.get(message["room"])
-            if relay is not None:  # ended; the next scan opens it again where chats got
+            if relay is not None:
                 relay.put(chat_disconnect())
         else:
             raise ValueError(f"unknown telegram event {message['type']!r}")
