@@ -17,7 +17,7 @@ from django.db import transaction
 
 from bots import formatting
 from bots.markup import Line, Reply, bold, line, reply
-from gateway import events, metrics, selectors, services
+from gateway import chats, events, metrics, selectors, services
 from gateway.errors import GatewayError
 from gateway.models import BotChat
 from gateway.names import (
@@ -59,12 +59,12 @@ class Incoming:
 def handle(incoming: Incoming, *, bot_username: str = "") -> list[Reply]:
     """Answer one message: the replies to send to its chat (none for a repeated update)."""
     with transaction.atomic():
-        if incoming.update_id is not None and not services.bot_update_claim(
+        if incoming.update_id is not None and not chats.bot_update_claim(
             platform=incoming.platform, update_id=incoming.update_id
         ):
             logger.info("ignored a repeated update", extra=_log(incoming))
             return []
-        chat = services.bot_chat_open(
+        chat = chats.bot_chat_open(
             platform=incoming.platform, chat_id=incoming.chat_id, kind=incoming.chat_kind,
             title=incoming.chat_title,
         )
@@ -182,7 +182,7 @@ def _join(chat: BotChat, incoming: Incoming, argument: str) -> list[Reply]:
     if selectors.room_is_closed(room=argument):
         return [reply(line("Room ", bold(argument), " is closed."))]
     try:
-        services.bot_chat_join(chat=chat, room=argument)
+        chats.bot_chat_join(chat=chat, room=argument)
     except GatewayError as exc:  # the room policy refused a new room
         logger.warning("refused a join %s: %s", exc.code, exc.detail,
                        extra=_log(incoming, room=argument, code=exc.code))
@@ -207,7 +207,7 @@ def _leave(chat: BotChat, incoming: Incoming, argument: str) -> list[Reply]:
     if not chat.room:
         return [reply("You are in no room.")]
     room = chat.room
-    services.bot_chat_leave(chat=chat)
+    chats.bot_chat_leave(chat=chat)
     logger.info("chat left a room", extra=_log(incoming, room=room))
     return [reply(line("You left ", bold(room), "."))]
 
@@ -251,7 +251,7 @@ def _name(chat: BotChat, incoming: Incoming, argument: str) -> list[Reply]:
     name = display_name_clean(argument)
     if not name:
         return [reply("Usage: /name <display name>")]
-    services.bot_chat_name_set(chat=chat, user_id=incoming.user_id, name=name)
+    chats.bot_chat_name_set(chat=chat, user_id=incoming.user_id, name=name)
     return [reply(line("Others now see you as ", bold(name), "."))]
 
 

@@ -8,7 +8,7 @@ from channels.db import database_sync_to_async
 from channels.testing import ApplicationCommunicator
 from django.db import OperationalError
 
-from gateway import events, selectors, services
+from gateway import chats, events, selectors, services
 from gateway.models import BotChat, Message
 from gateway.ratelimit import TokenBucket
 from protocols.telegram import consumers
@@ -80,9 +80,9 @@ async def sends(comm: ApplicationCommunicator, n: int) -> list[dict]:
 @database_sync_to_async
 def chats_join(room: str, *chat_ids: str) -> None:
     for chat_id in chat_ids:
-        record = services.bot_chat_open(platform=PLATFORM, chat_id=chat_id, kind="private",
+        record = chats.bot_chat_open(platform=PLATFORM, chat_id=chat_id, kind="private",
                                         title=chat_id)
-        services.bot_chat_join(chat=record, room=room)
+        chats.bot_chat_join(chat=record, room=room)
 
 
 @database_sync_to_async
@@ -232,7 +232,7 @@ async def test_the_relay_resumes_each_chat_after_what_it_was_sent():
     for text in ("one", "two"):
         await post("resume", text)
     # A was sent both already (recorded by an earlier relay); B neither.
-    await database_sync_to_async(services.bot_chats_delivered_save)(
+    await database_sync_to_async(chats.bot_chats_delivered_save)(
         platform=PLATFORM, room="resume", positions={"A": 2}
     )
     out = await relay("resume")

@@ -28,7 +28,7 @@ from django.db import DatabaseError
 from bots import conversation, formatting
 from bots.markup import reply
 from consumers.base import RoomConsumer, ScopeConsumer
-from gateway import events, metrics, selectors, services
+from gateway import chats, events, metrics, selectors
 from gateway.fanout import Delivery
 from gateway.logging import scope_log
 from gateway.ratelimit import flood_limit
@@ -197,7 +197,7 @@ class TelegramRoomConsumer(RoomConsumer):
     async def chat_delivered(self, message: ChatDelivered) -> None:
         """The server sent these; record it, then tell it (it waits before the next)."""
         try:
-            await database_sync_to_async(services.bot_chats_delivered_save)(
+            await database_sync_to_async(chats.bot_chats_delivered_save)(
                 platform=PLATFORM, room=self.scope["room"], positions=message["positions"]
             )
         except DatabaseError:
@@ -215,7 +215,7 @@ class TelegramRoomConsumer(RoomConsumer):
     async def chat_unreachable(self, message: ChatUnreachable) -> None:
         """The chat blocked the bot or removed it: it leaves the room."""
         try:
-            await database_sync_to_async(services.bot_chat_leave_unreachable)(
+            await database_sync_to_async(chats.bot_chat_leave_unreachable)(
                 platform=PLATFORM, chat_id=message["chat_id"], room=self.scope["room"]
             )
         except DatabaseError:
@@ -248,7 +248,7 @@ class TelegramRoomsConsumer(ScopeConsumer):
         await self.base_send({"type": "telegram.relay_rooms", "rooms": rooms})
 
     async def telegram_prune(self, message: TelegramPrune) -> None:
-        await database_sync_to_async(services.bot_updates_prune)(
+        await database_sync_to_async(chats.bot_updates_prune)(
             platform=PLATFORM, older_than=UPDATES_KEPT
         )
 
