@@ -25,23 +25,13 @@ import aiomqtt
 import pytest
 from paho.mqtt.client import CallbackAPIVersion, Client
 
-from tests.helpers import database_write_lock
+from tests.helpers import FAST, database_write_lock, wait_until
 from tests.servers import Gateway, free_port
-
-FAST = {"GATEWAY_RATE_LIMIT_PER_SECOND": "1000", "GATEWAY_RATE_LIMIT_BURST": "1000"}
 
 
 def embedded_env(port: int, **extra: str) -> dict[str, str]:
     """A gateway running the embedded broker on ``port``."""
     return {**FAST, "MQTT_ENABLED": "1", "MQTT_EMBEDDED_PORT": str(port), **extra}
-
-
-async def wait_until(condition, timeout: float, what: str) -> None:
-    """Poll ``condition`` (in a thread: blocking calls are fine) until it holds."""
-    deadline = time.monotonic() + timeout
-    while not await asyncio.to_thread(condition):
-        assert time.monotonic() < deadline, what
-        await asyncio.sleep(0.1)
 
 
 async def gateway_connected(gw: Gateway, timeout: float = 15) -> None:
