@@ -11,7 +11,7 @@ from channels.exceptions import StopConsumer
 from django.conf import settings
 
 from gateway import events as contract
-from gateway import selectors
+from gateway import selectors, services
 from gateway.events import RoomEntry, RoomMessage
 from gateway.fanout import Delivery
 from gateway.logging import scope_log
@@ -129,10 +129,25 @@ class RoomConsumer(ScopeConsumer):
             target = hub.last_seq(room)
         if target is None or not self.is_open():
             return  # the hub left the room (shutdown) or the scope is closing
+        if after is not None and after > position:
+            after = await self._cursor_checked(after)
         # A client that has seen more than this process has delivered (another replica got
         # there first) must not get those messages twice when they arrive here.
         self.last_sent = max(position, after or 0)
         self.live = True
+
+    async def _cursor_checked(self, after: int) -> int:
+        """A cursor beyond what this process has delivered: another replica may have got
+        there first, but nothing is delivered anywhere before it is stored, so a cursor
+        beyond the room's stored log is not one of this room's (a restored database, a stale
+        client): it would silently swallow what comes next. Taken as the log's end."""
+        assert self.room is not None
+        stored = await database_sync_to_async(services.room_open)(room=self.room)
+        if after <= stored:
+            return after
+        logger.warning("a client's cursor is beyond the room's log; resuming from its end",
+                       extra=self.log_extra(after=after, stored=stored))
+        return stored
 
     def is_open(self) -> bool:
         """Whether the scope can still take messages; protocols may know more."""

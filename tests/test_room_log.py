@@ -314,3 +314,16 @@ async def test_a_client_that_resumes_across_a_close_and_reopen_stays():
     # A close that reaches it live closes it (4410: the page does not come back by itself).
     await database_sync_to_async(services.room_close)(room="cycle", by=STAFF)
     assert (await comm.receive_output(timeout=5)) == {"type": "websocket.close", "code": 4410}
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("runtime_stopped")
+async def test_a_cursor_beyond_the_rooms_log_swallows_nothing_that_comes_next():
+    for text in ("one", "two"):
+        await database_sync_to_async(post)("ahead", text)
+    # A stale client (its page outlived a database restore, say) claims cursor 100.
+    comm = await ws("/ws/chat/ahead/?after=100")
+    assert await comm.receive_nothing(timeout=0.2)  # nothing old is replayed
+    await database_sync_to_async(post)("ahead", "three")
+    assert (await frame_of(comm))["message"] == "three"  # and nothing new is swallowed
+    await comm.disconnect()
