@@ -148,10 +148,13 @@ def postgres_url():
 class Browser:
     """A chat page's behaviour over a raw WebSocket through nginx: it keeps the last id it
     saw, reconnects (to whichever replica nginx picks) with ``after=<id>``, and resends what
-    was not acknowledged, with the same client_id."""
+    was not acknowledged, with the same client_id, as the same sender (the page keeps its
+    ``uid`` in localStorage: a client_id is unique per sender, so a resend under a new
+    identity would be stored again)."""
 
     def __init__(self, base: str, room: str, name: str):
-        self.url = f"ws://{base.removeprefix('http://')}/ws/chat/{room}/?name={name}"
+        uid = f"deploy-{name}-{uuid.uuid4().hex[:12]}"
+        self.url = f"ws://{base.removeprefix('http://')}/ws/chat/{room}/?name={name}&uid={uid}"
         self.origin = base
         self.name = name
         self.received: list[dict] = []
