@@ -77,7 +77,8 @@ def origin_allowed(*, scheme: str, host: str | None, origin: str | None) -> bool
     return wanted == origin_normalize(f"{scheme}://{host}") or wanted in allowed_origins()
 
 
-def _header(scope, name: bytes) -> str | None:
+def scope_header(scope, name: bytes) -> str | None:
+    """The value of an ASGI scope's header ``name`` (lower case), or None."""
     for key, value in scope.get("headers", ()):
         if key == name:
             return value.decode("latin-1")
@@ -92,7 +93,7 @@ def scope_scheme(scope) -> str:
     if proxy:
         name, secure_value = proxy
         header = name.removeprefix("HTTP_").lower().replace("_", "-").encode("latin-1")
-        value = _header(scope, header)
+        value = scope_header(scope, header)
         if value is not None:
             return "https" if value.split(",", 1)[0].strip() == secure_value else "http"
     return "https" if scope.get("scheme") in ("wss", "https") else "http"
@@ -100,8 +101,8 @@ def scope_scheme(scope) -> str:
 
 def scope_origin_allowed(scope) -> bool:
     """``origin_allowed`` for an ASGI scope."""
-    return origin_allowed(scheme=scope_scheme(scope), host=_header(scope, b"host"),
-                          origin=_header(scope, b"origin"))
+    return origin_allowed(scheme=scope_scheme(scope), host=scope_header(scope, b"host"),
+                          origin=scope_header(scope, b"origin"))
 
 
 async def websocket_refuse(receive, send, code: int) -> None:
@@ -121,7 +122,7 @@ class SameOriginValidator:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "websocket" or scope_origin_allowed(scope):
             return await self.application(scope, receive, send)
-        origin, host = _header(scope, b"origin"), _header(scope, b"host")
+        origin, host = scope_header(scope, b"origin"), scope_header(scope, b"host")
         logger.warning(
             "refused a socket from origin %r (host %r)", origin, host,
             extra={"protocol": "web", "path": scope.get("path"), "origin": origin,

@@ -50,8 +50,8 @@ from amqtt.session import OutgoingApplicationMessage, Session
 from amqtt.utils import gen_client_id
 
 from gateway import metrics
+from gateway.errors import GatewayError
 from gateway.ratelimit import TokenBucket
-from gateway.services import GatewayError
 from protocols.mqtt import wire as topics
 from protocols.mqtt.broker_auth import (
     BrokerPolicy,

@@ -18,11 +18,12 @@ from django.db import DatabaseError, InterfaceError, OperationalError
 
 from consumers.base import RoomConsumer
 from gateway import events, metrics, services
+from gateway.errors import GatewayError
 from gateway.fanout import Delivery
 from gateway.logging import LogSampler
 from gateway.names import display_name_clean
 from gateway.ratelimit import TokenBucket, flood_limit
-from gateway.services import GatewayError, room_message_post
+from gateway.services import room_message_post
 from protocols.mqtt import wire as topics
 from protocols.mqtt.events import (
     DeviceSend,

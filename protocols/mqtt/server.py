@@ -38,7 +38,7 @@ import aiomqtt
 from channels.db import database_sync_to_async
 
 from gateway import metrics, selectors, services, status
-from gateway.services import GatewayError
+from gateway.errors import GatewayError
 from protocols.lease import Lease, jitter
 from protocols.mqtt import wire as topics
 from protocols.mqtt.events import (

@@ -14,8 +14,8 @@ import json
 from dataclasses import dataclass
 
 from gateway import events
+from gateway.errors import GatewayError
 from gateway.names import room_name_is_valid
-from gateway.services import GatewayError
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ from django.conf import settings
 from consumers.base import RoomConsumer
 from consumers.websocket import message_frame
 from gateway import events, selectors
-from gateway.crosssite import host_allowed, scope_origin_allowed
+from gateway.crosssite import host_allowed, scope_header, scope_origin_allowed
 from gateway.fanout import CONNECTION_OPEN_EXTENSION, SEND_BUFFER_EXTENSION, Delivery
 from gateway.names import ROOM_NAME_RULE, room_name_is_valid
 
@@ -114,7 +114,7 @@ class RoomStreamConsumer(RoomConsumer):
         """Why this request gets no stream: (status, code, detail), or None."""
         if self.scope.get("method") != "GET":
             return 405, "method_not_allowed", "use GET"
-        if not host_allowed(_header(self.scope, b"host") or ""):
+        if not host_allowed(scope_header(self.scope, b"host") or ""):
             return 400, "disallowed_host", "the Host header names another site"
         room = self.scope["url_route"]["kwargs"]["room"]
         if not room_name_is_valid(room):
@@ -123,7 +123,7 @@ class RoomStreamConsumer(RoomConsumer):
             self._after = _cursor(self.scope)
         except ValueError as exc:
             return 400, "invalid_cursor", str(exc)
-        if not scope_origin_allowed(self.scope) and _header(self.scope, b"origin") is not None:
+        if not scope_origin_allowed(self.scope) and scope_header(self.scope, b"origin") is not None:
             return 403, "forbidden_origin", "the Origin is not this site's"
         user = self.scope.get("user")
         if settings.GATEWAY["REQUIRE_LOGIN"] and not (user and user.is_authenticated):
@@ -200,16 +200,9 @@ class RoomStreamConsumer(RoomConsumer):
             await self.base_send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-def _header(scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", ()):
-        if key == name:
-            return value.decode("latin-1")
-    return None
-
-
 def _cursor(scope) -> int | None:
     """Where to resume: ``Last-Event-ID`` (EventSource's reconnect), else ``?after=``."""
-    value = _header(scope, b"last-event-id")
+    value = scope_header(scope, b"last-event-id")
     if value is None:
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         value = (query.get("after") or [None])[-1]
