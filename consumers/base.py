@@ -67,6 +67,7 @@ class RoomConsumer(ScopeConsumer):
         self.closed = False  # set once the server decided to close this scope
         self.listening = False
         self.last_sent = 0
+        self.close_replayed = False  # a close met in a replay, with no reopen after it yet
 
     async def finish(self) -> None:
         await self.room_leave()
@@ -135,6 +136,9 @@ class RoomConsumer(ScopeConsumer):
         # there first) must not get those messages twice when they arrive here.
         self.last_sent = max(position, after or 0)
         self.live = True
+        if self.close_replayed:  # closed while it was away, and not reopened since
+            self.close_replayed = False
+            await self.room_closed()
 
     async def _cursor_checked(self, after: int) -> int:
         """A cursor beyond what this process has delivered: another replica may have got
@@ -164,9 +168,15 @@ class RoomConsumer(ScopeConsumer):
     async def _send_entry(self, delivery: Delivery) -> None:
         event = delivery.event
         if event["type"] == contract.ROOM_MESSAGE:
-            await self.send_room_event(event, delivery)  # type: ignore[arg-type]
-        else:
-            await self.send_room_entry(event, delivery)  # type: ignore[arg-type]
+            return await self.send_room_event(event, delivery)  # type: ignore[arg-type]
+        if not self.live:
+            # Replayed: a close counts only if no reopen follows it (room_closed is called
+            # once the replay is over); live, send_room_entry decides at once.
+            if event["kind"] == contract.ENTRY_CLOSE:  # type: ignore[typeddict-item]
+                self.close_replayed = True
+            elif event["kind"] == contract.ENTRY_REOPEN:  # type: ignore[typeddict-item]
+                self.close_replayed = False
+        await self.send_room_entry(event, delivery)  # type: ignore[arg-type]
 
     async def send_room_event(self, event: RoomMessage, delivery: Delivery) -> None:
         """Translate a room message into this protocol; implemented per protocol."""
@@ -175,6 +185,10 @@ class RoomConsumer(ScopeConsumer):
     async def send_room_entry(self, entry: RoomEntry, delivery: Delivery) -> None:
         """Any other log entry (a delete, a close, a reopen); by default nothing (a relay
         keeps relaying; history no longer has a deleted message)."""
+
+    async def room_closed(self) -> None:
+        """Staff closed the room: live, or while this scope was away with no reopen after
+        (then once its replay is over). By default nothing: a relay keeps relaying."""
 
     async def end(self, reason: str) -> None:
         """The core ends the scope (``fanout.END_SHUTDOWN``, ``END_DISCONNECTED``); by default

@@ -106,7 +106,6 @@ class ChatConsumer(RoomConsumer):
         super().setup()
         self.writer = None
         self.log_sample = LogSampler(LOGGED_PER_CODE)
-        self.close_replayed = False  # a close met in the replay, no reopen after it yet
 
     async def finish(self) -> None:
         counted = self.log_sample.counted()
@@ -163,9 +162,6 @@ class ChatConsumer(RoomConsumer):
             return await self.base_send({"type": "websocket.close", "code": CLOSE_JOIN_FAILED})
         await self.base_send({"type": "websocket.accept"})
         await self.room_catch_up(after)
-        if self.close_replayed and not self.closed:  # closed since it connected
-            logger.info("room closed by staff", extra=self.log_extra(code=CLOSE_ROOM_CLOSED))
-            await self.close(CLOSE_ROOM_CLOSED)
 
     async def _refuse(self, code: int, detail: str) -> None:
         logger.warning(
@@ -191,14 +187,12 @@ class ChatConsumer(RoomConsumer):
         if entry["kind"] == events.ENTRY_DELETE:
             await self.send_json({"type": "deleted", "room": entry["room"], "id": entry["id"],
                                   "cursor": entry["cursor"]})
-        elif entry["kind"] == events.ENTRY_CLOSE:
-            if not self.live:  # replayed on resume: closed for good only if no reopen follows
-                self.close_replayed = True
-                return
-            logger.info("room closed by staff", extra=self.log_extra(code=CLOSE_ROOM_CLOSED))
-            await self.close(CLOSE_ROOM_CLOSED)
-        elif entry["kind"] == events.ENTRY_REOPEN:
-            self.close_replayed = False
+        elif entry["kind"] == events.ENTRY_CLOSE and self.live:
+            await self.room_closed()
+
+    async def room_closed(self) -> None:
+        logger.info("room closed by staff", extra=self.log_extra(code=CLOSE_ROOM_CLOSED))
+        await self.close(CLOSE_ROOM_CLOSED)
 
     # --- client -> room ----------------------------------------------------------------
 

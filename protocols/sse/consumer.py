@@ -81,7 +81,6 @@ class RoomStreamConsumer(RoomConsumer):
     def setup(self) -> None:
         super().setup()
         self.started = False
-        self.close_replayed = False  # a close met in the replay, no reopen after it yet
         self.keepalive: asyncio.Task | None = None
         extensions = self.scope.get("extensions", {})
         self.buffered = extensions.get(SEND_BUFFER_EXTENSION)
@@ -107,8 +106,6 @@ class RoomStreamConsumer(RoomConsumer):
         await self._write(f"retry: {RETRY_MS}\n\n".encode())
         self.keepalive = asyncio.create_task(self._keep_alive(), name=self.scope_id)
         await self.room_catch_up(after)
-        if self.close_replayed:  # closed since, and not reopened
-            await self.close(0)
 
     async def _refusal(self) -> tuple[int, str, str] | None:
         """Why this request gets no stream: (status, code, detail), or None."""
@@ -172,13 +169,11 @@ class RoomStreamConsumer(RoomConsumer):
 
     async def send_room_entry(self, entry: events.RoomEntry, delivery: Delivery) -> None:
         await self._write(entry_event(entry))
-        if entry["kind"] == events.ENTRY_CLOSE:
-            if not self.live:  # replayed: a reopen may follow (then the stream goes on)
-                self.close_replayed = True
-                return
-            await self.close(0)
-        elif entry["kind"] == events.ENTRY_REOPEN:
-            self.close_replayed = False
+        if entry["kind"] == events.ENTRY_CLOSE and self.live:
+            await self.room_closed()
+
+    async def room_closed(self) -> None:
+        await self.close(0)  # EventSource comes back, and is answered 410
 
     async def _write(self, data: bytes) -> None:
         if self.closed:
