@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from django.conf import settings
@@ -267,13 +268,25 @@ def _room_advance(room: str, now: datetime, sender: events.Sender) -> tuple[int,
     in order, without a separate read. The closed and blocked checks are part of it, so a
     message costs no extra round trip for them.
     """
-    table = connection.ops.quote_name(Room._meta.db_table)
     unblocked, params = _unblocked_condition(sender)
+    return _cursor_take(room, activity=now, where=f" AND NOT closed{unblocked}", params=params)
+
+
+def _cursor_take(
+    room: str, *, activity: datetime | None = None, where: str = "", params: Sequence[str] = ()
+) -> tuple[int, int] | None:
+    """Take the room's next log cursor: ``(room pk, cursor)``, or None if no row matched
+    (the room is new, or ``where`` excluded it). Also records ``activity`` when given."""
+    table = connection.ops.quote_name(Room._meta.db_table)
+    sets, values = "last_seq = last_seq + 1", []
+    if activity is not None:
+        sets += ", last_activity = %s"
+        values.append(connection.ops.adapt_datetimefield_value(activity))
     with connection.cursor() as cursor:
         cursor.execute(
-            f"UPDATE {table} SET last_seq = last_seq + 1, last_activity = %s "  # noqa: S608
-            f"WHERE name = %s AND NOT closed{unblocked} RETURNING id, last_seq",
-            [connection.ops.adapt_datetimefield_value(now), room, *params],
+            f"UPDATE {table} SET {sets} WHERE name = %s{where} "  # noqa: S608
+            "RETURNING id, last_seq",
+            [*values, room, *params],
         )
         return cursor.fetchone()
 
@@ -407,14 +420,10 @@ def _log_append(
     """Append an entry that is not a message to the room's log, at its next cursor, and
     broadcast it once committed. Call it inside a transaction."""
     now = now or datetime.fromtimestamp(time.time(), tz=UTC)
-    table = connection.ops.quote_name(Room._meta.db_table)
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"UPDATE {table} SET last_seq = last_seq + 1 WHERE name = %s "  # noqa: S608
-            "RETURNING id, last_seq",
-            [room],
-        )
-        room_pk, seq = cursor.fetchone()
+    taken = _cursor_take(room)
+    if taken is None:  # callers hold the room's row: it exists
+        raise GatewayError("room_not_found", f"no room {room}")
+    room_pk, seq = taken
     entry = RoomEvent.objects.create(
         room_id=room_pk, seq=seq, kind=kind, target=target, sender_protocol=by["protocol"],
         sender_id=by["id"], sender_name=by["name"][:128], created_at=now,
