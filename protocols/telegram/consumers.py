@@ -123,11 +123,14 @@ class TelegramRoomConsumer(RoomConsumer):
     protocol = PLATFORM
     base_send: Callable[[RoomSend], Awaitable[None]]  # the scope's send, typed
 
+    def setup(self) -> None:
+        super().setup()
+        self.behind = False  # past RELAY_PENDING_LIMIT: ending, takes nothing more
+
     async def chat_connect(self, message: ChatConnect) -> None:
         room = self.scope["room"]
         self.scope_id = f"telegram-out-{room}"
         self.pending: list[events.RoomMessage] = []
-        self.behind = False  # past RELAY_PENDING_LIMIT: ending, takes nothing more
         self.wakeup = asyncio.Event()
         self.worker = asyncio.create_task(self._work(), name=self.scope_id)
         chats = await database_sync_to_async(selectors.room_bot_chats)(
@@ -153,7 +156,7 @@ class TelegramRoomConsumer(RoomConsumer):
         self.wakeup.set()
 
     def is_open(self) -> bool:
-        return not self.closed and not getattr(self, "behind", False)  # a catch-up stops too
+        return not self.closed and not self.behind  # a catch-up stops too
 
     async def _work(self) -> None:
         while True:
