@@ -39,7 +39,7 @@ from channels.db import database_sync_to_async
 
 from gateway import metrics, selectors, services, status
 from gateway.errors import GatewayError
-from protocols.lease import Lease, jitter
+from gateway.lease import Lease, jitter
 from protocols.mqtt import wire as topics
 from protocols.mqtt.events import (
     DeviceReceive,

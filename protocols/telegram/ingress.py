@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from telegram import Bot, Update
 from telegram.error import RetryAfter, TelegramError
 
-from protocols.lease import jitter
+from gateway.lease import jitter
 from protocols.telegram.handoff import Rejected, Unavailable
 
 logger = logging.getLogger(__name__)

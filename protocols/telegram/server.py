@@ -59,7 +59,7 @@ from telegram.error import (  # noqa: E402
 from telegram.request import HTTPXRequest  # noqa: E402
 
 from gateway import metrics, status  # noqa: E402
-from protocols.lease import Lease, jitter  # noqa: E402
+from gateway.lease import Lease, jitter  # noqa: E402
 from protocols.scopes import Scope, ScopeRegistry, scope_open, scopes_close  # noqa: E402
 from protocols.telegram import handoff  # noqa: E402
 from protocols.telegram.events import (  # noqa: E402

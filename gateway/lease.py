@@ -1,4 +1,4 @@
-"""A role that one gateway process at a time holds (relaying rooms to MQTT, polling Telegram).
+"""A role that one gateway process at a time holds (a relay role, polling Telegram).
 
 The lease lives in the database (``services.lease_acquire``): the holder renews it well
 within its time to live; another process takes it once it expires. A holder that cannot
