@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from asgiref.sync import async_to_sync
@@ -88,6 +88,11 @@ class Publisher:
         self.loop.call_soon_threadsafe(self._put, event)
 
     def _put(self, event: Mapping[str, Any]) -> None:
+        for listener in tuple(_committed_listeners):
+            try:
+                listener(event)
+            except Exception:
+                logger.exception("a listener of committed events failed")
         try:
             self.queue.put_nowait(event)
         except asyncio.QueueFull:
@@ -109,6 +114,18 @@ class Publisher:
 
 
 _publisher: Publisher | None = None
+# Told of each event committed in this process, on the publisher's loop (the relay follows
+# a room as soon as something is stored in it here).
+_committed_listeners: list[Callable[[Mapping[str, Any]], None]] = []
+
+
+def committed_listen(listener: Callable[[Mapping[str, Any]], None]) -> None:
+    _committed_listeners.append(listener)
+
+
+def committed_unlisten(listener: Callable[[Mapping[str, Any]], None]) -> None:
+    if listener in _committed_listeners:
+        _committed_listeners.remove(listener)
 
 
 def publisher_install(publisher: Publisher | None) -> None:

@@ -25,6 +25,19 @@ DROPPED = Counter(
     "Messages dropped or skipped (recoverable from history), by protocol and reason",
     ["protocol", "reason"],
 )
+RELAY_DELIVERED = Counter(
+    "gateway_relay_delivered_total",
+    "Log entries the relay delivered to outbound targets, by role", ["role"],
+)
+RELAY_SKIPPED = Counter(
+    "gateway_relay_skipped_total",
+    "Log entries the relay skipped for targets too far behind (its backlog), by role",
+    ["role"],
+)
+RELAY_RETRIES = Counter(
+    "gateway_relay_retries_total", "Relay deliveries that failed and are retried, by role",
+    ["role"],
+)
 CONNECTIONS = Gauge(
     "gateway_connections", "Open scopes of this process, by protocol", ["protocol"]
 )

@@ -120,19 +120,27 @@ class Lease(models.Model):
 
 
 class RelayCursor(models.Model):
-    """How far a relay (such as rooms -> MQTT ``out``) has published each room."""
+    """How far the relay (gateway/relay.py) has delivered a room to one target of a role: the
+    cursor of the last entry delivered, where delivery resumes after a restart or a takeover.
 
-    relay = models.CharField(max_length=64)
+    A role's targets are its protocol's (an MQTT room topic: one per room, target ""; a
+    Telegram chat, by chat id); a row exists once the relay has followed the target, or the
+    target joined the room (a chat's /join records where it starts)."""
+
+    relay = models.CharField(max_length=64, help_text="The role (and lease) name")
     room = models.CharField(max_length=64)
-    last_seq = models.BigIntegerField(default=0)
+    target = models.CharField(max_length=128, blank=True, default="")
+    last_seq = models.BigIntegerField(default=0, verbose_name="position")
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(fields=["relay", "room"], name="relay_cursor_unique"),
+            models.UniqueConstraint(fields=["relay", "room", "target"],
+                                    name="relay_cursor_target_unique"),
         ]
 
     def __str__(self) -> str:
-        return f"{self.relay}:{self.room}@{self.last_seq}"
+        target = f"/{self.target}" if self.target else ""
+        return f"{self.relay}:{self.room}{target}@{self.last_seq}"
 
 
 class BotChat(models.Model):

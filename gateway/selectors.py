@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from django.conf import settings
-from django.db.models import F, OuterRef, Subquery
+from django.db.models import F, OuterRef, QuerySet, Subquery
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -80,6 +80,31 @@ def relay_rooms_behind(*, relay: str) -> list[tuple[str, int]]:
     cursor = RelayCursor.objects.filter(relay=relay, room=OuterRef("name")).values("last_seq")
     rooms = Room.objects.annotate(relayed=Coalesce(Subquery(cursor[:1]), 0))
     return list(rooms.filter(last_seq__gt=F("relayed")).values_list("name", "last_seq"))
+
+
+def relay_rooms_pending(*, relay: str, targets: QuerySet) -> list[tuple[str, int]]:
+    """``(name, newest cursor)`` of the rooms in which some target of the relay role
+    ``relay`` has not been delivered everything (``targets``: rows with ``room`` and
+    ``target``, the role's; a target without a position counts from 0): one query, whose
+    answer holds only the rooms with news, however many rooms and targets there are."""
+    position = RelayCursor.objects.filter(
+        relay=relay, room=OuterRef("room"), target=OuterRef("target")
+    ).values("last_seq")[:1]
+    head = Room.objects.filter(name=OuterRef("room")).values("last_seq")[:1]
+    rows = targets.annotate(position=Coalesce(Subquery(position), 0), head=Subquery(head))
+    return sorted(set(rows.filter(head__gt=F("position")).values_list("room", "head")))
+
+
+def room_messages_count(
+    *, room: str, after: int, upto: int, origin_not: str | None = None
+) -> int:
+    """How many messages of ``room`` (not deleted) have ``after < id <= upto``, leaving out
+    those from ``origin_not``."""
+    query = Message.objects.filter(room__name=room, seq__gt=after, seq__lte=upto,
+                                   deleted_at__isnull=True)
+    if origin_not is not None:
+        query = query.exclude(origin=origin_not)
+    return query.count()
 
 
 def presence_live_entries() -> list[dict[str, str]]:

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Q
+from django.db.models import Exists, OuterRef, Q, QuerySet, Subquery
 
 from gateway import events, metrics
 from gateway.broadcast import room_event_broadcast_on_commit
@@ -371,6 +371,86 @@ def relay_cursors_save(*, relay: str, positions: dict[str, int]) -> None:
             RelayCursor.objects.filter(pk=cursor.pk, last_seq__lt=last_seq).update(
                 last_seq=last_seq
             )
+
+
+# --- the relay's positions (gateway/relay.py) -------------------------------------------------
+
+_ROOMS_PER_QUERY = 500  # rooms named in one IN (...): within every backend's parameter limit
+
+
+def relay_targets_open(
+    *, relay: str, targets: QuerySet, rooms: Sequence[str], from_start: bool
+) -> dict[str, dict[str, int]]:
+    """The targets of the relay role ``relay`` in ``rooms`` (``targets``: the role's rows with
+    ``room`` and ``target``), each with its position. A target without one is given one now:
+    0 with ``from_start`` (a room new to the role is delivered from its first entry), else
+    its room's newest cursor (from now on)."""
+    found: dict[str, dict[str, int]] = {room: {} for room in rooms}
+    for start in range(0, len(rooms), _ROOMS_PER_QUERY):
+        chunk = list(rooms[start:start + _ROOMS_PER_QUERY])
+        pairs = set(targets.filter(room__in=chunk).values_list("room", "target"))
+        known = _relay_positions(relay, chunk)
+        missing = pairs - known.keys()
+        if missing:
+            heads = {} if from_start else dict(
+                Room.objects.filter(name__in={room for room, _ in missing})
+                .values_list("name", "last_seq"))
+            RelayCursor.objects.bulk_create(
+                [RelayCursor(relay=relay, room=room, target=target, last_seq=heads.get(room, 0))
+                 for room, target in sorted(missing)],
+                ignore_conflicts=True,  # another writer placed it first: its place stands
+            )
+            known = _relay_positions(relay, chunk)
+        for room, target in pairs:
+            found[room][target] = known[(room, target)]
+    return found
+
+
+def _relay_positions(relay: str, rooms: list[str]) -> dict[tuple[str, str], int]:
+    rows = RelayCursor.objects.filter(relay=relay, room__in=rooms)
+    return {(room, target): seq for room, target, seq in
+            rows.values_list("room", "target", "last_seq")}
+
+
+def relay_targets_init(*, relay: str, targets: QuerySet) -> int:
+    """A process takes the relay role ``relay`` over: every target without a position (it was
+    never delivered while the role ran, for instance MQTT was off) starts from now, at its
+    room's newest cursor. Returns how many were placed."""
+    known = RelayCursor.objects.filter(
+        relay=relay, room=OuterRef("room"), target=OuterRef("target")
+    )
+    head = Room.objects.filter(name=OuterRef("room")).values("last_seq")[:1]
+    missing = targets.annotate(known=Exists(known), head=Subquery(head)).filter(known=False)
+    rows = [RelayCursor(relay=relay, room=room, target=target, last_seq=seq or 0)
+            for room, target, seq in missing.values_list("room", "target", "head")]
+    RelayCursor.objects.bulk_create(rows, ignore_conflicts=True, batch_size=500)
+    return len(rows)
+
+
+def relay_positions_save(*, relay: str, positions: dict[tuple[str, str], int]) -> None:
+    """Record how far the role ``relay`` has delivered each ``(room, target)``: only forward,
+    and only for targets that still have a position (one that left its room is not brought
+    back by a late save)."""
+    with transaction.atomic():
+        for (room, target), seq in positions.items():
+            RelayCursor.objects.filter(
+                relay=relay, room=room, target=target, last_seq__lt=seq
+            ).update(last_seq=seq)
+
+
+def relay_target_place(*, relay: str, room: str, target: str, position: int) -> None:
+    """A target joins ``room`` (a chat's /join): it is delivered what follows ``position``."""
+    RelayCursor.objects.update_or_create(
+        relay=relay, room=room, target=target, defaults={"last_seq": position}
+    )
+
+
+def relay_target_remove(*, relay: str, target: str, room: str | None = None) -> None:
+    """A target leaves ``room`` (or every room): its position goes with it."""
+    rows = RelayCursor.objects.filter(relay=relay, target=target)
+    if room is not None:
+        rows = rows.filter(room=room)
+    rows.delete()
 
 
 # --- staff actions (admin, dashboard) -------------------------------------------------------

@@ -1,0 +1,529 @@
+"""The relay: each room's log delivered to outbound targets, in order, durably, once per role.
+
+Outbound targets are what follows a room without a connection of its own: an MQTT room's
+``out`` topic, a Telegram chat, later a webhook. A protocol describes one kind of them as a
+``RelayRole`` (which targets follow which rooms, and how to carry entries to one); the relay
+does the rest, the same way for every protocol:
+
+- **One process per role.** The role's lease (gateway/lease.py, named after the role) elects
+  the process that delivers; another takes over within the lease's time to live.
+- **A durable position per room and target** (``RelayCursor``): the cursor of the last entry
+  delivered. Delivery resumes there after a restart, a crash or a takeover. Positions are
+  saved in batches (``save_interval``), or after each delivery before the next one
+  (``save_interval = 0``: a crash then repeats at most the entry in flight).
+- **Rooms with news.** The relay follows a room (one hub subscription, shared by all its
+  targets) only while some target is behind: a scan every ``TICK`` finds such rooms in one
+  query, and, for roles that serve every room, an entry committed in this process follows
+  its room at once. A room caught up and quiet for ``idle_timeout`` is left.
+- **Batches, in order.** Each target has a worker that hands the role up to ``batch_size``
+  entries after its position and moves the position on once they are delivered. Recent
+  entries come from a bounded tail of the room shared by its targets (no database read on
+  the live path); a target further behind reads the log. A delivery that fails is retried
+  with backoff and jitter, never skipped; a target that no longer exists (``TargetGone``)
+  is dropped.
+- **Bounded backlog.** A target more than ``backlog`` entries behind skips the oldest ones:
+  counted (``gateway_relay_skipped_total``), logged, and told to the target through the
+  role's ``skipped``. Roles without a backlog never skip: a target that cannot keep up only
+  holds its own position (memory stays bounded by the tail, whatever the backlog).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any
+
+from channels.db import database_sync_to_async
+from django.db import DatabaseError
+from django.db.models import QuerySet
+
+from gateway import broadcast, events, metrics, selectors, services, status
+from gateway.fanout import Delivery, RoomHub
+from gateway.lease import Lease, jitter
+from gateway.runtime import get_runtime
+
+logger = logging.getLogger(__name__)
+
+TICK = 1.0  # seconds: the lease's renewal, the scan for rooms with news, positions saved
+LEASE_TTL = 10.0  # another process takes a role over within this after its holder dies
+TAIL_LIMIT = 1000  # recent entries a followed room keeps for its targets
+RETRY_FIRST, RETRY_MAX = 1.0, 60.0  # backoff (seconds) of a delivery that failed
+STOP_WAIT = 3.0  # seconds deliveries in progress get to finish at a stop
+SKIP_LOG_INTERVAL = 10.0  # at most one log line per role this often for skipped entries
+
+
+class TargetGone(Exception):
+    """Raised by ``RelayRole.deliver`` or ``skipped``: the target is gone (a chat blocked the
+    bot, a webhook was deleted); the relay stops delivering to it."""
+
+
+class RelayRole:
+    """One kind of outbound target, described by its protocol (protocols/<name>/relay.py).
+
+    The relay calls ``targets`` in the database thread and ``deliver``/``skipped`` on the
+    event loop; a role carries entries and keeps no positions of its own.
+    """
+
+    name = ""  # the role's lease and positions (RelayCursor.relay)
+    protocol = ""  # for logs and metrics
+    every_room = False  # every room has targets: a commit here follows its room at once
+    from_start = False  # a target new to the role starts at its room's first entry (not now)
+    refresh_targets = True  # targets come and go while a room is followed (re-read each tick)
+    batch_size = 100  # entries handed to one ``deliver``
+    backlog: int | None = None  # entries a target may be behind before the oldest are skipped
+    save_interval = 1.0  # seconds between position saves; 0: each delivery saved before the next
+    idle_timeout: float | None = None  # leave a caught-up room quiet this long (None: never)
+
+    def targets(self) -> QuerySet:
+        """The role's targets: a query of rows with ``room`` (a room name) and ``target``
+        (a string naming the target, "" for a room's only one)."""
+        raise NotImplementedError
+
+    async def deliver(self, room: str, target: str, entries: list[Delivery]) -> None:
+        """Carry ``entries`` (every kind of log entry, in cursor order, all after the target's
+        position) to the target; return once they are delivered, or raise (the relay tries
+        the same entries again later; ``TargetGone`` drops the target). Entries a target does
+        not take (a delete, to a topic that only carries messages) are simply passed over."""
+        raise NotImplementedError
+
+    async def skipped(self, room: str, target: str, *, after: int, upto: int) -> None:
+        """The target fell more than ``backlog`` behind: the entries with ``after < cursor <=
+        upto`` are skipped. Tell it, if its protocol can; by default nothing."""
+
+    def status(self) -> dict[str, Any]:
+        """What the role adds to the relay's status; by default nothing."""
+        return {}
+
+
+class _Target:
+    __slots__ = ("key", "position", "wake", "task")
+
+    def __init__(self, key: str, position: int) -> None:
+        self.key = key
+        self.position = position  # the cursor of the last entry delivered to it
+        self.wake = asyncio.Event()  # set when its room has news
+        self.task: asyncio.Task[None] | None = None
+
+
+class _Feed:
+    """A room the relay follows: its hub subscription, its recent entries, its targets.
+
+    The tail holds every deliverable entry with ``tail_from < cursor <= head``: what the hub
+    delivered since the feed joined, less what every target has passed (and at most
+    ``TAIL_LIMIT``); anything older is read from the log.
+    """
+
+    def __init__(self, relay: Relay, room: str) -> None:
+        self.relay = relay
+        self.room = room
+        self.protocol = relay.role.protocol  # what the hub counts its deliveries as
+        self.scope_id = f"relay-{relay.role.name}-{room}"
+        self.hub: RoomHub | None = None
+        self.ready = False
+        self.tail: deque[Delivery] = deque()
+        self.tail_from = 0
+        self.head = 0  # the newest cursor delivered by the hub (or its position at the join)
+        self.targets: dict[str, _Target] = {}
+        self.active_at = time.monotonic()
+
+    async def join(self, hub: RoomHub) -> None:
+        await hub.subscribe(self.room, self)
+        self.hub = hub
+        # Whatever the hub delivered before this line is at most its position: read from the
+        # log, if a target needs it. Whatever comes after is in the tail.
+        self.tail_from = self.head = hub.last_seq(self.room) or 0
+        self.ready = True
+
+    async def leave(self) -> None:
+        self.ready = False
+        if self.hub is not None:
+            await self.hub.unsubscribe(self.room, self)
+
+    # --- the hub's subscriber -------------------------------------------------------------
+
+    async def deliver(self, delivery: Delivery) -> None:
+        if not self.ready or delivery.cursor <= self.head:
+            return
+        self.head = delivery.cursor
+        self.active_at = time.monotonic()
+        event = delivery.event
+        if event["type"] == events.ROOM_ENTRY and event["kind"] == events.ENTRY_DELETE:  # type: ignore[typeddict-item]
+            self._drop(event["id"])  # not delivered to a target that has not had it yet
+        self.tail.append(delivery)
+        while len(self.tail) > TAIL_LIMIT:
+            self.tail_from = self.tail.popleft().cursor
+        for target in self.targets.values():
+            target.wake.set()
+
+    async def end(self, reason: str) -> None:
+        """The hub stops serving the room (this process is shutting down)."""
+        self.relay._feed_ended(self)
+
+    def _drop(self, message_id: int | None) -> None:
+        for delivery in self.tail:
+            if delivery.cursor == message_id and delivery.event["type"] == events.ROOM_MESSAGE:
+                self.tail.remove(delivery)
+                return
+
+    # --- the targets' reads ---------------------------------------------------------------
+
+    async def read(self, after: int, limit: int) -> tuple[list[Delivery], int]:
+        """Up to ``limit`` entries after the cursor ``after``, and the cursor they reach (past
+        deleted messages too)."""
+        if after >= self.tail_from:
+            found: list[Delivery] = []
+            for delivery in self.tail:
+                if delivery.cursor > after:
+                    found.append(delivery)
+                    if len(found) == limit:
+                        return found, delivery.cursor
+            return found, self.head
+        upto = self.tail_from
+        entries, reached = await database_sync_to_async(selectors.room_log_after)(
+            room=self.room, after=after, upto=upto, limit=limit
+        )
+        return [Delivery(entry) for entry in entries], reached if reached > after else upto
+
+    def trim(self) -> None:
+        """Forget the entries every target has passed."""
+        low = min((t.position for t in self.targets.values()), default=self.head)
+        while self.tail and self.tail[0].cursor <= low:
+            self.tail_from = self.tail.popleft().cursor
+        if not self.tail:
+            self.tail_from = max(self.tail_from, min(low, self.head))
+
+    def caught_up(self) -> bool:
+        return all(t.position >= self.head for t in self.targets.values())
+
+
+class Relay:
+    """One role's delivery, in the process that holds its lease (every process runs one; the
+    others wait for the lease). Started and stopped by ``gateway run`` like a server."""
+
+    def __init__(self, role: RelayRole, *, lease_ttl: float = LEASE_TTL, tick: float = TICK):
+        self.role = role
+        self.tick = tick
+        self.lease = Lease(role.name, ttl=lease_ttl)
+        self.leader = False
+        self.rooms: dict[str, _Feed] = {}
+        self.stats: Counter[str] = Counter()
+        self._term = 0  # counts leaderships: work begun under an earlier one is dropped
+        self._dirty: dict[tuple[str, str], int] = {}  # positions delivered, not yet saved
+        self._news: set[str] = set()  # rooms with entries committed here, to follow
+        self._wakeup = asyncio.Event()
+        self._saved_at = 0.0
+        self._skip_logged_at = float("-inf")
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._log = {"protocol": role.protocol, "relay": role.name}
+
+    @property
+    def status_name(self) -> str:
+        return f"relay:{self.role.name}"
+
+    def status(self) -> dict[str, Any]:
+        """For /readyz and the dashboard: a relay that does not lead is ready too."""
+        behind = max((f.head - t.position for f in self.rooms.values()
+                      for t in f.targets.values()), default=0)
+        return {"ready": True, "leader": self.leader, "rooms": len(self.rooms),
+                "targets": sum(len(f.targets) for f in self.rooms.values()),
+                "behind": max(behind, 0), "unsaved": len(self._dirty),
+                "delivered": self.stats["delivered"], "skipped": self.stats["skipped"],
+                "retries": self.stats["retries"], "gone": self.stats["gone"],
+                **self.role.status()}
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        status.register(self.status_name, self.status)
+        if self.role.every_room:
+            broadcast.committed_listen(self._committed)
+        self._task = asyncio.create_task(self._run(), name=f"relay-{self.role.name}")
+
+    async def stop(self) -> None:
+        """Let deliveries in progress finish (briefly), save every position, hand over."""
+        broadcast.committed_unlisten(self._committed)
+        self._stopping = True  # the loop ends even if a cancellation is lost (see _run)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self.leader:
+            await self._step_down(wait=STOP_WAIT, save=True)
+            await self.lease.release()
+        status.unregister(self.status_name)
+        logger.info("relay stopped", extra={**self._log, **self.stats})
+
+    async def _run(self) -> None:
+        next_round = 0.0
+        while not self._stopping:
+            if time.monotonic() >= next_round:
+                await self._guarded(self._round)
+                next_round = time.monotonic() + self.tick
+            if self._news:
+                rooms, self._news = self._news, set()
+                if self.leader:
+                    await self._guarded(functools.partial(self._follow, rooms))
+            self._wakeup.clear()
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for loses a cancellation that
+            # comes as the event is set, and this loop would go on after stop().
+            try:
+                async with asyncio.timeout(max(0.0, next_round - time.monotonic())):
+                    await self._wakeup.wait()
+            except TimeoutError:
+                pass
+
+    async def _guarded(self, step: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await step()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("relay housekeeping failed; will retry", extra=self._log)
+
+    async def _round(self) -> None:
+        held = await self.lease.renew()
+        if held and not self.leader:
+            await self._take_over()
+        elif not held and self.leader:
+            await self._step_down(wait=0.0, save=False)
+            logger.warning("lost the relay lease; another process delivers now", extra=self._log)
+        if not self.leader:
+            return
+        await self._leave_idle()
+        if time.monotonic() - self._saved_at >= self.role.save_interval:
+            await self._save()
+        if self.role.refresh_targets:
+            await self._refresh()
+        await self._scan()
+        for feed in self.rooms.values():  # so a target also notices news the hub skipped past
+            for target in feed.targets.values():
+                target.wake.set()
+
+    async def _take_over(self) -> None:
+        """This process now holds the role: targets it never delivered start from now."""
+        placed = await database_sync_to_async(services.relay_targets_init)(
+            relay=self.role.name, targets=self.role.targets()
+        )
+        self.leader = True
+        self._term += 1
+        logger.info("this process now relays %s", self.role.name,
+                    extra={**self._log, "placed": placed})
+
+    async def _step_down(self, *, wait: float, save: bool) -> None:
+        """Stop delivering: at a stop, after letting what is in progress finish and saving the
+        positions; on a lost lease at once (another process delivers now)."""
+        self.leader = False
+        self._term += 1
+        feeds, self.rooms = list(self.rooms.values()), {}
+        tasks = [t.task for f in feeds for t in f.targets.values() if t.task is not None]
+        for feed in feeds:
+            for target in feed.targets.values():
+                target.wake.set()  # a waiting worker sees it is over
+        if tasks and wait:
+            await asyncio.wait(tasks, timeout=wait)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if save:
+            await self._guarded(self._save)
+        self._dirty.clear()
+        for feed in feeds:
+            await self._guarded(feed.leave)
+
+    # --- which rooms are followed ---------------------------------------------------------
+
+    def _committed(self, event: Mapping[str, Any]) -> None:
+        """An entry was committed in this process (on the publisher's loop): follow its room
+        now rather than at the next scan."""
+        room = event.get("room")
+        if self.leader and isinstance(room, str) and room not in self.rooms:
+            self._news.add(room)
+            self._wakeup.set()
+
+    async def _scan(self) -> None:
+        pending = await database_sync_to_async(selectors.relay_rooms_pending)(
+            relay=self.role.name, targets=self.role.targets()
+        )
+        await self._follow([room for room, _ in pending])
+
+    async def _follow(self, rooms: Iterable[str]) -> None:
+        """Follow these rooms (those not followed yet), with their targets."""
+        term = self._term
+        new = sorted(set(rooms) - self.rooms.keys())
+        if not new:
+            return
+        targets = await database_sync_to_async(services.relay_targets_open)(
+            relay=self.role.name, targets=self.role.targets(), rooms=new,
+            from_start=self.role.from_start,
+        )
+        hub = (await get_runtime()).hub
+        for room in new:
+            if term != self._term or room in self.rooms or not targets[room]:
+                continue
+            feed = self.rooms[room] = _Feed(self, room)
+            try:
+                await feed.join(hub)
+            except Exception:
+                # The layer or the database is down: the next scan tries again.
+                logger.warning("could not follow a room; will retry", exc_info=True,
+                               extra={**self._log, "room": room})
+                if self.rooms.get(room) is feed:
+                    del self.rooms[room]
+                continue
+            if term != self._term or self.rooms.get(room) is not feed:
+                await feed.leave()  # the role was lost meanwhile
+                continue
+            for key, position in targets[room].items():
+                self._target_add(feed, key, max(position, self._dirty.get((room, key), 0)))
+
+    async def _refresh(self) -> None:
+        """Targets that joined or left the rooms followed."""
+        if not self.rooms:
+            return
+        term = self._term
+        targets = await database_sync_to_async(services.relay_targets_open)(
+            relay=self.role.name, targets=self.role.targets(), rooms=list(self.rooms),
+            from_start=self.role.from_start,
+        )
+        if term != self._term:
+            return
+        for room, found in targets.items():
+            feed = self.rooms.get(room)
+            if feed is None:
+                continue
+            for key in feed.targets.keys() - found.keys():
+                self._target_remove(feed, key)
+            for key in found.keys() - feed.targets.keys():
+                self._target_add(feed, key, max(found[key], self._dirty.get((room, key), 0)))
+
+    async def _leave_idle(self) -> None:
+        """Leave the rooms with no target left, and those caught up and quiet for the role's
+        ``idle_timeout`` (the scan follows them again when they have news)."""
+        idle = self.role.idle_timeout
+        cutoff = time.monotonic() - idle if idle is not None else None
+        for room, feed in list(self.rooms.items()):
+            quiet = cutoff is not None and feed.active_at < cutoff and feed.caught_up()
+            if feed.targets and not quiet:
+                continue
+            del self.rooms[room]
+            for key in list(feed.targets):
+                self._target_remove(feed, key)
+            await feed.leave()
+            self._saved_at = 0.0  # its positions are saved in this round, not later
+
+    def _feed_ended(self, feed: _Feed) -> None:
+        if self.rooms.get(feed.room) is feed:
+            del self.rooms[feed.room]
+        feed.ready = False
+        for key in list(feed.targets):
+            self._target_remove(feed, key)
+
+    def _target_add(self, feed: _Feed, key: str, position: int) -> None:
+        target = feed.targets[key] = _Target(key, position)
+        target.task = asyncio.create_task(
+            self._serve(feed, target), name=f"relay-{self.role.name}-{feed.room}-{key}"
+        )
+
+    def _target_remove(self, feed: _Feed, key: str) -> None:
+        target = feed.targets.pop(key, None)
+        if target is not None and target.task is not None:
+            if target.task is not asyncio.current_task():
+                target.task.cancel()
+        feed.trim()
+
+    # --- delivery -------------------------------------------------------------------------
+
+    async def _serve(self, feed: _Feed, target: _Target) -> None:
+        """A target's worker: deliver what follows its position, batch by batch, in order."""
+        role, retry, failures = self.role, RETRY_FIRST, 0
+        while self.leader and feed.targets.get(target.key) is target:
+            if target.position >= feed.head:
+                target.wake.clear()
+                await target.wake.wait()
+                continue
+            try:
+                if role.backlog is not None and feed.head - target.position > role.backlog:
+                    await self._skip(feed, target, upto=feed.head - role.backlog)
+                    continue
+                entries, reached = await feed.read(target.position, role.batch_size)
+                if entries:
+                    await role.deliver(feed.room, target.key, entries)
+            except TargetGone:
+                self.stats["gone"] += 1
+                logger.info("a relay target is gone", extra={**self._log, "room": feed.room,
+                                                            "target": target.key})
+                self._target_remove(feed, target.key)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failures += 1
+                self.stats["retries"] += 1
+                metrics.RELAY_RETRIES.labels(role.name).inc()
+                delay = jitter(retry)
+                if failures & (failures - 1) == 0:  # failures 1, 2, 4, 8...: an outage logs little
+                    logger.warning("relay delivery failed (%s); attempt %d, retrying in %.1fs",
+                                   exc, failures, delay, exc_info=failures == 1,
+                                   extra={**self._log, "room": feed.room, "target": target.key,
+                                          "after": target.position})
+                await asyncio.sleep(delay)
+                retry = min(retry * 2, RETRY_MAX)
+                continue
+            retry, failures = RETRY_FIRST, 0
+            if entries:
+                self.stats["delivered"] += len(entries)
+                metrics.RELAY_DELIVERED.labels(role.name).inc(len(entries))
+            await self._advance(feed, target, reached)
+
+    async def _skip(self, feed: _Feed, target: _Target, *, upto: int) -> None:
+        after = target.position
+        await self.role.skipped(feed.room, target.key, after=after, upto=upto)
+        count = upto - after
+        self.stats["skipped"] += count
+        metrics.RELAY_SKIPPED.labels(self.role.name).inc(count)
+        if time.monotonic() - self._skip_logged_at >= SKIP_LOG_INTERVAL:
+            self._skip_logged_at = time.monotonic()
+            logger.warning("a relay target fell behind: its oldest entries are skipped "
+                           "(%d in all so far; logged at most every %.0fs)",
+                           self.stats["skipped"], SKIP_LOG_INTERVAL,
+                           extra={**self._log, "room": feed.room, "target": target.key,
+                                  "after": after, "upto": upto, "backlog": self.role.backlog})
+        await self._advance(feed, target, upto)
+
+    async def _advance(self, feed: _Feed, target: _Target, reached: int) -> None:
+        if reached <= target.position:
+            return
+        target.position = reached
+        feed.trim()
+        key = (feed.room, target.key)
+        if self.role.save_interval > 0:
+            self._dirty[key] = reached
+            return
+        try:
+            await database_sync_to_async(services.relay_positions_save)(
+                relay=self.role.name, positions={key: reached}
+            )
+        except DatabaseError:
+            # Only the record of progress: the next save tries again; at worst a takeover
+            # delivers these again.
+            self._dirty[key] = reached
+            logger.warning("could not save a relay position", exc_info=True,
+                           extra={**self._log, "room": feed.room, "target": target.key})
+
+    async def _save(self) -> None:
+        self._saved_at = time.monotonic()
+        if not self._dirty:
+            return
+        dirty, self._dirty = self._dirty, {}
+        try:
+            await database_sync_to_async(services.relay_positions_save)(
+                relay=self.role.name, positions=dirty
+            )
+        except BaseException:
+            for key, seq in dirty.items():  # kept for the next save
+                self._dirty[key] = max(seq, self._dirty.get(key, 0))
+            raise
