@@ -242,6 +242,9 @@ class Relay:
         status.register(self.status_name, self.status)
         if self.role.every_room:
             broadcast.committed_listen(self._committed)
+        # The first round before returning: started before its protocol's server, the relay
+        # holds its role (or knows another process does) before anything arrives to relay.
+        await self._guarded(self._round)
         self._task = asyncio.create_task(self._run(), name=f"relay-{self.role.name}")
 
     async def stop(self) -> None:
@@ -258,7 +261,7 @@ class Relay:
         logger.info("relay stopped", extra={**self._log, **self.stats})
 
     async def _run(self) -> None:
-        next_round = 0.0
+        next_round = time.monotonic() + self.tick
         while not self._stopping:
             if time.monotonic() >= next_round:
                 await self._guarded(self._round)
@@ -461,6 +464,8 @@ class Relay:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if not self.leader:
+                    return  # stopping or stepping down: its transport is going away
                 failures += 1
                 self.stats["retries"] += 1
                 metrics.RELAY_RETRIES.labels(role.name).inc()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from django.conf import settings
-from django.db.models import F, OuterRef, QuerySet, Subquery
+from django.db.models import F, OuterRef, QuerySet, Subquery, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -61,25 +61,17 @@ def room_last_seqs(*, rooms: list[str]) -> dict[str, int]:
     return {room: found.get(room, 0) for room in rooms}
 
 
-def relay_cursors(*, relay: str) -> dict[str, int]:
-    """How far a relay has published each room."""
-    return dict(RelayCursor.objects.filter(relay=relay).values_list("room", "last_seq"))
+def relay_targets_rooms() -> QuerySet:
+    """Every room as a relay target of its own (``target`` ""), for a role that serves every
+    room (an MQTT room's ``out`` topic)."""
+    return Room.objects.values(room=F("name"), target=Value(""))
 
 
-def room_positions(*, created_after: int = 0) -> list[tuple[int, str, int]]:
-    """``(pk, name, newest message id)`` of the rooms created after the room ``created_after``
-    (all of them by default), oldest first."""
-    rows = Room.objects.filter(pk__gt=created_after).order_by("pk")
-    return list(rows.values_list("pk", "name", "last_seq"))
-
-
-def relay_rooms_behind(*, relay: str) -> list[tuple[str, int]]:
-    """``(name, newest message id)`` of the rooms with messages beyond what ``relay`` has
-    recorded as published (a room it never recorded counts from 0): one query, whose answer
-    holds only the rooms with news, however many rooms there are."""
-    cursor = RelayCursor.objects.filter(relay=relay, room=OuterRef("name")).values("last_seq")
-    rooms = Room.objects.annotate(relayed=Coalesce(Subquery(cursor[:1]), 0))
-    return list(rooms.filter(last_seq__gt=F("relayed")).values_list("name", "last_seq"))
+def relay_targets_bot_chats(*, platform: str) -> QuerySet:
+    """The bot's chats of ``platform`` as relay targets of the rooms they joined (``target``
+    the chat id; blocked chats are sent nothing)."""
+    chats = BotChat.objects.filter(platform=platform, blocked=False).exclude(room="")
+    return chats.values("room", target=F("chat_id"))
 
 
 def relay_rooms_pending(*, relay: str, targets: QuerySet) -> list[tuple[str, int]]:

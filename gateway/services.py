@@ -361,18 +361,6 @@ def lease_release(*, name: str, holder: str) -> None:
     Lease.objects.filter(name=name, holder=holder).delete()
 
 
-def relay_cursors_save(*, relay: str, positions: dict[str, int]) -> None:
-    """Record how far a relay has published each room (positions only move forward)."""
-    for room, last_seq in positions.items():
-        cursor, created = RelayCursor.objects.get_or_create(
-            relay=relay, room=room, defaults={"last_seq": last_seq}
-        )
-        if not created and cursor.last_seq < last_seq:
-            RelayCursor.objects.filter(pk=cursor.pk, last_seq__lt=last_seq).update(
-                last_seq=last_seq
-            )
-
-
 # --- the relay's positions (gateway/relay.py) -------------------------------------------------
 
 _ROOMS_PER_QUERY = 500  # rooms named in one IN (...): within every backend's parameter limit

@@ -161,6 +161,11 @@ def mqtt_status(gw) -> dict:
     return readyz(gw)[1]["checks"].get("mqtt", {})
 
 
+def relay_status(gw, role: str) -> dict:
+    """The part of ``/readyz`` of the relay of ``role`` (``mqtt-out``, ``telegram``)."""
+    return readyz(gw)[1]["checks"].get(f"relay:{role}", {})
+
+
 async def mqtt_ready(gw, timeout: float = 20) -> None:
     """Wait until the gateway is ready with its MQTT subscription in place (``/healthz``
     answers before it: a device publishing then could find nobody subscribed)."""

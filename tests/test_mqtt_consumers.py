@@ -1,5 +1,6 @@
 """The MQTT consumers in-process: ApplicationCommunicator plays the protocol server (its
-``mqtt.*`` events in, what the consumer sends out), on the in-memory layer; no broker."""
+``mqtt.*`` events in, what the consumer sends out), on the in-memory layer; no broker. And
+the relay's MQTT role, publishing to a stand-in for the server."""
 
 from __future__ import annotations
 
@@ -16,12 +17,13 @@ from channels.testing import ApplicationCommunicator
 from django.db import DataError, OperationalError
 
 from gateway import events, services
-from gateway.models import Device, Message
+from gateway.models import Device, Message, RelayCursor
 from gateway.ratelimit import TokenBucket
+from gateway.relay import Relay
 from gateway.runtime import get_runtime
 from protocols.mqtt import consumers
-from protocols.mqtt.consumers import MqttDeviceConsumer, MqttRoomConsumer
-from tests.helpers import until_live
+from protocols.mqtt.consumers import MqttDeviceConsumer
+from protocols.mqtt.relay import MqttOut
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("runtime_stopped")]
 
@@ -39,16 +41,6 @@ async def device(room: str, device_id: str) -> ApplicationCommunicator:
         "prefix": PREFIX,
     })
     await comm.send_input({"type": "mqtt.connect"})
-    return comm
-
-
-async def relay(room: str, after: int | None = None) -> ApplicationCommunicator:
-    """A room's relay, once it is live (what is stored from then on is published)."""
-    comm = ApplicationCommunicator(MqttRoomConsumer.as_asgi(), {
-        "type": "mqtt", "role": "out", "room": room, "prefix": PREFIX, "after": after,
-    })
-    await comm.send_input({"type": "mqtt.connect"})
-    await until_live(f"mqtt-out-{room}")
     return comm
 
 
@@ -242,74 +234,84 @@ async def test_a_database_error_that_is_not_an_outage_is_refused_at_once(monkeyp
     await disconnect(dev)
 
 
-# --- MqttRoomConsumer ------------------------------------------------------------------------
+# --- the relay role to out (protocols/mqtt/relay.py) -------------------------------------------
 
 
-def published(out: dict, room: str, cursor: int) -> dict:
-    """The message JSON of a room publish, after checking its envelope."""
-    assert (out["type"], out["topic"], out["room"], out["id"]) == (
-        "mqtt.publish", f"{PREFIX}/{room}/out", room, cursor
-    )
-    return json.loads(out["payload"])
+class Broker:
+    """Stands in for the MQTT server: records what the role publishes."""
+
+    def __init__(self) -> None:
+        self.published: asyncio.Queue[tuple[str, dict]] = asyncio.Queue()
+
+    async def publish(self, topic: str, payload: bytes) -> None:
+        self.published.put_nowait((topic, json.loads(payload)))
+
+    async def next(self, room: str) -> dict:
+        topic, body = await asyncio.wait_for(self.published.get(), 5)
+        assert topic == f"{PREFIX}/{room}/out"
+        return body
 
 
-def position_only(room: str, cursor: int) -> dict:
-    return {"type": "mqtt.publish", "topic": None, "payload": b"", "room": room, "id": cursor}
+async def out_relay() -> tuple[Relay, Broker]:
+    broker = Broker()
+    relay = Relay(MqttOut(broker, prefix=PREFIX, idle_timeout=60), tick=0.05)  # type: ignore
+    await relay.start()
+    assert relay.leader
+    return relay, broker
 
 
 async def test_the_relay_publishes_each_message_and_moves_past_other_entries():
-    out = await relay("plant")
+    relay, broker = await out_relay()
     event = await database_sync_to_async(post)("plant", "hello", client_id="c-1")
-    body = published(await out.receive_output(timeout=5), "plant", 1)
-    assert body == {"type": "message", "id": 1, "room": "plant", "message": "hello",
-                    "sender": ALICE, "ts": event["ts"], "client_id": "c-1"}  # no origin
+    assert await broker.next("plant") == {
+        "type": "message", "id": 1, "room": "plant", "message": "hello", "sender": ALICE,
+        "ts": event["ts"], "client_id": "c-1"}  # no origin
     await database_sync_to_async(post)("plant", "second")
-    assert published(await out.receive_output(timeout=5), "plant", 2)["message"] == "second"
+    assert (await broker.next("plant"))["message"] == "second"
     # A staff delete and a close are log entries, not messages: only the position moves.
     await database_sync_to_async(services.messages_delete)(messages=[("plant", 1)], by=STAFF)
-    assert await out.receive_output(timeout=5) == position_only("plant", 3)
     await database_sync_to_async(services.room_close)(room="plant", by=STAFF)
-    assert await out.receive_output(timeout=5) == position_only("plant", 4)
-    assert await out.receive_nothing(timeout=0.2)
-    await disconnect(out)
+    await asyncio.sleep(0.3)
+    assert broker.published.empty()
+    await relay.stop()
+    cursor = await database_sync_to_async(RelayCursor.objects.get)(relay="mqtt-out", room="plant")
+    assert cursor.last_seq == 4
     runtime = await get_runtime()
     assert runtime.hub.subscribers() == []  # it left the room
 
 
-async def test_the_relay_catches_up_from_after_then_goes_live():
-    for text in ("one", "two", "three"):
+async def test_the_relay_resumes_after_its_position_without_the_deleted_text():
+    relay, broker = await out_relay()
+    await database_sync_to_async(post)("resume", "one")
+    assert (await broker.next("resume"))["id"] == 1
+    await relay.stop()
+    for text in ("two", "three"):
         await database_sync_to_async(post)("resume", text)
     await database_sync_to_async(services.messages_delete)(messages=[("resume", 2)], by=STAFF)
-    # It had published up to 1: message 3 and the delete's position (never the deleted text).
-    out = await relay("resume", after=1)
-    assert published(await out.receive_output(timeout=5), "resume", 3)["message"] == "three"
-    assert await out.receive_output(timeout=5) == position_only("resume", 4)
+    relay, broker = await out_relay()
+    assert (await broker.next("resume"))["message"] == "three"  # never the deleted text
     await database_sync_to_async(post)("resume", "four")
-    assert published(await out.receive_output(timeout=5), "resume", 5)["message"] == "four"
-    assert await out.receive_nothing(timeout=0.2)
-    await disconnect(out)
-    # Without ``after`` it starts from the join: nothing old again.
-    out = await relay("resume")
-    await database_sync_to_async(post)("resume", "five")
-    assert published(await out.receive_output(timeout=5), "resume", 6)["message"] == "five"
-    assert await out.receive_nothing(timeout=0.2)
-    await disconnect(out)
+    assert (await broker.next("resume"))["id"] == 5
+    await asyncio.sleep(0.2)
+    assert broker.published.empty()
+    await relay.stop()
 
 
-async def test_a_device_message_reaches_the_rooms_relay():
-    out = await relay("greenhouse")
+async def test_a_device_message_reaches_the_rooms_out_topic():
+    relay, broker = await out_relay()
     dev = await device("greenhouse", "sensor-7")
     await dev.send_input(message(b'{"message": "dry", "name": "Probe"}', ack=1))
     assert await dev.receive_output(timeout=5) == handled(1, True)
-    body = published(await out.receive_output(timeout=5), "greenhouse", 1)
+    body = await broker.next("greenhouse")
     assert (body["message"], body["sender"]) == (
         "dry", {"protocol": "mqtt", "id": "sensor-7", "name": "Probe"}
     )
     assert "origin" not in body
-    # The device's error topic is its own; the relay publishes nothing for a refusal.
+    # The device's error topic is its own; nothing reaches out for a refusal.
     await dev.send_input(message(b"", ack=2))
     assert (await refusal(dev, "greenhouse", "sensor-7"))["code"] == "empty_message"
     assert await dev.receive_output(timeout=5) == handled(2, False)
-    assert await out.receive_nothing(timeout=0.2)
+    await asyncio.sleep(0.2)
+    assert broker.published.empty()
     await disconnect(dev)
-    await disconnect(out)
+    await relay.stop()

@@ -27,6 +27,7 @@ from tests.helpers import (
     mqtt_status,
     nothing_more,
     readyz,
+    relay_status,
     wait_until,
 )
 from tests.servers import Mosquitto
@@ -286,14 +287,15 @@ async def test_idle_relays_close_and_wake_up_for_a_new_message(
     await open_rooms(mosquitto, names)
     await wait_until(lambda: database_count(
         gw, "SELECT count(*) FROM gateway_room WHERE last_seq = 1") == 30, 20, "rooms not stored")
-    # Each room's relay published its message, then closed after MQTT_IDLE_TIMEOUT: no relay
-    # scope and no subscription to the room's group is left.
-    await wait_until(lambda: mqtt_status(gw).get("relays") == 0, 15, "relays still open")
+    # The relay published each room's message, then left the rooms after MQTT_IDLE_TIMEOUT:
+    # no room is followed and no subscription to a room's group is left.
+    await wait_until(lambda: relay_status(gw, "mqtt-out").get("rooms") == 0, 15,
+                     "rooms still followed")
     await wait_until(lambda: room_subscriptions(redis_server) == 0, 5,
                      "the hub is still subscribed to idle rooms")
     assert database_count(gw, "SELECT count(*) FROM gateway_relaycursor WHERE last_seq = 1") == 30
-    # A new message in an idle room still reaches out: from a browser (found by the
-    # housekeeping scan) and from a device (its relay opens once the message is stored).
+    # A new message in an idle room still reaches out, from a browser and from a device (the
+    # relay follows a room again as soon as something is stored in it).
     async with OutListener(mosquitto, "idle07") as out7, OutListener(mosquitto, "idle08") as out8:
         async with connect(gw, "/ws/chat/idle07/") as web:
             await web.send(json.dumps({"message": "after a while"}))
@@ -334,7 +336,7 @@ async def test_a_restart_with_thousands_of_rooms_serves_devices_at_once(
     # Nothing to catch up: no relay opened at the start (the old start opened one per room,
     # each joining its group and reading the database, ahead of any device message).
     assert stored - ready < 1.0
-    assert mqtt_status(again)["relays"] <= 1
+    assert relay_status(again, "mqtt-out")["rooms"] <= 1
 
 
 async def test_a_device_sending_refused_payloads_is_bounded_in_logs_and_replies(
@@ -342,7 +344,7 @@ async def test_a_device_sending_refused_payloads_is_bounded_in_logs_and_replies(
 ):
     """Every payload spends the device's flood limit, refusals are logged five times per
     code and then counted, and error replies are paced: one device repeating a mistake
-    cannot fill the log or the outbox (which would pause the rooms' relays)."""
+    cannot fill the log or the outbox of error replies."""
     gw = gateway_factory(env={"MQTT_ENABLED": "1", "MQTT_URL": mosquitto.url,
                               "GATEWAY_RATE_LIMIT_PER_SECOND": "5",
                               "GATEWAY_RATE_LIMIT_BURST": "20"}).start()

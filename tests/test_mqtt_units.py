@@ -14,7 +14,6 @@ from gateway import selectors, services
 from gateway.models import Room
 from gateway.ratelimit import TokenBucket
 from protocols.mqtt.server import BrokerAddress, MqttServer, _Link
-from protocols.scopes import Scope
 
 
 @pytest.mark.slow
@@ -76,45 +75,20 @@ def test_credit_is_not_spent_while_the_burst_lasts():
 
 
 @pytest.mark.django_db
-def test_rooms_behind_are_those_with_messages_beyond_their_cursor():
+def test_rooms_pending_for_out_are_those_with_entries_beyond_their_position():
     for name, last_seq in [("quiet", 4), ("busy", 9), ("new", 2), ("empty", 0)]:
         Room.objects.create(name=name, last_seq=last_seq)
-    services.relay_cursors_save(relay="mqtt-out", positions={"quiet": 4, "busy": 7})
-    services.relay_cursors_save(relay="other", positions={"new": 2})
-    behind = selectors.relay_rooms_behind(relay="mqtt-out")
-    assert sorted(behind) == [("busy", 9), ("new", 2)]
+    for relay, room, position in [("mqtt-out", "quiet", 4), ("mqtt-out", "busy", 7),
+                                  ("other", "new", 2)]:
+        services.relay_target_place(relay=relay, room=room, target="", position=position)
+    pending = selectors.relay_rooms_pending(relay="mqtt-out",
+                                            targets=selectors.relay_targets_rooms())
+    assert pending == [("busy", 9), ("new", 2)]
 
 
 def server() -> MqttServer:
     return MqttServer(None, address=BrokerAddress(host="127.0.0.1", port=1), prefix="rooms",
                       client_id="unit", idle_timeout=60)
-
-
-def relay_scope(room: str) -> Scope:
-    return Scope(scope={"type": "mqtt", "role": "out", "room": room}, queue=asyncio.Queue())
-
-
-def relay_message(room: str, seq: int) -> dict:
-    return {"type": "mqtt.publish", "topic": f"rooms/{room}/out", "payload": b"{}",
-            "room": room, "id": seq}
-
-
-async def test_a_full_outbox_pauses_the_relay_where_it_got():
-    mqtt = server()
-    mqtt.outbox = asyncio.Queue(maxsize=3)
-    relay = mqtt.relays.open("r", lambda: relay_scope("r"))
-    for seq in range(1, 6):
-        await mqtt._send(relay_message("r", seq))
-    # Three queued; the fourth found the outbox full: the relay is told to close, nothing
-    # after id 3 is queued (not even once the outbox has room), and it restarts from 3.
-    assert mqtt.outbox.qsize() == 3 and mqtt.queued["r"] == 3
-    assert relay.closing and relay.queue.get_nowait() == {"type": "mqtt.disconnect"}
-    mqtt.outbox.get_nowait()
-    await mqtt._send(relay_message("r", 6))
-    assert mqtt.outbox.qsize() == 2 and mqtt.queued["r"] == 3
-    assert mqtt.stats["relay_pauses"] == 1
-    mqtt._exited(relay, None)
-    assert "r" not in mqtt.relays and "r" not in mqtt._paused
 
 
 async def test_a_full_outbox_drops_error_replies_and_counts_them():
@@ -125,10 +99,3 @@ async def test_a_full_outbox_drops_error_replies_and_counts_them():
                           "refused": "rate_limited"})
     assert mqtt.outbox.qsize() == 1 and mqtt.stats["dropped"] == 2
     assert mqtt.refused["rate_limited"] == 3
-    # Error replies never take more than half of it: room messages keep their room.
-    mqtt = server()
-    mqtt.outbox = asyncio.Queue(maxsize=10)
-    for _ in range(20):
-        await mqtt._send({"type": "mqtt.publish", "topic": "rooms/r/error/d", "payload": b"{}",
-                          "refused": "invalid_json"})
-    assert mqtt.outbox.qsize() == 5 and mqtt.stats["dropped"] == 15

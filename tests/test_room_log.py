@@ -233,8 +233,8 @@ async def test_the_mqtt_relay_moves_past_entries_it_does_not_publish(gateway_fac
     assert gw.terminate() == 0
     # The relay's saved position is the log's last cursor: a restart publishes nothing again
     # and the room is not "behind" forever.
-    cursor = gw.manage("shell", "-c", "from gateway.models import RelayCursor; "
-                       "print(RelayCursor.objects.get(relay='mqtt-out', room='plant').last_seq)")
+    cursor = gw.manage("shell", "-c", "from gateway.models import RelayCursor; print("
+                       "RelayCursor.objects.get(relay='mqtt-out', room='plant').last_seq)")
     assert cursor.split()[-1] == "5"
 
 

@@ -10,14 +10,12 @@ from gateway.adapters import Adapter, RunContext, RunRefused, ScopeRoleRouter, i
 
 
 class MqttAdapter(Adapter):
-    scope_type = "mqtt"  # one scope per device and room, one per room's relay to out
+    scope_type = "mqtt"  # one scope per device and room
 
     def scope_application(self) -> ScopeRoleRouter:
-        from protocols.mqtt.consumers import MqttDeviceConsumer, MqttRoomConsumer
+        from protocols.mqtt.consumers import MqttDeviceConsumer
 
-        return ScopeRoleRouter(
-            {"device": MqttDeviceConsumer.as_asgi(), "out": MqttRoomConsumer.as_asgi()}
-        )
+        return ScopeRoleRouter({"device": MqttDeviceConsumer.as_asgi()})
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--mqtt-port", type=int, default=None,
@@ -28,6 +26,8 @@ class MqttAdapter(Adapter):
     def servers(self, context: RunContext) -> list:
         from django.conf import settings
 
+        from gateway.relay import Relay
+        from protocols.mqtt.relay import MqttOut
         from protocols.mqtt.server import BrokerAddress, MqttServer
 
         options, mqtt = context.options, settings.MQTT
@@ -47,12 +47,15 @@ class MqttAdapter(Adapter):
             address = BrokerAddress(host=_connect_host(broker.host), port=broker.port,
                                     username=broker.policy.gateway_user,
                                     password=broker.policy.gateway_password)
-        services.append(MqttServer(
+        server = MqttServer(
             context.application, address=address, prefix=mqtt["TOPIC_PREFIX"],
             client_id=client_id, idle_timeout=mqtt["IDLE_TIMEOUT"],
             keepalive=mqtt["KEEPALIVE"], shared_group=mqtt["SHARED_GROUP"],
-        ))
-        return services
+        )
+        # The relay before the server: it holds its role (or knows another process does)
+        # before the first device message is stored; it stops after it.
+        out = MqttOut(server, prefix=mqtt["TOPIC_PREFIX"], idle_timeout=mqtt["IDLE_TIMEOUT"])
+        return [*services, Relay(out), server]
 
 
 def _embedded_broker(options: argparse.Namespace, client_id: str):

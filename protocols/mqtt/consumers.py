@@ -1,7 +1,8 @@
-"""MQTT consumers: devices posting into a room, and a room's relay to ``<prefix>/<room>/out``.
+"""MQTT's consumer: a device posting into a room.
 
-The protocol server (protocols/mqtt/server.py) opens the scopes; these translate between
-its ``mqtt.*`` events (protocols/mqtt/events.py) and the room.
+The protocol server (protocols/mqtt/server.py) opens the scopes; the consumer translates
+between its ``mqtt.*`` events (protocols/mqtt/events.py) and the room. (A room's messages
+reach ``<prefix>/<room>/out`` through the relay: protocols/mqtt/relay.py.)
 """
 
 from __future__ import annotations
@@ -19,23 +20,15 @@ from django.db import DatabaseError, InterfaceError, OperationalError
 from consumers.base import RoomConsumer
 from gateway import events, metrics, services
 from gateway.errors import GatewayError
-from gateway.fanout import Delivery
 from gateway.logging import LogSampler
 from gateway.names import display_name_clean
 from gateway.ratelimit import TokenBucket, flood_limit
 from gateway.services import room_message_post
 from protocols.mqtt import wire as topics
-from protocols.mqtt.events import (
-    DeviceSend,
-    MqttConnect,
-    MqttDisconnect,
-    MqttMessage,
-    RelaySend,
-)
+from protocols.mqtt.events import DeviceSend, MqttConnect, MqttDisconnect, MqttMessage
 
 logger = logging.getLogger(__name__)
 
-WIRE_FORMAT = "mqtt-json"
 SEEN_INTERVAL = 60.0  # how often a device's last_seen is written while it is active
 RETRY_FIRST, RETRY_MAX = 0.5, 5.0  # backoff (seconds) while the database cannot store
 STALL = 1.0  # seconds: a store that took longer gives its time back to the device's rate
@@ -158,40 +151,6 @@ class MqttDeviceConsumer(RoomConsumer):
             logger.warning("device messages refused but not logged: %s", counted,
                            extra=self.log_extra(counted=counted))
         await super().finish()
-
-    async def mqtt_disconnect(self, message: MqttDisconnect) -> None:
-        raise StopConsumer()
-
-
-class MqttRoomConsumer(RoomConsumer):
-    """A room's relay: each room message published once on ``<prefix>/<room>/out``."""
-
-    protocol = "mqtt"
-    base_send: Callable[[RelaySend], Awaitable[None]]  # the scope's send, typed
-
-    async def mqtt_connect(self, message: MqttConnect) -> None:
-        self.scope_id = f"mqtt-out-{self.scope['room']}"
-        self.topic = topics.out_topic(self.scope["prefix"], self.scope["room"])
-        await self.room_join(self.scope["room"], member_id=None)
-        await self.room_catch_up(self.scope.get("after"))
-
-    async def send_room_event(self, event: events.RoomMessage, delivery: Delivery) -> None:
-        await self.base_send({
-            "type": "mqtt.publish",
-            "topic": self.topic,
-            "payload": delivery.frame(WIRE_FORMAT, topics.out_payload),
-            "room": event["room"],  # so the server can record how far the room got
-            "id": event["id"],
-        })
-
-    async def send_room_entry(self, entry: events.RoomEntry, delivery: Delivery) -> None:
-        """Nothing is published for entries that are not messages (yet), but the room's
-        position moves past them, in order with what is published."""
-        await self.base_send({"type": "mqtt.publish", "topic": None, "payload": b"",
-                              "room": entry["room"], "id": entry["cursor"]})
-
-    async def close(self, code: int) -> None:
-        self.closed, self.live = True, False
 
     async def mqtt_disconnect(self, message: MqttDisconnect) -> None:
         raise StopConsumer()

@@ -1,27 +1,22 @@
 """The MQTT protocol server: owns the broker connection and the ``mqtt`` scopes.
 
 Like daphne for WebSockets, it knows nothing of rooms: it turns broker traffic into scopes
-and events for the root ASGI application, and carries the application's ``mqtt.publish``
-events back to the broker. The events are written down in protocols/mqtt/events.py.
+and events for the root ASGI application, and carries bytes back to the broker. The events
+are written down in protocols/mqtt/events.py.
 
 - A device scope per (device, room), ``{"type": "mqtt", "role": "device", ...}``, opened
   on the device's first message and fed ``mqtt.message`` events; closed (``mqtt.disconnect``)
-  after ``MQTT_IDLE_TIMEOUT`` without a message, and at shutdown.
-- A room scope per room with something to publish, ``{"type": "mqtt", "role": "out", ...}``,
-  whose consumer publishes each room message once on ``<prefix>/<room>/out``. It closes after
-  ``MQTT_IDLE_TIMEOUT`` without a message (an idle room costs no subscription); the
-  housekeeping scan (one query every ``ROOM_SCAN_INTERVAL``) opens it again, where it got,
-  once the room has newer messages, and a device's stored message opens it at once. A room
-  created after the server started is relayed from its first message. With several gateway
-  processes on one broker, only the holder of the ``mqtt-out`` lease relays (so each message
-  is published once); it records how far it got per room, and a process that takes the
-  lease over (within ``LEASE_TTL``) resumes there. Inbound, each process subscribes through
-  a shared subscription (``MQTT_SHARED_GROUP``), so each device message reaches one.
+  after ``MQTT_IDLE_TIMEOUT`` without a message, and at shutdown. Its error replies
+  (``mqtt.publish``) wait in a bounded outbox.
+- ``publish(topic, payload)`` for the relay (protocols/mqtt/relay.py: each room's messages on
+  ``<prefix>/<room>/out``, from the process holding the ``mqtt-out`` lease).
 
 One connection, QoS 1 both ways, a fixed client id with clean session off (the broker keeps
 what devices publish while the gateway is away), reconnects with exponential backoff and
-jitter. Outbound messages wait in order (at most ``OUTBOX_LIMIT``) while the broker is
-unreachable; a publish that the connection's end cut short is published again on the next.
+jitter. A publish waits out an unreachable broker, and one that the connection's end cut
+short is published again on the next. Inbound, with several gateway processes, each
+subscribes through a shared subscription (``MQTT_SHARED_GROUP``), so each device message
+reaches one of them.
 """
 
 from __future__ import annotations
@@ -35,19 +30,16 @@ from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
-from channels.db import database_sync_to_async
 
-from gateway import metrics, selectors, services, status
+from gateway import metrics, status
 from gateway.errors import GatewayError
-from gateway.lease import Lease, jitter
+from gateway.lease import jitter
 from protocols.mqtt import wire as topics
 from protocols.mqtt.events import (
     DeviceReceive,
+    DeviceSend,
     MqttDisconnect,
     MqttHandled,
-    MqttRoomPublish,
-    RelayReceive,
-    ScopeSend,
     mqtt_connect,
     mqtt_disconnect,
 )
@@ -55,17 +47,16 @@ from protocols.scopes import Scope, ScopeRegistry, scope_open, scopes_cancel, sc
 
 logger = logging.getLogger(__name__)
 
-Outgoing = tuple[str | None, bytes, str | None, int | None]
-
-ROOM_SCAN_INTERVAL = 2.0
-RELAY = "mqtt-out"  # the lease and cursor name of the rooms -> MQTT relay
-LEASE_TTL = 10.0
-# Messages waiting for the broker. Past it a room's relay pauses (and later resumes where
-# it got) and error replies are dropped (counted), so an absent broker costs bounded memory.
-OUTBOX_LIMIT = 10_000
+IDLE_CHECK_INTERVAL = 2.0  # seconds between looks for idle device scopes
+# Error replies waiting for the broker; past it they are dropped (counted), so an absent
+# broker costs bounded memory. (The relay's messages wait in the log, not here.)
+OUTBOX_LIMIT = 1_000
 PUBLISH_RETRY = 0.5  # seconds before a publish refused on a live connection is tried again
-NEW_ROOM_SAVE_DELAY = 0.2  # new rooms' cursors are saved together, this soon
 SCOPE_STOP_WAIT = 5.0  # seconds scopes get to finish at a stop before they are cancelled
+
+
+class ServerStopped(Exception):
+    """A publish asked of a server that has stopped."""
 
 
 @dataclass
@@ -140,23 +131,12 @@ class MqttServer:
         self.idle_timeout = idle_timeout
         self.keepalive = keepalive
         self.shared_group = shared_group
-        self.lease = Lease(RELAY, ttl=LEASE_TTL)
-        self.leader = False
-        # While relaying, per room: the newest id handed to the outbox (where a closed relay
-        # starts again), the newest the broker confirmed, and the newest recorded for the
-        # next holder of the lease (RelayCursor).
-        self.queued: dict[str, int] = {}
-        self.published: dict[str, int] = {}
-        self._saved: dict[str, int] = {}
-        self._paused: set[str] = set()  # rooms whose relay stopped on a full outbox
-        self._new_rooms = asyncio.Event()  # a room's first relay: save its cursor soon
         self.devices: ScopeRegistry[tuple[str, str], Scope[DeviceReceive]] = ScopeRegistry()
-        self.relays: ScopeRegistry[str, Scope[RelayReceive]] = ScopeRegistry()
-        # (topic, payload, room, cursor); topic None: only the room's position moves
-        self.outbox: asyncio.Queue[Outgoing] = asyncio.Queue(maxsize=OUTBOX_LIMIT)
+        # Error replies to devices: (topic, payload)
+        self.outbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(maxsize=OUTBOX_LIMIT)
         self.connected = asyncio.Event()  # set and cleared only with the connection itself
-        self.stats = {"received": 0, "published": 0, "rejected": 0, "reconnects": 0,
-                      "dropped": 0, "relay_pauses": 0}
+        self.stats = {"received": 0, "stored": 0, "published": 0, "rejected": 0,
+                      "reconnects": 0, "dropped": 0}
         self.refused: Counter[str] = Counter()  # device messages refused, by error code
         self._link: _Link | None = None
         self._tasks: list[asyncio.Task] = []
@@ -170,15 +150,11 @@ class MqttServer:
     def status(self) -> dict:
         """For /readyz and the dashboard."""
         return {"ready": self.connected.is_set(), "broker": str(self.address),
-                "relaying": self.leader, "relays": len(self.relays),
                 "outbox": self.outbox.qsize(), **self.stats}
 
     async def start(self) -> None:
         status.register("mqtt", self.status)
-        await self._lead()  # before any device message: see _relays_start
-        self._housekeeping = asyncio.create_task(
-            self._housekeeping_loop(), name="mqtt-housekeeping"
-        )
+        self._housekeeping = asyncio.create_task(self._idle_loop(), name="mqtt-idle")
         self._tasks = [
             asyncio.create_task(self._connection_loop(), name="mqtt-connection"),
             asyncio.create_task(self._publish_loop(), name="mqtt-publish"),
@@ -186,30 +162,26 @@ class MqttServer:
         ]
 
     async def stop(self) -> None:
-        """Close every scope, publish what is already queued (briefly), then disconnect.
+        """Close every scope, publish the error replies already queued (briefly), then
+        disconnect; a publish still waiting ends with ``ServerStopped``.
 
         A device message still waiting to be stored (the database down) is left
         unacknowledged: the broker delivers it again to the next connection.
         """
         self._stopping = True
         status.unregister("mqtt")
-        # No more lease renewals or new relays from here.
         self._housekeeping.cancel()
         await asyncio.gather(self._housekeeping, return_exceptions=True)
-        scopes: list[Scope[MqttDisconnect]] = [*self.devices.values(), *self.relays.values()]
+        scopes = self.devices.values()
         await scopes_close(scopes, mqtt_disconnect(), wait=SCOPE_STOP_WAIT)
         await scopes_cancel(scopes)
         self.devices.take_all()
-        self.relays.take_all()
         if self.connected.is_set():
             try:
                 await asyncio.wait_for(self.outbox.join(), timeout=3)
             except TimeoutError:
-                logger.warning("stopped with %d MQTT messages unpublished", self.outbox.qsize(),
-                               extra={"protocol": "mqtt"})
-        if self.leader:  # hand over: the next holder resumes where we stopped
-            await self._save_cursors()
-            await self.lease.release()
+                logger.warning("stopped with %d MQTT error replies unpublished",
+                               self.outbox.qsize(), extra={"protocol": "mqtt"})
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -292,22 +264,26 @@ class MqttServer:
 
     async def _publish_loop(self) -> None:
         while True:
-            topic, payload, room, seq = await self.outbox.get()
-            if topic is not None:  # None: only a position (a log entry with nothing to publish)
-                await self._publish(topic, payload)
-                self.stats["published"] += 1
-            if room is not None and seq is not None:
-                self.published[room] = max(seq, self.published.get(room, 0))
-            self.outbox.task_done()
+            topic, payload = await self.outbox.get()
+            try:
+                await self.publish(topic, payload)
+            except ServerStopped:
+                pass
+            finally:
+                self.outbox.task_done()
 
-    async def _publish(self, topic: str, payload: bytes) -> None:
-        """Publish until the broker confirms it, on whatever connection is current: kept in
-        order, never skipped (QoS 1: a message cut short may reach subscribers twice)."""
+    async def publish(self, topic: str, payload: bytes) -> None:
+        """Publish until the broker confirms it, on whatever connection is current: in the
+        order asked, never skipped (QoS 1: a message cut short may reach subscribers twice).
+        ``ServerStopped`` once the server stops."""
         while True:
             while (link := self._link) is None:
-                await self.connected.wait()
+                if self._stopping:
+                    raise ServerStopped("the MQTT server has stopped")
+                await self._connection_change()
             try:
                 if await link.publish(topic, payload):
+                    self.stats["published"] += 1
                     return
             except aiomqtt.MqttError as exc:
                 # The connection may still be up (a timeout, a refusal): only the
@@ -315,6 +291,14 @@ class MqttServer:
                 logger.warning("MQTT publish failed (%s); trying again", exc,
                                extra={"protocol": "mqtt", "topic": topic[:200]})
                 await asyncio.sleep(PUBLISH_RETRY)
+
+    async def _connection_change(self) -> None:
+        """Wait for a connection (or, at most a second, for the server to stop)."""
+        try:
+            async with asyncio.timeout(1.0):
+                await self.connected.wait()
+        except TimeoutError:
+            pass
 
     # --- inbound -----------------------------------------------------------------------
 
@@ -354,17 +338,8 @@ class MqttServer:
         return scope_open(self.application, scope, self._send, first=mqtt_connect(),
                           name=name, on_exit=self._exited)
 
-    def _open_relay(self, scope: dict, *, name: str) -> Scope[RelayReceive]:
-        return scope_open(self.application, scope, self._send, first=mqtt_connect(),
-                          name=name, on_exit=self._exited)
-
     def _exited(self, opened: Scope[MqttDisconnect], failure: BaseException | None) -> None:
         scope = opened.scope
-        if scope["role"] != "device":
-            if self.relays.ended(scope["room"], opened):
-                # The scan opens it again where it got once the room has something new.
-                self._paused.discard(scope["room"])
-            return
         self.devices.ended((scope["device_id"], scope["room"]), opened)
         unhandled = [token for token, entry in self._acks.items() if entry[0] is opened]
         for token in unhandled:
@@ -376,161 +351,38 @@ class MqttServer:
                 # Cancelled while storing (a stop): unacknowledged, the broker sends it again.
                 del self._acks[token]
 
-    async def _send(self, message: ScopeSend) -> None:
+    async def _send(self, message: DeviceSend) -> None:
         if message["type"] == "mqtt.handled":
             return self._handled(message)
         if message["type"] != "mqtt.publish":
             raise ValueError(f"unknown mqtt event {message['type']!r}")
-        if "room" in message:  # a room's entry; else a device's error reply
-            return self._relay_publish(message)
         self.refused[message["refused"]] += 1
-        # Error replies take at most half the outbox, so they never pause a room's relay.
-        if self.outbox.qsize() < max(1, self.outbox.maxsize // 2):
-            self.outbox.put_nowait((message["topic"], message["payload"], None, None))
-        else:
+        try:
+            self.outbox.put_nowait((message["topic"], message["payload"]))
+        except asyncio.QueueFull:
             self.stats["dropped"] += 1
+            metrics.dropped("mqtt", "error_replies")
             if self.stats["dropped"] % 1000 == 1:  # the first, then one line a thousand
                 logger.warning("MQTT outbox full: dropped %d error replies so far",
                                self.stats["dropped"], extra={"protocol": "mqtt"})
 
     def _handled(self, message: MqttHandled) -> None:
-        """A device's message is stored or refused: acknowledge it; a stored one wakes its
-        room's relay."""
-        entry = self._acks.get(message["ack"])
+        """A device's message is stored or refused: acknowledge it (a stored one reaches the
+        relay through its commit)."""
         self._ack(message["ack"])
-        if entry is not None and entry[0] is not None and message["stored"] and self.leader:
-            room = entry[0].scope["room"]
-            if room not in self.relays and self.outbox.qsize() < OUTBOX_LIMIT // 2:
-                self._relay(room, after=self.queued.get(room, 0))
+        if message["stored"]:
+            self.stats["stored"] += 1
 
-    def _relay_publish(self, message: MqttRoomPublish) -> None:
-        """Queue a relay's message; on a full outbox, stop the relay instead (it starts
-        again from the last message queued once the broker has caught up)."""
-        room = message["room"]
-        if room in self._paused:
-            return
-        relay = self.relays.get(room)
-        if self.outbox.full():
-            self._paused.add(room)
-            self.stats["relay_pauses"] += 1
-            if relay is not None:
-                relay.close(mqtt_disconnect())
-            logger.warning("MQTT outbox full: the room's relay pauses",
-                           extra={"protocol": "mqtt", "room": room,
-                                  "resume_after": self.queued.get(room, 0)})
-            return
-        self.outbox.put_nowait((message["topic"], message["payload"], room, message["id"]))
-        self.queued[room] = max(message["id"], self.queued.get(room, 0))
-        if relay is not None:
-            relay.last_seen = time.monotonic()
+    # --- idle scopes ---------------------------------------------------------------------
 
-    # --- relays, rooms and idle scopes -------------------------------------------------
-
-    def _relay(self, room: str, *, after: int) -> None:
-        """Open the room's relay, publishing what follows ``after``."""
-        if room in self.relays:
-            return
-        self.queued[room] = max(after, self.queued.get(room, 0))
-        if room not in self._saved and room not in self.published:
-            # A room never recorded: where it starts counts as published, saved at once,
-            # so a process taking over never starts it from "now" (which would skip what
-            # was never published).
-            self.published[room] = after
-            self._new_rooms.set()
-        self.relays.open(room, lambda: self._open_relay(
-            {"type": "mqtt", "role": "out", "room": room, "prefix": self.prefix,
-             "after": after},
-            name=f"mqtt-out-{room}",
-        ))
-
-    async def _housekeeping_loop(self) -> None:
+    async def _idle_loop(self) -> None:
         while True:
-            await self._guarded(self._housekeeping_round)
-            # Until the next round, save the cursors of new rooms as they come.
-            deadline = time.monotonic() + min(ROOM_SCAN_INTERVAL, self.idle_timeout / 2)
-            while (left := deadline - time.monotonic()) > 0:
-                self._new_rooms.clear()
-                try:
-                    await asyncio.wait_for(self._new_rooms.wait(), left)
-                except TimeoutError:
-                    break
-                await asyncio.sleep(NEW_ROOM_SAVE_DELAY)  # the rooms created together
-                await self._guarded(self._save_cursors)
-
-    async def _guarded(self, step) -> None:
-        try:
-            await step()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            logger.exception("mqtt housekeeping failed; will retry", extra={"protocol": "mqtt"})
-
-    async def _housekeeping_round(self) -> None:
-        await self._lead()
-        if self.leader:
-            await self._save_cursors()
-            await self._scan_rooms()
-        self._close_idle()
-
-    async def _lead(self) -> None:
-        """Take or renew the relay lease; start or stop relaying accordingly."""
-        held = await self.lease.renew()
-        if held and not self.leader:
-            self.leader = True
-            await self._relays_start()
-        elif not held and self.leader:
-            self.leader = False
-            for relay in self.relays.values():
-                relay.close(mqtt_disconnect())
-            self.queued, self.published, self._saved = {}, {}, {}
-            self._paused.clear()
-            logger.warning("lost the MQTT relay lease; another process relays now",
-                           extra={"protocol": "mqtt"})
-
-    async def _relays_start(self) -> None:
-        """Where the previous holder stopped: relays for the rooms it left behind only (a
-        restart with thousands of idle rooms opens none). Run before the connection, so
-        the first device message finds the positions known."""
-        cursors = await database_sync_to_async(selectors.relay_cursors)(relay=RELAY)
-        rooms = await database_sync_to_async(selectors.room_positions)()
-        self.queued, self.published, self._saved = dict(cursors), dict(cursors), dict(cursors)
-        behind = 0
-        for _, room, last_seq in rooms:
-            if room not in cursors:
-                if last_seq:  # never relayed (MQTT was off): from now, recorded as such
-                    self.queued[room] = self.published[room] = last_seq
-            elif last_seq > cursors[room]:
-                self._relay(room, after=cursors[room])
-                behind += 1
-        logger.info("relaying rooms to MQTT",
-                    extra={"protocol": "mqtt", "rooms": len(rooms), "behind": behind})
-
-    async def _scan_rooms(self) -> None:
-        """Open the relays of the rooms with messages beyond what was queued for them: new
-        rooms from their first message, idle or failed ones from where they got."""
-        if self.outbox.qsize() >= OUTBOX_LIMIT // 2:
-            return  # the broker is behind: relays wait until it has caught up
-        behind = await database_sync_to_async(selectors.relay_rooms_behind)(relay=RELAY)
-        for room, last_seq in behind:
-            after = self.queued.get(room, 0)
-            if room not in self.relays and last_seq > after:
-                self._relay(room, after=after)
-
-    async def _save_cursors(self) -> None:
-        if not self.leader:
-            return
-        changed = {r: s for r, s in self.published.items() if self._saved.get(r) != s}
-        if changed:
-            await database_sync_to_async(services.relay_cursors_save)(
-                relay=RELAY, positions=changed
-            )
-            self._saved.update(changed)
+            await asyncio.sleep(min(IDLE_CHECK_INTERVAL, self.idle_timeout / 2))
+            self._close_idle()
 
     def _close_idle(self) -> None:
-        """Close the scopes idle for ``idle_timeout``: a device's once it has handled all it
-        received, a relay's (its room costs nothing until the scan finds news)."""
+        """Close the device scopes idle for ``idle_timeout`` once they have handled all they
+        received."""
         for key, scope in self.devices.idle(self.idle_timeout):
             self.devices.ended(key, scope)  # a new message opens a new scope at once
             scope.close(mqtt_disconnect())
-        for _, relay in self.relays.idle(self.idle_timeout):
-            relay.close(mqtt_disconnect())  # forgotten when it has ended

@@ -1,0 +1,56 @@
+"""MQTT's relay role: every room's messages on ``<prefix>/<room>/out``, each published once.
+
+The relay (gateway/relay.py) holds the ``mqtt-out`` lease, follows the rooms with news and
+keeps each room's position; this role only carries bytes: it encodes each message as the
+public message JSON (protocols/mqtt/wire.py) and publishes it through the MQTT server's
+broker connection (QoS 1, in order, waiting out an outage). Other log entries (a delete,
+a close) are passed over: ``out`` carries messages only, and the room's position moves past
+them.
+
+Every room has one target, ``""``: its ``out`` topic. A room new to the role is published
+from its first message; a room that existed before the role ever ran, from then on. A room
+quiet for ``MQTT_IDLE_TIMEOUT`` is left (no subscription in the hub or Redis) and followed
+again at its next entry: at once when it was stored in this process (a device's message),
+within the relay's scan (a second) otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from django.db.models import QuerySet
+
+from gateway import events, selectors
+from gateway.fanout import Delivery
+from gateway.relay import RelayRole
+from protocols.mqtt import wire
+
+if TYPE_CHECKING:
+    from protocols.mqtt.server import MqttServer
+
+ROLE = "mqtt-out"  # the lease and the positions (RelayCursor.relay)
+WIRE_FORMAT = "mqtt-json"
+
+
+class MqttOut(RelayRole):
+    name = ROLE
+    protocol = "mqtt"
+    every_room = True
+    from_start = True
+    refresh_targets = False  # one target per room, for good
+    batch_size = 100
+    save_interval = 1.0  # a takeover publishes at most about a second again (ids tell)
+
+    def __init__(self, server: MqttServer, *, prefix: str, idle_timeout: float) -> None:
+        self.server = server
+        self.prefix = prefix
+        self.idle_timeout = idle_timeout
+
+    def targets(self) -> QuerySet:
+        return selectors.relay_targets_rooms()
+
+    async def deliver(self, room: str, target: str, entries: list[Delivery]) -> None:
+        topic = wire.out_topic(self.prefix, room)
+        for delivery in entries:
+            if delivery.event["type"] == events.ROOM_MESSAGE:
+                await self.server.publish(topic, delivery.frame(WIRE_FORMAT, wire.out_payload))
