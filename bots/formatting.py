@@ -27,6 +27,12 @@ def room_message(event: events.RoomMessage) -> Reply:
     return Reply((line(*sender_label(event["sender"]), event["text"]),))
 
 
+def messages_skipped(count: int) -> Reply:
+    """Told to a chat that fell so far behind its room that older messages were skipped."""
+    return Reply((line(f"… {count} earlier messages were skipped here (this chat fell "
+                       "behind); /history shows them."),))
+
+
 def history_line(event: events.RoomMessage, *, width: int = 300) -> Line:
     """One stored message on a line: ``#12 14:03 alice (web): text`` (long texts shortened)."""
     text = " ".join(event["text"].split())

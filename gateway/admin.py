@@ -13,7 +13,7 @@ from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from gateway import selectors, services
+from gateway import chats, selectors, services
 from gateway.models import BotChat, Device, Message, Room, WebBlock
 
 admin.site.site_header = "Gateway administration"
@@ -119,9 +119,21 @@ class BotChatAdmin(admin.ModelAdmin):
     list_editable = ["blocked"]
     list_filter = ["platform", "kind", "blocked"]
     search_fields = ["title", "chat_id", "room"]
-    # The room changes only through /join and /leave (which keep the delivery position).
-    readonly_fields = ["platform", "chat_id", "kind", "title", "room", "delivered_seq", "names",
+    # The room changes only through /join and /leave (which place the delivery position).
+    readonly_fields = ["platform", "chat_id", "kind", "title", "room", "sent_up_to", "names",
                        "created_at"]
+
+    @admin.display(description="sent up to (the relay's position in the room)")
+    def sent_up_to(self, chat: BotChat) -> int | None:
+        return selectors.relay_position(relay=chat.platform, room=chat.room, target=chat.chat_id)
+
+    def save_model(self, request: HttpRequest, obj: BotChat, form, change: bool) -> None:
+        # Blocking goes through its service: a blocked chat is sent nothing, and one that is
+        # unblocked gets its room from then on, not what was said meanwhile.
+        if change and "blocked" in form.changed_data:
+            chats.bot_chat_block(chat=obj, blocked=obj.blocked)
+        else:
+            super().save_model(request, obj, form, change)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # chats appear when they write to the bot

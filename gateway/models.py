@@ -153,9 +153,9 @@ class BotChat(models.Model):
     chat_id = models.CharField(max_length=64)
     kind = models.CharField(max_length=16, help_text="private, group, supergroup, ...")
     title = models.CharField(max_length=128, help_text="The group's title or the user's name")
+    # How far it has been sent its room is the relay's: RelayCursor(relay=platform, room,
+    # target=chat_id), placed when it joins.
     room = models.CharField(max_length=64, blank=True, db_index=True, help_text="'' = none")
-    # The newest message of ``room`` sent to this chat: where its delivery resumes.
-    delivered_seq = models.BigIntegerField(default=0)
     # Display names chosen with /name, by the platform's user id.
     names = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)

@@ -74,6 +74,13 @@ def relay_targets_bot_chats(*, platform: str) -> QuerySet:
     return chats.values("room", target=F("chat_id"))
 
 
+def relay_position(*, relay: str, room: str, target: str = "") -> int | None:
+    """How far the relay role ``relay`` has delivered ``room`` to ``target`` (None: it has
+    no position there)."""
+    rows = RelayCursor.objects.filter(relay=relay, room=room, target=target)
+    return rows.values_list("last_seq", flat=True).first()
+
+
 def relay_rooms_pending(*, relay: str, targets: QuerySet) -> list[tuple[str, int]]:
     """``(name, newest cursor)`` of the rooms in which some target of the relay role
     ``relay`` has not been delivered everything (``targets``: rows with ``room`` and
@@ -165,18 +172,6 @@ def bot_chat_origin(platform: str, chat_id: str) -> str:
     """The origin of the messages a bot chat posts, and its member id: a chat is never sent
     what came from it."""
     return f"{platform}-chat-{chat_id}"
-
-
-def bot_chat_rooms(*, platform: str) -> list[str]:
-    """The rooms that at least one chat of ``platform`` has joined."""
-    chats = BotChat.objects.filter(platform=platform, blocked=False).exclude(room="")
-    return sorted(set(chats.values_list("room", flat=True)))
-
-
-def room_bot_chats(*, platform: str, room: str) -> dict[str, int]:
-    """The chats of ``platform`` in ``room``, with the newest message each has been sent."""
-    chats = BotChat.objects.filter(platform=platform, room=room, blocked=False)
-    return dict(chats.values_list("chat_id", "delivered_seq"))
 
 
 def room_closed(*, room: str) -> bool | None:

@@ -1,7 +1,10 @@
-"""The Telegram consumers in-process: ApplicationCommunicator plays the protocol server (its
-``chat.*`` events in, what the consumer sends out), on the in-memory layer; no Bot API."""
+"""The Telegram consumer in-process: ApplicationCommunicator plays the protocol server (its
+``chat.*`` events in, what the consumer sends out), on the in-memory layer; no Bot API. And
+the relay's Telegram role, sending to a stand-in for the server."""
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 from channels.db import database_sync_to_async
@@ -9,11 +12,13 @@ from channels.testing import ApplicationCommunicator
 from django.db import OperationalError
 
 from gateway import chats, events, selectors, services
-from gateway.models import BotChat, Message
+from gateway.models import BotChat, Message, RelayCursor
 from gateway.ratelimit import TokenBucket
+from gateway.relay import Relay
 from protocols.telegram import consumers
-from protocols.telegram.consumers import TelegramChatConsumer, TelegramRoomConsumer
-from tests.helpers import until_live
+from protocols.telegram.consumers import TelegramChatConsumer
+from protocols.telegram.relay import TelegramChats
+from protocols.telegram.server import Sent
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("runtime_stopped")]
 
@@ -55,26 +60,9 @@ async def replies(comm: ApplicationCommunicator, update_id: int) -> list[str]:
     return texts
 
 
-async def relay(room: str) -> ApplicationCommunicator:
-    """A room's relay to its chats, once it is live."""
-    comm = ApplicationCommunicator(TelegramRoomConsumer.as_asgi(), {
-        "type": "telegram", "role": "room", "room": room,
-    })
-    await comm.send_input({"type": "chat.connect"})
-    await until_live(f"telegram-out-{room}")
-    return comm
-
-
 async def disconnect(comm: ApplicationCommunicator) -> None:
     await comm.send_input({"type": "chat.disconnect"})
     await comm.wait(timeout=5)
-
-
-async def sends(comm: ApplicationCommunicator, n: int) -> list[dict]:
-    """``n`` sends, sorted by chat (the relay's order of chats is the database's)."""
-    got = [await comm.receive_output(timeout=5) for _ in range(n)]
-    assert all(o["type"] == "chat.send_message" for o in got), got
-    return sorted(got, key=lambda o: o["chat_id"])
 
 
 @database_sync_to_async
@@ -177,92 +165,159 @@ async def test_an_update_the_database_could_not_store_fails_and_is_handled_when_
     await disconnect(comm)
 
 
-# --- TelegramRoomConsumer --------------------------------------------------------------------
+# --- the relay role to the chats (protocols/telegram/relay.py) ---------------------------------
+
+
+class Bot:
+    """Stands in for the Telegram server: records what the role sends, answers as told."""
+
+    def __init__(self) -> None:
+        self.sent: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        self.gone: set[str] = set()
+        self.hold: asyncio.Event | None = None
+
+    async def send(self, chat_id: str, text: str) -> Sent:
+        if self.hold is not None:
+            await self.hold.wait()
+        if chat_id in self.gone:
+            return Sent.GONE
+        self.sent.put_nowait((chat_id, text))
+        return Sent.SENT
+
+    async def take(self, n: int) -> list[tuple[str, str]]:
+        """``n`` sends, sorted by chat (chats are sent to concurrently)."""
+        got = [await asyncio.wait_for(self.sent.get(), 5) for _ in range(n)]
+        return sorted(got)
+
+    async def nothing_more(self) -> bool:
+        await asyncio.sleep(0.3)
+        return self.sent.empty()
+
+
+async def chats_relay(backlog: int = 100) -> tuple[Relay, Bot]:
+    bot = Bot()
+    relay = Relay(TelegramChats(bot, backlog=backlog), tick=0.05)  # type: ignore[arg-type]
+    await relay.start()
+    assert relay.leader
+    return relay, bot
 
 
 async def test_a_room_message_goes_to_every_chat_but_the_one_it_came_from():
     await chats_join("lobby", "A", "B")
-    out = await relay("lobby")
+    relay, bot = await chats_relay()
     await post("lobby", "hi <all>")
-    assert await sends(out, 2) == [
-        {"type": "chat.send_message", "chat_id": chat_id, "room": "lobby", "id": 1,
-         "text": "<b>bob</b> (web): hi &lt;all&gt;", "last": True}
-        for chat_id in ("A", "B")
-    ]
+    assert await bot.take(2) == [(chat_id, "<b>bob</b> (web): hi &lt;all&gt;")
+                                 for chat_id in ("A", "B")]
     # Posted by chat A: only B is sent it.
     tg = events.sender(protocol="telegram", id="telegram-7", name="alice")
     await post("lobby", "from A", sender=tg, origin=selectors.bot_chat_origin(PLATFORM, "A"))
-    (only,) = await sends(out, 1)
-    assert (only["chat_id"], only["id"]) == ("B", 2)
-    assert only["text"] == "<b>alice</b> (telegram): from A"
-    assert await out.receive_nothing(timeout=0.2)
-    await disconnect(out)
+    assert await bot.take(1) == [("B", "<b>alice</b> (telegram): from A")]
+    assert await bot.nothing_more()
+    await relay.stop()
+    positions = await database_sync_to_async(relay_positions)("lobby")
+    assert positions == {"A": 2, "B": 2}  # A passed over its own message
 
 
-async def test_a_long_message_is_sent_in_pieces_and_only_the_last_counts_as_sent():
+async def test_a_long_message_is_sent_in_pieces_in_order():
     await chats_join("long", "A")
-    out = await relay("long")
+    relay, bot = await chats_relay()
     await post("long", "x" * 4096)
     pieces = []
-    while not pieces or not pieces[-1]["last"]:
-        pieces.append(await out.receive_output(timeout=5))
-    assert len(pieces) >= 2 and all(not p["last"] for p in pieces[:-1])
-    assert {(p["chat_id"], p["id"]) for p in pieces} == {("A", 1)}
-    text = "".join(p["text"] for p in pieces)
-    assert text == "<b>bob</b> (web): " + "x" * 4096
-    assert await out.receive_nothing(timeout=0.2)
-    await disconnect(out)
+    while not bot.sent.empty() or not pieces:
+        pieces.append(await asyncio.wait_for(bot.sent.get(), 5))
+        await asyncio.sleep(0.05)
+    assert len(pieces) >= 2 and {chat_id for chat_id, _ in pieces} == {"A"}
+    assert "".join(text for _, text in pieces) == "<b>bob</b> (web): " + "x" * 4096
+    await relay.stop()
 
 
-async def test_a_deleted_message_is_dropped_from_the_chats_queues():
+async def test_a_message_deleted_before_a_chat_had_it_is_not_sent_to_it():
     await chats_join("oops", "A")
-    out = await relay("oops")
+    relay, bot = await chats_relay()
+    bot.hold = asyncio.Event()
+    await post("oops", "fine")  # being sent while the next two are stored
     await post("oops", "regret")
-    (sent,) = await sends(out, 1)
-    await database_sync_to_async(services.messages_delete)(messages=[("oops", 1)], by=STAFF)
-    assert await out.receive_output(timeout=5) == {"type": "chat.drop", "room": "oops", "id": 1}
-    # A close is an entry too, but has nothing to drop.
-    await database_sync_to_async(services.room_close)(room="oops", by=STAFF)
-    assert await out.receive_nothing(timeout=0.2)
-    await disconnect(out)
+    await database_sync_to_async(services.messages_delete)(messages=[("oops", 2)], by=STAFF)
+    await post("oops", "after")
+    await asyncio.sleep(0.2)
+    bot.hold.set()
+    assert [text for _, text in await bot.take(2)] == ["<b>bob</b> (web): after",
+                                                        "<b>bob</b> (web): fine"]
+    assert await bot.nothing_more()
+    await relay.stop()
 
 
 async def test_the_relay_resumes_each_chat_after_what_it_was_sent():
     await chats_join("resume", "A", "B")
     for text in ("one", "two"):
         await post("resume", text)
-    # A was sent both already (recorded by an earlier relay); B neither.
-    await database_sync_to_async(chats.bot_chats_delivered_save)(
-        platform=PLATFORM, room="resume", positions={"A": 2}
+    # A was sent both already (recorded by an earlier holder of the role); B only "one".
+    await database_sync_to_async(services.relay_positions_save)(
+        relay=PLATFORM, positions={("resume", "A"): 2, ("resume", "B"): 1}
     )
-    out = await relay("resume")
-    caught_up = [await out.receive_output(timeout=5) for _ in range(2)]
-    assert [(o["chat_id"], o["id"]) for o in caught_up] == [("B", 1), ("B", 2)]
-    # The server reports B sent message 2: recorded, and answered.
-    await out.send_input({"type": "chat.delivered", "positions": {"B": 2}})
-    assert await out.receive_output(timeout=5) == {"type": "chat.recorded", "chat_id": "B"}
-    positions = await database_sync_to_async(selectors.room_bot_chats)(
-        platform=PLATFORM, room="resume"
-    )
-    assert positions == {"A": 2, "B": 2}
+    relay, bot = await chats_relay()
+    assert await bot.take(1) == [("B", "<b>bob</b> (web): two")]
     await post("resume", "three")
-    assert [(o["chat_id"], o["id"]) for o in await sends(out, 2)] == [("A", 3), ("B", 3)]
-    await disconnect(out)
+    assert [chat for chat, _ in await bot.take(2)] == ["A", "B"]
+    assert await bot.nothing_more()
+    await relay.stop()
 
 
 async def test_an_unreachable_chat_leaves_the_room_and_is_sent_nothing_more():
     await chats_join("gone", "A", "B")
-    out = await relay("gone")
-    await out.send_input({"type": "chat.unreachable", "chat_id": "A"})
-    # Events are handled in order: once this one is answered, A has been taken out.
-    await out.send_input({"type": "chat.delivered", "positions": {"B": 0}})
-    assert await out.receive_output(timeout=5) == {"type": "chat.recorded", "chat_id": "B"}
+    relay, bot = await chats_relay()
+    bot.gone.add("A")
+    await post("gone", "still here?")
+    assert await bot.take(1) == [("B", "<b>bob</b> (web): still here?")]
+    await asyncio.sleep(0.2)
     rooms = await database_sync_to_async(
         lambda: dict(BotChat.objects.values_list("chat_id", "room"))
     )()
     assert rooms == {"A": "", "B": "gone"}
-    await post("gone", "still here?")
-    (only,) = await sends(out, 1)
-    assert only["chat_id"] == "B"
-    assert await out.receive_nothing(timeout=0.2)
-    await disconnect(out)
+    assert set(await database_sync_to_async(relay_positions)("gone")) == {"B"}
+    bot.gone.clear()
+    await post("gone", "and now?")
+    assert await bot.take(1) == [("B", "<b>bob</b> (web): and now?")]
+    assert await bot.nothing_more()
+    await relay.stop()
+
+
+async def test_a_chat_far_behind_is_told_how_many_messages_it_missed():
+    await chats_join("flood", "A")
+    relay, bot = await chats_relay(backlog=2)
+    bot.hold = asyncio.Event()
+    await post("flood", "m0")  # being sent while the rest arrive
+    await asyncio.sleep(0.1)
+    tg = events.sender(protocol="telegram", id="telegram-7", name="alice")
+    for i in range(1, 7):
+        own = i == 3  # the chat's own message is not counted as missed
+        await post("flood", f"m{i}", sender=tg if own else WEB,
+                   origin=selectors.bot_chat_origin(PLATFORM, "A") if own else "test")
+    bot.hold.set()
+    texts = [text for _, text in [await asyncio.wait_for(bot.sent.get(), 5) for _ in range(4)]]
+    assert texts == [
+        "<b>bob</b> (web): m0",
+        "… 3 earlier messages were skipped here (this chat fell behind); /history shows them.",
+        "<b>bob</b> (web): m5", "<b>bob</b> (web): m6",
+    ]
+    assert await bot.nothing_more()
+    await relay.stop()
+
+
+async def test_a_blocked_chat_is_sent_nothing_and_unblocked_gets_what_follows():
+    await chats_join("mod", "A")
+    relay, bot = await chats_relay()
+    record = await database_sync_to_async(BotChat.objects.get)(chat_id="A")
+    await database_sync_to_async(chats.bot_chat_block)(chat=record, blocked=True)
+    await post("mod", "while blocked")
+    assert await bot.nothing_more()
+    await database_sync_to_async(chats.bot_chat_block)(chat=record, blocked=False)
+    await post("mod", "after")
+    assert await bot.take(1) == [("A", "<b>bob</b> (web): after")]
+    assert await bot.nothing_more()
+    await relay.stop()
+
+
+def relay_positions(room: str) -> dict[str, int]:
+    rows = RelayCursor.objects.filter(relay=PLATFORM, room=room)
+    return dict(rows.values_list("target", "last_seq"))

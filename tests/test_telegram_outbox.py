@@ -1,4 +1,5 @@
-"""The Telegram server's paced outbox, on a fake clock: order, pace, backlog, drops."""
+"""The Telegram server's paced outbox, on a fake clock: order, pace, a gone chat. (A room's
+backlog is the relay's: tests/test_relay.py, tests/test_telegram_consumers.py.)"""
 
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ def outbox(**limits) -> tuple[Outbox, Clock]:
     return Outbox(SendLimits(**{**FAST, **limits}), clock=clock), clock
 
 
-def room(seq: int, room: str = "lobby", text: str | None = None, last: bool = True) -> Outgoing:
-    return Outgoing(text or f"m{seq}", room, seq, last)
+def room(seq: int) -> Outgoing:
+    """A piece of a room message, as the relay hands it over."""
+    return Outgoing(f"m{seq}", waiter=f"waiter of m{seq}")
 
 
 def send_all(box: Outbox, clock: Clock, chat_id: str) -> list[tuple[float, str]]:
@@ -37,7 +39,6 @@ def send_all(box: Outbox, clock: Clock, chat_id: str) -> list[tuple[float, str]]
         clock.advance(box.due(chat_id))
         clock.advance(box.turn(chat_id))
         sent.append((round(clock.now - start, 6), item.text))
-        box.done(chat_id)
     box.release(chat_id)
     return sent
 
@@ -143,98 +144,14 @@ def test_messages_to_a_chat_go_in_the_order_they_were_queued():
     assert [text for _, text in send_all(box, clock, "8")] == [f"m{100 + i}" for i in range(10)]
 
 
-def test_a_full_backlog_skips_the_oldest_and_counts_them_for_a_notice():
-    box, clock = outbox(backlog=3)
-    overflowed = [box.queue("7", room(i)) for i in range(1, 7)]
-    assert overflowed == [False, False, False, True, True, True]
-    assert [i.text for i in box.waiting("7")] == ["m4", "m5", "m6"]
-    sent = [text for _, text in send_all(box, clock, "7")]
-    assert sent[0].startswith("… 3 earlier messages were skipped here")
-    assert sent[0].endswith("/history shows them.")
-    assert sent[1:] == ["m4", "m5", "m6"]
-
-
-def test_the_notice_counts_only_the_skips_since_the_last_one():
-    box, clock = outbox(backlog=1)
-    box.queue("7", room(1))
-    box.queue("7", room(2))  # m1 skipped
-    assert box.next("7").text.startswith("… 1 earlier")
-    box.done("7")
-    assert box.next("7").text == "m2"
-    box.done("7")
-    box.queue("7", room(3))
-    box.queue("7", room(4))
-    box.queue("7", room(5))
-    assert [text for _, text in send_all(box, clock, "7")] == [
-        box_notice(2), "m5"]
-
-
-def box_notice(count: int) -> str:
-    return (f"… {count} earlier messages were skipped here (this chat fell behind); "
-            "/history shows them.")
-
-
-def test_replies_and_earlier_pieces_do_not_count_against_the_backlog():
-    box, clock = outbox(backlog=1)
-    for i in range(5):
-        assert not box.queue("7", Outgoing(f"reply {i}"))
-    assert not box.queue("7", room(1, text="m1 a", last=False))
-    assert not box.queue("7", room(1, text="m1 b"))
-    assert len(send_all(box, clock, "7")) == 7
-
-
-def test_the_message_being_sent_keeps_its_remaining_pieces_when_the_backlog_overflows():
-    box, clock = outbox(backlog=1)
-    box.queue("7", room(1, text="m1 a", last=False))
-    box.queue("7", room(1, text="m1 b"))
-    assert box.next("7").text == "m1 a"  # being sent: its last piece still waits
-    assert box.queue("7", room(2))  # two waiting now: the oldest not being sent goes
-    sent = [text for _, text in send_all(box, clock, "7")]
-    assert "m1 b" in sent and "m2" not in sent and box_notice(1) in sent
-
-
-def test_a_deleted_message_is_never_sent_to_any_chat():
-    box, clock = outbox(backlog=3)
-    for chat_id in ("7", "-100"):
-        box.queue(chat_id, room(1))
-        box.queue(chat_id, room(2, text="m2 a", last=False))
-        box.queue(chat_id, room(2, text="m2 b"))
-    box.queue("7", room(2, room="other"))  # the same number in another room stays
-    box.drop(("lobby", 2))
-    assert not box.queue("7", room(3))  # the deleted one no longer counts as waiting
-    assert [text for _, text in send_all(box, clock, "7")] == ["m1", "m2", "m3"]
-    assert [text for _, text in send_all(box, clock, "-100")] == ["m1"]
-
-
-def test_stepping_down_keeps_replies_and_forgets_room_messages_and_skips():
-    box, clock = outbox(backlog=1)
+def test_a_gone_chat_is_forgotten_and_what_it_had_waiting_is_handed_back():
+    box, clock = outbox()
     box.queue("7", room(1))
     box.queue("7", Outgoing("reply"))
-    box.queue("7", room(2))  # m1 skipped
-    box.drop_rooms()
-    assert [text for _, text in send_all(box, clock, "7")] == ["reply"]
-
-
-def test_a_relay_starting_again_drops_only_its_room_queued_messages():
-    box, clock = outbox(backlog=5)
-    box.queue("7", room(1))
-    box.queue("7", Outgoing("reply"))
-    box.queue("7", room(1, room="other"))
     box.queue("7", room(2))
-    box.drop_rooms("lobby")  # its relay sends them again from the chat's record
-    for seq in (3, 4, 5, 6):  # the dropped ones no longer count against the backlog (5)
-        assert not box.queue("7", room(seq))
-    assert [text for _, text in send_all(box, clock, "7")] == [
-        "reply", "m1", "m3", "m4", "m5", "m6"
-    ]
-
-
-def test_a_gone_chat_is_forgotten_with_everything_it_had_waiting():
-    box, clock = outbox(backlog=1)
-    box.queue("7", room(1))
-    box.queue("7", room(2))
-    box.forget("7")
+    assert [i.waiter for i in box.forget("7")] == ["waiter of m1", None, "waiter of m2"]
     assert "7" not in box and box.next("7") is None and box.waiting("7") == []
+    assert box.forget("7") == []
 
 
 def test_a_drained_chat_is_released_and_starts_afresh():

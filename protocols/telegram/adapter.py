@@ -6,20 +6,12 @@ from gateway.adapters import Adapter, RunContext, ScopeRoleRouter
 
 
 class TelegramAdapter(Adapter):
-    scope_type = "telegram"  # one scope per chat, one per relayed room, one for the room list
+    scope_type = "telegram"  # one scope per chat
 
     def scope_application(self) -> ScopeRoleRouter:
-        from protocols.telegram.consumers import (
-            TelegramChatConsumer,
-            TelegramRoomConsumer,
-            TelegramRoomsConsumer,
-        )
+        from protocols.telegram.consumers import TelegramChatConsumer
 
-        return ScopeRoleRouter({
-            "chat": TelegramChatConsumer.as_asgi(),
-            "room": TelegramRoomConsumer.as_asgi(),
-            "rooms": TelegramRoomsConsumer.as_asgi(),
-        })
+        return ScopeRoleRouter({"chat": TelegramChatConsumer.as_asgi()})
 
     def http_routes(self) -> list:
         from django.urls import path
@@ -34,9 +26,11 @@ class TelegramAdapter(Adapter):
         telegram = settings.TELEGRAM
         if not telegram["TOKEN"]:
             return []
+        from gateway.relay import Relay
+        from protocols.telegram.relay import TelegramChats
         from protocols.telegram.server import SendLimits, TelegramServer, telegram_bot
 
-        return [TelegramServer(
+        server = TelegramServer(
             context.application,
             bot=telegram_bot(telegram["TOKEN"], api_url=telegram["API_URL"]),
             webhook_url=telegram["WEBHOOK_URL"],
@@ -45,6 +39,9 @@ class TelegramAdapter(Adapter):
             idle_timeout=telegram["IDLE_TIMEOUT"],
             limits=SendLimits(
                 chat_per_second=telegram["CHAT_RATE"], group_per_minute=telegram["GROUP_RATE"],
-                overall_per_second=telegram["OVERALL_RATE"], backlog=telegram["CHAT_BACKLOG"],
+                overall_per_second=telegram["OVERALL_RATE"],
             ),
-        )]
+        )
+        # The relay after the server, so it stops first: what it is sending goes out, and
+        # each chat's position is saved, before the server closes.
+        return [server, Relay(TelegramChats(server, backlog=telegram["CHAT_BACKLOG"]))]

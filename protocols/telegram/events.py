@@ -1,60 +1,36 @@
-"""The events between the Telegram protocol server and its consumers, through a scope's queue.
+"""The events between the Telegram protocol server and its consumer, through a scope's queue.
 
-The server (protocols/telegram/server.py) opens ``telegram`` scopes with
-protocols/scopes.py: one per chat (``role: chat``, TelegramChatConsumer), one per room that
-chats have joined (``role: room``, TelegramRoomConsumer) and one list of those rooms
-(``role: rooms``, TelegramRoomsConsumer); the last two only on the process holding the
-``telegram`` lease. It feeds each scope events (the consumer's ASGI ``receive``); the
-consumer answers through the scope's ``send`` (the server's ``_send``). Both ends are in one
-process and these events never cross the channel layer. Channels names the handler from
-``type``: ``chat.received_message`` -> ``chat_received_message``.
+The server (protocols/telegram/server.py) opens a ``telegram`` scope per chat (``role:
+chat``, TelegramChatConsumer) with protocols/scopes.py (rooms reach the chats through the
+relay, protocols/telegram/relay.py, not through scopes). It feeds each scope events (the
+consumer's ASGI ``receive``); the consumer answers through the scope's ``send`` (the
+server's ``_send``). Both ends are in one process and these events never cross the channel
+layer. Channels names the handler from ``type``: ``chat.received_message`` ->
+``chat_received_message``.
 
 The server sends a scope:
 
-- ``chat.connect`` (chat, room): the scope's first event; no fields.
-- ``chat.received_message`` (chat): a message update. ``update_id``: Telegram's id of the
-  update (the application records it, so a repeated update is handled once); ``text``: the
+- ``chat.connect``: the scope's first event; no fields.
+- ``chat.received_message``: a message update. ``update_id``: Telegram's id of the update
+  (the application records it, so a repeated update is handled once); ``text``: the
   message's text ("" if it has none); ``user``: who wrote it (``id`` Telegram's user id,
   or the chat's when there is no user; ``username`` without the @, maybe ""; ``name`` the
   full name, or the chat's title or id); ``reads_all``: whether the chat's plain text
   reaches the bot (False: a group under privacy mode where the bot is no admin; None: not
   known).
-- ``chat.delivered`` (room): the server sent these chats a room message (its last piece).
-  ``positions``: chat id -> the message's id. The scope records it and answers
-  ``chat.recorded`` per chat; the server waits for that before the chat's next message.
-- ``chat.unreachable`` (room): Telegram refused a room message to ``chat_id`` for good (it
-  blocked the bot, left, or is gone); the scope takes the chat out of the room.
-- ``telegram.scan`` (rooms): the scope's first event, then one a tick: answer with
-  ``telegram.relay_rooms``; no fields.
-- ``telegram.prune`` (rooms): forget handled updates older than Telegram redelivers; no
-  fields. Once an hour.
-- ``chat.disconnect`` (every role): the scope ends (idle chat, room no longer relayed,
-  lease lost, shutdown); no fields.
+- ``chat.disconnect``: the scope ends (idle chat, shutdown); no fields.
 
 A scope sends the server:
 
-- ``chat.send_message``, in two shapes, queued in order per chat and paced:
-
-  - ``ChatSendReply`` (chat): the bot's reply; ``chat_id``, ``text`` (Telegram HTML).
-  - ``ChatSendRoomPiece`` (room): a piece of room message ``id`` of ``room`` for
-    ``chat_id`` (long messages are split); ``last``: the last piece, after which the
-    chat has been sent the message (``chat.delivered``). Skipped when the chat falls behind.
-
-- ``chat.handled`` (chat): update ``update_id`` is handled and its effect stored: the
-  server confirms it to Telegram now.
-- ``chat.failed`` (chat): update ``update_id`` could not be handled (the database): not
+- ``chat.send_message``: the bot's reply; ``chat_id``, ``text`` (Telegram HTML, within one
+  message), queued in order per chat and paced.
+- ``chat.handled``: update ``update_id`` is handled and its effect stored: the server
+  confirms it to Telegram now.
+- ``chat.failed``: update ``update_id`` could not be handled (the database): not
   confirmed, so it comes again.
-- ``chat.drop`` (room): message ``id`` of ``room`` was deleted: taken out of every chat's
-  queue.
-- ``chat.recorded`` (room): the delivery to ``chat_id`` is recorded (see ``chat.delivered``).
-- ``chat.relay_behind`` (room): the relay of ``room`` holds more messages than it may
-  (``RELAY_PENDING_LIMIT``): the server ends it, and the next scan opens it again from the
-  chats' recorded positions (bounded, nothing lost).
-- ``telegram.relay_rooms`` (rooms): ``rooms``, every room with chats: the server opens a
-  room scope for each it does not relay yet and closes those no longer named.
 
-The TypedDicts are final so that mypy can tell the two ``chat.send_message`` shapes apart by
-their keys (``"room" in event``). This module imports only the standard library.
+The TypedDicts are final, so mypy tells the events apart by their ``type``. This module
+imports only the standard library.
 """
 
 from __future__ import annotations
@@ -86,28 +62,6 @@ class ChatReceivedMessage(TypedDict):
 
 
 @final
-class ChatDelivered(TypedDict):
-    type: Literal["chat.delivered"]
-    positions: dict[str, int]  # chat id -> the room message it has been sent
-
-
-@final
-class ChatUnreachable(TypedDict):
-    type: Literal["chat.unreachable"]
-    chat_id: str
-
-
-@final
-class TelegramScan(TypedDict):
-    type: Literal["telegram.scan"]
-
-
-@final
-class TelegramPrune(TypedDict):
-    type: Literal["telegram.prune"]
-
-
-@final
 class ChatDisconnect(TypedDict):
     type: Literal["chat.disconnect"]
 
@@ -116,20 +70,10 @@ class ChatDisconnect(TypedDict):
 
 
 @final
-class ChatSendReply(TypedDict):
+class ChatSendMessage(TypedDict):
     type: Literal["chat.send_message"]
     chat_id: str
     text: str  # Telegram HTML
-
-
-@final
-class ChatSendRoomPiece(TypedDict):
-    type: Literal["chat.send_message"]
-    chat_id: str
-    text: str  # Telegram HTML, at most one message long (bots/formatting.py splits)
-    room: str
-    id: int  # the room message's id
-    last: bool  # its last piece: once sent, the chat has been sent the message
 
 
 @final
@@ -144,39 +88,8 @@ class ChatFailed(TypedDict):
     update_id: int
 
 
-@final
-class ChatDrop(TypedDict):
-    type: Literal["chat.drop"]
-    room: str
-    id: int  # the deleted message
-
-
-@final
-class ChatRelayBehind(TypedDict):
-    type: Literal["chat.relay_behind"]
-    room: str
-
-
-@final
-class ChatRecorded(TypedDict):
-    type: Literal["chat.recorded"]
-    chat_id: str
-
-
-@final
-class TelegramRelayRooms(TypedDict):
-    type: Literal["telegram.relay_rooms"]
-    rooms: list[str]
-
-
-ChatSendMessage = ChatSendReply | ChatSendRoomPiece
-ChatReceive = ChatConnect | ChatReceivedMessage | ChatDisconnect  # server -> role chat
-RoomReceive = ChatConnect | ChatDelivered | ChatUnreachable | ChatDisconnect  # -> role room
-RoomsReceive = TelegramScan | TelegramPrune | ChatDisconnect  # server -> role rooms
-ChatSend = ChatSendReply | ChatHandled | ChatFailed  # role chat -> server
-RoomSend = ChatSendRoomPiece | ChatDrop | ChatRecorded | ChatRelayBehind  # role room -> server
-RoomsSend = TelegramRelayRooms  # role rooms -> server
-ScopeSend = ChatSend | RoomSend | RoomsSend  # what the server's send takes
+ChatReceive = ChatConnect | ChatReceivedMessage | ChatDisconnect  # server -> scope
+ChatSend = ChatSendMessage | ChatHandled | ChatFailed  # scope -> server
 
 
 def chat_connect() -> ChatConnect:
@@ -185,7 +98,3 @@ def chat_connect() -> ChatConnect:
 
 def chat_disconnect() -> ChatDisconnect:
     return {"type": "chat.disconnect"}
-
-
-def telegram_scan() -> TelegramScan:
-    return {"type": "telegram.scan"}

@@ -2,20 +2,18 @@
 
 Pure bookkeeping (no I/O, no tasks; time from an injectable clock), so it is unit-tested
 with a fake clock. The server drains each chat in a task of its own and asks this class
-for the chat's next message and its turn to send; it does the sending, the retries and
-the records of delivery.
+for the chat's next message and its turn to send; it does the sending and the retries.
 
-- One ordered queue per chat. A long message comes as several pieces; only the last one
-  counts as a room message waiting.
+- One ordered queue per chat: the bot's replies, and the pieces of room messages the relay
+  hands over one message at a time (so a queue stays short: the room's backlog waits in
+  the log, and the relay's skip policy bounds it).
 - Pacing, as leaky buckets (the same arithmetic as aiolimiter's ``AsyncLimiter``, kept as
   the time each bucket is next empty): a chat's own limit (``chat_per_second``; groups
   ``group_per_minute``), then the bot's overall limit (``overall_per_second``), taken in
   the order chats ask for it. A chat's pace is forgotten with its queue, as the server's
   per-chat limiter was.
-- A chat with more than ``backlog`` room messages waiting skips the oldest of them (never
-  the one being sent); the next thing it is sent is a notice of how many it missed.
-- A room message staff deleted is taken out of every queue; a chat Telegram says is gone
-  is forgotten.
+- A chat Telegram says is gone is forgotten, with what it had waiting (the server tells
+  whoever waits for those).
 """
 
 from __future__ import annotations
@@ -24,11 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-SKIPPED = ("… {count} earlier messages were skipped here (this chat fell behind); "
-           "/history shows them.")
-
-Message = tuple[str | None, int | None]  # (room, seq) of a room message
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -39,7 +33,6 @@ class SendLimits:
     chat_per_second: float = 1.0
     group_per_minute: float = 20.0
     overall_per_second: float = 30.0
-    backlog: int = 100  # room messages waiting per chat before the oldest are skipped
 
 
 @dataclass
@@ -47,13 +40,7 @@ class Outgoing:
     """One message (or piece of one) for a chat."""
 
     text: str
-    room: str | None = None  # for room messages: which one this is, so it can be recorded
-    seq: int | None = None
-    last: bool = True  # the last piece of its message (long messages are split)
-
-    @property
-    def message(self) -> Message:
-        return self.room, self.seq
+    waiter: Any = None  # whoever waits for the outcome (the server's), carried along
 
 
 class Pace:
@@ -81,9 +68,6 @@ class Pace:
 class _Chat:
     pace: Pace
     items: deque[Outgoing] = field(default_factory=deque)
-    waiting: int = 0  # room messages among the items
-    skipped: int = 0  # room messages skipped since the chat was last told
-    sending: Message | None = None  # the room message being sent
 
 
 class Outbox:
@@ -109,9 +93,8 @@ class Outbox:
 
     # --- queueing ------------------------------------------------------------------------
 
-    def queue(self, chat_id: str, item: Outgoing) -> bool:
-        """Queue a message for the chat; True if that overflowed the chat's backlog (then
-        the oldest room message waiting is skipped)."""
+    def queue(self, chat_id: str, item: Outgoing) -> None:
+        """Queue a message for the chat, after what it has waiting."""
         chat = self.chats.get(chat_id)
         if chat is None:
             group = chat_id.startswith("-")  # Telegram's group and channel ids are negative
@@ -119,50 +102,12 @@ class Outbox:
                     else Pace(self.limits.chat_per_second, 1.0))
             chat = self.chats[chat_id] = _Chat(pace)
         chat.items.append(item)
-        if item.room is None or not item.last:
-            return False
-        chat.waiting += 1
-        if chat.waiting <= self.limits.backlog:
-            return False
-        self._skip_oldest(chat)
-        return True
 
-    @staticmethod
-    def _skip_oldest(chat: _Chat) -> None:
-        """Drop the oldest waiting room message, all its pieces (not the one being sent)."""
-        oldest = next((i.message for i in chat.items
-                       if i.room is not None and i.message != chat.sending), None)
-        if oldest is None:
-            return
-        for item in [i for i in chat.items if i.message == oldest]:
-            chat.items.remove(item)
-        chat.waiting -= 1
-        chat.skipped += 1
-
-    def drop(self, message: Message) -> None:
-        """Take a room message out of every chat's queue (staff deleted it)."""
-        for chat in self.chats.values():
-            pieces = [i for i in chat.items if i.message == message]
-            for item in pieces:
-                chat.items.remove(item)
-            chat.waiting -= sum(1 for i in pieces if i.last)
-
-    def drop_rooms(self, room: str | None = None) -> None:
-        """Take every room message (of ``room``, or of every room) out of every queue: another
-        process relays them now, or the room's relay starts again from the chats' records."""
-        for chat in self.chats.values():
-            dropped = [i for i in chat.items
-                       if i.room is not None and (room is None or i.room == room)]
-            for item in dropped:
-                chat.items.remove(item)
-            if room is None:
-                chat.waiting = chat.skipped = 0
-            else:
-                chat.waiting -= sum(1 for i in dropped if i.last)
-
-    def forget(self, chat_id: str) -> None:
-        """The chat is gone (it blocked the bot, or does not exist): nothing more for it."""
-        self.chats.pop(chat_id, None)
+    def forget(self, chat_id: str) -> list[Outgoing]:
+        """The chat is gone (it blocked the bot, or does not exist): nothing more for it.
+        Returns what it had waiting."""
+        chat = self.chats.pop(chat_id, None)
+        return list(chat.items) if chat is not None else []
 
     def release(self, chat_id: str) -> None:
         """The chat's queue is no longer drained: forget the chat if nothing waits."""
@@ -173,25 +118,11 @@ class Outbox:
     # --- sending -------------------------------------------------------------------------
 
     def next(self, chat_id: str) -> Outgoing | None:
-        """What to send the chat now: the notice of messages skipped, if any, else its
-        oldest message; None if nothing waits."""
+        """What to send the chat now, its oldest message; None if nothing waits."""
         chat = self.chats.get(chat_id)
         if chat is None or not chat.items:
             return None
-        if chat.skipped:
-            count, chat.skipped = chat.skipped, 0
-            return Outgoing(SKIPPED.format(count=count))
-        item = chat.items.popleft()
-        if item.room is not None:
-            chat.sending = item.message
-            chat.waiting -= 1 if item.last else 0
-        return item
-
-    def done(self, chat_id: str) -> None:
-        """The message from ``next`` was sent, or given up."""
-        chat = self.chats.get(chat_id)
-        if chat is not None:
-            chat.sending = None
+        return chat.items.popleft()
 
     def due(self, chat_id: str) -> float:
         """Seconds until the chat's own limit lets its next message go (0.0: now)."""

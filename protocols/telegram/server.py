@@ -1,8 +1,9 @@
 """The Telegram protocol server: owns the Bot API connection and the ``telegram`` scopes.
 
 Like daphne for WebSockets, it knows nothing of rooms or commands. It turns Telegram
-updates into scopes and events for the root ASGI application, and carries the
-application's ``chat.send_message`` events to Telegram. The events are written down in
+updates into scopes and events for the root ASGI application, and carries text to chats:
+the application's replies (``chat.send_message``) and the relay's room messages (``send``,
+from protocols/telegram/relay.py). The events are written down in
 protocols/telegram/events.py.
 
 - A chat scope per chat, ``{"type": "telegram", "role": "chat", "chat": {...}, "user": {...}}``
@@ -13,18 +14,14 @@ protocols/telegram/events.py.
   its ``update_id`` in the application, so nothing is lost or posted twice.
 - Updates come by long polling (``getUpdates``), or, with ``TELEGRAM_WEBHOOK_URL``, by
   Telegram posting them to the web server's webhook route (webhook.py, which checks the
-  secret and hands them here through handoff.py): ``Ingress`` (ingress.py).
-- With several gateway processes, one holds the ``telegram`` lease: it polls (webhooks reach
-  every process) and relays the rooms to the chats, through a ``rooms`` scope that names
-  the rooms with chats and a ``room`` scope per such room. Another process takes the lease
-  over within ``LEASE_TTL`` if it dies.
+  secret and hands them here through handoff.py): ``Ingress`` (ingress.py). With several
+  gateway processes, the one holding the ``telegram-poll`` lease polls (and registers the
+  webhook, and forgets old handled updates); another takes over within ``LEASE_TTL``.
 - Sending: one ordered queue per chat, each paced by the chat's limit (private chats,
   groups) and all by the bot's overall limit; ``RetryAfter`` pauses only that chat, network
-  errors are retried with backoff, keeping the order. A chat with more than
-  ``TELEGRAM_CHAT_BACKLOG`` room messages waiting loses the oldest of them and is told how
-  many it missed (``/history`` shows them): a chat far behind costs bounded memory and
-  never holds up another. The queues, the pace and that policy are the pure ``Outbox``
-  (outbox.py); here a task per chat drains it, sends, retries and has deliveries recorded.
+  errors are retried with backoff, keeping the order. The queues and the pace are the pure
+  ``Outbox`` (outbox.py); here a task per chat drains it, sends and retries. A room's
+  backlog never waits here: the relay hands over one message at a time and awaits it.
 - Privacy mode (Telegram's default, from ``getMe``): in a group where the bot is not an
   admin, only commands reach it. A group's command then says (``"reads_all": false``, from
   ``getChatMember`` of the bot itself) that the group's plain text does not, so the
@@ -36,7 +33,7 @@ protocols/telegram/events.py.
 from __future__ import annotations
 
 import asyncio
-import functools
+import enum
 import logging
 import os
 import time
@@ -46,6 +43,8 @@ from collections import Counter
 # rather than be warned about the change on every flood-control answer.
 os.environ.setdefault("PTB_TIMEDELTA", "true")
 
+from channels.db import database_sync_to_async  # noqa: E402
+from django.db import DatabaseError  # noqa: E402
 from telegram import Bot, LinkPreviewOptions, Update  # noqa: E402
 from telegram.constants import ParseMode  # noqa: E402
 from telegram.error import (  # noqa: E402
@@ -58,20 +57,17 @@ from telegram.error import (  # noqa: E402
 )
 from telegram.request import HTTPXRequest  # noqa: E402
 
-from gateway import metrics, status  # noqa: E402
+from gateway import chats, metrics, status  # noqa: E402
 from gateway.lease import Lease, jitter  # noqa: E402
 from protocols.scopes import Scope, ScopeRegistry, scope_open, scopes_close  # noqa: E402
 from protocols.telegram import handoff  # noqa: E402
 from protocols.telegram.events import (  # noqa: E402
     ChatDisconnect,
     ChatReceive,
+    ChatSend,
     ChatUser,
-    RoomReceive,
-    RoomsReceive,
-    ScopeSend,
     chat_connect,
     chat_disconnect,
-    telegram_scan,
 )
 from protocols.telegram.ingress import LOG, Ingress, seconds  # noqa: E402
 from protocols.telegram.outbox import Outbox, Outgoing, SendLimits  # noqa: E402
@@ -80,11 +76,11 @@ __all__ = ["SendLimits", "TelegramServer", "telegram_bot"]  # SendLimits: for ga
 
 logger = logging.getLogger(__name__)
 
-LEASE = "telegram"  # held by the process that polls and relays rooms to chats
+LEASE = "telegram-poll"  # held by the process that polls (rooms reach chats by the relay)
 LEASE_TTL = 10.0  # another process takes over within this after the holder dies
-TICK = 1.0  # lease renewal, rooms scan, idle scopes
+TICK = 1.0  # lease renewal, idle scopes
 PRUNE_INTERVAL = 3600.0
-RECORD_TIMEOUT = 5.0  # how long a chat's next message waits for the last one's record
+UPDATES_KEPT = 48 * 3600.0  # Telegram redelivers an update for at most 24 hours
 ME_REFRESH = 300.0  # getMe again: the privacy mode may have been changed in BotFather
 MEMBER_TTL = 10.0  # how long the bot's status in a group is taken as known (bursts of commands)
 MEMBERS_KEPT = 10_000  # groups whose bot status is remembered (the oldest are forgotten)
@@ -92,6 +88,18 @@ ADMIN_STATUSES = ("administrator", "creator")  # they receive every message, pri
 GROUP_KINDS = ("group", "supergroup")
 PRIVACY_HINT = ("in groups where the bot is not an admin only commands reach it: "
                 "BotFather /setprivacy -> Disable, then re-add the bot to each group")
+
+
+class Sent(enum.Enum):
+    """How a ``send`` ended."""
+
+    SENT = "sent"
+    REFUSED = "refused"  # Telegram refused this message for good (invalid): not sent
+    GONE = "gone"  # the chat blocked the bot, left, or does not exist
+
+
+class ServerStopped(Exception):
+    """A send asked of a server that has stopped (or stops before sending it)."""
 
 
 class TelegramServer:
@@ -117,11 +125,9 @@ class TelegramServer:
         self.chats: ScopeRegistry[str, Scope[ChatReceive]] = ScopeRegistry(
             on_count=metrics.CONNECTIONS.labels("telegram").set
         )
-        self.relays: ScopeRegistry[str, Scope[RoomReceive]] = ScopeRegistry()
-        self.directory: Scope[RoomsReceive] | None = None
         self.outbox = Outbox(limits)
         self.drains: dict[str, asyncio.Task] = {}  # chat -> the task sending its queue
-        self.recorded: dict[str, asyncio.Future] = {}  # chat -> its last delivery recorded
+        self._stopping = False
         # update_id -> (whether handled, the chat scope handling it)
         self.handling: dict[int, tuple[asyncio.Future, Scope[ChatReceive]]] = {}
         self.stats: Counter[str] = Counter()
@@ -143,11 +149,11 @@ class TelegramServer:
 
     def status(self) -> dict:
         """For /readyz and the dashboard."""
-        state = {"ready": self.ready.is_set(), "mode": self.mode, "relaying": self.leader,
+        state = {"ready": self.ready.is_set(), "mode": self.mode, "polling": self.leader,
                  "last_update": self.last_update, "chats_open": len(self.chats),
                  "retry_after_waits": self.stats["retry_after"],
                  "received": self.stats["received"], "sent": self.stats["sent"],
-                 "skipped": self.stats["skipped"], "group_privacy": self.group_privacy,
+                 "refused": self.stats["refused"], "group_privacy": self.group_privacy,
                  "updates_refused": self.stats["updates_refused"]}
         if self.group_privacy:
             state["group_privacy_hint"] = PRIVACY_HINT
@@ -174,9 +180,13 @@ class TelegramServer:
             _, unsent = await asyncio.wait(list(self.drains.values()), timeout=3)
             if unsent:
                 logger.warning("stopped with %d chats' messages unsent", len(unsent), extra=LOG)
+        self._stopping = True
         await self._step_down()
         for task in self.drains.values():
             task.cancel()
+        await asyncio.gather(*self.drains.values(), return_exceptions=True)
+        for chat_id in list(self.outbox.chats):
+            self._fail_waiting(chat_id, ServerStopped("the Telegram server has stopped"))
         if self.ready.is_set():
             await self.bot.shutdown()
         logger.info("telegram server stopped", extra={**LOG, **self.stats})
@@ -192,11 +202,10 @@ class TelegramServer:
                     next_me = time.monotonic() + ME_REFRESH
                     await self._refresh_me()
                 await self._lead()
-                if self.leader and self.directory is not None:
-                    self.directory.put(telegram_scan())
+                if self.leader:
                     if time.monotonic() >= next_prune:
-                        self.directory.put({"type": "telegram.prune"})
                         next_prune = time.monotonic() + PRUNE_INTERVAL
+                        await self._prune()
                     if self.ingress.webhook_url and not self.ingress.webhook_set:
                         await self.ingress.set_webhook()
                 self._close_idle()
@@ -252,38 +261,37 @@ class TelegramServer:
             logger.info("Telegram privacy mode is off: groups' plain text reaches the bot",
                         extra={**LOG, "group_privacy": False})
 
-    # --- leadership: polling and relaying rooms ----------------------------------------
+    # --- leadership: polling -----------------------------------------------------------
 
     async def _lead(self) -> None:
-        """Renew or take the lease; relay (and poll) only while it is surely held."""
+        """Renew or take the lease; poll only while it is surely held."""
         held = await self.lease.renew()
         if held and not self.leader:
             self.leader = True
             self.ingress.lead()
-            self.directory = scope_open(
-                self.application, {"type": "telegram", "role": "rooms"}, self._send,
-                first=telegram_scan(), name="telegram-rooms", on_exit=self._exited,
-            )
-            logger.info("this process now %s Telegram and relays rooms to chats",
+            logger.info("this process now %s Telegram",
                         "receives the webhook of" if self.ingress.webhook_url else "polls",
                         extra={**LOG, "mode": self.mode})
-        elif not held and (self.leader or self.relays or self.directory
-                           or self.ingress.polling):
+        elif not held and (self.leader or self.ingress.polling):
             await self._step_down()
-            logger.warning("lost the telegram lease; another process relays now", extra=LOG)
+            logger.warning("lost the telegram-poll lease; another process polls now", extra=LOG)
 
     async def _step_down(self) -> None:
-        """Stop polling and relaying, record how far each chat got, and hand the lease over.
-        Room messages still queued are dropped: the next relay sends them from the record."""
+        """Stop polling, and hand the lease over."""
         was_leader, self.leader = self.leader, False
         await self.ingress.step_down()
-        self.outbox.drop_rooms()
-        scopes: list[Scope[ChatDisconnect]] = list(self.relays.values())
-        if self.directory is not None:
-            scopes.append(self.directory)
-        await scopes_close(scopes, chat_disconnect(), wait=5)
         if was_leader:
             await self.lease.release()
+
+    async def _prune(self) -> None:
+        """Forget handled updates older than Telegram redelivers."""
+        try:
+            await database_sync_to_async(chats.bot_updates_prune)(
+                platform="telegram", older_than=UPDATES_KEPT
+            )
+        except DatabaseError:
+            logger.warning("could not forget old handled updates; will retry", exc_info=True,
+                           extra=LOG)
 
     # --- inbound (from Ingress) --------------------------------------------------------
 
@@ -362,73 +370,35 @@ class TelegramServer:
             handled.set_result(ok)
 
     def _exited(self, scope: Scope[ChatDisconnect], failure: BaseException | None) -> None:
-        info = scope.scope
-        if info["role"] == "chat":
-            self.chats.ended(info["chat"]["id"], scope)
-            for update_id, (_, owner) in list(self.handling.items()):
-                if owner is scope:  # it ended (or failed) before handling them
-                    self._handled(update_id, False)
-        elif info["role"] == "room":
-            self.relays.ended(info["room"], scope)  # a failed one is opened again by the next scan
-        elif self.directory is scope:
-            self.directory = None
-            if failure is not None and self.leader:
-                # Lead again from the next tick: a new directory, and the poller restarted.
-                self.leader = False
-                self.ingress.cancel()
+        self.chats.ended(scope.scope["chat"]["id"], scope)
+        for update_id, (_, owner) in list(self.handling.items()):
+            if owner is scope:  # it ended (or failed) before handling them
+                self._handled(update_id, False)
 
     # --- from the application ----------------------------------------------------------
 
-    async def _send(self, message: ScopeSend) -> None:
+    async def _send(self, message: ChatSend) -> None:
         if message["type"] == "chat.send_message":
-            if "room" in message:  # a piece of a room message; else a reply
-                item = Outgoing(message["text"], message["room"], message["id"], message["last"])
-            else:
-                item = Outgoing(message["text"])
-            self._queue(str(message["chat_id"]), item)
+            self._queue(str(message["chat_id"]), Outgoing(message["text"]))
         elif message["type"] == "chat.handled" or message["type"] == "chat.failed":
             self._handled(message["update_id"], message["type"] == "chat.handled")
-        elif message["type"] == "chat.drop":
-            self.outbox.drop((message["room"], message["id"]))
-        elif message["type"] == "chat.recorded":
-            recorded = self.recorded.get(message["chat_id"])
-            if recorded is not None and not recorded.done():
-                recorded.set_result(None)
-        elif message["type"] == "telegram.relay_rooms":
-            self._relay_rooms(message["rooms"])
-        elif message["type"] == "chat.relay_behind":
-            # Ended, with what it queued: the next scan opens it again where chats got, and
-            # sends those again (kept, they would reach the chats twice).
-            self.outbox.drop_rooms(message["room"])
-            relay = self.relays.get(message["room"])
-            if relay is not None:
-                relay.put(chat_disconnect())
         else:
             raise ValueError(f"unknown telegram event {message['type']!r}")
 
-    def _relay_rooms(self, rooms: list[str]) -> None:
-        if not self.leader:
-            return
-        for room in set(rooms) - self.relays.keys():
-            self.relays.open(room, functools.partial(self._open_relay, room))
-        for room in self.relays.keys() - set(rooms):
-            relay = self.relays.get(room)
-            if relay is not None:
-                relay.put(chat_disconnect())
-
-    def _open_relay(self, room: str) -> Scope[RoomReceive]:
-        return scope_open(
-            self.application, {"type": "telegram", "role": "room", "room": room},
-            self._send, first=chat_connect(), name=f"telegram-out-{room}",
-            on_exit=self._exited,
-        )
-
     # --- outbound ----------------------------------------------------------------------
 
+    async def send(self, chat_id: str, text: str) -> Sent:
+        """Send ``text`` (Telegram HTML, within one message) to the chat, after what it has
+        queued and at its pace; return once Telegram has answered for good (a flood limit
+        or an outage is waited out). ``ServerStopped`` if the server stops first."""
+        if self._stopping:
+            raise ServerStopped("the Telegram server has stopped")
+        waiter: asyncio.Future[Sent] = asyncio.get_running_loop().create_future()
+        self._queue(chat_id, Outgoing(text, waiter=waiter))
+        return await waiter
+
     def _queue(self, chat_id: str, item: Outgoing) -> None:
-        if self.outbox.queue(chat_id, item):
-            self.stats["skipped"] += 1
-            metrics.dropped("telegram", "chat_backlog")
+        self.outbox.queue(chat_id, item)
         if chat_id not in self.drains:
             self.drains[chat_id] = asyncio.create_task(
                 self._drain(chat_id), name=f"telegram-send-{chat_id}"
@@ -437,33 +407,30 @@ class TelegramServer:
     async def _drain(self, chat_id: str) -> None:
         try:
             while (item := self.outbox.next(chat_id)) is not None:
-                sent = await self._deliver(chat_id, item.text)
-                self.outbox.done(chat_id)
-                relay = self.relays.get(item.room) if item.room is not None else None
-                if sent and item.last and relay is not None and item.seq is not None:
-                    await self._record(relay, chat_id, item.seq)
-                elif not sent and item.room is not None and chat_id not in self.outbox:
-                    # Unreachable: tell the room's relay, which takes the chat out of it.
-                    if relay is not None:
-                        relay.put({"type": "chat.unreachable", "chat_id": chat_id})
+                try:
+                    outcome = await self._deliver(chat_id, item.text)
+                except BaseException as exc:
+                    if item.waiter is not None and not item.waiter.done():
+                        item.waiter.set_exception(ServerStopped(str(exc) or "stopped"))
+                    raise
+                if item.waiter is not None and not item.waiter.done():
+                    item.waiter.set_result(outcome)
+                if outcome is Sent.GONE:
+                    self._fail_waiting(chat_id, None)
         finally:
             if self.drains.get(chat_id) is asyncio.current_task():
                 del self.drains[chat_id]
             self.outbox.release(chat_id)
 
-    async def _record(self, relay: Scope[RoomReceive], chat_id: str, seq: int) -> None:
-        """Have the relay record that the chat was sent ``seq``, and wait for it before the
-        chat's next message: a relay taking over after a crash then resends at most the one
-        message that was in flight (Telegram has no idempotent send)."""
-        recorded = self.recorded[chat_id] = asyncio.get_running_loop().create_future()
-        relay.put({"type": "chat.delivered", "positions": {chat_id: seq}})
-        try:
-            await asyncio.wait_for(recorded, RECORD_TIMEOUT)
-        except TimeoutError:
-            logger.warning("delivery not recorded in time", extra={**LOG, "chat": chat_id})
-        finally:
-            if self.recorded.get(chat_id) is recorded:
-                del self.recorded[chat_id]
+    def _fail_waiting(self, chat_id: str, error: Exception | None) -> None:
+        """Forget the chat's queue, telling whoever waits: ``GONE``, or ``error``."""
+        for item in self.outbox.forget(chat_id):
+            if item.waiter is None or item.waiter.done():
+                continue
+            if error is None:
+                item.waiter.set_result(Sent.GONE)
+            else:
+                item.waiter.set_exception(error)
 
     async def _paced(self, chat_id: str) -> None:
         """Wait for the chat's turn, then the bot's overall one, as the outbox paces them."""
@@ -472,9 +439,9 @@ class TelegramServer:
         if (wait := self.outbox.turn(chat_id)) > 0:
             await asyncio.sleep(wait)
 
-    async def _deliver(self, chat_id: str, text: str) -> bool:
-        """Send one message, waiting out flood limits and outages; False if Telegram refused
-        it for good (the chat is gone, or the message is invalid)."""
+    async def _deliver(self, chat_id: str, text: str) -> Sent:
+        """Send one message, waiting out flood limits and outages; how Telegram answered for
+        good."""
         backoff = 1.0
         while True:
             try:
@@ -484,7 +451,7 @@ class TelegramServer:
                     link_preview_options=LinkPreviewOptions(is_disabled=True),
                 )
                 self.stats["sent"] += 1
-                return True
+                return Sent.SENT
             except RetryAfter as exc:
                 wait = seconds(exc.retry_after)
                 self.stats["retry_after"] += 1
@@ -496,9 +463,7 @@ class TelegramServer:
                 gone = isinstance(exc, Forbidden) or "chat not found" in str(exc).lower()
                 logger.warning("Telegram refused a message to the chat: %s", exc,
                                extra={**LOG, "chat": chat_id, "gone": gone})
-                if gone:
-                    self.outbox.forget(chat_id)
-                return False
+                return Sent.GONE if gone else Sent.REFUSED
             except NetworkError as exc:  # includes TimedOut: kept, in order, and tried again
                 delay = jitter(backoff)
                 logger.warning("sending to Telegram failed (%s); retrying in %.1fs", exc, delay,
@@ -508,7 +473,7 @@ class TelegramServer:
             except TelegramError:
                 self.stats["refused"] += 1
                 logger.exception("Telegram refused a message", extra={**LOG, "chat": chat_id})
-                return False
+                return Sent.REFUSED
 
     def _close_idle(self) -> None:
         for chat_id, scope in self.chats.idle(self.idle_timeout):

@@ -1,0 +1,41 @@
+# How far each bot chat has been sent its room moves from BotChat.delivered_seq to the
+# relay's positions (RelayCursor, relay = the chat's platform, target = its chat id).
+
+from django.db import migrations
+
+
+def positions_to_the_relay(apps, schema_editor):
+    BotChat = apps.get_model("gateway", "BotChat")
+    RelayCursor = apps.get_model("gateway", "RelayCursor")
+    chats = BotChat.objects.exclude(room="").filter(blocked=False)
+    RelayCursor.objects.bulk_create(
+        [RelayCursor(relay=platform, room=room, target=chat_id, last_seq=seq)
+         for platform, room, chat_id, seq in
+         chats.values_list("platform", "room", "chat_id", "delivered_seq")],
+        ignore_conflicts=True, batch_size=500,
+    )
+
+
+def positions_to_the_chats(apps, schema_editor):
+    BotChat = apps.get_model("gateway", "BotChat")
+    RelayCursor = apps.get_model("gateway", "RelayCursor")
+    for chat in BotChat.objects.exclude(room=""):
+        seq = RelayCursor.objects.filter(relay=chat.platform, room=chat.room,
+                                         target=chat.chat_id).values_list("last_seq", flat=True)
+        chat.delivered_seq = seq.first() or 0
+        chat.save(update_fields=["delivered_seq"])
+
+
+class Migration(migrations.Migration):
+
+    dependencies = [
+        ('gateway', '0007_relay_targets'),
+    ]
+
+    operations = [
+        migrations.RunPython(positions_to_the_relay, positions_to_the_chats),
+        migrations.RemoveField(
+            model_name='botchat',
+            name='delivered_seq',
+        ),
+    ]
