@@ -54,6 +54,7 @@ TAIL_LIMIT = 1000  # recent entries a followed room keeps for its targets
 RETRY_FIRST, RETRY_MAX = 1.0, 60.0  # backoff (seconds) of a delivery that failed
 STOP_WAIT = 3.0  # seconds deliveries in progress get to finish at a stop
 SKIP_LOG_INTERVAL = 10.0  # at most one log line per role this often for skipped entries
+WARN_INTERVAL = 30.0  # a warning that repeats while something is down, at most this often
 
 
 class TargetGone(Exception):
@@ -217,6 +218,7 @@ class Relay:
         self._wakeup = asyncio.Event()
         self._saved_at = 0.0
         self._skip_logged_at = float("-inf")
+        self._warned: dict[str, tuple[float, int]] = {}  # kind -> (logged at, not logged since)
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._log = {"protocol": role.protocol, "relay": role.name}
@@ -284,8 +286,10 @@ class Relay:
             await step()
         except asyncio.CancelledError:
             raise
-        except Exception:
-            logger.exception("relay housekeeping failed; will retry", extra=self._log)
+        except Exception as exc:
+            # The database or the layer down: said once, then every WARN_INTERVAL.
+            self._warn("housekeeping", "relay housekeeping failed (%s); will retry", exc,
+                       exc_info=True)
 
     async def _round(self) -> None:
         held = await self.lease.renew()
@@ -302,9 +306,6 @@ class Relay:
         if self.role.refresh_targets:
             await self._refresh()
         await self._scan()
-        for feed in self.rooms.values():  # so a target also notices news the hub skipped past
-            for target in feed.targets.values():
-                target.wake.set()
 
     async def _take_over(self) -> None:
         """This process now holds the role: targets it never delivered start from now."""
@@ -363,19 +364,22 @@ class Relay:
             relay=self.role.name, targets=self.role.targets(), rooms=new,
             from_start=self.role.from_start,
         )
-        hub = (await get_runtime()).hub
+        try:
+            hub = (await get_runtime()).hub
+        except Exception as exc:
+            return self._warn("runtime", "cannot follow rooms: the runtime is not up (%s); "
+                              "will retry", exc)
         for room in new:
             if term != self._term or room in self.rooms or not targets[room]:
                 continue
             feed = self.rooms[room] = _Feed(self, room)
             try:
                 await feed.join(hub)
-            except Exception:
+            except Exception as exc:
                 # The layer or the database is down: the next scan tries again.
-                logger.warning("could not follow a room; will retry", exc_info=True,
-                               extra={**self._log, "room": room})
                 if self.rooms.get(room) is feed:
                     del self.rooms[room]
+                self._warn("join", "could not follow a room (%s); will retry", exc, room=room)
                 continue
             if term != self._term or self.rooms.get(room) is not feed:
                 await feed.leave()  # the role was lost meanwhile
@@ -383,25 +387,55 @@ class Relay:
             for key, position in targets[room].items():
                 self._target_add(feed, key, max(position, self._dirty.get((room, key), 0)))
 
+    def _warn(self, kind: str, text: str, *args: object, exc_info: bool = False,
+              **fields: object) -> None:
+        """A warning that repeats while something is down: logged once per WARN_INTERVAL
+        for its kind, with how many were not logged since."""
+        now = time.monotonic()
+        last, quiet = self._warned.get(kind, (float("-inf"), 0))
+        if now - last < WARN_INTERVAL:
+            self._warned[kind] = (last, quiet + 1)
+            return
+        self._warned[kind] = (now, 0)
+        logger.warning(text, *args, exc_info=exc_info,
+                       extra={**self._log, **fields, "not_logged": quiet})
+
     async def _refresh(self) -> None:
-        """Targets that joined or left the rooms followed."""
+        """Targets that joined or left the rooms followed: one query for all of them, and
+        the positions only of those new here."""
         if not self.rooms:
             return
         term = self._term
+        pairs = await database_sync_to_async(selectors.relay_targets_list)(
+            targets=self.role.targets()
+        )
+        if term != self._term:
+            return
+        by_room: dict[str, set[str]] = {}
+        for room, target in pairs:
+            if room in self.rooms:
+                by_room.setdefault(room, set()).add(target)
+        joined = []
+        for room, feed in self.rooms.items():
+            now = by_room.get(room, set())
+            for key in feed.targets.keys() - now:
+                self._target_remove(feed, key)
+            if now - feed.targets.keys():
+                joined.append(room)
+        if not joined:
+            return
         targets = await database_sync_to_async(services.relay_targets_open)(
-            relay=self.role.name, targets=self.role.targets(), rooms=list(self.rooms),
+            relay=self.role.name, targets=self.role.targets(), rooms=joined,
             from_start=self.role.from_start,
         )
         if term != self._term:
             return
         for room, found in targets.items():
-            feed = self.rooms.get(room)
-            if feed is None:
+            if (following := self.rooms.get(room)) is None:
                 continue
-            for key in feed.targets.keys() - found.keys():
-                self._target_remove(feed, key)
-            for key in found.keys() - feed.targets.keys():
-                self._target_add(feed, key, max(found[key], self._dirty.get((room, key), 0)))
+            for key in found.keys() - following.targets.keys():
+                self._target_add(following, key,
+                                 max(found[key], self._dirty.get((room, key), 0)))
 
     async def _leave_idle(self) -> None:
         """Leave the rooms with no target left, and those caught up and quiet for the role's

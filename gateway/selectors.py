@@ -74,6 +74,11 @@ def relay_targets_bot_chats(*, platform: str) -> QuerySet:
     return chats.values("room", target=F("chat_id"))
 
 
+def relay_targets_list(*, targets: QuerySet) -> set[tuple[str, str]]:
+    """A relay role's targets (its ``targets`` query) as ``(room, target)`` pairs."""
+    return set(targets.values_list("room", "target"))
+
+
 def relay_position(*, relay: str, room: str, target: str = "") -> int | None:
     """How far the relay role ``relay`` has delivered ``room`` to ``target`` (None: it has
     no position there)."""

@@ -315,3 +315,42 @@ async def test_each_delivery_is_saved_before_the_next_with_no_save_interval():
     assert [s[("room", "7")] for s in seen] == [0, 1, 2]
     await r.stop()
 
+
+
+async def test_a_lost_lease_stops_delivery_at_once_and_a_retaken_one_resumes():
+    from datetime import UTC, datetime, timedelta
+
+    from gateway.models import Lease
+
+    role = FakeRole()
+    r = await started(role)
+    await apost("a", "one")
+    await until(lambda: role.delivered("a") == [1])
+    later = datetime.now(UTC) + timedelta(seconds=60)
+    taken = database_sync_to_async(Lease.objects.filter(name="fake").update)
+    await taken(holder="another process", expires_at=later)
+    await until(lambda: not r.leader, what="kept delivering without the lease")
+    assert r.rooms == {}
+    await apost("a", "two")
+    await asyncio.sleep(0.3)
+    assert role.delivered("a") == [1]
+    await taken(expires_at=datetime.now(UTC) - timedelta(seconds=1))  # it expires
+    await until(lambda: role.delivered("a")[-1:] == [2], what="not resumed")
+    assert set(role.delivered("a")) == {1, 2}  # 1 again at most: its position was unsaved
+    await r.stop()
+
+
+async def test_housekeeping_that_keeps_failing_is_logged_once_in_a_while(monkeypatch, caplog):
+    from django.db import OperationalError
+
+    from gateway import selectors
+
+    def down(**kwargs):
+        raise OperationalError("database is locked")
+
+    monkeypatch.setattr(selectors, "relay_rooms_pending", down)
+    r = await started(FakeRole())
+    await asyncio.sleep(TICK * 10)
+    failures = [rec for rec in caplog.records if "housekeeping failed" in rec.getMessage()]
+    assert len(failures) == 1 and failures[0].exc_info is not None
+    await r.stop()

@@ -391,6 +391,7 @@ class TelegramServer:
         """Send ``text`` (Telegram HTML, within one message) to the chat, after what it has
         queued and at its pace; return once Telegram has answered for good (a flood limit
         or an outage is waited out). ``ServerStopped`` if the server stops first."""
+        await self.ready.wait()  # the bot has reached Telegram (getMe answered)
         if self._stopping:
             raise ServerStopped("the Telegram server has stopped")
         waiter: asyncio.Future[Sent] = asyncio.get_running_loop().create_future()
