@@ -13,6 +13,7 @@ import logging
 import random
 import time
 import uuid
+from datetime import datetime
 
 from channels.db import database_sync_to_async
 from django.db import DatabaseError
@@ -30,17 +31,20 @@ class Lease:
         self.ttl = ttl
         self.holder = uuid.uuid4().hex  # this process
         self.held = False
+        # When this process took the lease over, when it had expired: how long the role
+        # went without a holder (None: never held before, or it held it already).
+        self.vacant_since: datetime | None = None
         self._renewed_at = 0.0
 
     async def renew(self) -> bool:
         """Take or renew the lease; whether this process holds it now."""
         try:
-            held = await asyncio.wait_for(
-                database_sync_to_async(services.lease_acquire)(
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can lose the caller's
+            # cancellation, and a stopping loop would go on.
+            async with asyncio.timeout(self.ttl / 4):
+                held, vacant_since = await database_sync_to_async(services.lease_acquire)(
                     name=self.name, holder=self.holder, ttl=self.ttl
-                ),
-                self.ttl / 4,
-            )
+                )
         except (TimeoutError, DatabaseError) as exc:
             held = self.held and time.monotonic() - self._renewed_at < self.ttl / 2
             logger.warning("could not renew the %s lease (%s)", self.name, exc or "timed out",
@@ -48,6 +52,8 @@ class Lease:
         else:
             if held:
                 self._renewed_at = time.monotonic()
+                if not self.held:
+                    self.vacant_since = vacant_since
         self.held = held
         return held
 

@@ -35,10 +35,11 @@ import logging
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from channels.db import database_sync_to_async
-from django.db import DatabaseError
 from django.db.models import QuerySet
 
 from gateway import broadcast, events, metrics, selectors, services, status
@@ -55,11 +56,32 @@ RETRY_FIRST, RETRY_MAX = 1.0, 60.0  # backoff (seconds) of a delivery that faile
 STOP_WAIT = 3.0  # seconds deliveries in progress get to finish at a stop
 SKIP_LOG_INTERVAL = 10.0  # at most one log line per role this often for skipped entries
 WARN_INTERVAL = 30.0  # a warning that repeats while something is down, at most this often
+# A role without a holder longer than this (the protocol was off) starts what it never
+# delivered from the takeover; after a shorter gap (a restart, a takeover after a crash), a
+# role with ``from_start`` delivers new targets from their first entry.
+FRESH_START_AFTER = 3600.0
 
 
 class TargetGone(Exception):
     """Raised by ``RelayRole.deliver`` or ``skipped``: the target is gone (a chat blocked the
     bot, a webhook was deleted); the relay stops delivering to it."""
+
+
+@dataclass
+class Batch:
+    """Entries for one target, in cursor order, all after its position. A role that carries
+    them one by one says how far it got with ``done`` (then a delivery cut short, by an error
+    or a stop, keeps what it delivered); otherwise the batch counts as a whole once
+    ``deliver`` returns."""
+
+    room: str
+    target: str
+    entries: list[Delivery]
+    done_upto: int | None = None
+
+    def done(self, cursor: int) -> None:
+        """The entries up to ``cursor`` are delivered."""
+        self.done_upto = cursor
 
 
 class RelayRole:
@@ -72,23 +94,29 @@ class RelayRole:
     name = ""  # the role's lease and positions (RelayCursor.relay)
     protocol = ""  # for logs and metrics
     every_room = False  # every room has targets: a commit here follows its room at once
-    from_start = False  # a target new to the role starts at its room's first entry (not now)
+    # A target new to the role starts at its room's first entry, not now (unless the role had
+    # no holder for FRESH_START_AFTER: then what it never delivered starts from the takeover).
+    from_start = False
     refresh_targets = True  # targets come and go while a room is followed (re-read each tick)
     batch_size = 100  # entries handed to one ``deliver``
     backlog: int | None = None  # entries a target may be behind before the oldest are skipped
-    save_interval = 1.0  # seconds between position saves; 0: each delivery saved before the next
+    # Seconds between position saves. 0: each delivery is saved before the next, and the
+    # target's stored position is read before each (a target that left, or was placed afresh,
+    # is seen at once).
+    save_interval = 1.0
     idle_timeout: float | None = None  # leave a caught-up room quiet this long (None: never)
 
     def targets(self) -> QuerySet:
         """The role's targets: a query of rows with ``room`` (a room name) and ``target``
-        (a string naming the target, "" for a room's only one)."""
+        (a string naming the target, "" for a room's only one); optionally ``head``, the
+        room's newest cursor, if the query has it at hand."""
         raise NotImplementedError
 
-    async def deliver(self, room: str, target: str, entries: list[Delivery]) -> None:
-        """Carry ``entries`` (every kind of log entry, in cursor order, all after the target's
-        position) to the target; return once they are delivered, or raise (the relay tries
-        the same entries again later; ``TargetGone`` drops the target). Entries a target does
-        not take (a delete, to a topic that only carries messages) are simply passed over."""
+    async def deliver(self, batch: Batch) -> None:
+        """Carry the batch's entries (every kind of log entry) to its target; return once they
+        are delivered, or raise (the relay tries again from what was ``done``; ``TargetGone``
+        drops the target). Entries a target does not take (a delete, to a topic that only
+        carries messages) are simply passed over."""
         raise NotImplementedError
 
     async def skipped(self, room: str, target: str, *, after: int, upto: int) -> None:
@@ -244,8 +272,8 @@ class Relay:
         status.register(self.status_name, self.status)
         if self.role.every_room:
             broadcast.committed_listen(self._committed)
-        # The first round before returning: started before its protocol's server, the relay
-        # holds its role (or knows another process does) before anything arrives to relay.
+        # The first round before returning: the status says at once whether this process
+        # delivers the role.
         await self._guarded(self._round)
         self._task = asyncio.create_task(self._run(), name=f"relay-{self.role.name}")
 
@@ -258,7 +286,7 @@ class Relay:
             await asyncio.gather(self._task, return_exceptions=True)
         if self.leader:
             await self._step_down(wait=STOP_WAIT, save=True)
-            await self.lease.release()
+        await self.lease.release()  # also when it was taken but the takeover not done
         status.unregister(self.status_name)
         logger.info("relay stopped", extra={**self._log, **self.stats})
 
@@ -308,14 +336,21 @@ class Relay:
         await self._scan()
 
     async def _take_over(self) -> None:
-        """This process now holds the role: targets it never delivered start from now."""
-        placed = await database_sync_to_async(services.relay_targets_init)(
-            relay=self.role.name, targets=self.role.targets()
-        )
+        """This process now holds the role. If the role had no holder for long (or never),
+        the targets it never delivered start from now; after a restart or a takeover, a
+        role with ``from_start`` delivers a new target from its room's first entry (a room
+        created meanwhile misses nothing)."""
+        vacant = self.lease.vacant_since
+        gap = (datetime.now(UTC) - vacant).total_seconds() if vacant is not None else None
+        placed = 0
+        if self.role.from_start and (gap is None or gap > FRESH_START_AFTER):
+            placed = await database_sync_to_async(services.relay_targets_init)(
+                relay=self.role.name, targets=self.role.targets()
+            )
         self.leader = True
         self._term += 1
         logger.info("this process now relays %s", self.role.name,
-                    extra={**self._log, "placed": placed})
+                    extra={**self._log, "vacant_seconds": gap, "placed_from_now": placed})
 
     async def _step_down(self, *, wait: float, save: bool) -> None:
         """Stop delivering: at a stop, after letting what is in progress finish and saving the
@@ -464,6 +499,17 @@ class Relay:
         target.task = asyncio.create_task(
             self._serve(feed, target), name=f"relay-{self.role.name}-{feed.room}-{key}"
         )
+        target.task.add_done_callback(functools.partial(self._worker_ended, feed, target))
+
+    def _worker_ended(self, feed: _Feed, target: _Target, task: asyncio.Task[None]) -> None:
+        """A worker that failed (a bug) is logged and its target dropped: the next refresh,
+        or following the room again, starts it afresh from its position."""
+        if task.cancelled() or task.exception() is None:
+            return
+        logger.error("a relay worker failed", exc_info=task.exception(),
+                     extra={**self._log, "room": feed.room, "target": target.key})
+        if feed.targets.get(target.key) is target:
+            del feed.targets[target.key]
 
     def _target_remove(self, feed: _Feed, key: str) -> None:
         target = feed.targets.pop(key, None)
@@ -482,24 +528,30 @@ class Relay:
                 target.wake.clear()
                 await target.wake.wait()
                 continue
+            batch: Batch | None = None
             try:
+                if role.save_interval == 0 and not await self._still_placed(feed, target):
+                    continue
                 if role.backlog is not None and feed.head - target.position > role.backlog:
                     await self._skip(feed, target, upto=feed.head - role.backlog)
                     continue
                 entries, reached = await feed.read(target.position, role.batch_size)
                 if entries:
-                    await role.deliver(feed.room, target.key, entries)
+                    batch = Batch(feed.room, target.key, entries)
+                    await role.deliver(batch)
+                    self.stats["delivered"] += len(entries)
+                    metrics.RELAY_DELIVERED.labels(role.name).inc(len(entries))
+                await self._advance(feed, target, reached)
             except TargetGone:
-                self.stats["gone"] += 1
-                logger.info("a relay target is gone", extra={**self._log, "room": feed.room,
-                                                            "target": target.key})
-                self._target_remove(feed, target.key)
+                self._gone(feed, target, "it is gone")
                 return
             except asyncio.CancelledError:
+                self._keep_partial(feed, target, batch)  # saved by the stop that cancelled it
                 raise
             except Exception as exc:
+                self._keep_partial(feed, target, batch)
                 if not self.leader:
-                    return  # stopping or stepping down: its transport is going away
+                    return  # stopping or stepping down: its transport may be going away
                 failures += 1
                 self.stats["retries"] += 1
                 metrics.RELAY_RETRIES.labels(role.name).inc()
@@ -513,10 +565,36 @@ class Relay:
                 retry = min(retry * 2, RETRY_MAX)
                 continue
             retry, failures = RETRY_FIRST, 0
-            if entries:
-                self.stats["delivered"] += len(entries)
-                metrics.RELAY_DELIVERED.labels(role.name).inc(len(entries))
-            await self._advance(feed, target, reached)
+
+    async def _still_placed(self, feed: _Feed, target: _Target) -> bool:
+        """For a role whose every delivery is recorded: read the target's stored position
+        first. Gone: the target left its room (a chat's /leave, a block) and is dropped now,
+        not at the next refresh. Ahead: it was placed afresh (it joined again, was
+        unblocked) and goes on from there, not with what was said meanwhile."""
+        stored = await database_sync_to_async(selectors.relay_position)(
+            relay=self.role.name, room=feed.room, target=target.key
+        )
+        if stored is None and (feed.room, target.key) not in self._dirty:
+            self._gone(feed, target, "it left the room")
+            return False
+        if stored is not None and stored > target.position:
+            target.position = stored
+            feed.trim()
+        return True
+
+    def _gone(self, feed: _Feed, target: _Target, why: str) -> None:
+        self.stats["gone"] += 1
+        logger.info("a relay target is dropped: %s", why,
+                    extra={**self._log, "room": feed.room, "target": target.key})
+        self._dirty.pop((feed.room, target.key), None)
+        self._target_remove(feed, target.key)
+
+    def _keep_partial(self, feed: _Feed, target: _Target, batch: Batch | None) -> None:
+        """A delivery cut short: keep how far the role said it got (saved with the others)."""
+        if batch is not None and batch.done_upto is not None and batch.done_upto > target.position:
+            target.position = batch.done_upto
+            self._dirty[(feed.room, target.key)] = batch.done_upto
+            feed.trim()
 
     async def _skip(self, feed: _Feed, target: _Target, *, upto: int) -> None:
         after = target.position
@@ -534,24 +612,26 @@ class Relay:
         await self._advance(feed, target, upto)
 
     async def _advance(self, feed: _Feed, target: _Target, reached: int) -> None:
+        """Move the target's position; it is saved with the others, or now (and before the
+        next delivery) for a role that saves each."""
         if reached <= target.position:
             return
         target.position = reached
         feed.trim()
         key = (feed.room, target.key)
+        self._dirty[key] = reached
         if self.role.save_interval > 0:
-            self._dirty[key] = reached
             return
         try:
             await database_sync_to_async(services.relay_positions_save)(
                 relay=self.role.name, positions={key: reached}
             )
-        except DatabaseError:
-            # Only the record of progress: the next save tries again; at worst a takeover
-            # delivers these again.
-            self._dirty[key] = reached
-            logger.warning("could not save a relay position", exc_info=True,
-                           extra={**self._log, "room": feed.room, "target": target.key})
+        except Exception:  # noqa: BLE001 - only the record of progress: kept for the next save
+            self._warn("save", "could not save a relay position; will retry", exc_info=True,
+                       room=feed.room, target=target.key)
+            return
+        if self._dirty.get(key) == reached:
+            del self._dirty[key]
 
     async def _save(self) -> None:
         self._saved_at = time.monotonic()

@@ -64,7 +64,7 @@ def room_last_seqs(*, rooms: list[str]) -> dict[str, int]:
 def relay_targets_rooms() -> QuerySet:
     """Every room as a relay target of its own (``target`` ""), for a role that serves every
     room (an MQTT room's ``out`` topic)."""
-    return Room.objects.values(room=F("name"), target=Value(""))
+    return Room.objects.values(room=F("name"), target=Value(""), head=F("last_seq"))
 
 
 def relay_targets_bot_chats(*, platform: str) -> QuerySet:
@@ -94,8 +94,10 @@ def relay_rooms_pending(*, relay: str, targets: QuerySet) -> list[tuple[str, int
     position = RelayCursor.objects.filter(
         relay=relay, room=OuterRef("room"), target=OuterRef("target")
     ).values("last_seq")[:1]
-    head = Room.objects.filter(name=OuterRef("room")).values("last_seq")[:1]
-    rows = targets.annotate(position=Coalesce(Subquery(position), 0), head=Subquery(head))
+    rows = targets.annotate(position=Coalesce(Subquery(position), 0))
+    if "head" not in targets.query.annotations:  # the role's rows may have it at hand
+        head = Room.objects.filter(name=OuterRef("room")).values("last_seq")[:1]
+        rows = rows.annotate(head=Subquery(head))
     return sorted(set(rows.filter(head__gt=F("position")).values_list("room", "head")))
 
 

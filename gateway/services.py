@@ -340,25 +340,32 @@ def _message_insert(
     return message
 
 
-def lease_acquire(*, name: str, holder: str, ttl: float) -> bool:
-    """Take or renew a lease; True if ``holder`` now holds it for ``ttl`` seconds."""
+def lease_acquire(*, name: str, holder: str, ttl: float) -> tuple[bool, datetime | None]:
+    """Take or renew a lease: whether ``holder`` now holds it for ``ttl`` seconds, and, when
+    it has just taken it over, when the lease had expired (None: it held it already, or
+    nobody ever held it), which tells how long the role went without a holder."""
     now = datetime.fromtimestamp(time.time(), tz=UTC)
     expires = datetime.fromtimestamp(time.time() + ttl, tz=UTC)
+    previous = (Lease.objects.filter(name=name).exclude(holder=holder)
+                .values_list("expires_at", flat=True).first())
     taken = Lease.objects.filter(
         Q(holder=holder) | Q(expires_at__lt=now), name=name
     ).update(holder=holder, expires_at=expires)
     if taken:
-        return True
+        return True, previous
     try:
         with transaction.atomic():
             Lease.objects.create(name=name, holder=holder, expires_at=expires)
     except IntegrityError:
-        return False  # someone else holds it
-    return True
+        return False, None  # someone else holds it
+    return True, None
 
 
 def lease_release(*, name: str, holder: str) -> None:
-    Lease.objects.filter(name=name, holder=holder).delete()
+    """Hand a lease over now: it expires at once (the row stays, so whoever takes it next
+    knows when the role was last held)."""
+    now = datetime.fromtimestamp(time.time(), tz=UTC)
+    Lease.objects.filter(name=name, holder=holder).update(expires_at=now)
 
 
 # --- the relay's positions (gateway/relay.py) -------------------------------------------------
@@ -407,8 +414,10 @@ def relay_targets_init(*, relay: str, targets: QuerySet) -> int:
     known = RelayCursor.objects.filter(
         relay=relay, room=OuterRef("room"), target=OuterRef("target")
     )
-    head = Room.objects.filter(name=OuterRef("room")).values("last_seq")[:1]
-    missing = targets.annotate(known=Exists(known), head=Subquery(head)).filter(known=False)
+    missing = targets.annotate(known=Exists(known)).filter(known=False)
+    if "head" not in targets.query.annotations:
+        head = Room.objects.filter(name=OuterRef("room")).values("last_seq")[:1]
+        missing = missing.annotate(head=Subquery(head))
     rows = [RelayCursor(relay=relay, room=room, target=target, last_seq=seq or 0)
             for room, target, seq in missing.values_list("room", "target", "head")]
     RelayCursor.objects.bulk_create(rows, ignore_conflicts=True, batch_size=500)

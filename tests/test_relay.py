@@ -45,16 +45,16 @@ class FakeRole(RelayRole):
         chats = BotChat.objects.filter(platform="fake", blocked=False).exclude(room="")
         return chats.values("room", target=F("chat_id"))
 
-    async def deliver(self, room, target, entries) -> None:
+    async def deliver(self, batch) -> None:
         if self.hold is not None:
             await self.hold.wait()
-        if target in self.gone:
-            raise TargetGone(target)
+        if batch.target in self.gone:
+            raise TargetGone(batch.target)
         if self.failures:
             self.failures -= 1
             raise OSError("the far end is down")
-        self.batches.append((room, target, [d.cursor for d in entries]))
-        self.kinds.extend(d.event["type"] for d in entries)
+        self.batches.append((batch.room, batch.target, [d.cursor for d in batch.entries]))
+        self.kinds.extend(d.event["type"] for d in batch.entries)
 
     async def skipped(self, room, target, *, after, upto) -> None:
         self.skips.append((room, target, after, upto))
@@ -302,9 +302,9 @@ async def test_each_delivery_is_saved_before_the_next_with_no_save_interval():
     role = FakeRole(every_room=False, save_interval=0, batch_size=1)
     seen: list[dict] = []
 
-    async def deliver(room, target, entries) -> None:
+    async def deliver(batch) -> None:
         seen.append(await apositions("fake"))
-        role.batches.append((room, target, [d.cursor for d in entries]))
+        role.batches.append((batch.room, batch.target, [d.cursor for d in batch.entries]))
 
     role.deliver = deliver  # type: ignore[method-assign]
     r = await started(role)
@@ -354,3 +354,62 @@ async def test_housekeeping_that_keeps_failing_is_logged_once_in_a_while(monkeyp
     failures = [rec for rec in caplog.records if "housekeeping failed" in rec.getMessage()]
     assert len(failures) == 1 and failures[0].exc_info is not None
     await r.stop()
+
+
+async def test_a_room_created_while_the_role_had_no_holder_is_delivered_from_its_start():
+    first = FakeRole()
+    a = await started(first)
+    await apost("old", "one")
+    await until(lambda: first.delivered("old") == [1])
+    await a.stop()  # the lease is handed over; a crash would let it expire
+    await apost("new", "created while nobody relayed")
+    await apost("old", "two")
+    second = FakeRole()
+    b = await started(second)
+    await until(lambda: second.delivered("new") == [1] and second.delivered("old") == [2])
+    await b.stop()
+
+
+async def test_after_a_long_vacancy_what_the_role_never_delivered_starts_from_the_takeover():
+    from datetime import UTC, datetime, timedelta
+
+    from gateway.models import Lease
+
+    first = FakeRole()
+    a = await started(first)
+    await apost("old", "one")
+    await until(lambda: first.delivered("old") == [1])
+    await a.stop()
+    await apost("new", "while the protocol was off")
+    await apost("old", "two")
+    hours_ago = datetime.now(UTC) - timedelta(seconds=relay.FRESH_START_AFTER + 60)
+    await database_sync_to_async(Lease.objects.filter(name="fake").update)(expires_at=hours_ago)
+    second = FakeRole()
+    b = await started(second)
+    await apost("new", "after")
+    await until(lambda: second.delivered("new") == [2])
+    assert second.delivered("old") == [2]  # a known position still resumes
+    await b.stop()
+
+
+async def test_a_delivery_cut_short_by_a_stop_keeps_what_it_delivered(monkeypatch):
+    monkeypatch.setattr(relay, "STOP_WAIT", 0.1)
+    role = FakeRole(batch_size=10)
+    release = asyncio.Event()
+
+    async def deliver(batch) -> None:
+        for delivery in batch.entries:
+            if delivery.cursor == 3:
+                await release.wait()  # hangs on the third (never released)
+            role.batches.append((batch.room, batch.target, [delivery.cursor]))
+            batch.done(delivery.cursor)
+
+    role.deliver = deliver  # type: ignore[method-assign]
+    r = await started(role)
+    await apost("a", "m1")
+    await until(lambda: role.delivered("a") == [1])
+    for i in range(2, 6):
+        await apost("a", f"m{i}")
+    await until(lambda: role.delivered("a") == [1, 2])
+    await r.stop()
+    assert await apositions("fake") == {("a", ""): 2}  # not 1 (all again), not 5

@@ -304,16 +304,38 @@ async def test_a_chat_far_behind_is_told_how_many_messages_it_missed():
     await relay.stop()
 
 
-async def test_a_blocked_chat_is_sent_nothing_and_unblocked_gets_what_follows():
-    await chats_join("mod", "A")
+async def test_a_blocked_chat_is_sent_nothing_at_once_and_unblocked_gets_what_follows():
+    await chats_join("mod", "A", "B")
     relay, bot = await chats_relay()
+    await post("mod", "before")
+    assert [chat for chat, _ in await bot.take(2)] == ["A", "B"]  # the room is followed
     record = await database_sync_to_async(BotChat.objects.get)(chat_id="A")
     await database_sync_to_async(chats.bot_chat_block)(chat=record, blocked=True)
-    await post("mod", "while blocked")
-    assert await bot.nothing_more()
+    await post("mod", "while blocked")  # before the relay's next look at the chats
+    assert await bot.take(1) == [("B", "<b>bob</b> (web): while blocked")]
     await database_sync_to_async(chats.bot_chat_block)(chat=record, blocked=False)
     await post("mod", "after")
-    assert await bot.take(1) == [("A", "<b>bob</b> (web): after")]
+    assert await bot.take(2) == [("A", "<b>bob</b> (web): after"),
+                                 ("B", "<b>bob</b> (web): after")]
+    assert await bot.nothing_more()
+    await relay.stop()
+
+
+async def test_a_chat_that_leaves_and_joins_again_gets_nothing_said_meanwhile():
+    await chats_join("door", "A")
+    relay, bot = await chats_relay()
+    await post("door", "one")
+    assert await bot.take(1) == [("A", "<b>bob</b> (web): one")]
+    bot.hold = asyncio.Event()  # so that leaving and joining again fit between two sends
+    await post("door", "two")
+    record = await database_sync_to_async(BotChat.objects.get)(chat_id="A")
+    await database_sync_to_async(chats.bot_chat_leave)(chat=record)
+    await post("door", "said while A was away")
+    await chats_join("door", "A")
+    await post("door", "three")
+    bot.hold.set()
+    got = [text for _, text in [await asyncio.wait_for(bot.sent.get(), 5) for _ in range(2)]]
+    assert got == ["<b>bob</b> (web): two", "<b>bob</b> (web): three"]  # "two" was under way
     assert await bot.nothing_more()
     await relay.stop()
 

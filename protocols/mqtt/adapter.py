@@ -52,10 +52,10 @@ class MqttAdapter(Adapter):
             client_id=client_id, idle_timeout=mqtt["IDLE_TIMEOUT"],
             keepalive=mqtt["KEEPALIVE"], shared_group=mqtt["SHARED_GROUP"],
         )
-        # The relay before the server: it holds its role (or knows another process does)
-        # before the first device message is stored; it stops after it.
+        # The relay after the server, so it stops first: what it is publishing goes out and
+        # every room's position is saved while the broker connection is still there.
         out = MqttOut(server, prefix=mqtt["TOPIC_PREFIX"], idle_timeout=mqtt["IDLE_TIMEOUT"])
-        return [*services, Relay(out), server]
+        return [*services, server, Relay(out)]
 
 
 def _embedded_broker(options: argparse.Namespace, client_id: str):

@@ -21,8 +21,7 @@ from typing import TYPE_CHECKING
 from django.db.models import QuerySet
 
 from gateway import events, selectors
-from gateway.fanout import Delivery
-from gateway.relay import RelayRole
+from gateway.relay import Batch, RelayRole
 from protocols.mqtt import wire
 
 if TYPE_CHECKING:
@@ -49,8 +48,9 @@ class MqttOut(RelayRole):
     def targets(self) -> QuerySet:
         return selectors.relay_targets_rooms()
 
-    async def deliver(self, room: str, target: str, entries: list[Delivery]) -> None:
-        topic = wire.out_topic(self.prefix, room)
-        for delivery in entries:
+    async def deliver(self, batch: Batch) -> None:
+        topic = wire.out_topic(self.prefix, batch.room)
+        for delivery in batch.entries:
             if delivery.event["type"] == events.ROOM_MESSAGE:
                 await self.server.publish(topic, delivery.frame(WIRE_FORMAT, wire.out_payload))
+            batch.done(delivery.cursor)  # a batch cut short (a stop) keeps what went out

@@ -26,8 +26,7 @@ from django.db.models import QuerySet
 
 from bots import formatting
 from gateway import chats, events, selectors
-from gateway.fanout import Delivery
-from gateway.relay import RelayRole, TargetGone
+from gateway.relay import Batch, RelayRole, TargetGone
 from protocols.telegram import render
 from protocols.telegram.server import Sent, TelegramServer
 
@@ -54,9 +53,10 @@ class TelegramChats(RelayRole):
     def targets(self) -> QuerySet:
         return selectors.relay_targets_bot_chats(platform=PLATFORM)
 
-    async def deliver(self, room: str, target: str, entries: list[Delivery]) -> None:
+    async def deliver(self, batch: Batch) -> None:
+        room, target = batch.room, batch.target
         origin = selectors.bot_chat_origin(PLATFORM, target)
-        for delivery in entries:
+        for delivery in batch.entries:
             event = delivery.event
             if event["type"] != events.ROOM_MESSAGE or event["origin"] == origin:  # type: ignore[typeddict-item]
                 continue
