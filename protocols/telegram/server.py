@@ -127,7 +127,8 @@ class TelegramServer:
         )
         self.outbox = Outbox(limits)
         self.drains: dict[str, asyncio.Task] = {}  # chat -> the task sending its queue
-        self._stopping = False
+        self._closing = False  # stop() has begun: no more housekeeping
+        self._stopping = False  # what is queued has had its chance: no more sends
         # update_id -> (whether handled, the chat scope handling it)
         self.handling: dict[int, tuple[asyncio.Future, Scope[ChatReceive]]] = {}
         self.stats: Counter[str] = Counter()
@@ -170,6 +171,7 @@ class TelegramServer:
 
     async def stop(self) -> None:
         """Stop taking updates, close the chats, send what is queued (briefly), hand over."""
+        self._closing = True
         status.unregister("telegram")
         handoff.unregister("telegram", self.ingress.webhook_update)
         for task in self._tasks:  # no more housekeeping: it could take the lease again
@@ -196,7 +198,7 @@ class TelegramServer:
             return
         next_prune = 0.0
         next_me = time.monotonic() + ME_REFRESH
-        while True:
+        while not self._closing:  # as well as cancelled: a lost cancellation ends it too
             try:
                 if time.monotonic() >= next_me:
                     next_me = time.monotonic() + ME_REFRESH
@@ -391,12 +393,19 @@ class TelegramServer:
         """Send ``text`` (Telegram HTML, within one message) to the chat, after what it has
         queued and at its pace; return once Telegram has answered for good (a flood limit
         or an outage is waited out). ``ServerStopped`` if the server stops first."""
-        await self.ready.wait()  # the bot has reached Telegram (getMe answered)
+        while not self.ready.is_set():  # until the bot has reached Telegram (getMe answered)
+            if self._stopping:
+                break
+            try:
+                async with asyncio.timeout(1.0):
+                    await self.ready.wait()
+            except TimeoutError:
+                pass
         if self._stopping:
             raise ServerStopped("the Telegram server has stopped")
         waiter: asyncio.Future[Sent] = asyncio.get_running_loop().create_future()
         self._queue(chat_id, Outgoing(text, waiter=waiter))
-        return await waiter
+        return await waiter  # cancelled: the message is not sent, unless already under way
 
     def _queue(self, chat_id: str, item: Outgoing) -> None:
         self.outbox.queue(chat_id, item)
@@ -408,6 +417,8 @@ class TelegramServer:
     async def _drain(self, chat_id: str) -> None:
         try:
             while (item := self.outbox.next(chat_id)) is not None:
+                if item.waiter is not None and item.waiter.cancelled():
+                    continue  # whoever asked gave up (a stopping relay): not sent
                 try:
                     outcome = await self._deliver(chat_id, item.text)
                 except BaseException as exc:
