@@ -8,7 +8,9 @@ a close) are passed over: ``out`` carries messages only, and the room's position
 them.
 
 Every room has one target, ``""``: its ``out`` topic. A room new to the role is published
-from its first message; a room that existed before the role ever ran, from then on. A room
+from its first message, also one created while no process held the role for a moment (a
+restart, a takeover); only when the role was never held, or not for an hour (MQTT was off),
+do the rooms it never published start from the takeover. A room
 quiet for ``MQTT_IDLE_TIMEOUT`` is left (no subscription in the hub or Redis) and followed
 again at its next entry: at once when it was stored in this process (a device's message),
 within the relay's scan (a second) otherwise.
