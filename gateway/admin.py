@@ -1,4 +1,4 @@
-"""Django admin for staff: rooms, messages, MQTT devices, bot chats and blocked web senders.
+"""Django admin for staff: rooms, messages, devices, bot chats and blocked senders.
 
 Changes with an effect on live connections go through the services (deleting a message
 removes it from open pages too; closing a room disconnects its members), never straight to
@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import time
 
+from django import forms
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from gateway import chats, selectors, services
-from gateway.models import BotChat, Device, Message, Room, WebBlock
+from gateway import chats, events, selectors, services
+from gateway.models import BotChat, Device, Message, Room, SenderBlock
 
 admin.site.site_header = "Gateway administration"
 admin.site.site_title = "Gateway admin"
@@ -99,11 +100,11 @@ class MessageAdmin(admin.ModelAdmin):
 
 @admin.register(Device)
 class DeviceAdmin(admin.ModelAdmin):
-    list_display = ["device_id", "last_seen", "room_list", "blocked"]
+    list_display = ["device_id", "protocol", "last_seen", "room_list", "blocked"]
     list_editable = ["blocked"]
     list_filter = ["blocked"]
     search_fields = ["device_id"]
-    readonly_fields = ["device_id", "first_seen", "last_seen", "rooms"]
+    readonly_fields = ["device_id", "protocol", "first_seen", "last_seen", "rooms"]
 
     @admin.display(description="rooms")
     def room_list(self, device: Device) -> str:
@@ -139,8 +140,13 @@ class BotChatAdmin(admin.ModelAdmin):
         return False  # chats appear when they write to the bot
 
 
-@admin.register(WebBlock)
-class WebBlockAdmin(admin.ModelAdmin):
-    list_display = ["kind", "value", "note", "created_at"]
-    list_filter = ["kind"]
+@admin.register(SenderBlock)
+class SenderBlockAdmin(admin.ModelAdmin):
+    list_display = ["protocol", "kind", "value", "note", "created_at"]
+    list_filter = ["protocol", "kind"]
     search_fields = ["value", "note"]
+
+    def formfield_for_dbfield(self, db_field, request, **kwargs):
+        if db_field.name == "protocol":  # the sender protocols of the configured adapters
+            kwargs["widget"] = forms.Select(choices=[(p, p) for p in sorted(events.PROTOCOLS)])
+        return super().formfield_for_dbfield(db_field, request, **kwargs)

@@ -189,9 +189,10 @@ class BotUpdate(models.Model):
 
 
 class Device(models.Model):
-    """An MQTT device the gateway has seen."""
+    """A device the gateway has seen (a sender of its ``protocol`` that is a machine)."""
 
     device_id = models.CharField(max_length=64, unique=True)
+    protocol = models.CharField(max_length=16, help_text="Its sender protocol (mqtt)")
     first_seen = models.DateTimeField(auto_now_add=True)
     last_seen = models.DateTimeField()
     rooms = models.JSONField(default=list, blank=True, help_text="Rooms it has posted to")
@@ -205,11 +206,14 @@ class Device(models.Model):
         return self.device_id
 
 
-class WebBlock(models.Model):
-    """A blocked web sender: a sender id (``user:<pk>``, ``anon:<hash>``) or a display name."""
+class SenderBlock(models.Model):
+    """A sender staff blocked, on one protocol: by sender id (``user:<pk>`` or ``anon:<hash>``
+    on the web, a device id, ...) or by display name. Its messages are dropped (not stored,
+    not broadcast) and it is told so."""
 
     KIND_ID = "id"
     KIND_NAME = "name"
+    protocol = models.CharField(max_length=16, help_text="The sender's protocol")
     kind = models.CharField(max_length=8, choices=[(KIND_ID, "sender id"), (KIND_NAME, "name")])
     value = models.CharField(max_length=128, help_text="Names match without regard to case")
     note = models.CharField(max_length=255, blank=True)
@@ -217,8 +221,9 @@ class WebBlock(models.Model):
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(fields=["kind", "value"], name="web_block_unique"),
+            models.UniqueConstraint(fields=["protocol", "kind", "value"],
+                                    name="sender_block_unique"),
         ]
 
     def __str__(self) -> str:
-        return f"{self.kind}: {self.value}"
+        return f"{self.protocol} {self.kind}: {self.value}"

@@ -23,7 +23,7 @@ from gateway.models import (
     RelayCursor,
     Room,
     RoomEvent,
-    WebBlock,
+    SenderBlock,
 )
 from gateway.names import room_name_validate
 from gateway.ratelimit import TokenBucket
@@ -242,15 +242,16 @@ def room_message_post(
 
 
 def sender_blocked(sender: events.Sender) -> bool:
-    """Whether staff blocked this sender (an MQTT device, a web sender id or name)."""
-    if sender["protocol"] == "mqtt":
-        return Device.objects.filter(device_id=sender["id"], blocked=True).exists()
-    if sender["protocol"] == "web":
-        return WebBlock.objects.filter(
-            Q(kind=WebBlock.KIND_ID, value=sender["id"])
-            | Q(kind=WebBlock.KIND_NAME, value__iexact=sender["name"])
-        ).exists()
-    return False  # Telegram chats are blocked as chats (bots/conversation.py)
+    """Whether staff blocked this sender: a device of its protocol switched off, or a block
+    of its protocol by its id or display name (a bot's chats are also blocked as chats:
+    gateway/chats.py)."""
+    protocol = sender["protocol"]
+    device = Device.objects.filter(protocol=protocol, device_id=sender["id"], blocked=True)
+    blocks = SenderBlock.objects.filter(protocol=protocol).filter(
+        Q(kind=SenderBlock.KIND_ID, value=sender["id"])
+        | Q(kind=SenderBlock.KIND_NAME, value__iexact=sender["name"])
+    )
+    return device.exists() or blocks.exists()
 
 
 def _message_by_client_id(room: str, sender_id: str, client_id: str) -> Message | None:
@@ -292,22 +293,19 @@ def _cursor_take(
 
 
 def _unblocked_condition(sender: events.Sender) -> tuple[str, list[str]]:
-    """SQL (and its parameters) that holds unless staff blocked this sender: an MQTT device,
-    or a web sender by id or by name (case-insensitive)."""
+    """SQL (and its parameters) that holds unless staff blocked this sender, as
+    ``sender_blocked`` says: two index probes on small tables, whatever the protocol."""
     quote = connection.ops.quote_name
-    if sender["protocol"] == "mqtt":
-        table = quote(Device._meta.db_table)
-        return f" AND NOT EXISTS (SELECT 1 FROM {table} WHERE device_id = %s AND blocked)", [
-            sender["id"]
-        ]
-    if sender["protocol"] == "web":
-        table = quote(WebBlock._meta.db_table)
-        return (
-            f" AND NOT EXISTS (SELECT 1 FROM {table} WHERE (kind = %s AND value = %s)"
-            " OR (kind = %s AND LOWER(value) = LOWER(%s)))",
-            [WebBlock.KIND_ID, sender["id"], WebBlock.KIND_NAME, sender["name"]],
-        )
-    return "", []  # Telegram chats are blocked as chats (bots/conversation.py)
+    devices, blocks = quote(Device._meta.db_table), quote(SenderBlock._meta.db_table)
+    protocol, sender_id, name = sender["protocol"], sender["id"], sender["name"]
+    return (
+        f" AND NOT EXISTS (SELECT 1 FROM {devices} WHERE device_id = %s AND protocol = %s"
+        " AND blocked)"
+        f" AND NOT EXISTS (SELECT 1 FROM {blocks} WHERE protocol = %s AND ((kind = %s AND"
+        " value = %s) OR (kind = %s AND LOWER(value) = LOWER(%s))))",
+        [sender_id, protocol, protocol, SenderBlock.KIND_ID, sender_id, SenderBlock.KIND_NAME,
+         name],
+    )
 
 
 def _message_insert(
@@ -510,11 +508,11 @@ def _log_append(
     return event
 
 
-def device_seen(*, device_id: str, room: str) -> None:
-    """Record that an MQTT device was active in a room."""
+def device_seen(*, device_id: str, protocol: str, room: str) -> None:
+    """Record that a device (a sender of ``protocol``) was active in a room."""
     now = datetime.fromtimestamp(time.time(), tz=UTC)
     device, created = Device.objects.get_or_create(
-        device_id=device_id, defaults={"last_seen": now, "rooms": [room]}
+        device_id=device_id, defaults={"last_seen": now, "rooms": [room], "protocol": protocol}
     )
     if not created:
         device.last_seen = now

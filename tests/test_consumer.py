@@ -280,3 +280,46 @@ async def test_anonymous_ids_do_not_reveal_the_browser_secret():
     assert frame["sender"]["id"].startswith("anon:")
     assert "my-secret-browser-id" not in json.dumps(frame)
     await comm.disconnect()
+
+
+async def test_a_blocked_sender_is_refused_on_its_own_protocol_only():
+    from gateway.errors import GatewayError
+    from gateway.models import Device, SenderBlock
+
+    async def post(sender, text: str) -> None:
+        await database_sync_to_async(room_message_post)(
+            room="mod", text=text, sender=sender, origin="test"
+        )
+
+    await database_sync_to_async(SenderBlock.objects.bulk_create)([
+        SenderBlock(protocol="web", kind=SenderBlock.KIND_NAME, value="Spammer"),
+        SenderBlock(protocol="telegram", kind=SenderBlock.KIND_ID, value="telegram-66"),
+    ])
+    await database_sync_to_async(Device.objects.create)(
+        device_id="rogue", protocol="mqtt", blocked=True, last_seen="2026-01-01T00:00:00Z"
+    )
+    # The web name block holds for any web sender of that name (case-insensitive), over
+    # the socket too...
+    spammer = await connect("/ws/chat/mod/?name=spammer")
+    await spammer.send_to(text_data=json.dumps({"message": "buy now"}))
+    frame = await recv(spammer)
+    assert (frame["type"], frame["code"]) == ("error", "blocked")
+    await spammer.disconnect()
+    refused = [
+        events.sender(protocol="telegram", id="telegram-66", name="mallory"),
+        events.sender(protocol="mqtt", id="rogue", name="rogue"),
+    ]
+    for sender in refused:
+        with pytest.raises(GatewayError) as caught:
+            await post(sender, "no")
+        assert caught.value.code == "blocked"
+    # ... and only on its own protocol: a device or a chat with that name, a web sender
+    # whose id is the blocked device's, are not blocked.
+    allowed = [
+        events.sender(protocol="mqtt", id="spammer", name="Spammer"),
+        events.sender(protocol="telegram", id="telegram-67", name="spammer"),
+        events.sender(protocol="web", id="rogue", name="rogue"),
+    ]
+    for sender in allowed:
+        await post(sender, f"from {sender['protocol']}")
+    assert await stored("mod") == ["from mqtt", "from telegram", "from web"]

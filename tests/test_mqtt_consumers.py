@@ -174,7 +174,7 @@ async def test_error_replies_stop_after_a_burst_but_every_message_is_handled(mon
 @pytest.mark.parametrize("room_exists", [False, True])
 async def test_a_blocked_device_is_refused_and_nothing_is_stored(room_exists):
     await database_sync_to_async(Device.objects.create)(
-        device_id="rogue", blocked=True, last_seen=datetime.now(tz=UTC)
+        device_id="rogue", protocol="mqtt", blocked=True, last_seen=datetime.now(tz=UTC)
     )
     if room_exists:  # the block is then checked as the message's id is taken
         await database_sync_to_async(post)("guarded", "before")

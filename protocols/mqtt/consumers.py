@@ -124,7 +124,7 @@ class MqttDeviceConsumer(RoomConsumer):
         self.seen_at = time.monotonic()
         try:
             await database_sync_to_async(services.device_seen)(
-                device_id=self.device_id, room=self.room
+                device_id=self.device_id, protocol=self.protocol, room=self.room
             )
         except DatabaseError:
             logger.warning("could not record the device as seen", extra=self.log_extra(),
