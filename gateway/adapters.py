@@ -56,6 +56,9 @@ class Adapter:
 
     scope_type: str | None = None  # the ASGI scope type its server opens, if any
     hosts_pages = False  # serves the pages browsers use (see gateway.E003)
+    # Its members are connections (a socket each: two tabs are two), rather than members
+    # counted once per room however many scopes replicas hold for them (a device, a chat).
+    members_are_connections = False
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -94,6 +97,13 @@ def adapters_all() -> dict[str, Adapter]:
         *(protocol for adapter in found.values() for protocol in adapter.sender_protocols)
     )
     return found
+
+
+def protocols_counted_by_connection() -> set[str]:
+    """The sender protocols whose members count once per connection (see
+    ``Adapter.members_are_connections``)."""
+    return {protocol for adapter in adapters_all().values() if adapter.members_are_connections
+            for protocol in adapter.sender_protocols}
 
 
 def adapters_enabled() -> list[Adapter]:

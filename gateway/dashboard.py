@@ -19,6 +19,7 @@ from django.utils import timezone
 from django.utils.crypto import constant_time_compare
 
 from gateway import selectors
+from gateway.adapters import protocols_counted_by_connection
 from gateway.models import GatewayProcess, Message
 
 FEED_SIZE = 30
@@ -31,15 +32,17 @@ SETTLE = timedelta(seconds=1)
 def connections() -> dict[str, object]:
     """Connections now: in all, by protocol, and by room and protocol.
 
-    A web connection is a socket; a device or a chat counts once per room, however many
-    replicas have a scope for it (with a shared subscription, several may)."""
+    A web connection is a socket (``Adapter.members_are_connections``); a device or a chat
+    counts once per room, however many replicas have a scope for it (with a shared
+    subscription, several may)."""
+    per_connection = protocols_counted_by_connection()
     seen: set[tuple[str, str, str]] = set()
     by_protocol: dict[str, int] = {}
     by_room: dict[str, dict[str, int]] = {}
     entries = selectors.member_entries()
     for entry in entries:
         protocol, room = entry["protocol"], entry["room"]
-        key = (room, protocol, entry["scope"] if protocol == "web" else entry["id"])
+        key = (room, protocol, entry["scope"] if protocol in per_connection else entry["id"])
         if key in seen:
             continue
         seen.add(key)

@@ -12,6 +12,7 @@ from gateway.adapters import Adapter
 
 class WebAdapter(Adapter):
     hosts_pages = True
+    members_are_connections = True  # a browser's sockets: each tab counts
 
     @property
     def sender_protocols(self) -> tuple[str, ...]:
