@@ -24,6 +24,8 @@ def positions_to_the_chats(apps, schema_editor):
                                          target=chat.chat_id).values_list("last_seq", flat=True)
         chat.delivered_seq = seq.first() or 0
         chat.save(update_fields=["delivered_seq"])
+    # Back to one position per relay and room (0007 reversed): only MQTT's rows stay.
+    RelayCursor.objects.exclude(target="").delete()
 
 
 class Migration(migrations.Migration):
