@@ -5,13 +5,15 @@ retries, the backlog, targets coming and going, the tail and the log."""
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from channels.db import database_sync_to_async
+from django.db import OperationalError
 from django.db.models import F, Value
 
-from gateway import events, relay, services
-from gateway.models import BotChat, RelayCursor, Room
+from gateway import events, relay, selectors, services
+from gateway.models import BotChat, Lease, RelayCursor, Room
 from gateway.relay import Relay, RelayRole, TargetGone
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("runtime_stopped")]
@@ -316,35 +318,37 @@ async def test_each_delivery_is_saved_before_the_next_with_no_save_interval():
     await r.stop()
 
 
+lease_set = database_sync_to_async(lambda **fields: Lease.objects.filter(name="fake")
+                                   .update(**fields))
+
+
+async def a_holder_delivers_old_then_stops() -> None:
+    """A first holder of the role delivers room "old" its first message, then stops."""
+    first = FakeRole()
+    a = await started(first)
+    await apost("old", "one")
+    await until(lambda: first.delivered("old") == [1])
+    await a.stop()  # the lease is handed over; a crash would let it expire
+
 
 async def test_a_lost_lease_stops_delivery_at_once_and_a_retaken_one_resumes():
-    from datetime import UTC, datetime, timedelta
-
-    from gateway.models import Lease
-
     role = FakeRole()
     r = await started(role)
     await apost("a", "one")
     await until(lambda: role.delivered("a") == [1])
-    later = datetime.now(UTC) + timedelta(seconds=60)
-    taken = database_sync_to_async(Lease.objects.filter(name="fake").update)
-    await taken(holder="another process", expires_at=later)
+    await lease_set(holder="another process", expires_at=datetime.now(UTC) + timedelta(seconds=60))
     await until(lambda: not r.leader, what="kept delivering without the lease")
     assert r.rooms == {}
     await apost("a", "two")
     await asyncio.sleep(0.3)
     assert role.delivered("a") == [1]
-    await taken(expires_at=datetime.now(UTC) - timedelta(seconds=1))  # it expires
+    await lease_set(expires_at=datetime.now(UTC) - timedelta(seconds=1))  # it expires
     await until(lambda: role.delivered("a")[-1:] == [2], what="not resumed")
     assert set(role.delivered("a")) == {1, 2}  # 1 again at most: its position was unsaved
     await r.stop()
 
 
 async def test_housekeeping_that_keeps_failing_is_logged_once_in_a_while(monkeypatch, caplog):
-    from django.db import OperationalError
-
-    from gateway import selectors
-
     def down(**kwargs):
         raise OperationalError("database is locked")
 
@@ -357,11 +361,7 @@ async def test_housekeeping_that_keeps_failing_is_logged_once_in_a_while(monkeyp
 
 
 async def test_a_room_created_while_the_role_had_no_holder_is_delivered_from_its_start():
-    first = FakeRole()
-    a = await started(first)
-    await apost("old", "one")
-    await until(lambda: first.delivered("old") == [1])
-    await a.stop()  # the lease is handed over; a crash would let it expire
+    await a_holder_delivers_old_then_stops()
     await apost("new", "created while nobody relayed")
     await apost("old", "two")
     second = FakeRole()
@@ -371,19 +371,10 @@ async def test_a_room_created_while_the_role_had_no_holder_is_delivered_from_its
 
 
 async def test_after_a_long_vacancy_what_the_role_never_delivered_starts_from_the_takeover():
-    from datetime import UTC, datetime, timedelta
-
-    from gateway.models import Lease
-
-    first = FakeRole()
-    a = await started(first)
-    await apost("old", "one")
-    await until(lambda: first.delivered("old") == [1])
-    await a.stop()
+    await a_holder_delivers_old_then_stops()
     await apost("new", "while the protocol was off")
     await apost("old", "two")
-    hours_ago = datetime.now(UTC) - timedelta(seconds=relay.FRESH_START_AFTER + 60)
-    await database_sync_to_async(Lease.objects.filter(name="fake").update)(expires_at=hours_ago)
+    await lease_set(expires_at=datetime.now(UTC) - timedelta(seconds=relay.FRESH_START_AFTER + 60))
     second = FakeRole()
     b = await started(second)
     await apost("new", "after")
