@@ -82,6 +82,8 @@ def start_system(name: str, redis: Redis, workdir: Path) -> tuple[subprocess.Pop
         env.update({
             "DJANGO_SETTINGS_MODULE": "settings", "GATEWAY_DATA_DIR": str(datadir),
             "GATEWAY_RATE_LIMIT_PER_SECOND": "100000", "GATEWAY_RATE_LIMIT_BURST": "100000",
+            # One load generator opens every room from one address: not a flood here.
+            "GATEWAY_ROOM_CREATE_PER_MINUTE": "100000",
             "LOG_LEVEL": "WARNING", "MQTT_ENABLED": "0",
             # Production mode, as it is deployed (DEBUG's query log costs per message).
             "DJANGO_DEBUG": "0", "DJANGO_SECRET_KEY": "bench-" + "x" * 50,
