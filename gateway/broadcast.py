@@ -148,6 +148,17 @@ def _publish(event: Mapping[str, Any]) -> None:
         async_to_sync(_broadcast)(event)
 
 
+def room_events_broadcast_on_commit(events: list[Mapping[str, Any]]) -> None:
+    """Broadcast room events once the current transaction commits, in this order (a batch
+    stored together: one commit hook)."""
+    def publish_all() -> None:
+        for event in events:
+            _publish(event)
+
+    if events:
+        transaction.on_commit(publish_all)
+
+
 def room_event_broadcast_on_commit(event: Mapping[str, Any]) -> None:
     """Broadcast a room or control event once the current transaction commits (in commit
     order with every other)."""

@@ -6,15 +6,17 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import cast
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Exists, OuterRef, Q, QuerySet, Subquery
+from django.db.models import Exists, F, OuterRef, Q, QuerySet, Subquery
 
 from gateway import events, metrics
-from gateway.broadcast import room_event_broadcast_on_commit
+from gateway.broadcast import room_event_broadcast_on_commit, room_events_broadcast_on_commit
 from gateway.errors import GatewayError
 from gateway.models import (
     Device,
@@ -215,20 +217,22 @@ def room_message_post(
     Returns the event and whether it was created; a repeated ``client_id`` from the same
     sender returns the message stored the first time and broadcasts nothing.
     """
-    room = room_name_validate(room)
-    text = message_text_validate(text)
-    client_id = client_id_validate(client_id)
-    name = display_name_for(sender_id=sender["id"], protocol=sender["protocol"],
-                            name=sender["name"])
-    if name != sender["name"]:
-        sender = events.sender(protocol=sender["protocol"], id=sender["id"], name=name)
+    return _message_post_one(_post_checked(
+        Post(room=room, text=text, sender=sender, origin=origin, client_id=client_id)
+    ))
+
+
+def _message_post_one(post: Post) -> tuple[events.RoomMessage, bool]:
+    """Store one checked post in a transaction of its own (GatewayError if refused)."""
+    room, sender = post.room, post.sender
+    text, client_id = cast(str, post.text), cast(str | None, post.client_id)  # checked
     if client_id is not None:
         existing = _message_by_client_id(room, sender["id"], client_id)
         if existing is not None:
             return message_event(existing, room=room), False
     try:
         with transaction.atomic():
-            message = _message_insert(room, text, sender, origin, client_id)
+            message = _message_insert(room, text, sender, post.origin, client_id)
             event = message_event(message, room=room)
             room_event_broadcast_on_commit(event)
     except IntegrityError:
@@ -239,6 +243,181 @@ def room_message_post(
         return message_event(existing, room=room), False
     metrics.MESSAGES_IN.labels(sender["protocol"]).inc()
     return event, True
+
+
+@dataclass(frozen=True, slots=True)
+class Post:
+    """One message to store, as a protocol received it (validated when stored)."""
+
+    room: str
+    text: object
+    sender: events.Sender
+    origin: str
+    client_id: object = None
+
+
+# What storing a Post came to: the event and whether it was created (False: its client_id
+# was stored before), or why it was refused.
+PostResult = tuple[events.RoomMessage, bool] | GatewayError
+
+
+def room_messages_post(*, posts: Sequence[Post]) -> list[PostResult]:
+    """Store messages that arrived together (any rooms, any senders) in one transaction,
+    then broadcast them once committed, in order: group commit. Each gets its result, in
+    the order given; one refused (invalid, blocked, a closed room...) costs the others
+    nothing.
+
+    Per room, one ``UPDATE ... RETURNING`` takes as many cursors as the room has messages in
+    the batch (ids stay gap-free and in commit order); the rows are inserted in bulk; a
+    repeated ``client_id`` (stored before, or twice in the batch) is stored once. A lone
+    message takes the single path (``room_message_post``), costing what it always did.
+    """
+    results: list[PostResult | None] = [None] * len(posts)
+    valid: list[tuple[int, Post]] = []
+    for index, post in enumerate(posts):
+        try:
+            valid.append((index, _post_checked(post)))
+        except GatewayError as exc:
+            results[index] = exc
+    if len(valid) == 1:
+        index, post = valid[0]
+        try:
+            results[index] = _message_post_one(post)
+        except GatewayError as exc:
+            results[index] = exc
+    elif valid:
+        try:
+            with transaction.atomic():
+                _messages_store(valid, results)
+        except IntegrityError:
+            # A client_id another process stored meanwhile: one at a time, each answered.
+            for index, post in valid:
+                try:
+                    results[index] = _message_post_one(post)
+                except GatewayError as exc:
+                    results[index] = exc
+        else:
+            for index, _ in valid:
+                result = results[index]
+                if isinstance(result, tuple) and result[1]:
+                    metrics.MESSAGES_IN.labels(result[0]["sender"]["protocol"]).inc()
+    return [result if result is not None else GatewayError("unavailable", "not stored")
+            for result in results]
+
+
+def _post_checked(post: Post) -> Post:
+    """The post with its fields validated and its sender as the room shows it."""
+    sender = post.sender
+    name = display_name_for(sender_id=sender["id"], protocol=sender["protocol"],
+                            name=sender["name"])
+    if name != sender["name"]:
+        sender = events.sender(protocol=sender["protocol"], id=sender["id"], name=name)
+    return Post(room=room_name_validate(post.room), text=message_text_validate(post.text),
+                sender=sender, origin=post.origin, client_id=client_id_validate(post.client_id))
+
+
+def _messages_store(valid: list[tuple[int, Post]], results: list[PostResult | None]) -> None:
+    """The batch path of ``room_messages_post``, inside its transaction."""
+    now = datetime.fromtimestamp(time.time(), tz=UTC)
+    known = _messages_by_client_ids([post for _, post in valid])
+    blocked = _senders_blocked([post.sender for _, post in valid])
+    by_room: dict[str, list[tuple[int, Post]]] = {}
+    first_of: dict[tuple[str, str, object], int] = {}  # a client_id's first post in the batch
+    repeats: list[tuple[int, int]] = []  # (a post, the first one with its client_id)
+    for index, post in valid:
+        key = (post.room, post.sender["id"], post.client_id)
+        if post.client_id is not None and key in known:
+            results[index] = (message_event(known[key], room=post.room), False)
+        elif (post.sender["protocol"], post.sender["id"], post.sender["name"]) in blocked:
+            results[index] = GatewayError("blocked",
+                                          "staff blocked this sender; the message was dropped")
+        elif post.client_id is not None and key in first_of:
+            repeats.append((index, first_of[key]))
+        else:
+            if post.client_id is not None:
+                first_of[key] = index
+            by_room.setdefault(post.room, []).append((index, post))
+    rows: list[Message] = []
+    for room, items in by_room.items():
+        taken = _room_cursors_take(room, items, now, results)
+        if taken is None:
+            continue
+        room_pk, first_seq, admitted = taken
+        for offset, (index, post) in enumerate(admitted):
+            message = Message(
+                room_id=room_pk, seq=first_seq + offset, text=post.text,
+                sender_protocol=post.sender["protocol"], sender_id=post.sender["id"],
+                sender_name=post.sender["name"][:128], origin=post.origin,
+                client_id=post.client_id, created_at=now,
+            )
+            rows.append(message)
+            results[index] = (message_event(message, room=room), True)
+    for index, first in repeats:  # answered as the first one was, as a repeat
+        answer = results[first]
+        results[index] = (answer[0], False) if isinstance(answer, tuple) else answer
+    Message.objects.bulk_create(rows, batch_size=500)
+    room_events_broadcast_on_commit([result[0] for index, _ in valid
+                                     if isinstance(result := results[index], tuple)
+                                     and result[1]])
+
+
+def _room_cursors_take(
+    room: str, items: list[tuple[int, Post]], now: datetime, results: list[PostResult | None]
+) -> tuple[int, int, list[tuple[int, Post]]] | None:
+    """Take the room's next cursors for ``items``: ``(room pk, first cursor, the items
+    admitted)``; None when none is (each then has its error in ``results``). A room that
+    does not exist yet is created within the room policy, for each sender in turn, as one
+    message at a time would be; a closed room admits none."""
+    taken = _cursor_take(room, count=len(items), activity=now, where=" AND NOT closed")
+    if taken is None:
+        for position, (index, post) in enumerate(items):
+            try:
+                room_get_or_create(room=room, creator=post.sender["id"],
+                                   staff=post.sender["protocol"] == "system")
+            except GatewayError as exc:
+                results[index] = exc
+                continue
+            items = items[position:]
+            taken = _cursor_take(room, count=len(items), activity=now, where=" AND NOT closed")
+            break
+        else:
+            return None
+    if taken is None:
+        for index, _ in items:
+            results[index] = GatewayError("room_closed", f"room {room} is closed")
+        return None
+    room_pk, last = taken
+    return room_pk, last - len(items) + 1, items
+
+
+def _messages_by_client_ids(posts: list[Post]) -> dict[tuple[str, str, object], Message]:
+    """The stored messages of these posts' client_ids, by (room, sender id, client_id)."""
+    keyed = [post for post in posts if post.client_id is not None]
+    if not keyed:
+        return {}
+    rows = Message.objects.filter(
+        room__name__in={p.room for p in keyed}, sender_id__in={p.sender["id"] for p in keyed},
+        client_id__in={p.client_id for p in keyed},
+    ).annotate(room_name=F("room__name"))
+    return {(m.room_name, m.sender_id, m.client_id): m for m in rows}
+
+
+def _senders_blocked(senders: list[events.Sender]) -> set[tuple[str, str, str]]:
+    """Which of these senders staff blocked, as ``sender_blocked`` says, in two queries:
+    ``(protocol, id, name)`` of each."""
+    ids = {sender["id"] for sender in senders}
+    devices = set(Device.objects.filter(blocked=True, device_id__in=ids)
+                  .values_list("protocol", "device_id"))
+    blocks = SenderBlock.objects.filter(protocol__in={sender["protocol"] for sender in senders})
+    by_id, by_name = set(), set()
+    for protocol, kind, value in blocks.values_list("protocol", "kind", "value"):
+        if kind == SenderBlock.KIND_ID:
+            by_id.add((protocol, value))
+        else:
+            by_name.add((protocol, value.lower()))
+    return {(s["protocol"], s["id"], s["name"]) for s in senders
+            if (s["protocol"], s["id"]) in devices or (s["protocol"], s["id"]) in by_id
+            or (s["protocol"], s["name"].lower()) in by_name}
 
 
 def sender_blocked(sender: events.Sender) -> bool:
@@ -274,12 +453,14 @@ def _room_advance(room: str, now: datetime, sender: events.Sender) -> tuple[int,
 
 
 def _cursor_take(
-    room: str, *, activity: datetime | None = None, where: str = "", params: Sequence[str] = ()
+    room: str, *, count: int = 1, activity: datetime | None = None, where: str = "",
+    params: Sequence[str] = (),
 ) -> tuple[int, int] | None:
-    """Take the room's next log cursor: ``(room pk, cursor)``, or None if no row matched
-    (the room is new, or ``where`` excluded it). Also records ``activity`` when given."""
+    """Take the room's next ``count`` log cursors: ``(room pk, the last of them)``, or None if
+    no row matched (the room is new, or ``where`` excluded it). Also records ``activity``
+    when given."""
     table = connection.ops.quote_name(Room._meta.db_table)
-    sets, values = "last_seq = last_seq + 1", []
+    sets, values = "last_seq = last_seq + %s", [count]
     if activity is not None:
         sets += ", last_activity = %s"
         values.append(connection.ops.adapt_datetimefield_value(activity))
