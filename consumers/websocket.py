@@ -60,10 +60,11 @@ from consumers.base import RoomConsumer
 from gateway import events, metrics, services
 from gateway.errors import GatewayError
 from gateway.fanout import END_DISCONNECTED, END_SHUTDOWN, FRAME_WRITER_EXTENSION, Delivery
+from gateway.ingest import message_post
 from gateway.logging import LogSampler
 from gateway.names import ROOM_NAME_RULE, display_name_clean, room_name_is_valid
 from gateway.ratelimit import TokenBucket, flood_limit
-from gateway.services import room_message_post
+from gateway.services import Post
 
 logger = logging.getLogger(__name__)
 
@@ -227,10 +228,10 @@ class ChatConsumer(RoomConsumer):
         if "message" not in data:
             return await self.send_error("missing_message", "'message' is required", echo)
         try:
-            event, created = await database_sync_to_async(room_message_post)(
+            event, created = await message_post(Post(
                 room=self.room, text=data["message"], sender=self.sender,
                 origin=self.scope_id, client_id=client_id,
-            )
+            ))
         except GatewayError as exc:
             return await self.send_error(exc.code, exc.detail, echo)
         except DatabaseError:

@@ -15,6 +15,7 @@ from channels.layers import InMemoryChannelLayer, get_channel_layer
 
 from gateway.broadcast import Publisher, publisher_install
 from gateway.fanout import END_SHUTDOWN, RoomHub
+from gateway.ingest import committer_stop
 from gateway.presence import PresenceTracker
 
 logger = logging.getLogger(__name__)
@@ -80,9 +81,11 @@ async def _start() -> Runtime:
 
 
 async def stop_runtime() -> None:
-    """Stop the running loop's runtime, if it was started; the loop gets no new one."""
+    """Stop the running loop's runtime, if it was started (and its group commit, once the
+    scopes that post are closed); the loop gets no new one."""
     loop = asyncio.get_running_loop()
     _stopped.add(loop)
     task = _runtimes.pop(loop, None)
     if task is not None and task.done() and task.exception() is None:
         await task.result().stop()
+    await committer_stop()

@@ -196,13 +196,15 @@ async def test_a_database_outage_holds_the_message_unacknowledged_until_it_is_st
     outage.set()
     attempts: list[str] = []
 
-    def flaky_post(**kwargs):
-        attempts.append(kwargs["text"])
+    real_post = services.room_messages_post
+
+    def flaky_post(*, posts):
+        attempts.extend(post.text for post in posts)
         if outage.is_set():
             raise OperationalError("database is locked")
-        return services.room_message_post(**kwargs)
+        return real_post(posts=posts)
 
-    monkeypatch.setattr(consumers, "room_message_post", flaky_post)
+    monkeypatch.setattr(services, "room_messages_post", flaky_post)
     dev = await device("outage", "sensor-5")
     await dev.send_input(message(b"during", ack=1))
     await dev.send_input(message(b"behind", ack=2))
@@ -220,11 +222,11 @@ async def test_a_database_outage_holds_the_message_unacknowledged_until_it_is_st
 async def test_a_database_error_that_is_not_an_outage_is_refused_at_once(monkeypatch):
     calls = []
 
-    def broken_post(**kwargs):
-        calls.append(kwargs["text"])
+    def broken_post(*, posts):
+        calls.extend(post.text for post in posts)
         raise DataError("value too long for the column")
 
-    monkeypatch.setattr(consumers, "room_message_post", broken_post)
+    monkeypatch.setattr(services, "room_messages_post", broken_post)
     dev = await device("broken", "sensor-6")
     await dev.send_input(message(b'{"message": "x", "client_id": "c-2"}', ack=1))
     body = await refusal(dev, "broken", "sensor-6")

@@ -20,10 +20,11 @@ from django.db import DatabaseError, InterfaceError, OperationalError
 from consumers.base import RoomConsumer
 from gateway import events, metrics, services
 from gateway.errors import GatewayError
+from gateway.ingest import Busy, message_post
 from gateway.logging import LogSampler
 from gateway.names import display_name_clean
 from gateway.ratelimit import TokenBucket, flood_limit
-from gateway.services import room_message_post
+from gateway.services import Post
 from protocols.mqtt import wire as topics
 from protocols.mqtt.events import DeviceSend, MqttConnect, MqttDisconnect, MqttMessage
 
@@ -87,17 +88,18 @@ class MqttDeviceConsumer(RoomConsumer):
         await self.base_send({"type": "mqtt.handled", "ack": message["ack"], "stored": stored})
 
     async def _post(self, text: object, sender: events.Sender, client_id: object):
-        """Store the message, waiting out a database that cannot take it now (locked,
-        unreachable): unacknowledged meanwhile, and the device's next messages wait behind
-        it. A stop cancels the wait and leaves it to the broker to deliver again."""
+        """Store the message (with whatever else arrives meanwhile: gateway/ingest.py),
+        waiting out a database that cannot take it now (locked, unreachable, or too busy to
+        queue it): unacknowledged meanwhile, and the device's next messages wait behind it.
+        A stop cancels the wait and leaves it to the broker to deliver again."""
         delay, attempt = RETRY_FIRST, 0
         while True:
             try:
-                return await database_sync_to_async(room_message_post)(
+                return await message_post(Post(
                     room=self.room, text=text, sender=sender, origin=self.scope_id,
                     client_id=client_id,
-                )
-            except (OperationalError, InterfaceError) as exc:
+                ))
+            except (OperationalError, InterfaceError, Busy) as exc:
                 attempt += 1
                 wait = delay * (0.5 + random.random())  # noqa: S311 (spread, not secret)
                 if attempt & (attempt - 1) == 0:  # attempts 1, 2, 4, 8...: an outage logs little
