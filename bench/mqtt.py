@@ -1,12 +1,14 @@
 """MQTT benchmark: device -> browser and browser -> device through the gateway, beside the
 floor measured in the same run: device -> device through the same Mosquitto, no gateway.
 
-    python bench/mqtt.py [--rate 200] [--duration 5] [--burst 2000]
+    python bench/mqtt.py [--rate 200] [--duration 5] [--burst 2000] [--devices 100]
 
-For each path: p50/p99 latency at a fixed rate, and messages per second for a burst sent as
-fast as the sender can (every message counted: lost and duplicated are reported). All
-clients are aiomqtt/websockets in one process, so the floor carries the same client costs.
-Nothing here asserts; it prints figures.
+Paths: one device, and a fleet of ``--devices`` devices, into a room read by a browser; a
+browser to devices subscribed to the room's ``out``. For each path: p50/p99 latency at a
+fixed rate, and messages per second for a burst sent as fast as the sender can (every
+message counted: lost and duplicated are reported). All clients are aiomqtt/websockets in
+one process, so the floor carries the same client costs. Nothing here asserts; it prints
+figures.
 """
 
 from __future__ import annotations
@@ -130,6 +132,29 @@ async def mqtt_to_ws(port: int, http: int, room: str, count: int, rate: float | 
         return await measure(meter, [take], send, count, rate)
 
 
+async def fleet_to_ws(port: int, http: int, room: str, count: int, rate: float | None,
+                      devices: int) -> dict:
+    """``devices`` devices (one connection, a device id each in turn) into one room, read by
+    one browser: what group commit batches (each device's own messages stay in order)."""
+    meter = Meter()
+    async with room_socket(http, room) as ws, aiomqtt.Client("127.0.0.1", port) as pub:
+        async def take() -> None:
+            async for frame in ws:
+                data = json.loads(frame)
+                if data.get("type") == "message":
+                    meter.record(data["message"])
+
+        sent = 0
+
+        def send(body: str):
+            nonlocal sent
+            sent += 1
+            payload = json.dumps({"message": body}).encode()
+            return pub.publish(f"rooms/{room}/in/dev-{sent % devices}", payload, qos=1)
+
+        return await measure(meter, [take], send, count, rate)
+
+
 async def ws_to_mqtt(port: int, http: int, room: str, count: int, rate: float | None) -> dict:
     meter = Meter()
     async with room_socket(http, room) as ws, aiomqtt.Client("127.0.0.1", port) as sub:
@@ -188,6 +213,8 @@ async def run(args, mqtt_port: int, http: int) -> None:
         rows = {
             "floor (device -> device)": await floor(mqtt_port, count, rate),
             "device -> browser": await mqtt_to_ws(mqtt_port, http, f"m2w{count}", count, rate),
+            f"{args.devices} devices -> browser": await fleet_to_ws(
+                mqtt_port, http, f"f2w{count}", count, rate, args.devices),
             "browser -> device": await ws_to_mqtt(mqtt_port, http, f"w2m{count}", count, rate),
         }
         show(title, rows, "floor (device -> device)")
@@ -198,6 +225,8 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--burst", type=int, default=2000)
+    parser.add_argument("--devices", type=int, default=100,
+                        help="devices publishing into one room in the fleet rows")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
