@@ -12,8 +12,16 @@ from typing import cast
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.db import IntegrityError, connection, transaction
+from django.db import (
+    DatabaseError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    connection,
+    transaction,
+)
 from django.db.models import Exists, F, OuterRef, Q, QuerySet, Subquery
+from django.db.models.functions import Lower
 
 from gateway import events, metrics
 from gateway.broadcast import room_event_broadcast_on_commit, room_events_broadcast_on_commit
@@ -257,8 +265,8 @@ class Post:
 
 
 # What storing a Post came to: the event and whether it was created (False: its client_id
-# was stored before), or why it was refused.
-PostResult = tuple[events.RoomMessage, bool] | GatewayError
+# was stored before), or why not: a refusal (GatewayError) or a database error of its own.
+PostResult = tuple[events.RoomMessage, bool] | Exception
 
 
 def room_messages_post(*, posts: Sequence[Post]) -> list[PostResult]:
@@ -268,9 +276,15 @@ def room_messages_post(*, posts: Sequence[Post]) -> list[PostResult]:
     nothing.
 
     Per room, one ``UPDATE ... RETURNING`` takes as many cursors as the room has messages in
-    the batch (ids stay gap-free and in commit order); the rows are inserted in bulk; a
+    the batch (ids stay gap-free and in commit order; rooms are taken in name order, so two
+    processes' batches never wait on each other's rooms); the rows are inserted in bulk; a
     repeated ``client_id`` (stored before, or twice in the batch) is stored once. A lone
     message takes the single path (``room_message_post``), costing what it always did.
+
+    The database unreachable or locked (``OperationalError``, ``InterfaceError``) fails the
+    whole batch, raised: nothing of it was stored. Any other database error (a unique-key
+    race with another process on a client_id, a value one row cannot hold) stores the batch
+    again one message at a time, each with its own result.
     """
     results: list[PostResult | None] = [None] * len(posts)
     valid: list[tuple[int, Post]] = []
@@ -289,13 +303,11 @@ def room_messages_post(*, posts: Sequence[Post]) -> list[PostResult]:
         try:
             with transaction.atomic():
                 _messages_store(valid, results)
-        except IntegrityError:
-            # A client_id another process stored meanwhile: one at a time, each answered.
+        except (OperationalError, InterfaceError):
+            raise
+        except DatabaseError:
             for index, post in valid:
-                try:
-                    results[index] = _message_post_one(post)
-                except GatewayError as exc:
-                    results[index] = exc
+                results[index] = _message_post_alone(post)
         else:
             for index, _ in valid:
                 result = results[index]
@@ -303,6 +315,14 @@ def room_messages_post(*, posts: Sequence[Post]) -> list[PostResult]:
                     metrics.MESSAGES_IN.labels(result[0]["sender"]["protocol"]).inc()
     return [result if result is not None else GatewayError("unavailable", "not stored")
             for result in results]
+
+
+def _message_post_alone(post: Post) -> PostResult:
+    """One message of a batch stored by itself: its result, whatever it is."""
+    try:
+        return _message_post_one(post)
+    except (GatewayError, DatabaseError) as exc:
+        return exc
 
 
 def _post_checked(post: Post) -> Post:
@@ -338,7 +358,8 @@ def _messages_store(valid: list[tuple[int, Post]], results: list[PostResult | No
                 first_of[key] = index
             by_room.setdefault(post.room, []).append((index, post))
     rows: list[Message] = []
-    for room, items in by_room.items():
+    for room in sorted(by_room):  # one lock order for every process: no deadlock
+        items = by_room[room]
         taken = _room_cursors_take(room, items, now, results)
         if taken is None:
             continue
@@ -352,13 +373,23 @@ def _messages_store(valid: list[tuple[int, Post]], results: list[PostResult | No
             )
             rows.append(message)
             results[index] = (message_event(message, room=room), True)
-    for index, first in repeats:  # answered as the first one was, as a repeat
+    alone = []  # repeats whose first was refused: stored as if they came after the batch
+    for index, first in repeats:
         answer = results[first]
-        results[index] = (answer[0], False) if isinstance(answer, tuple) else answer
+        if isinstance(answer, tuple):
+            results[index] = (answer[0], False)  # the first one's message
+        else:
+            alone.append(index)
     Message.objects.bulk_create(rows, batch_size=500)
     room_events_broadcast_on_commit([result[0] for index, _ in valid
                                      if isinstance(result := results[index], tuple)
                                      and result[1]])
+    posts = dict(valid)
+    for index in alone:
+        try:
+            results[index] = _message_post_one(posts[index])
+        except GatewayError as exc:
+            results[index] = exc
 
 
 def _room_cursors_take(
@@ -403,21 +434,30 @@ def _messages_by_client_ids(posts: list[Post]) -> dict[tuple[str, str, object], 
 
 
 def _senders_blocked(senders: list[events.Sender]) -> set[tuple[str, str, str]]:
-    """Which of these senders staff blocked, as ``sender_blocked`` says, in two queries:
+    """Which of these senders staff blocked, as ``sender_blocked`` says (names compared by
+    the database's ``LOWER``, as the single path does), in three small queries:
     ``(protocol, id, name)`` of each."""
     ids = {sender["id"] for sender in senders}
     devices = set(Device.objects.filter(blocked=True, device_id__in=ids)
                   .values_list("protocol", "device_id"))
-    blocks = SenderBlock.objects.filter(protocol__in={sender["protocol"] for sender in senders})
+    names = sorted({sender["name"] for sender in senders})
+    with connection.cursor() as cursor:  # the database's own LOWER of each name
+        cursor.execute("SELECT " + ", ".join(["LOWER(%s)"] * len(names)), names)
+        lowered = dict(zip(names, cursor.fetchone(), strict=True))
+    blocks = (SenderBlock.objects.filter(protocol__in={s["protocol"] for s in senders})
+              .annotate(lowered=Lower("value"))
+              .filter(Q(kind=SenderBlock.KIND_ID, value__in=ids)
+                      | Q(kind=SenderBlock.KIND_NAME, lowered__in=set(lowered.values())))
+              .values_list("protocol", "kind", "value", "lowered"))
     by_id, by_name = set(), set()
-    for protocol, kind, value in blocks.values_list("protocol", "kind", "value"):
+    for protocol, kind, value, low in blocks:
         if kind == SenderBlock.KIND_ID:
             by_id.add((protocol, value))
         else:
-            by_name.add((protocol, value.lower()))
+            by_name.add((protocol, low))
     return {(s["protocol"], s["id"], s["name"]) for s in senders
             if (s["protocol"], s["id"]) in devices or (s["protocol"], s["id"]) in by_id
-            or (s["protocol"], s["name"].lower()) in by_name}
+            or (s["protocol"], lowered[s["name"]]) in by_name}
 
 
 def sender_blocked(sender: events.Sender) -> bool:

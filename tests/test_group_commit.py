@@ -178,3 +178,88 @@ async def test_a_database_error_reaches_every_sender_of_its_batch(monkeypatch):
     results = await asyncio.gather(
         *(ingest.message_post(post("down", f"m{i}")) for i in range(3)), return_exceptions=True)
     assert all(isinstance(r, OperationalError) for r in results)
+
+
+def test_a_repeat_whose_first_post_was_refused_is_stored_as_one_at_a_time_would(settings):
+    settings.GATEWAY = {**settings.GATEWAY, "ROOMS_STAFF_ONLY": True}
+    results = services.room_messages_post(posts=[
+        post("new", "is anyone here?", client_id="k"), post("new", "opening it", sender=STAFF),
+        post("new", "is anyone here?", client_id="k"),  # resent, once the room is there
+    ])
+    assert [outcome(r) for r in results] == ["room_not_found", (1, True), (2, True)]
+
+
+def test_a_row_the_database_refuses_costs_only_its_own_message(monkeypatch):
+    from django.db import DataError
+
+    real_insert = services._message_insert
+
+    def picky(room, text, *args):
+        if text == "too much":
+            raise DataError("value too long for type character varying")
+        return real_insert(room, text, *args)
+
+    def bulk_refused(rows, **kwargs):
+        raise DataError("value too long for type character varying")
+
+    monkeypatch.setattr(services, "_message_insert", picky)
+    monkeypatch.setattr(Message.objects, "bulk_create", bulk_refused)
+    results = services.room_messages_post(posts=[
+        post("data", "one"), post("data", "too much"), post("data", "two")])
+    assert outcome(results[0]) == (1, True) and outcome(results[2]) == (2, True)
+    assert isinstance(results[1], DataError)
+    assert stored("data") == [(1, "one"), (2, "two")]
+
+
+def test_rooms_are_taken_in_name_order_so_two_batches_never_wait_on_each_other(monkeypatch):
+    taken = []
+    real_take = services._cursor_take
+
+    def recording(room, **kwargs):
+        taken.append(room)
+        return real_take(room, **kwargs)
+
+    monkeypatch.setattr(services, "_cursor_take", recording)
+    services.room_messages_post(posts=[post("b", "1"), post("a", "2"), post("c", "3"),
+                                       post("a", "4")])
+    assert list(dict.fromkeys(taken)) == ["a", "b", "c"]  # each new: taken, created, taken
+    assert stored("a") == [(1, "2"), (2, "4")]  # in the batch's order within the room
+
+
+def test_a_name_block_matches_the_same_way_alone_and_in_a_batch():
+    SenderBlock.objects.create(protocol="web", kind=SenderBlock.KIND_NAME, value="ÉVE")
+    SenderBlock.objects.create(protocol="web", kind=SenderBlock.KIND_NAME, value="Mallory")
+    names = ["éve", "ÉVE", "MALLORY", "mallory", "eve"]
+    senders = [events.sender(protocol="web", id=f"anon:{i}", name=n) for i, n in enumerate(names)]
+    alone = [outcome(services.room_messages_post(posts=[post(f"alone{i}", "x", sender=s)])[0])
+             for i, s in enumerate(senders)]
+    batch = [outcome(r) for r in services.room_messages_post(
+        posts=[post("together", "x", sender=s) for s in senders])]
+    assert [r == "blocked" for r in alone] == [r == "blocked" for r in batch]
+    assert batch[1:4] == ["blocked", "blocked", "blocked"] and batch[4] != "blocked"
+
+
+async def test_a_stop_waits_for_the_batch_being_stored_and_refuses_what_was_queued(monkeypatch):
+    monkeypatch.setattr(ingest, "STOP_WAIT", 0.2)
+    hold = held(monkeypatch)
+    first = asyncio.create_task(ingest.message_post(post("halt", "being stored")))
+    await asyncio.sleep(0.1)
+    queued = asyncio.create_task(ingest.message_post(post("halt", "queued")))
+    await asyncio.sleep(0.05)
+    threading.Timer(0.3, hold.set).start()  # the database finishes after the first wait
+    await ingest.committer_stop()
+    assert (await first)[0]["id"] == 1  # its sender learns it was stored
+    with pytest.raises(ingest.Busy):
+        await queued
+    with pytest.raises(ingest.Busy):  # and nothing more is taken on this loop
+        await ingest.message_post(post("halt", "late"))
+    assert await database_sync_to_async(stored)("halt") == [(1, "being stored")]
+
+
+async def test_a_committer_whose_task_failed_is_replaced_and_its_senders_told(monkeypatch):
+    monkeypatch.setattr(services, "room_messages_post", lambda *, posts: [])  # a bug
+    with pytest.raises(RuntimeError):
+        await ingest.message_post(post("bug", "lost?"))
+    monkeypatch.undo()
+    event, created = await ingest.message_post(post("bug", "after the fix"))
+    assert created and event["id"] == 1
