@@ -227,9 +227,11 @@ class ChatConsumer(RoomConsumer):
     async def _post(self, data: dict, client_id: object, echo: str | None) -> None:
         if "message" not in data:
             return await self.send_error("missing_message", "'message' is required", echo)
+        if (room := self.room) is None:
+            return  # left the room meanwhile
         try:
             event, created = await message_post(Post(
-                room=self.room, text=data["message"], sender=self.sender,
+                room=room, text=data["message"], sender=self.sender,
                 origin=self.scope_id, client_id=client_id,
             ))
         except GatewayError as exc:

@@ -85,7 +85,7 @@ async def stop_runtime() -> None:
     scopes that post are closed); the loop gets no new one."""
     loop = asyncio.get_running_loop()
     _stopped.add(loop)
+    await committer_stop()  # first, so what it stores is still published by the runtime
     task = _runtimes.pop(loop, None)
     if task is not None and task.done() and task.exception() is None:
         await task.result().stop()
-    await committer_stop()

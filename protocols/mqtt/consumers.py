@@ -93,10 +93,11 @@ class MqttDeviceConsumer(RoomConsumer):
         queue it): unacknowledged meanwhile, and the device's next messages wait behind it.
         A stop cancels the wait and leaves it to the broker to deliver again."""
         delay, attempt = RETRY_FIRST, 0
+        room = self.scope["room"]
         while True:
             try:
                 return await message_post(Post(
-                    room=self.room, text=text, sender=sender, origin=self.scope_id,
+                    room=room, text=text, sender=sender, origin=self.scope_id,
                     client_id=client_id,
                 ))
             except (OperationalError, InterfaceError, Busy) as exc:
