@@ -116,26 +116,11 @@ def room_socket(http: int, room: str):
                               origin=f"http://127.0.0.1:{http}")
 
 
-async def mqtt_to_ws(port: int, http: int, room: str, count: int, rate: float | None) -> dict:
-    meter = Meter()
-    async with room_socket(http, room) as ws, aiomqtt.Client("127.0.0.1", port) as pub:
-        async def take() -> None:
-            async for frame in ws:
-                data = json.loads(frame)
-                if data.get("type") == "message":
-                    meter.record(data["message"])
-
-        def send(body: str):
-            payload = json.dumps({"message": body}).encode()
-            return pub.publish(f"rooms/{room}/in/bench-device", payload, qos=1)
-
-        return await measure(meter, [take], send, count, rate)
-
-
-async def fleet_to_ws(port: int, http: int, room: str, count: int, rate: float | None,
-                      devices: int) -> dict:
-    """``devices`` devices (one connection, a device id each in turn) into one room, read by
-    one browser: what group commit batches (each device's own messages stay in order)."""
+async def mqtt_to_ws(port: int, http: int, room: str, count: int, rate: float | None,
+                     devices: int = 1) -> dict:
+    """Devices (one connection, a device id each in turn) into one room, read by one
+    browser; with several, what group commit batches (each device's own messages stay in
+    order)."""
     meter = Meter()
     async with room_socket(http, room) as ws, aiomqtt.Client("127.0.0.1", port) as pub:
         async def take() -> None:
@@ -213,7 +198,7 @@ async def run(args, mqtt_port: int, http: int) -> None:
         rows = {
             "floor (device -> device)": await floor(mqtt_port, count, rate),
             "device -> browser": await mqtt_to_ws(mqtt_port, http, f"m2w{count}", count, rate),
-            f"{args.devices} devices -> browser": await fleet_to_ws(
+            f"{args.devices} devices -> browser": await mqtt_to_ws(
                 mqtt_port, http, f"f2w{count}", count, rate, args.devices),
             "browser -> device": await ws_to_mqtt(mqtt_port, http, f"w2m{count}", count, rate),
         }
