@@ -96,9 +96,9 @@ def room_events(monkeypatch) -> list[dict]:
     captured: list[dict] = []
     publish = broadcast._publish
 
-    def capture(event) -> None:
-        captured.append(dict(event))
-        publish(event)
+    def capture(events) -> None:
+        captured.extend(dict(event) for event in events)
+        publish(events)
 
     monkeypatch.setattr(broadcast, "_publish", capture)
     return captured
