@@ -21,7 +21,6 @@ from django.db import (
     transaction,
 )
 from django.db.models import Exists, F, OuterRef, Q, QuerySet, Subquery
-from django.db.models.functions import Lower
 
 from gateway import events, metrics
 from gateway.broadcast import room_event_broadcast_on_commit, room_events_broadcast_on_commit
@@ -357,22 +356,29 @@ def _messages_store(valid: list[tuple[int, Post]], results: list[PostResult | No
             if post.client_id is not None:
                 first_of[key] = index
             by_room.setdefault(post.room, []).append((index, post))
-    rows: list[Message] = []
+    taken = _rooms_cursors_take({room: len(items) for room, items in by_room.items()}, now)
+    rows: list[tuple] = []
+    ts, stamp = now.timestamp(), connection.ops.adapt_datetimefield_value(now)
     for room in sorted(by_room):  # one lock order for every process: no deadlock
         items = by_room[room]
-        taken = _room_cursors_take(room, items, now, results)
-        if taken is None:
-            continue
-        room_pk, first_seq, admitted = taken
-        for offset, (index, post) in enumerate(admitted):
-            message = Message(
-                room_id=room_pk, seq=first_seq + offset, text=post.text,
-                sender_protocol=post.sender["protocol"], sender_id=post.sender["id"],
-                sender_name=post.sender["name"][:128], origin=post.origin,
-                client_id=post.client_id, created_at=now,
-            )
-            rows.append(message)
-            results[index] = (message_event(message, room=room), True)
+        if room in taken:
+            room_pk, last = taken[room]
+            first_seq = last - len(items) + 1
+        else:  # new or closed: as one at a time would
+            found = _room_cursors_take(room, items, now, results)
+            if found is None:
+                continue
+            room_pk, first_seq, items = found
+        for offset, (index, post) in enumerate(items):
+            sender, seq = post.sender, first_seq + offset
+            name, text, client_id = sender["name"][:128], cast(str, post.text), post.client_id
+            rows.append((room_pk, seq, text, sender["protocol"], sender["id"], name,
+                         post.origin, client_id, stamp))
+            results[index] = (events.room_message(
+                id=seq, room=room, text=text, ts=ts, origin=post.origin,
+                sender=events.sender(protocol=sender["protocol"], id=sender["id"], name=name),
+                client_id=cast(str | None, client_id),
+            ), True)
     alone = []  # repeats whose first was refused: stored as if they came after the batch
     for index, first in repeats:
         answer = results[first]
@@ -380,7 +386,7 @@ def _messages_store(valid: list[tuple[int, Post]], results: list[PostResult | No
             results[index] = (answer[0], False)  # the first one's message
         else:
             alone.append(index)
-    Message.objects.bulk_create(rows, batch_size=500)
+    _messages_insert(rows)
     room_events_broadcast_on_commit([result[0] for index, _ in valid
                                      if isinstance(result := results[index], tuple)
                                      and result[1]])
@@ -390,6 +396,75 @@ def _messages_store(valid: list[tuple[int, Post]], results: list[PostResult | No
             results[index] = _message_post_one(posts[index])
         except GatewayError as exc:
             results[index] = exc
+
+
+# The columns a new message is inserted with, in the order of ``_messages_insert``'s rows
+# (tests/test_group_commit.py checks they are every column but the key and the tombstone).
+MESSAGE_INSERT_COLUMNS = ("room_id", "seq", "text", "sender_protocol", "sender_id",
+                          "sender_name", "origin", "client_id", "created_at")
+
+
+def _messages_insert(rows: list[tuple]) -> None:
+    """Insert new messages' rows (``MESSAGE_INSERT_COLUMNS``, values as the database takes
+    them) with one prepared statement: no model instances, no ids read back."""
+    if not rows:
+        return
+    quote = connection.ops.quote_name
+    columns = ", ".join(quote(column) for column in MESSAGE_INSERT_COLUMNS)
+    marks = ", ".join(["%s"] * len(MESSAGE_INSERT_COLUMNS))
+    with connection.cursor() as cursor:
+        cursor.executemany(
+            f"INSERT INTO {quote(Message._meta.db_table)} ({columns}) VALUES ({marks})",  # noqa: S608
+            rows,
+        )
+
+
+def _rooms_cursors_take(counts: dict[str, int], now: datetime) -> dict[str, tuple[int, int]]:
+    """Take ``counts[room]`` cursors of each of these rooms that exists and is open, in one
+    statement: ``{room: (room pk, the last cursor taken)}``; a room missing from it is new or
+    closed (the caller handles it as one message would be). Records ``now`` as activity.
+
+    On PostgreSQL the rows are locked in name order first, so two processes' batches never
+    wait on each other in a cycle. A missing room that sorts before one taken would be
+    created or locked out of that order: then nothing is taken (back to a savepoint, which
+    releases the locks) and the caller takes each room in name order, one by one.
+    """
+    if len(counts) <= 1:
+        if not counts:
+            return {}
+        ((room, count),) = counts.items()
+        one = _cursor_take(room, count=count, activity=now, where=" AND NOT closed")
+        return {} if one is None else {room: one}
+    quote = connection.ops.quote_name
+    table = quote(Room._meta.db_table)
+    names = sorted(counts)
+    marks = ", ".join(["%s"] * len(names))
+    case = " ".join(["WHEN %s THEN %s"] * len(names))
+    case_params = [value for name in names for value in (name, counts[name])]
+    stamp = connection.ops.adapt_datetimefield_value(now)
+    if connection.vendor == "postgresql":
+        sql = (f"WITH locked AS (SELECT id FROM {table} WHERE name IN ({marks}) AND NOT closed"  # noqa: S608
+               f" ORDER BY name FOR UPDATE) UPDATE {table} SET last_seq = last_seq + CASE name"
+               f" {case} END, last_activity = %s FROM locked WHERE {table}.id = locked.id"
+               f" RETURNING {table}.name, {table}.id, {table}.last_seq")
+        params = [*names, *case_params, stamp]
+        savepoint = transaction.savepoint()
+    else:  # SQLite: one writer at a time, no order to keep
+        sql = (f"UPDATE {table} SET last_seq = last_seq + CASE name {case} END,"  # noqa: S608
+               f" last_activity = %s WHERE name IN ({marks}) AND NOT closed"
+               " RETURNING name, id, last_seq")
+        params = [*case_params, stamp, *names]
+        savepoint = None
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        taken = {name: (pk, last) for name, pk, last in cursor.fetchall()}
+    if savepoint is not None:
+        missing = counts.keys() - taken.keys()
+        if missing and taken and min(missing) < max(taken):
+            transaction.savepoint_rollback(savepoint)
+            return {}
+        transaction.savepoint_commit(savepoint)
+    return taken
 
 
 def _room_cursors_take(
@@ -434,30 +509,27 @@ def _messages_by_client_ids(posts: list[Post]) -> dict[tuple[str, str, object], 
 
 
 def _senders_blocked(senders: list[events.Sender]) -> set[tuple[str, str, str]]:
-    """Which of these senders staff blocked, as ``sender_blocked`` says (names compared by
-    the database's ``LOWER``, as the single path does), in three small queries:
-    ``(protocol, id, name)`` of each."""
-    ids = {sender["id"] for sender in senders}
-    devices = set(Device.objects.filter(blocked=True, device_id__in=ids)
-                  .values_list("protocol", "device_id"))
-    names = sorted({sender["name"] for sender in senders})
-    with connection.cursor() as cursor:  # the database's own LOWER of each name
-        cursor.execute("SELECT " + ", ".join(["LOWER(%s)"] * len(names)), names)
-        lowered = dict(zip(names, cursor.fetchone(), strict=True))
-    blocks = (SenderBlock.objects.filter(protocol__in={s["protocol"] for s in senders})
-              .annotate(lowered=Lower("value"))
-              .filter(Q(kind=SenderBlock.KIND_ID, value__in=ids)
-                      | Q(kind=SenderBlock.KIND_NAME, lowered__in=set(lowered.values())))
-              .values_list("protocol", "kind", "value", "lowered"))
-    by_id, by_name = set(), set()
-    for protocol, kind, value, low in blocks:
-        if kind == SenderBlock.KIND_ID:
-            by_id.add((protocol, value))
-        else:
-            by_name.add((protocol, low))
-    return {(s["protocol"], s["id"], s["name"]) for s in senders
-            if (s["protocol"], s["id"]) in devices or (s["protocol"], s["id"]) in by_id
-            or (s["protocol"], lowered[s["name"]]) in by_name}
+    """Which of these senders staff blocked, as ``sender_blocked`` says (the same conditions
+    as the single path's ``_unblocked_condition``, names compared by the database's
+    ``LOWER``), in one statement: ``(protocol, id, name)`` of each."""
+    unique = sorted({(s["protocol"], s["id"], s["name"]) for s in senders})
+    if not unique:
+        return set()
+    quote = connection.ops.quote_name
+    devices, blocks = quote(Device._meta.db_table), quote(SenderBlock._meta.db_table)
+    values = ", ".join(["(%s, %s, %s, %s)"] * len(unique))
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"WITH s (n, protocol, sender_id, name) AS (VALUES {values}) SELECT s.n FROM s"  # noqa: S608
+            f" WHERE EXISTS (SELECT 1 FROM {devices} d WHERE d.device_id = s.sender_id"
+            " AND d.protocol = s.protocol AND d.blocked)"
+            f" OR EXISTS (SELECT 1 FROM {blocks} b WHERE b.protocol = s.protocol AND"
+            " ((b.kind = %s AND b.value = s.sender_id)"
+            " OR (b.kind = %s AND LOWER(b.value) = LOWER(s.name))))",
+            [*(value for n, sender in enumerate(unique) for value in (n, *sender)),
+             SenderBlock.KIND_ID, SenderBlock.KIND_NAME],
+        )
+        return {unique[n] for (n,) in cursor.fetchall()}
 
 
 def sender_blocked(sender: events.Sender) -> bool:

@@ -199,11 +199,11 @@ def test_a_row_the_database_refuses_costs_only_its_own_message(monkeypatch):
             raise DataError("value too long for type character varying")
         return real_insert(room, text, *args)
 
-    def bulk_refused(rows, **kwargs):
+    def bulk_refused(rows):
         raise DataError("value too long for type character varying")
 
     monkeypatch.setattr(services, "_message_insert", picky)
-    monkeypatch.setattr(Message.objects, "bulk_create", bulk_refused)
+    monkeypatch.setattr(services, "_messages_insert", bulk_refused)
     results = services.room_messages_post(posts=[
         post("data", "one"), post("data", "too much"), post("data", "two")])
     assert outcome(results[0]) == (1, True) and outcome(results[2]) == (2, True)
@@ -224,6 +224,41 @@ def test_rooms_are_taken_in_name_order_so_two_batches_never_wait_on_each_other(m
                                        post("a", "4")])
     assert list(dict.fromkeys(taken)) == ["a", "b", "c"]  # each new: taken, created, taken
     assert stored("a") == [(1, "2"), (2, "4")]  # in the batch's order within the room
+
+
+def test_the_batch_insert_writes_every_column_of_a_new_message():
+    columns = {f.column for f in Message._meta.concrete_fields if not f.primary_key}
+    assert set(services.MESSAGE_INSERT_COLUMNS) == columns - {"deleted_at"}  # new: no tombstone
+
+
+def test_existing_rooms_take_their_cursors_in_one_statement_and_closed_ones_refuse():
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    for room in ("m1", "m2", "m3", "shut"):
+        services.room_messages_post(posts=[post(room, "first")])
+    services.room_close(room="shut")
+    with CaptureQueriesContext(connection) as queries:
+        results = services.room_messages_post(posts=[
+            post("m3", "a"), post("m1", "b"), post("shut", "c"), post("m2", "d"),
+            post("m1", "e")])
+    assert [outcome(r) for r in results] == [(2, True), (2, True), "room_closed", (2, True),
+                                             (3, True)]
+    updates = [q["sql"] for q in queries.captured_queries
+               if q["sql"].lstrip().upper().startswith(("UPDATE", "WITH LOCKED"))]
+    # One for the open rooms; the closed one is looked at again by itself (refused: rare).
+    assert len(updates) <= 3 and "m1" in updates[0] and "m3" in updates[0]
+    assert stored("m1") == [(1, "first"), (2, "b"), (3, "e")]
+
+
+def test_a_new_room_that_sorts_before_existing_ones_is_created_in_the_same_batch():
+    services.room_messages_post(posts=[post("zeta", "there already")])
+    results = services.room_messages_post(posts=[
+        post("zeta", "one"), post("alpha", "new room"), post("zeta", "two"),
+        post("omega", "another new one")])
+    assert [outcome(r) for r in results] == [(2, True), (1, True), (3, True), (1, True)]
+    assert stored("alpha") == [(1, "new room")] and stored("omega") == [(1, "another new one")]
+    assert stored("zeta") == [(1, "there already"), (2, "one"), (3, "two")]
 
 
 def test_a_name_block_matches_the_same_way_alone_and_in_a_batch():
