@@ -67,9 +67,12 @@ class Redis:
         self.proc.wait(10)
 
 
-def start_system(name: str, redis: Redis, workdir: Path) -> tuple[subprocess.Popen, int, str]:
+def start_system(name: str, redis: Redis, workdir: Path, env_extra: dict[str, str] | None = None
+                 ) -> tuple[subprocess.Popen, int, str]:
+    """Start a system on a free port: its process, port and room URL pattern. ``env_extra``
+    (a gateway's DATABASE_URL, say) is added to its environment."""
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "REDIS_URL": redis.url}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "REDIS_URL": redis.url, **(env_extra or {})}
     if name == "floor":
         cmd = [sys.executable, str(BENCH / "floor_server.py"), str(port)]
     elif name == "tutorial":

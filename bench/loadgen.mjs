@@ -2,7 +2,14 @@
 // rate. Every client counts what it receives; prints one JSON summary on stdout.
 //
 //   node loadgen.mjs --url ws://127.0.0.1:8000/ws/chat/{room}/ --rooms 2 --clients 50 \
-//        --rate 10 --duration 10 [--origin http://127.0.0.1:8000] [--connect-rate 500]
+//        --rate 10 --duration 10 [--origin http://127.0.0.1:8000] [--connect-rate 500] \
+//        [--storm] [--idle 10] [--drain 3]
+//
+// Connects go one after another, or with --storm on a fixed schedule (connect k starts at
+// k / connect-rate, without waiting for the ones before: a connect storm). With --phases,
+// a JSON line on stderr marks each phase as it ends ("connected" after the connects and a
+// second of settling, "idle" after --idle seconds of holding the sockets quiet, "sent"),
+// so the caller can read the server's CPU and memory at each.
 //
 // Message text is JSON {r: room, s: seq, t: send time in ms}, so any server that relays a
 // {"message": ...} object (the Channels tutorial, the floor, the gateway) can be measured.
@@ -21,6 +28,10 @@ const duration = parseFloat(args.duration ?? "10");
 const drain = parseFloat(args.drain ?? "3");
 const connectRate = parseFloat(args["connect-rate"] ?? "1000");
 const origin = args.origin;
+const storm = "storm" in args;
+const idle = parseFloat(args.idle ?? "0");
+const phases = "phases" in args;
+const phase = (name) => { if (phases) process.stderr.write(JSON.stringify({ phase: name }) + "\n"); };
 const now = () => performance.timeOrigin + performance.now();
 
 function connect(url) {
@@ -33,38 +44,61 @@ function connect(url) {
 
 let measureFrom = Infinity; // latencies count only for messages sent in the run
 const clients = []; // {room, ws, stats}
+const connectTimes = []; // ms from a connect's start to its open
 let connectFailures = 0;
 const connectStart = now();
-for (let r = 0; r < rooms; r++) {
-  for (let c = 0; c < perRoom; c++) {
-    const room = `bench${r}`;
-    const url = args.url.replace("{room}", room) + (args.url.includes("?") ? "&" : "?") + `uid=bench-${r}-${c}-client`;
-    const stats = { received: 0, unique: new Set(), dups: 0, reordered: 0, last: 0, latencies: [] };
-    try {
-      const ws = await connect(url);
-      ws.on("message", (data) => {
-        const t = now();
-        let frame;
-        try { frame = JSON.parse(data); } catch { return; }
-        if (typeof frame.message !== "string" || frame.message[0] !== "{") return;
-        const m = JSON.parse(frame.message);
-        stats.received++;
-        if (stats.unique.has(m.s)) { stats.dups++; return; }
-        stats.unique.add(m.s);
-        if (m.s < stats.last) stats.reordered++;
-        stats.last = Math.max(stats.last, m.s);
-        if (m.t >= measureFrom) stats.latencies.push(t - m.t);
-      });
-      ws.on("error", () => {});
-      clients.push({ room, ws, stats });
-    } catch (err) {
-      connectFailures++;
-    }
-    if (connectRate > 0) await new Promise((res) => setTimeout(res, 1000 / connectRate));
+
+async function open(r, c) {
+  const room = `bench${r}`;
+  const url = args.url.replace("{room}", room) + (args.url.includes("?") ? "&" : "?") + `uid=bench-${r}-${c}-client`;
+  const stats = { received: 0, unique: new Set(), dups: 0, reordered: 0, last: 0, latencies: [] };
+  const started = now();
+  try {
+    const ws = await connect(url);
+    connectTimes.push(now() - started);
+    ws.on("message", (data) => {
+      const t = now();
+      let frame;
+      try { frame = JSON.parse(data); } catch { return; }
+      if (typeof frame.message !== "string" || frame.message[0] !== "{") return;
+      const m = JSON.parse(frame.message);
+      stats.received++;
+      if (stats.unique.has(m.s)) { stats.dups++; return; }
+      stats.unique.add(m.s);
+      if (m.s < stats.last) stats.reordered++;
+      stats.last = Math.max(stats.last, m.s);
+      if (m.t >= measureFrom) stats.latencies.push(t - m.t);
+    });
+    ws.on("error", () => {});
+    clients.push({ room, ws, stats });
+  } catch (err) {
+    connectFailures++;
   }
 }
+
+const pending = [];
+let k = 0;
+for (let r = 0; r < rooms; r++) {
+  for (let c = 0; c < perRoom; c++) {
+    if (storm) {
+      const due = connectStart + (k++ * 1000) / connectRate;
+      const wait = due - now();
+      if (wait > 1) await new Promise((res) => setTimeout(res, wait));
+      pending.push(open(r, c));
+    } else {
+      await open(r, c);
+      if (connectRate > 0) await new Promise((res) => setTimeout(res, 1000 / connectRate));
+    }
+  }
+}
+await Promise.all(pending);
 const connectSeconds = (now() - connectStart) / 1000;
 await new Promise((res) => setTimeout(res, 1000)); // settle
+phase("connected");
+if (idle > 0) {
+  await new Promise((res) => setTimeout(res, idle * 1000));
+  phase("idle");
+}
 
 // One sender per room: the room's first client.
 const senders = [];
@@ -88,6 +122,7 @@ for (let r = 0; r < rooms; r++) {
 }
 senders.forEach((tick) => tick());
 await new Promise((res) => setTimeout(res, (duration + drain) * 1000));
+phase("sent");
 
 let expected = 0, received = 0, unique = 0, dups = 0, reordered = 0;
 const latencies = [];
@@ -102,12 +137,15 @@ for (const { room, ws, stats } of clients) {
   ws.terminate();
 }
 latencies.sort((a, b) => a - b);
-const pct = (p) => (latencies.length ? latencies[Math.min(latencies.length - 1, Math.floor(p * latencies.length))] : null);
+connectTimes.sort((a, b) => a - b);
+const pick = (xs, p) => (xs.length ? xs[Math.min(xs.length - 1, Math.floor(p * xs.length))] : null);
+const pct = (p) => pick(latencies, p);
 console.log(JSON.stringify({
   rooms, clients_per_room: perRoom, rate_per_room: rate, duration,
   connected: clients.length, connect_failures: connectFailures, connect_seconds: connectSeconds,
   sent: sent.reduce((a, b) => a + b, 0), expected, received, unique,
   lost: expected - unique, duplicates: dups, reordered,
   p50_ms: pct(0.5), p99_ms: pct(0.99), max_ms: latencies.length ? latencies[latencies.length - 1] : null,
+  connect_p50_ms: pick(connectTimes, 0.5), connect_p99_ms: pick(connectTimes, 0.99),
 }));
 process.exit(0);

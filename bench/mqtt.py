@@ -160,9 +160,11 @@ async def ws_to_mqtt(port: int, http: int, room: str, count: int, rate: float | 
         return await measure(meter, [take, drain_ws], send, count, rate, settle=2.5)
 
 
-def start_gateway(workdir: Path, redis_url: str, mqtt_url: str) -> tuple[subprocess.Popen, int]:
+def start_gateway(workdir: Path, redis_url: str, mqtt_url: str,
+                  env_extra: dict[str, str] | None = None) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DJANGO_SETTINGS_MODULE": "settings",
+    env = {**os.environ, **(env_extra or {}), "PYTHONPATH": str(ROOT),
+           "DJANGO_SETTINGS_MODULE": "settings",
            "GATEWAY_DATA_DIR": str(workdir), "REDIS_URL": redis_url, "MQTT_URL": mqtt_url,
            "GATEWAY_RATE_LIMIT_PER_SECOND": "100000", "GATEWAY_RATE_LIMIT_BURST": "100000",
            "LOG_LEVEL": "WARNING", "DJANGO_DEBUG": "0",
