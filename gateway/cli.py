@@ -78,7 +78,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     server = GatewayServer(
         application,
         services=services,
-        endpoints=[f"tcp:port={args.port}:interface={interface}"],
+        # A connect storm must not overflow the accept queue (Twisted's default is 50: the
+        # kernel then drops SYNs and the clients retry a second later).
+        endpoints=[f"tcp:port={args.port}:interface={interface}:backlog={LISTEN_BACKLOG}"],
         websocket_max_message_size=frame_limit,
         websocket_max_frame_size=frame_limit,
         websocket_handshake_timeout=limits["WS_HANDSHAKE_TIMEOUT"],
@@ -109,6 +111,7 @@ def _migrate() -> None:
             cursor.execute("SELECT pg_advisory_unlock(%s)", [MIGRATION_LOCK])
 
 
+LISTEN_BACKLOG = 1024  # connections the kernel holds for accept (capped by net.core.somaxconn)
 MIGRATION_LOCK = 7_215_001  # the gateway's advisory lock id for migrations
 
 
