@@ -7,7 +7,8 @@ adapter brings everything its protocol adds, and the core asks it instead of nam
 
 - ``http_routes()``: Django URL patterns (pages, an API, a webhook);
 - ``http_stream_routes()``: ASGI routes for long-lived HTTP responses (an event stream),
-  served beside Django (wrap the consumer in ``AuthMiddlewareStack`` for the session's user);
+  served beside Django (wrap the consumer in ``gateway.middleware.SessionAuthStack`` for
+  the session's user);
 - ``websocket_routes()``: WebSocket routes (behind the same-origin check and the session);
 - ``scope_type`` and ``scope_application()``: the ASGI scope type its server opens for
   each conversation, and the consumer(s) that serve it;

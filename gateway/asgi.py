@@ -10,11 +10,11 @@ from django.core.asgi import get_asgi_application  # noqa: E402
 # Django must be set up before anything imports models.
 django_asgi_app = get_asgi_application()
 
-from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.urls import re_path  # noqa: E402
 
 from gateway.crosssite import SameOriginValidator  # noqa: E402
+from gateway.middleware import SessionAuthStack  # noqa: E402
 from gateway.routing import (  # noqa: E402
     http_stream_urlpatterns,
     scope_applications,
@@ -32,7 +32,7 @@ application = ProtocolTypeRouter(
         # The exact origin (scheme, host and port), before the session is even read: a page
         # on another port or scheme of this host must not use the visitor's cookies.
         "websocket": SameOriginValidator(
-            AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
+            SessionAuthStack(URLRouter(websocket_urlpatterns))
         ),
         # Opened by the adapters' protocol servers (mqtt: a device in a room, a room's
         # relay; telegram: a chat, a relayed room).

@@ -1,8 +1,12 @@
-"""Probes and scrapes reach a replica by its address, not by the site's host name."""
+"""Middleware: probes and scrapes reach a replica by its address, not by the site's host
+name; a socket's user comes from its session, without a database hop when it has none."""
 
 from __future__ import annotations
 
 from asgiref.sync import markcoroutinefunction
+from channels.auth import AuthMiddleware
+from channels.sessions import CookieMiddleware, SessionMiddleware
+from django.contrib.auth.models import AnonymousUser
 from django.http import HttpRequest, HttpResponse
 
 
@@ -27,3 +31,19 @@ class ProbeMiddleware:
             if probe is not None:
                 return await probe(request)
         return await self.get_response(request)
+
+
+class SessionAuthMiddleware(AuthMiddleware):
+    """Channels' ``AuthMiddleware``, but a socket without a session cookie is anonymous at
+    once: Channels would ask the database thread (a hop per connect) to find that out."""
+
+    async def resolve_scope(self, scope) -> None:
+        if scope["session"].session_key is None:
+            scope["user"]._wrapped = AnonymousUser()
+        else:
+            await super().resolve_scope(scope)
+
+
+def SessionAuthStack(inner):  # noqa: N802 (named as Channels' AuthMiddlewareStack)
+    """Cookies, the session and its user for ``inner``, as Channels' ``AuthMiddlewareStack``."""
+    return CookieMiddleware(SessionMiddleware(SessionAuthMiddleware(inner)))

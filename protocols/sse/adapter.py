@@ -11,11 +11,11 @@ class SseAdapter(Adapter):
         return ()  # it only reads
 
     def http_stream_routes(self) -> list:
-        from channels.auth import AuthMiddlewareStack
         from django.urls import re_path
 
+        from gateway.middleware import SessionAuthStack
         from protocols.sse.consumer import RoomStreamConsumer
 
         # The room segment is matched loosely so a bad name gets a clear 400.
         return [re_path(r"^sse/rooms/(?P<room>[^/]*)/$",
-                        AuthMiddlewareStack(RoomStreamConsumer.as_asgi()))]
+                        SessionAuthStack(RoomStreamConsumer.as_asgi()))]
