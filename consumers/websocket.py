@@ -51,13 +51,12 @@ import re
 import secrets
 from urllib.parse import parse_qs
 
-from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
 from django.conf import settings
 from django.db import DatabaseError
 
 from consumers.base import RoomConsumer
-from gateway import events, metrics, services
+from gateway import events, metrics
 from gateway.errors import GatewayError
 from gateway.fanout import END_DISCONNECTED, END_SHUTDOWN, FRAME_WRITER_EXTENSION, Delivery
 from gateway.ingest import message_post
@@ -142,8 +141,8 @@ class ChatConsumer(RoomConsumer):
         staff = authenticated and user.is_staff
         try:
             try:
-                closed, self.sender = await database_sync_to_async(services.room_enter)(
-                    room=room, sender=self.sender, staff=staff,
+                closed, self.sender = await self.room_enter(
+                    room, staff=staff,
                     creator=None if authenticated else _client_address(self.scope),
                 )
             except GatewayError as exc:  # the room policy: new rooms are limited
@@ -157,6 +156,10 @@ class ChatConsumer(RoomConsumer):
                 await self.base_send({"type": "websocket.accept"})
                 return await self._refuse(CLOSE_ROOM_CLOSED, "the room is closed")
             await self.room_join(room, member_id=member_id, name=self.sender["name"])
+            if self.runtime is not None and self.runtime.hub.room_closed(room):
+                # Closed just before this scope's subscription: its catch-up would not see it.
+                await self.base_send({"type": "websocket.accept"})
+                return await self._refuse(CLOSE_ROOM_CLOSED, "the room is closed")
         except Exception:
             # Before accept: the client sees the handshake refused and retries.
             logger.exception("could not join room", extra=self.log_extra(joining=room))

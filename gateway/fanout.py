@@ -28,6 +28,8 @@ from django.conf import settings
 from gateway import metrics, selectors, services
 from gateway.events import (
     CONTROL_GROUP,
+    ENTRY_CLOSE,
+    ENTRY_REOPEN,
     ROOM_ENTRY,
     ROOM_MESSAGE,
     EventError,
@@ -87,11 +89,12 @@ class Subscriber(Protocol):
 
 
 class _RoomState:
-    __slots__ = ("subscribers", "last_seq", "pending", "ready", "error")
+    __slots__ = ("subscribers", "last_seq", "closed", "pending", "ready", "error")
 
     def __init__(self) -> None:
         self.subscribers: set[Subscriber] = set()
         self.last_seq: int | None = None  # None until the room's position is read
+        self.closed = False  # as of last_seq: read with it, then kept by the log's entries
         self.pending: list[LogEntry] = []
         self.ready = asyncio.Event()
         self.error: BaseException | None = None
@@ -181,6 +184,12 @@ class RoomHub:
         state = self.rooms.get(room)
         return None if state is None else state.last_seq
 
+    def room_closed(self, room: str) -> bool | None:
+        """Whether the room was closed as of the newest entry delivered here; None if this
+        process does not follow the room (then only the database knows)."""
+        state = self.rooms.get(room)
+        return None if state is None or state.last_seq is None else state.closed
+
     def subscribers(self) -> list[Subscriber]:
         return [sub for state in self.rooms.values() for sub in state.subscribers]
 
@@ -190,9 +199,9 @@ class RoomHub:
             async with self._membership:
                 await self.layer.group_add(room_group_name(room), self.channel)
                 added = True
-            last_seq = await database_sync_to_async(services.room_open)(room=room)
+            last_seq, closed = await database_sync_to_async(services.room_position)(room=room)
             async with self._lock:
-                state.last_seq = last_seq
+                state.last_seq, state.closed = last_seq, closed
                 pending, state.pending = state.pending, []
                 for event in pending:
                     await self._advance(room, state, event)
@@ -292,6 +301,9 @@ class RoomHub:
     async def _fanout(self, state: _RoomState, event: LogEntry) -> None:
         delivery = Delivery(event)
         state.last_seq = delivery.cursor
+        kind = event.get("kind")  # a room.entry's (a message has none)
+        if kind in (ENTRY_CLOSE, ENTRY_REOPEN):
+            state.closed = kind == ENTRY_CLOSE
         by_protocol: dict[str, int] = {}
         for subscriber in tuple(state.subscribers):
             by_protocol[subscriber.protocol] = by_protocol.get(subscriber.protocol, 0) + 1

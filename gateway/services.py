@@ -129,6 +129,14 @@ def room_open(*, room: str) -> int:
     return last.first() or 0
 
 
+def room_position(*, room: str) -> tuple[int, bool]:
+    """The room's newest cursor and whether it is closed, read together (``(0, False)`` for
+    a room that does not exist yet: listening to a room does not create it)."""
+    found = (Room.objects.filter(name=room_name_validate(room))
+             .values_list("last_seq", "closed").first())
+    return (0, False) if found is None else found
+
+
 def room_enter(
     *, room: str, sender: events.Sender, staff: bool, creator: str | None = None
 ) -> tuple[bool, events.Sender]:
@@ -137,10 +145,22 @@ def room_enter(
     and the sender as the room shows it (an unverified sender does not keep a staff user's
     name)."""
     creator = creator or sender["id"]
-    closed = room_get_or_create(room=room, creator=creator, staff=staff).closed
+    closed = _room_closed(room_name_validate(room))
+    if closed is None:  # new
+        closed = room_get_or_create(room=room, creator=creator, staff=staff).closed
     name = display_name_for(sender_id=sender["id"], protocol=sender["protocol"],
                             name=sender["name"])
     return closed, events.sender(protocol=sender["protocol"], id=sender["id"], name=name)
+
+
+def _room_closed(name: str) -> bool | None:
+    """Whether the room is closed; None if it does not exist (one indexed read, no model:
+    every socket's connect asks it)."""
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT closed FROM {connection.ops.quote_name(Room._meta.db_table)}"  # noqa: S608
+                       " WHERE name = %s", [name])
+        row = cursor.fetchone()
+    return None if row is None else bool(row[0])
 
 
 class _CreationLimits:
@@ -207,6 +227,19 @@ def display_name_reserved(name: str) -> bool:
 def display_name_for(*, sender_id: str, protocol: str, name: str) -> str:
     """The name a sender shows: an unverified sender cannot take a staff user's name."""
     if sender_verified(sender_id, protocol) or not display_name_reserved(name):
+        return name
+    return f"{name[:50]} (unverified)"
+
+
+def display_name_known(*, sender_id: str, protocol: str, name: str) -> str | None:
+    """``display_name_for`` from what this process holds, without the database: None when
+    the staff names it compares with are due to be read again (ask ``display_name_for``)."""
+    expires, names = _reserved
+    if time.monotonic() > expires:
+        return None
+    if sender_verified(sender_id, protocol) or not (
+        name.casefold() in names or name.casefold() == "system"
+    ):
         return name
     return f"{name[:50]} (unverified)"
 

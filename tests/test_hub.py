@@ -242,7 +242,7 @@ async def test_entries_that_arrive_while_the_position_is_read_are_held_then_deli
     hub, monkeypatch
 ):
     read, release = threading.Event(), threading.Event()
-    real_open = services.room_open
+    real_open = services.room_position
 
     def room_open_slowly(**kwargs):
         position = real_open(**kwargs)
@@ -250,7 +250,7 @@ async def test_entries_that_arrive_while_the_position_is_read_are_held_then_deli
         release.wait(5)  # the position is read; the entry below is stored after it
         return position
 
-    monkeypatch.setattr(services, "room_open", room_open_slowly)
+    monkeypatch.setattr(services, "room_position", room_open_slowly)
     sub = Fake("a")
     joining = asyncio.create_task(hub.subscribe("early", sub))
     await until(read.is_set)
@@ -268,13 +268,13 @@ async def test_entries_that_arrive_while_the_position_is_read_are_held_then_deli
 
 async def test_a_failed_join_leaves_no_state_for_anyone_waiting_on_it(hub, monkeypatch):
     release = threading.Event()
-    real_open = services.room_open
+    real_open = services.room_position
 
     def room_open_fails(**kwargs):
         release.wait(5)
         raise OperationalError("the database is down")
 
-    monkeypatch.setattr(services, "room_open", room_open_fails)
+    monkeypatch.setattr(services, "room_position", room_open_fails)
     first, second = Fake("first"), Fake("second")
     joining = asyncio.create_task(hub.subscribe("down", first))
     await until(lambda: "down" in hub.rooms)
@@ -289,7 +289,7 @@ async def test_a_failed_join_leaves_no_state_for_anyone_waiting_on_it(hub, monke
     assert hub.rooms == {} and hub.last_seq("down") is None and hub.subscribers() == []
     assert hub.channel not in hub.layer.groups.get(room_group_name("down"), {})
     # Once the database is back, the room can be joined and works.
-    monkeypatch.setattr(services, "room_open", real_open)
+    monkeypatch.setattr(services, "room_position", real_open)
     await hub.subscribe("down", first)
     assert hub.last_seq("down") == 0 and hub.subscribers() == [first]
     await arrive(hub, await stored_quietly("down", "up again"))

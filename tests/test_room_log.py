@@ -177,6 +177,60 @@ async def test_entries_the_layer_lost_are_filled_in_order_from_the_log(settings)
     assert runtime.hub.stats["gap_filled"] >= 3
 
 
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("runtime_stopped")
+async def test_a_socket_into_a_room_this_process_follows_enters_without_the_database(
+    monkeypatch,
+):
+    first = await ws("/ws/chat/busy/")
+    await database_sync_to_async(services.display_name_reserved)("warm")  # staff names read
+    entered = []
+    real_enter = services.room_enter
+    monkeypatch.setattr(services, "room_enter",
+                        lambda **kwargs: entered.append(kwargs) or real_enter(**kwargs))
+    second = await ws("/ws/chat/busy/")
+    assert entered == []  # the hub knows the room is open
+    await database_sync_to_async(post)("busy", "to both")
+    assert (await frame_of(first))["message"] == "to both"
+    assert (await frame_of(second))["message"] == "to both"
+
+    # Closed by staff (here or in another process): the hub learns it from the log, and the
+    # next socket is refused as before, still without asking the database.
+    await database_sync_to_async(services.room_close)(room="busy", by=STAFF)
+    assert (await first.receive_output(timeout=5))["code"] == 4410
+    late = WebsocketCommunicator(app, "/ws/chat/busy/")
+    await late.connect(timeout=5)
+    assert (await late.receive_output(timeout=5)) == {"type": "websocket.close", "code": 4410}
+    await database_sync_to_async(services.room_reopen)(room="busy", by=STAFF)
+    await asyncio.sleep(0.2)  # the reopen reaches the hub
+    again = await ws("/ws/chat/busy/")
+    assert entered == []
+    for comm in (second, again):
+        await comm.disconnect()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("runtime_stopped")
+async def test_a_staff_name_is_still_marked_when_the_hub_knows_the_room(monkeypatch):
+    from django.contrib.auth import get_user_model
+
+    await database_sync_to_async(get_user_model().objects.create_user)(
+        "boss", password="x" * 12, is_staff=True)
+    monkeypatch.setattr(services, "_reserved", (0.0, frozenset()))  # due to be read again
+    first = await ws("/ws/chat/named/?name=someone")
+    impostor = await ws("/ws/chat/named/?name=boss")  # the staff names are read for it
+    await impostor.send_to(text_data=json.dumps({"message": "hi"}))
+    frame = await frame_of(first)
+    assert frame["sender"]["name"] == "boss (unverified)"
+    late = await ws("/ws/chat/named/?name=BOSS")  # from what the process holds now
+    await late.send_to(text_data=json.dumps({"message": "me too"}))
+    while (frame := await frame_of(first))["message"] != "me too":
+        pass
+    assert frame["sender"]["name"] == "BOSS (unverified)"
+    for comm in (first, impostor, late):
+        await comm.disconnect()
+
+
 # --- through a real gateway -----------------------------------------------------------------
 
 
