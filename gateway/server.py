@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 import resource
 import signal
@@ -121,20 +122,69 @@ class FrameWriter:
 
 
 class GatewayWebSocketProtocol(WebSocketProtocol):
-    """daphne's WebSocket protocol, without the debug dump of its configuration that autobahn
-    pretty-prints on every connect (about 0.1 ms a connect, for a log line nobody reads):
-    the same options are copied from the factory, then autobahn's own setup runs with
-    nothing left to list."""
+    """daphne's WebSocket protocol, lighter per connection (``websocket_protocol_for`` makes
+    the class for a factory):
 
+    - its options (autobahn copies some 30 of them from the factory into every connection,
+      then pretty-prints them for a debug line nobody reads: ~0.1 ms a connect) are class
+      attributes of the factory's own subclass, shared by its connections;
+    - once the connection is open, what only the handshake needed (the request's bytes,
+      headers and query, the response's bytes) is let go.
+    """
+
+    # autobahn's own setup, with nothing left to copy or list.
     CONFIG_ATTRS: tuple[str, ...] = ()
-    _OPTIONS = tuple(WebSocketProtocol.CONFIG_ATTRS)
+    OPTIONS = tuple(WebSocketProtocol.CONFIG_ATTRS)
+    HANDSHAKE_ONLY = ("http_request_data", "http_response_data", "http_headers",
+                      "http_request_params", "request")
 
-    def _connectionMade(self) -> None:
-        factory = self.factory
-        for option in self._OPTIONS:
-            if not hasattr(self, option):
-                setattr(self, option, getattr(factory, option))
-        super()._connectionMade()
+    def onOpen(self) -> None:  # noqa: N802 (autobahn's names)
+        super().onOpen()
+        for name in self.HANDSHAKE_ONLY:
+            self.__dict__.pop(name, None)
+
+
+def websocket_protocol_for(factory) -> type[GatewayWebSocketProtocol]:
+    """A ``GatewayWebSocketProtocol`` class holding ``factory``'s options as they are now
+    (set them before: later ``setProtocolOptions`` calls would not reach its connections)."""
+    options = {}
+    for name in GatewayWebSocketProtocol.OPTIONS:
+        value = getattr(factory, name)
+        # A function option (a compression offer's accept) stays a plain function.
+        options[name] = staticmethod(value) if inspect.isfunction(value) else value
+    return type("WebSocketProtocol", (GatewayWebSocketProtocol,), options)
+
+
+class ScopeInbox:
+    """The events daphne's protocol puts for a socket's application, as an ``asyncio.Queue``
+    would take them (``put_nowait``, ``get``) for its one reader, at a fraction of its size:
+    an idle socket holds an empty list, where a queue holds four deques (~3 KB)."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: list[Any] = []
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: Any) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> Any:
+        while not self._items:
+            if self._waiter is not None and not self._waiter.done():
+                raise RuntimeError("a socket's events have one reader")
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.pop(0)
+
+    def qsize(self) -> int:
+        return len(self._items)
 
 
 class HeaderDeadlineChannel(http.HTTPChannel):
@@ -283,10 +333,26 @@ class GatewayServer(daphne.server.Server):
         extensions = scope.setdefault("extensions", {})
         if scope.get("type") == "websocket":
             extensions[FRAME_WRITER_EXTENSION] = FrameWriter(protocol, self.ws_factory)
-        else:  # an HTTP response, perhaps a long stream
-            extensions[SEND_BUFFER_EXTENSION] = functools.partial(transport_buffered, protocol)
-            extensions[CONNECTION_OPEN_EXTENSION] = functools.partial(request_open, protocol)
+            return self._websocket_application(protocol, scope)
+        # An HTTP response, perhaps a long stream.
+        extensions[SEND_BUFFER_EXTENSION] = functools.partial(transport_buffered, protocol)
+        extensions[CONNECTION_OPEN_EXTENSION] = functools.partial(request_open, protocol)
         return super().create_application(protocol, scope)
+
+    def _websocket_application(self, protocol, scope) -> ScopeInbox | None:
+        """daphne's ``create_application`` (4.x) for a socket, with a ``ScopeInbox`` where it
+        has an ``asyncio.Queue``: the application instance is started and kept for daphne's
+        checks, and the protocol gets the inbox to put its events in."""
+        assert "application_instance" not in self.connections[protocol]
+        inbox = ScopeInbox()
+        scope.setdefault("asgi", {"version": "3.0"})
+        instance = self.application(scope=scope, receive=inbox.get,
+                                    send=functools.partial(self.handle_reply, protocol))
+        if protocol not in self.connections:  # gone meanwhile
+            instance.close()
+            return None
+        self.connections[protocol]["application_instance"] = asyncio.ensure_future(instance)
+        return inbox
 
     def listen_success(self, port) -> None:
         super().listen_success(port)
@@ -316,7 +382,7 @@ class GatewayServer(daphne.server.Server):
         # close frame with its code (1007, 1009) instead of dropping the TCP connection,
         # so the client learns why.
         self.ws_factory.setProtocolOptions(failByDrop=False)
-        self.ws_factory.protocol = GatewayWebSocketProtocol
+        self.ws_factory.protocol = websocket_protocol_for(self.ws_factory)
         # Every HTTP connection from now on gets the header deadline and the idle timeout
         # (nothing is accepted before the reactor runs).
         header_timeout = self.header_timeout

@@ -1,0 +1,51 @@
+"""What the gateway's daphne holds per socket: the inbox and the protocol class."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway.server import GatewayWebSocketProtocol, ScopeInbox, websocket_protocol_for
+
+
+async def test_the_inbox_hands_events_over_in_order_and_wakes_its_reader():
+    inbox = ScopeInbox()
+    inbox.put_nowait({"n": 1})
+    inbox.put_nowait({"n": 2})
+    assert [await inbox.get(), await inbox.get()] == [{"n": 1}, {"n": 2}]
+    reading = asyncio.create_task(inbox.get())
+    await asyncio.sleep(0.01)
+    assert not reading.done()
+    inbox.put_nowait({"n": 3})
+    assert await asyncio.wait_for(reading, 1) == {"n": 3}
+    assert inbox.qsize() == 0
+
+
+async def test_a_cancelled_read_loses_nothing_and_a_second_reader_is_refused():
+    inbox = ScopeInbox()
+    reading = asyncio.create_task(inbox.get())
+    await asyncio.sleep(0.01)
+    with pytest.raises(RuntimeError, match="one reader"):
+        await inbox.get()
+    reading.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reading
+    inbox.put_nowait("kept")  # nobody waiting: kept for the next read
+    assert await asyncio.wait_for(inbox.get(), 1) == "kept"
+
+
+def test_a_factory_s_options_are_shared_by_its_connections_as_class_attributes():
+    from daphne.ws_protocol import WebSocketFactory
+
+    factory = WebSocketFactory(None)
+    factory.setProtocolOptions(failByDrop=False, maxFramePayloadSize=4096)
+    protocol_class = websocket_protocol_for(factory)
+    assert issubclass(protocol_class, GatewayWebSocketProtocol)
+    assert protocol_class.failByDrop is False and protocol_class.maxFramePayloadSize == 4096
+    assert set(GatewayWebSocketProtocol.OPTIONS) <= set(vars(protocol_class))
+    # A function option is called as the factory's would be, not as a method.
+    accept = protocol_class.perMessageCompressionAccept
+    instance = protocol_class.__new__(protocol_class)
+    assert instance.perMessageCompressionAccept is accept
+    assert protocol_class.CONFIG_ATTRS == ()  # nothing left for autobahn to copy or print
