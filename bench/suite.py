@@ -304,7 +304,8 @@ def main() -> None:
                         help="default: the floor, the tutorial and each --databases gateway")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of sending")
-    parser.add_argument("--idle", type=float, default=10.0, help="seconds the idle sockets hold")
+    parser.add_argument("--idle", type=float, default=30.0,
+                        help="seconds the idle sockets hold (past the 20 s ping interval)")
     parser.add_argument("--pg-url", default="postgres://postgres@127.0.0.1:5432/gateway",
                         help="a PostgreSQL server (its database name is replaced)")
     parser.add_argument("--json", type=Path, help="write every measurement here")
