@@ -84,6 +84,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         websocket_max_message_size=frame_limit,
         websocket_max_frame_size=frame_limit,
         websocket_handshake_timeout=limits["WS_HANDSHAKE_TIMEOUT"],
+        ping_interval=limits["WS_PING_INTERVAL"],
+        ping_timeout=limits["WS_PING_TIMEOUT"],
         websocket_connect_timeout=limits["WS_HANDSHAKE_TIMEOUT"],
         header_timeout=limits["HTTP_HEADER_TIMEOUT"],
         idle_timeout=limits["HTTP_IDLE_TIMEOUT"],

@@ -278,6 +278,11 @@ GATEWAY = {
     "HTTP_IDLE_TIMEOUT": env_float("GATEWAY_HTTP_IDLE_TIMEOUT", 60.0, minimum=1.0),
     # A WebSocket handshake must complete (and the application accept it) within this.
     "WS_HANDSHAKE_TIMEOUT": env_float("GATEWAY_WS_HANDSHAKE_TIMEOUT", 10.0, minimum=0.5),
+    # The server pings an open socket every PING_INTERVAL seconds (keep-alive through
+    # proxies, and dead peers found) and closes it if the pong is PING_TIMEOUT late. Idle
+    # sockets cost CPU in proportion (docs: README "Performance").
+    "WS_PING_INTERVAL": env_float("GATEWAY_WS_PING_INTERVAL", 20.0, minimum=1.0),
+    "WS_PING_TIMEOUT": env_float("GATEWAY_WS_PING_TIMEOUT", 30.0, minimum=1.0),
 }
 
 # --- MQTT --------------------------------------------------------------------------------

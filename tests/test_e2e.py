@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import struct
+import time
 
 import pytest
 import websockets
@@ -296,6 +297,54 @@ async def test_protocol_violations_close_only_that_socket(gateway_factory, opcod
         sock.close()
         await bystander.send(json.dumps({"message": "unaffected"}))
         assert (await next_message(bystander))["message"] == "unaffected"
+
+
+def frames_until_end(sock: socket.socket, limit: float) -> tuple[list[tuple[float, int]], bool]:
+    """(time, opcode) of each frame the server sends, never answering its pings, until it
+    ends the connection (True) or ``limit`` seconds pass (False)."""
+    seen: list[tuple[float, int]] = []
+    data, started = b"", time.monotonic()
+    sock.settimeout(0.5)
+    while time.monotonic() - started < limit:
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            continue
+        except ConnectionResetError:
+            return seen, True
+        if not chunk:
+            return seen, True
+        data += chunk
+        while len(data) >= 2:
+            opcode, length = data[0] & 0x0F, data[1] & 0x7F
+            offset = {126: 4, 127: 10}.get(length, 2)
+            if len(data) < offset:
+                break  # the extended length has not all arrived yet
+            if length == 126:
+                length = struct.unpack("!H", data[2:4])[0]
+            elif length == 127:
+                length = struct.unpack("!Q", data[2:10])[0]
+            if len(data) < offset + length:
+                break
+            seen.append((time.monotonic() - started, opcode))
+            data = data[offset + length:]
+    return seen, False
+
+
+async def test_open_sockets_are_pinged_at_the_configured_interval_and_dead_ones_closed(
+    gateway_factory,
+):
+    gw = gateway_factory(env={**FAST, "GATEWAY_WS_PING_INTERVAL": "1",
+                              "GATEWAY_WS_PING_TIMEOUT": "2"}).start()
+    async with connect(gw, "/ws/chat/pinged/") as alive:  # answers pings (websockets does)
+        sock = raw_socket(gw, "/ws/chat/pinged/")
+        seen, ended = await asyncio.to_thread(frames_until_end, sock, 15)
+        sock.close()
+        pings = [at for at, opcode in seen if opcode == 0x9]
+        assert pings and pings[0] < 5, seen  # every second, checked every two
+        assert ended, "a socket that never answers a ping is closed"
+        await alive.send(json.dumps({"message": "still here"}))
+        assert (await next_message(alive))["message"] == "still here"
 
 
 async def test_a_client_that_stops_reading_is_closed_and_resumes_from_history(gateway_factory):
