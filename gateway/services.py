@@ -272,8 +272,7 @@ def _message_post_one(post: Post) -> tuple[events.RoomMessage, bool]:
             return message_event(existing, room=room), False
     try:
         with transaction.atomic():
-            message = _message_insert(room, text, sender, post.origin, client_id)
-            event = message_event(message, room=room)
+            event = _message_insert(room, text, sender, post.origin, client_id)
             room_event_broadcast_on_commit(event)
     except IntegrityError:
         # The same client_id won a race in another process; answer with its message.
@@ -636,7 +635,8 @@ def _unblocked_condition(sender: events.Sender) -> tuple[str, list[str]]:
 
 def _message_insert(
     room: str, text: str, sender: events.Sender, origin: str, client_id: str | None
-) -> Message:
+) -> events.RoomMessage:
+    """Take the room's next id and insert the message (the single path): its event."""
     now = datetime.fromtimestamp(time.time(), tz=UTC)
     advanced = _room_advance(room, now, sender)
     if advanced is None:  # why not: only now is it worth a query
@@ -649,19 +649,13 @@ def _message_insert(
         if advanced is None:  # closed or blocked between the two statements
             raise GatewayError("room_closed", f"room {room} is closed")
     room_pk, seq = advanced
-    message = Message(
-        room_id=room_pk,
-        seq=seq,
-        text=text,
-        sender_protocol=sender["protocol"],
-        sender_id=sender["id"],
-        sender_name=sender["name"][:128],
-        origin=origin,
-        client_id=client_id,
-        created_at=now,
+    name = sender["name"][:128]
+    _messages_insert([(room_pk, seq, text, sender["protocol"], sender["id"], name, origin,
+                       client_id, connection.ops.adapt_datetimefield_value(now))])
+    return events.room_message(
+        id=seq, room=room, text=text, ts=now.timestamp(), origin=origin, client_id=client_id,
+        sender=events.sender(protocol=sender["protocol"], id=sender["id"], name=name),
     )
-    message.save(force_insert=True)
-    return message
 
 
 def lease_acquire(*, name: str, holder: str, ttl: float) -> tuple[bool, datetime | None]:

@@ -192,18 +192,14 @@ def test_a_repeat_whose_first_post_was_refused_is_stored_as_one_at_a_time_would(
 def test_a_row_the_database_refuses_costs_only_its_own_message(monkeypatch):
     from django.db import DataError
 
-    real_insert = services._message_insert
+    real_insert = services._messages_insert
 
-    def picky(room, text, *args):
-        if text == "too much":
+    def picky(rows):  # the database refuses any statement with this row in it
+        if any(row[2] == "too much" for row in rows):
             raise DataError("value too long for type character varying")
-        return real_insert(room, text, *args)
+        return real_insert(rows)
 
-    def bulk_refused(rows):
-        raise DataError("value too long for type character varying")
-
-    monkeypatch.setattr(services, "_message_insert", picky)
-    monkeypatch.setattr(services, "_messages_insert", bulk_refused)
+    monkeypatch.setattr(services, "_messages_insert", picky)
     results = services.room_messages_post(posts=[
         post("data", "one"), post("data", "too much"), post("data", "two")])
     assert outcome(results[0]) == (1, True) and outcome(results[2]) == (2, True)
