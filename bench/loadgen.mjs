@@ -7,9 +7,11 @@
 //
 // Connects go one after another, or with --storm on a fixed schedule (connect k starts at
 // k / connect-rate, without waiting for the ones before: a connect storm). With --phases,
-// a JSON line on stderr marks each phase as it ends ("connected" after the connects and a
-// second of settling, "idle" after --idle seconds of holding the sockets quiet, "sent"),
-// so the caller can read the server's CPU and memory at each.
+// a JSON line on stderr marks each phase ("connected" after the connects and a second of
+// settling, "idle" after --idle seconds of holding the sockets quiet, "sending" when the
+// measured messages start, "sent" when the last is due, before the drain), so the caller
+// can read the server's CPU and memory at each. Before "sending", one uncounted message
+// per room warms each server up.
 //
 // Message text is JSON {r: room, s: seq, t: send time in ms}, so any server that relays a
 // {"message": ...} object (the Channels tutorial, the floor, the gateway) can be measured.
@@ -62,6 +64,7 @@ async function open(r, c) {
       try { frame = JSON.parse(data); } catch { return; }
       if (typeof frame.message !== "string" || frame.message[0] !== "{") return;
       const m = JSON.parse(frame.message);
+      if (m.w) return; // a warm-up message, not counted
       stats.received++;
       if (stats.unique.has(m.s)) { stats.dups++; return; }
       stats.unique.add(m.s);
@@ -95,6 +98,15 @@ await Promise.all(pending);
 const connectSeconds = (now() - connectStart) / 1000;
 await new Promise((res) => setTimeout(res, 1000)); // settle
 phase("connected");
+if (rate > 0) {
+  // One message per room first, not counted: what a server does once (a room's first
+  // message, lazy set-up) is not charged to the measured ones.
+  for (let r = 0; r < rooms; r++) {
+    const first = clients.find((c) => c.room === `bench${r}`);
+    if (first) first.ws.send(JSON.stringify({ message: JSON.stringify({ r, w: 1, t: now() }) }));
+  }
+  await new Promise((res) => setTimeout(res, 1000));
+}
 if (idle > 0) {
   await new Promise((res) => setTimeout(res, idle * 1000));
   phase("idle");
@@ -120,9 +132,11 @@ for (let r = 0; r < rooms; r++) {
   };
   senders.push(tick);
 }
+phase("sending");
 senders.forEach((tick) => tick());
-await new Promise((res) => setTimeout(res, (duration + drain) * 1000));
+await new Promise((res) => setTimeout(res, duration * 1000));
 phase("sent");
+await new Promise((res) => setTimeout(res, drain * 1000));
 
 let expected = 0, received = 0, unique = 0, dups = 0, reordered = 0;
 const latencies = [];

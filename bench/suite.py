@@ -140,8 +140,11 @@ def load(system: str, args, redis: Redis, workdir: Path, *, rooms: int, clients:
     connected, start = result["connected"], marks["start"]
     ready = marks.get("connected", start)
     quiet = marks.get("idle", ready)
-    sent = marks.get("sent", quiet)
-    send_cpu = sent["cpu"] - quiet["cpu"]
+    # Sending: from the first measured message to the last one's due time (the warm-up
+    # message before it and the drain after it are not charged).
+    sending = marks.get("sending", quiet)
+    sent = marks.get("sent", sending)
+    send_cpu = sent["cpu"] - sending["cpu"]
     result.update(
         system=system,
         cpu_us_per_message=send_cpu / result["sent"] * 1e6 if result["sent"] else None,
