@@ -289,6 +289,18 @@ def aims(results: dict) -> None:
     ratio_line("connect", "cpu_us_per_connect", "µs/conn", "<= 3x, all accepted")
     ratio_line("idle", "kb_per_socket", "KB/sock", "<= 25 KB")
     ratio_line("idle", "idle_cpu_pct", "% core", "10,000 sockets <= 2 %")
+    mqtt_rows = results.get("mqtt", [])
+    floor_p50 = next((r["p50_ms"] for r in mqtt_rows if r["path"].endswith("200/s")
+                      and r["system"] == "floor"), None)
+    for r in mqtt_rows:
+        if r["system"] == "floor":
+            continue
+        if r["path"].endswith("200/s") and floor_p50 is not None and r["p50_ms"] is not None:
+            print(f"  {'mqtt':<12}{r['system']:<18}{r['p50_ms']:9.2f} ms p50   "
+                  f"{r['p50_ms'] - floor_p50:+.2f} ms vs Mosquitto's p50 [<= +1 ms]")
+        elif r["msgs_per_s"] is not None:
+            print(f"  {'mqtt':<12}{r['system']:<18}{r['msgs_per_s']:9.0f} msg/s    "
+                  f"p99 {fmt(r['p99_ms'])} ms, {r['path']} [>= 2,500/s, p99 < 100 ms]")
     bad = [(scenario, system, r[key]) for scenario, by in results.items() if scenario != "mqtt"
            for system, rows in by.items() for r in rows
            for key in ("lost", "duplicates", "reordered", "connect_failures") if r.get(key)]
