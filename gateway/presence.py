@@ -1,11 +1,12 @@
 """Presence: which scopes of this process are in which room, published with a heartbeat.
 
 Each process keeps its open scopes in memory and writes them, with a heartbeat, to its own
-``GatewayProcess`` row (at most every ``FLUSH_DELAY`` seconds when something changed, and
-every ``HEARTBEAT_INTERVAL`` regardless). Readers only count processes whose heartbeat is
-fresh, so members of a crashed or killed process vanish within ``PRESENCE_TIMEOUT``; a
-process that starts also deletes the rows of dead ones, and, on the in-memory layer (where
-only one process can serve), every other row, so a restarted gateway shows no ghosts.
+``GatewayProcess`` row (when something changed, ``FLUSH_DELAY`` later, longer for a process
+holding thousands of members: ``flush_delay``; and every ``HEARTBEAT_INTERVAL``
+regardless). Readers only count processes whose heartbeat is fresh, so members of a crashed
+or killed process vanish within ``PRESENCE_TIMEOUT``; a process that starts also deletes the
+rows of dead ones, and, on the in-memory layer (where only one process can serve), every
+other row, so a restarted gateway shows no ghosts.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from gateway.models import GatewayProcess
 
 logger = logging.getLogger(__name__)
 
-FLUSH_DELAY = 0.25
+FLUSH_DELAY = 0.25  # changes gathered into one write, for up to FLUSH_ENTRIES members
+FLUSH_ENTRIES = 1_000
+FLUSH_DELAY_MAX = 2.0  # a process holding 8,000 members or more writes at most this often
 
 
 class PresenceTracker:
@@ -80,16 +83,25 @@ class PresenceTracker:
         while True:
             heartbeat = False
             try:
-                await asyncio.wait_for(self._changed.wait(), timeout=interval)
-                await asyncio.sleep(FLUSH_DELAY)  # gather a burst of joins into one write
+                async with asyncio.timeout(interval):
+                    await self._changed.wait()
             except TimeoutError:
                 heartbeat = True
+            else:
+                await asyncio.sleep(self.flush_delay())  # a burst of joins: one write
             try:
                 await self.flush(ping=heartbeat)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 logger.exception("presence heartbeat failed; will retry")
+
+    def flush_delay(self) -> float:
+        """How long changes gather before they are written: ``FLUSH_DELAY``, longer as the
+        process holds more members (each write carries all of them: a storm of joins into a
+        process holding 10,000 would otherwise rewrite ~1 MB four times a second)."""
+        scale = max(1.0, len(self.entries) / FLUSH_ENTRIES)
+        return min(FLUSH_DELAY_MAX, FLUSH_DELAY * scale)
 
     def _register(self) -> None:
         now = timezone.now()

@@ -1,4 +1,4 @@
-"""What the gateway's daphne holds per socket: the inbox and the protocol class."""
+"""What the gateway holds per socket: the inbox, the protocol class, presence's writes."""
 
 from __future__ import annotations
 
@@ -49,3 +49,16 @@ def test_a_factory_s_options_are_shared_by_its_connections_as_class_attributes()
     instance = protocol_class.__new__(protocol_class)
     assert instance.perMessageCompressionAccept is accept
     assert protocol_class.CONFIG_ATTRS == ()  # nothing left for autobahn to copy or print
+
+
+def test_presence_gathers_changes_longer_as_a_process_holds_more_members():
+    from gateway import presence
+
+    tracker = presence.PresenceTracker("p", single_process=True)
+    assert tracker.flush_delay() == presence.FLUSH_DELAY  # a small process: as before
+    for n in range(presence.FLUSH_ENTRIES * 2):
+        tracker.add(scope=f"s{n}", room="r", protocol="web", member_id=f"m{n}", name="n")
+    assert tracker.flush_delay() == presence.FLUSH_DELAY * 2
+    for n in range(presence.FLUSH_ENTRIES * 2, presence.FLUSH_ENTRIES * 20):
+        tracker.add(scope=f"s{n}", room="r", protocol="web", member_id=f"m{n}", name="n")
+    assert tracker.flush_delay() == presence.FLUSH_DELAY_MAX
