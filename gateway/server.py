@@ -129,17 +129,22 @@ class GatewayWebSocketProtocol(WebSocketProtocol):
       then pretty-prints them for a debug line nobody reads: ~0.1 ms a connect) are class
       attributes of the factory's own subclass, shared by its connections;
     - once the connection is open, what only the handshake needed (the request's bytes,
-      headers and query, the response's bytes) is let go.
+      headers and query, the response's bytes) is let go (the parsed request stays: daphne
+      logs its path at the close).
     """
 
     # autobahn's own setup, with nothing left to copy or list.
     CONFIG_ATTRS: tuple[str, ...] = ()
     OPTIONS = tuple(WebSocketProtocol.CONFIG_ATTRS)
+    # daphne's onClose still reads ``request.path``: the request stays.
     HANDSHAKE_ONLY = ("http_request_data", "http_response_data", "http_headers",
-                      "http_request_params", "request")
+                      "http_request_params")
 
     def onOpen(self) -> None:  # noqa: N802 (autobahn's names)
         super().onOpen()
+        self.handshake_forget()
+
+    def handshake_forget(self) -> None:
         for name in self.HANDSHAKE_ONLY:
             self.__dict__.pop(name, None)
 

@@ -62,3 +62,25 @@ def test_presence_gathers_changes_longer_as_a_process_holds_more_members():
     for n in range(presence.FLUSH_ENTRIES * 2, presence.FLUSH_ENTRIES * 20):
         tracker.add(scope=f"s{n}", room="r", protocol="web", member_id=f"m{n}", name="n")
     assert tracker.flush_delay() == presence.FLUSH_DELAY_MAX
+
+
+def test_a_socket_open_then_closed_still_logs_its_path():
+    """What the handshake needed is let go once open, but daphne's close reads the
+    request's path: the close must run whole (autobahn counts connections after it)."""
+    from types import SimpleNamespace
+
+    from daphne.ws_protocol import WebSocketFactory
+
+    logged = []
+    server = SimpleNamespace(protocol_disconnected=lambda protocol: None,
+                             log_action=lambda *args: logged.append(args))
+    protocol = websocket_protocol_for(WebSocketFactory(None)).__new__(
+        websocket_protocol_for(WebSocketFactory(None)))
+    protocol.__dict__.update(server=server, client_addr=["127.0.0.1", 5], muted=False,
+                             application_queue=ScopeInbox(),
+                             request=SimpleNamespace(path="/ws/chat/r/"),
+                             http_request_data=b"GET ...", http_headers={"host": "x"})
+    protocol.handshake_forget()
+    assert "http_request_data" not in vars(protocol) and "http_headers" not in vars(protocol)
+    protocol.onClose(True, 1000, "")
+    assert logged and logged[0][2]["path"] == "/ws/chat/r/"
