@@ -129,12 +129,12 @@ def room_open(*, room: str) -> int:
     return last.first() or 0
 
 
-def room_position(*, room: str) -> tuple[int, bool]:
-    """The room's newest cursor and whether it is closed, read together (``(0, False)`` for
+def room_position(*, room: str) -> tuple[int, bool | None]:
+    """The room's newest cursor and whether it is closed, read together (``(0, None)`` for
     a room that does not exist yet: listening to a room does not create it)."""
     found = (Room.objects.filter(name=room_name_validate(room))
              .values_list("last_seq", "closed").first())
-    return (0, False) if found is None else found
+    return (0, None) if found is None else found
 
 
 def room_enter(
@@ -475,9 +475,12 @@ def _rooms_cursors_take(counts: dict[str, int], now: datetime) -> dict[str, tupl
     case_params = [value for name in names for value in (name, counts[name])]
     stamp = connection.ops.adapt_datetimefield_value(now)
     if connection.vendor == "postgresql":
+        # COLLATE "C": the byte order Python's sorted() uses for these ASCII names (the
+        # database's own collation may put "general" before "Lobby").
         sql = (f"WITH locked AS (SELECT id FROM {table} WHERE name IN ({marks}) AND NOT closed"  # noqa: S608
-               f" ORDER BY name FOR UPDATE) UPDATE {table} SET last_seq = last_seq + CASE name"
-               f" {case} END, last_activity = %s FROM locked WHERE {table}.id = locked.id"
+               ' ORDER BY name COLLATE "C" FOR UPDATE)'
+               f" UPDATE {table} SET last_seq = last_seq + CASE name {case} END,"
+               f" last_activity = %s FROM locked WHERE {table}.id = locked.id"
                f" RETURNING {table}.name, {table}.id, {table}.last_seq")
         params = [*names, *case_params, stamp]
         savepoint = transaction.savepoint()
