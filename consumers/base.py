@@ -83,13 +83,14 @@ class RoomConsumer(ScopeConsumer):
         """``services.room_enter`` for this scope's sender: whether the room is closed, and
         the sender as the room shows it. A room this process follows already needs no
         database hop (its hub knows whether it is closed, and the staff names are at hand):
-        most connects of a busy room."""
+        most connects of a busy room. Only an open room is taken from the hub: one it holds
+        as closed may have been reopened a moment ago (the database says)."""
         runtime = await get_runtime()
         closed = runtime.hub.room_closed(room)
         sender = self.sender
         name = services.display_name_known(sender_id=sender["id"], protocol=sender["protocol"],
                                            name=sender["name"])
-        if closed is None or name is None:
+        if closed is not False or name is None:
             return await database_sync_to_async(services.room_enter)(
                 room=room, sender=sender, staff=staff, creator=creator)
         return closed, contract.sender(protocol=sender["protocol"], id=sender["id"], name=name)

@@ -51,12 +51,13 @@ import re
 import secrets
 from urllib.parse import parse_qs
 
+from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
 from django.conf import settings
 from django.db import DatabaseError
 
 from consumers.base import RoomConsumer
-from gateway import events, metrics
+from gateway import events, metrics, selectors
 from gateway.errors import GatewayError
 from gateway.fanout import END_DISCONNECTED, END_SHUTDOWN, FRAME_WRITER_EXTENSION, Delivery
 from gateway.ingest import message_post
@@ -156,8 +157,10 @@ class ChatConsumer(RoomConsumer):
                 await self.base_send({"type": "websocket.accept"})
                 return await self._refuse(CLOSE_ROOM_CLOSED, "the room is closed")
             await self.room_join(room, member_id=member_id, name=self.sender["name"])
-            if self.runtime is not None and self.runtime.hub.room_closed(room):
-                # Closed just before this scope's subscription: its catch-up would not see it.
+            if (self.runtime is not None and self.runtime.hub.room_closed(room)
+                    and await database_sync_to_async(selectors.room_is_closed)(room=room)):
+                # Closed just before this scope's subscription (its catch-up would not see
+                # it), and not reopened since: the hub may not have heard of a reopen yet.
                 await self.base_send({"type": "websocket.accept"})
                 return await self._refuse(CLOSE_ROOM_CLOSED, "the room is closed")
         except Exception:

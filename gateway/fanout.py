@@ -94,7 +94,9 @@ class _RoomState:
     def __init__(self) -> None:
         self.subscribers: set[Subscriber] = set()
         self.last_seq: int | None = None  # None until the room's position is read
-        self.closed = False  # as of last_seq: read with it, then kept by the log's entries
+        # As of last_seq: read with it, then kept by the log's entries (None: the room did
+        # not exist when it was read, until an entry shows it does).
+        self.closed: bool | None = None
         self.pending: list[LogEntry] = []
         self.ready = asyncio.Event()
         self.error: BaseException | None = None
@@ -186,7 +188,8 @@ class RoomHub:
 
     def room_closed(self, room: str) -> bool | None:
         """Whether the room was closed as of the newest entry delivered here; None if this
-        process does not follow the room (then only the database knows)."""
+        process does not follow the room, or it did not exist when it was read (then only
+        the database knows)."""
         state = self.rooms.get(room)
         return None if state is None or state.last_seq is None else state.closed
 
@@ -304,6 +307,8 @@ class RoomHub:
         kind = event.get("kind")  # a room.entry's (a message has none)
         if kind in (ENTRY_CLOSE, ENTRY_REOPEN):
             state.closed = kind == ENTRY_CLOSE
+        elif state.closed is None:
+            state.closed = False  # stored in it, so it exists (and was open then)
         by_protocol: dict[str, int] = {}
         for subscriber in tuple(state.subscribers):
             by_protocol[subscriber.protocol] = by_protocol.get(subscriber.protocol, 0) + 1

@@ -310,3 +310,12 @@ async def test_a_staff_disconnect_closes_only_the_scope_it_names(hub):
     assert a.closed == []
     for sub in (a, b):
         await hub.unsubscribe("ctl", sub)
+
+
+async def test_a_room_that_did_not_exist_when_joined_is_not_taken_as_open_until_it_does(hub):
+    sub = Fake("early")
+    await hub.subscribe("unborn", sub)
+    assert hub.room_closed("unborn") is None  # entering it still asks the database
+    await arrive(hub, await stored_quietly("unborn", "now it exists"))
+    await until(lambda: hub.room_closed("unborn") is False)
+    await hub.unsubscribe("unborn", sub)
