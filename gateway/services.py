@@ -213,35 +213,44 @@ def sender_verified(sender_id: str, protocol: str) -> bool:
     return protocol == "system" or sender_id.startswith("user:")
 
 
-def display_name_reserved(name: str) -> bool:
-    """Whether ``name`` is a staff account's (case-insensitive); refreshed every 10 s."""
+def _staff_names(*, read: bool) -> frozenset[str] | None:
+    """The staff accounts' names (casefolded), read again every 10 s; None when they are due
+    and ``read`` is False (no database here)."""
     global _reserved
     expires, names = _reserved
     if time.monotonic() > expires:
+        if not read:
+            return None
         staff = get_user_model().objects.filter(is_staff=True)
         names = frozenset(n.casefold() for n in staff.values_list("username", flat=True))
         _reserved = (time.monotonic() + _RESERVED_TTL, names)
-    return name.casefold() in names or name.casefold() == "system"
+    return names
+
+
+def _name_shown(sender_id: str, protocol: str, name: str, staff: frozenset[str]) -> str:
+    if sender_verified(sender_id, protocol) or name.casefold() not in staff | {"system"}:
+        return name
+    return f"{name[:50]} (unverified)"
+
+
+def display_name_reserved(name: str) -> bool:
+    """Whether ``name`` is a staff account's (case-insensitive); refreshed every 10 s."""
+    staff = cast(frozenset[str], _staff_names(read=True))
+    return name.casefold() in staff or name.casefold() == "system"
 
 
 def display_name_for(*, sender_id: str, protocol: str, name: str) -> str:
     """The name a sender shows: an unverified sender cannot take a staff user's name."""
-    if sender_verified(sender_id, protocol) or not display_name_reserved(name):
-        return name
-    return f"{name[:50]} (unverified)"
+    if sender_verified(sender_id, protocol):
+        return name  # no need for the staff names
+    return _name_shown(sender_id, protocol, name, cast(frozenset[str], _staff_names(read=True)))
 
 
 def display_name_known(*, sender_id: str, protocol: str, name: str) -> str | None:
     """``display_name_for`` from what this process holds, without the database: None when
     the staff names it compares with are due to be read again (ask ``display_name_for``)."""
-    expires, names = _reserved
-    if time.monotonic() > expires:
-        return None
-    if sender_verified(sender_id, protocol) or not (
-        name.casefold() in names or name.casefold() == "system"
-    ):
-        return name
-    return f"{name[:50]} (unverified)"
+    staff = _staff_names(read=False)
+    return None if staff is None else _name_shown(sender_id, protocol, name, staff)
 
 
 def room_message_post(
