@@ -248,6 +248,26 @@ def close_code(sock: socket.socket) -> int:
     return read_until_close(sock)[1]
 
 
+def frames_split(data: bytes) -> tuple[list[tuple[int, bytes]], bytes]:
+    """The whole server frames at the start of ``data`` as (opcode, payload), and the rest
+    (a frame not all arrived yet)."""
+    frames = []
+    while len(data) >= 2:
+        opcode, length = data[0] & 0x0F, data[1] & 0x7F
+        offset = {126: 4, 127: 10}.get(length, 2)
+        if len(data) < offset:
+            break  # the extended length has not all arrived yet
+        if length == 126:
+            length = struct.unpack("!H", data[2:4])[0]
+        elif length == 127:
+            length = struct.unpack("!Q", data[2:10])[0]
+        if len(data) < offset + length:
+            break
+        frames.append((opcode, data[offset:offset + length]))
+        data = data[offset + length:]
+    return frames, data
+
+
 def read_until_close(sock: socket.socket) -> tuple[list[dict], int | None]:
     """Read frames until the server's close frame: the text frames and the close code
     (None if the connection was reset before a close frame arrived)."""
@@ -260,19 +280,8 @@ def read_until_close(sock: socket.socket) -> tuple[list[dict], int | None]:
             return frames, None
         if not chunk:
             raise ConnectionError("closed without a close frame")
-        data += chunk
-        while len(data) >= 2:
-            opcode, length = data[0] & 0x0F, data[1] & 0x7F
-            offset = {126: 4, 127: 10}.get(length, 2)
-            if len(data) < offset:
-                break  # the extended length has not all arrived yet
-            if length == 126:
-                length = struct.unpack("!H", data[2:4])[0]
-            elif length == 127:
-                length = struct.unpack("!Q", data[2:10])[0]
-            if len(data) < offset + length:
-                break
-            payload, data = data[offset:offset + length], data[offset + length:]
+        arrived, data = frames_split(data + chunk)
+        for opcode, payload in arrived:
             if opcode == 0x8:
                 return frames, struct.unpack("!H", payload[:2])[0]
             if opcode == 0x1:
@@ -314,20 +323,8 @@ def frames_until_end(sock: socket.socket, limit: float) -> tuple[list[tuple[floa
             return seen, True
         if not chunk:
             return seen, True
-        data += chunk
-        while len(data) >= 2:
-            opcode, length = data[0] & 0x0F, data[1] & 0x7F
-            offset = {126: 4, 127: 10}.get(length, 2)
-            if len(data) < offset:
-                break  # the extended length has not all arrived yet
-            if length == 126:
-                length = struct.unpack("!H", data[2:4])[0]
-            elif length == 127:
-                length = struct.unpack("!Q", data[2:10])[0]
-            if len(data) < offset + length:
-                break
-            seen.append((time.monotonic() - started, opcode))
-            data = data[offset + length:]
+        arrived, data = frames_split(data + chunk)
+        seen += [(time.monotonic() - started, opcode) for opcode, _ in arrived]
     return seen, False
 
 
