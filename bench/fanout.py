@@ -99,6 +99,16 @@ def start_system(name: str, redis: Redis, workdir: Path, env_extra: dict[str, st
     return proc, port, f"ws://127.0.0.1:{port}/ws/chat/{{room}}/"
 
 
+def stop_system(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within 15 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
 def measure(name: str, redis: Redis, workdir: Path, rooms: int, clients: int, rate: float,
             duration: float) -> dict:
     redis.flush()
@@ -119,11 +129,7 @@ def measure(name: str, redis: Redis, workdir: Path, rooms: int, clients: int, ra
         after = cpu_seconds(proc.pid) + cpu_seconds(redis.proc.pid)
         result = json.loads(out.strip().splitlines()[-1])
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_system(proc)
     delivered = result["unique"]
     result.update(
         system=name,

@@ -37,7 +37,6 @@ import asyncio
 import contextlib
 import json
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -51,7 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import mqtt  # noqa: E402
-from bench.fanout import BENCH, Redis, cpu_seconds, start_system  # noqa: E402
+from bench.fanout import BENCH, Redis, cpu_seconds, start_system, stop_system  # noqa: E402
 from tests.servers import Mosquitto  # noqa: E402
 
 SYSTEMS = ("floor", "tutorial", "gateway-sqlite", "gateway-postgres")
@@ -131,12 +130,7 @@ def load(system: str, args, redis: Redis, workdir: Path, *, rooms: int, clients:
             reader.join(10)
             result = json.loads(out[-1])
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+            stop_system(proc)
     connected, start = result["connected"], marks["start"]
     ready = marks.get("connected", start)
     quiet = marks.get("idle", ready)
@@ -251,8 +245,7 @@ async def mqtt_rows(args, workdir: Path, redis: Redis) -> list[dict]:
                                  **await mqtt.mqtt_to_ws(broker.port, http, "fleet", fleet_count,
                                                          fleet_rate, 100)})
                 finally:
-                    proc.send_signal(signal.SIGTERM)
-                    proc.wait(15)
+                    stop_system(proc)
     finally:
         broker.stop()
     print(f"\nmqtt ({args.duration:g}s per path)")
