@@ -2,7 +2,8 @@
 
 A room's log has two kinds of entry, each with its cursor (its place in the room's one
 sequence): ``room.message`` (its ``id`` is its cursor) and ``room.entry``, every other change
-(``kind`` delete, close or reopen; ``id`` the message it concerns, ``cursor`` its own place).
+(``kind`` delete, edit, reaction, close or reopen; ``id`` the message it concerns, ``cursor``
+its own place).
 Both go to the room's group, in cursor order; ``entry_cursor`` reads either's place.
 
 Every consumer and protocol server builds and reads room events only through this module.
@@ -20,7 +21,12 @@ ROOM_ENTRY = "room.entry"  # a log entry that is not a message (ENTRY_KINDS)
 ENTRY_DELETE = "delete"  # staff deleted message ``id``: gone from history and pages
 ENTRY_CLOSE = "close"  # staff closed the room: its members are disconnected
 ENTRY_REOPEN = "reopen"  # staff reopened it
-ENTRY_KINDS = (ENTRY_DELETE, ENTRY_CLOSE, ENTRY_REOPEN)
+ENTRY_EDIT = "edit"  # message ``id`` has the text ``text`` now
+ENTRY_REACTION = "reaction"  # ``sender`` added (or took back) ``emoji`` on message ``id``
+ENTRY_KINDS = (ENTRY_DELETE, ENTRY_CLOSE, ENTRY_REOPEN, ENTRY_EDIT, ENTRY_REACTION)
+# What a message's own entries are (the room's are close and reopen).
+MESSAGE_ENTRY_KINDS = (ENTRY_DELETE, ENTRY_EDIT, ENTRY_REACTION)
+EXCERPT_LENGTH = 100  # characters of a replied-to message shown with the reply
 # Control events, on the group every process joins (CONTROL_GROUP): not part of any log.
 SCOPE_DISCONNECT = "scope.disconnect"  # {"scope"}: that connection is closed
 CONTROL_GROUP = "gateway.control"
@@ -40,15 +46,27 @@ class Sender(TypedDict):
     name: str
 
 
+class ReplyRef(TypedDict):
+    """The message a reply answers, as the reply shows it (read when the reply is stored or
+    read: a deleted one has an empty excerpt)."""
+
+    id: int
+    sender: Sender
+    excerpt: str  # its first EXCERPT_LENGTH characters
+
+
 class RoomMessage(TypedDict):
     type: str
     id: int  # monotonic per room, assigned when the message is stored
     room: str
-    text: str
+    text: str  # its current text (after edits)
     sender: Sender
     ts: float  # epoch seconds, when it was stored
     origin: str  # the scope that sent it, so no consumer echoes it back there
     client_id: str | None  # the sender's idempotency key, if it gave one
+    reply_to: ReplyRef | None  # the message it answers
+    edited_at: float | None  # when its text was last replaced (read from the log: current)
+    reactions: dict[str, int]  # senders per emoji (read from the log: current)
 
 
 class RoomEntry(TypedDict):
@@ -56,9 +74,15 @@ class RoomEntry(TypedDict):
     cursor: int  # its place in the room's log, after every entry before it
     room: str
     kind: str  # one of ENTRY_KINDS
-    id: int | None  # the message it concerns (delete), else None
-    sender: Sender  # who did it (staff act as the system sender)
+    id: int | None  # the message it concerns (delete, edit, reaction), else None
+    sender: Sender  # who did it (staff act as the system sender, or as themselves)
     ts: float  # epoch seconds, when it was stored
+    origin: str  # the scope it came from ("" for staff and the system)
+    client_id: str | None  # the sender's idempotency key, if it gave one
+    text: str | None  # edit: the message's text (read from the log: its current one)
+    emoji: str | None  # reaction: which
+    added: bool | None  # reaction: added, or taken back
+    count: int | None  # reaction: how many senders have that emoji on the message now
 
 
 LogEntry = RoomMessage | RoomEntry
@@ -90,7 +114,11 @@ _MESSAGE_KEYS: dict[str, type | tuple[type, ...]] = {
     "ts": float,
     "origin": str,
     "client_id": (str, type(None)),
+    "reply_to": (dict, type(None)),
+    "edited_at": (float, type(None)),
+    "reactions": dict,
 }
+_REPLY_KEYS = {"id": int, "sender": dict, "excerpt": str}
 
 
 def sender(*, protocol: str, id: str, name: str) -> Sender:
@@ -108,6 +136,9 @@ def room_message(
     ts: float,
     origin: str,
     client_id: str | None = None,
+    reply_to: ReplyRef | None = None,
+    edited_at: float | None = None,
+    reactions: dict[str, int] | None = None,
 ) -> RoomMessage:
     """Build a ``room.message`` event."""
     return {
@@ -119,7 +150,17 @@ def room_message(
         "ts": float(ts),
         "origin": origin,
         "client_id": client_id,
+        "reply_to": reply_to,
+        "edited_at": None if edited_at is None else float(edited_at),
+        "reactions": reactions or {},
     }
+
+
+def reply_ref(*, id: int, sender: Sender, text: str) -> ReplyRef:
+    """What a reply shows of the message it answers."""
+    return {"id": id, "sender": {"protocol": sender["protocol"], "id": sender["id"],
+                                 "name": sender["name"]},
+            "excerpt": text[:EXCERPT_LENGTH]}
 
 
 def _check_keys(data: dict[str, Any], spec: dict[str, Any], what: str) -> None:
@@ -128,8 +169,13 @@ def _check_keys(data: dict[str, Any], spec: dict[str, Any], what: str) -> None:
     if missing or extra:
         raise EventError(f"{what}: missing {sorted(missing)}, unknown {sorted(extra)}")
     for key, kind in spec.items():
-        if not isinstance(data[key], kind) or isinstance(data[key], bool):
-            raise EventError(f"{what}: {key!r} has type {type(data[key]).__name__}")
+        value = data[key]
+        if not isinstance(value, kind) or (isinstance(value, bool) and not _allows_bool(kind)):
+            raise EventError(f"{what}: {key!r} has type {type(value).__name__}")
+
+
+def _allows_bool(kind: type | tuple[type, ...]) -> bool:
+    return bool in kind if isinstance(kind, tuple) else kind is bool
 
 
 def room_message_decode(data: object) -> RoomMessage:
@@ -140,12 +186,19 @@ def room_message_decode(data: object) -> RoomMessage:
     if data["type"] != ROOM_MESSAGE:
         raise EventError(f"type {data['type']!r} is not {ROOM_MESSAGE!r}")
     _check_keys(data["sender"], _SENDER_KEYS, "sender")
+    if data["reply_to"] is not None:
+        _check_keys(data["reply_to"], _REPLY_KEYS, "reply_to")
+        _check_keys(data["reply_to"]["sender"], _SENDER_KEYS, "reply_to sender")
+    for emoji, count in data["reactions"].items():
+        if not isinstance(emoji, str) or not isinstance(count, int) or isinstance(count, bool):
+            raise EventError("reactions: counts of emoji only")
     return data  # type: ignore[return-value]
 
 
 def message_public(event: RoomMessage) -> dict[str, Any]:
-    """What clients see of a room message (API, WebSocket): the contract less its internal
-    ``type`` and ``origin``, with the text under the Channels tutorial's key ``message``."""
+    """What clients see of a room message (API, WebSocket, SSE, MQTT): the contract less its
+    internal ``type`` and ``origin``, with the text under the Channels tutorial's key
+    ``message``, and its current state (reply, edit, reactions)."""
     return {
         "id": event["id"],
         "room": event["room"],
@@ -153,7 +206,30 @@ def message_public(event: RoomMessage) -> dict[str, Any]:
         "sender": event["sender"],
         "ts": event["ts"],
         "client_id": event["client_id"],
+        "reply_to": event["reply_to"],
+        "edited_at": event["edited_at"],
+        "reactions": event["reactions"],
     }
+
+
+def entry_public(entry: RoomEntry) -> dict[str, Any] | None:
+    """What clients see of a message's log entry (WebSocket ``v=2``, SSE, MQTT ``out``):
+    ``{"type": "edit" | "delete" | "reaction", "id", "room", "cursor", "sender", ...}``.
+    None for the room's own entries (close, reopen), which each protocol says its own way."""
+    kind = entry["kind"]
+    if kind not in MESSAGE_ENTRY_KINDS:
+        return None
+    public: dict[str, Any] = {"type": kind, "id": entry["id"], "room": entry["room"],
+                              "cursor": entry["cursor"], "sender": entry["sender"]}
+    if kind == ENTRY_EDIT:
+        public["message"] = entry["text"]
+        public["edited_at"] = entry["ts"]
+    elif kind == ENTRY_REACTION:
+        public.update(emoji=entry["emoji"], added=entry["added"], count=entry["count"])
+    else:
+        public["ts"] = entry["ts"]
+    public["client_id"] = entry["client_id"]
+    return public
 
 
 _ENTRY_KEYS: dict[str, type | tuple[type, ...]] = {
@@ -164,11 +240,19 @@ _ENTRY_KEYS: dict[str, type | tuple[type, ...]] = {
     "id": (int, type(None)),
     "sender": dict,
     "ts": float,
+    "origin": str,
+    "client_id": (str, type(None)),
+    "text": (str, type(None)),
+    "emoji": (str, type(None)),
+    "added": (bool, type(None)),
+    "count": (int, type(None)),
 }
 
 
 def room_entry(
-    *, cursor: int, room: str, kind: str, id: int | None, sender: Sender, ts: float
+    *, cursor: int, room: str, kind: str, id: int | None, sender: Sender, ts: float,
+    origin: str = "", client_id: str | None = None, text: str | None = None,
+    emoji: str | None = None, added: bool | None = None, count: int | None = None,
 ) -> RoomEntry:
     """Build a ``room.entry`` event."""
     if kind not in ENTRY_KINDS:
@@ -181,6 +265,12 @@ def room_entry(
         "id": id,
         "sender": {"protocol": sender["protocol"], "id": sender["id"], "name": sender["name"]},
         "ts": float(ts),
+        "origin": origin,
+        "client_id": client_id,
+        "text": text,
+        "emoji": emoji,
+        "added": added,
+        "count": count,
     }
 
 

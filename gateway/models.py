@@ -45,6 +45,14 @@ class Message(models.Model):
     # Deleted by staff: a tombstone, its text erased, its place in the log kept; the delete
     # itself is the log entry (a RoomEvent) that follows.
     deleted_at = models.DateTimeField(null=True, blank=True)
+    # The message it answers (its id in the same room), if any.
+    reply_to = models.BigIntegerField(null=True, blank=True)
+    # Its current state: when its text was last replaced (the texts it replaced are its
+    # MessageRevisions, for staff only), and how many senders reacted with each emoji
+    # (kept with the row, under the room's lock, so history reads no other table; who
+    # reacted is in Reaction). None: never edited, no reaction yet.
+    edited_at = models.DateTimeField(null=True, blank=True)
+    reactions = models.JSONField(null=True, blank=True)
 
     class Meta:
         ordering = ["room", "seq"]
@@ -68,8 +76,11 @@ class RoomEvent(models.Model):
     KIND_DELETE = "delete"
     KIND_CLOSE = "close"
     KIND_REOPEN = "reopen"
+    KIND_EDIT = "edit"
+    KIND_REACTION = "reaction"
     KINDS = [(KIND_DELETE, "message deleted"), (KIND_CLOSE, "room closed"),
-             (KIND_REOPEN, "room reopened")]
+             (KIND_REOPEN, "room reopened"), (KIND_EDIT, "message edited"),
+             (KIND_REACTION, "reaction")]
 
     room = models.ForeignKey(Room, on_delete=models.CASCADE, related_name="log_events")
     seq = models.BigIntegerField(help_text="Cursor in the room's log")
@@ -79,16 +90,93 @@ class RoomEvent(models.Model):
     sender_id = models.CharField(max_length=128)
     sender_name = models.CharField(max_length=128)
     created_at = models.DateTimeField()
+    # A reaction's emoji, and whether it was added (else taken back). An edit keeps no text
+    # here: the log is read with the message's current text (gateway/selectors.py).
+    emoji = models.CharField(max_length=64, blank=True, default="")
+    added = models.BooleanField(null=True, blank=True)
+    origin = models.CharField(max_length=128, blank=True, default="",
+                              help_text="The scope it came from ('' for staff)")
+    client_id = models.CharField(max_length=64, null=True, blank=True)  # noqa: DJ001
 
     class Meta:
         ordering = ["room", "seq"]
         constraints = [
             models.UniqueConstraint(fields=["room", "seq"], name="room_event_room_seq_unique"),
+            models.UniqueConstraint(
+                fields=["room", "sender_id", "client_id"],
+                condition=Q(client_id__isnull=False),
+                name="room_event_client_id_unique",
+            ),
         ]
 
     def __str__(self) -> str:
         target = f" #{self.target}" if self.target is not None else ""
         return f"{self.room_id}@{self.seq} {self.kind}{target}"
+
+
+class Reaction(models.Model):
+    """A sender's reaction with one emoji to one message (its counts are on the message)."""
+
+    room = models.ForeignKey(Room, on_delete=models.CASCADE, related_name="reactions")
+    seq = models.BigIntegerField(help_text="The message's id")
+    emoji = models.CharField(max_length=64)
+    sender_protocol = models.CharField(max_length=16)
+    sender_id = models.CharField(max_length=128)
+    sender_name = models.CharField(max_length=128)
+    created_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["room", "seq", "emoji", "sender_protocol", "sender_id"],
+                name="reaction_unique",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.room_id}#{self.seq} {self.emoji} {self.sender_name}"
+
+
+class MessageRevision(models.Model):
+    """A text an edit replaced: the edit history staff see in the admin (never the API).
+    Deleting the message erases its revisions with its text."""
+
+    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="revisions")
+    text = models.TextField()
+    replaced_at = models.DateTimeField()
+    by_protocol = models.CharField(max_length=16)
+    by_id = models.CharField(max_length=128)
+    by_name = models.CharField(max_length=128)
+
+    class Meta:
+        ordering = ["message", "replaced_at", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.message_id} before {self.replaced_at:%Y-%m-%d %H:%M:%S}"
+
+
+class BotMessage(models.Model):
+    """Where a room message is in a bot's chat: the platform's message id of the chat's copy
+    (``own``: the bot sent it) or of the original the chat sent. Edits, deletes, replies and
+    reactions find each other through it, across restarts and replicas."""
+
+    platform = models.CharField(max_length=16)
+    chat_id = models.CharField(max_length=64)
+    message_id = models.BigIntegerField(help_text="The platform's id of the message")
+    room = models.CharField(max_length=64)
+    seq = models.BigIntegerField(help_text="The room message's id")
+    own = models.BooleanField(default=True, help_text="Sent by the bot (else the original)")
+    part = models.PositiveSmallIntegerField(default=0, help_text="Piece of a long message")
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["platform", "chat_id", "message_id"],
+                                    name="bot_message_unique"),
+        ]
+        indexes = [models.Index(fields=["platform", "room", "seq"], name="bot_message_room")]
+
+    def __str__(self) -> str:
+        return f"{self.platform}:{self.chat_id}/{self.message_id} = {self.room}#{self.seq}"
 
 
 class GatewayProcess(models.Model):

@@ -11,16 +11,20 @@ from django.utils import timezone
 
 from gateway import events
 from gateway.models import BotChat, GatewayProcess, Message, RelayCursor, Room, RoomEvent
-from gateway.services import entry_event, message_event
+from gateway.services import entry_event, message_events
 
 
 def room_log_after(
     *, room: str, after: int, limit: int, upto: int | None = None
 ) -> tuple[list[events.LogEntry], int]:
     """A room's log entries with ``after < cursor <= upto`` (every kind), oldest first, at
-    most ``limit``; and the cursor they reach, so a reader continues from there (a deleted
-    message's tombstone holds its place but is not an entry to deliver; the delete that
-    follows it is). The cursor reached is ``after`` when nothing was there."""
+    most ``limit``; and the cursor they reach, so a reader continues from there.
+
+    Entries are read in the current state of their messages: a message with its text after
+    edits and its reactions now, an edit with the text now (an earlier text is never read
+    back), a reaction with its emoji's count now. A deleted message's tombstone holds its
+    place but is not an entry to deliver, nor are the edits and reactions it had; the
+    delete that follows it is. The cursor reached is ``after`` when nothing was there."""
     messages = Message.objects.filter(room__name=room, seq__gt=after)
     others = RoomEvent.objects.filter(room__name=room, seq__gt=after)
     if upto is not None:
@@ -29,30 +33,85 @@ def room_log_after(
                                        *others.order_by("seq")[:limit]]
     rows.sort(key=lambda row: row.seq)
     rows = rows[:limit]
+    live = [row for row in rows if isinstance(row, Message) and row.deleted_at is None]
+    shown = {event["id"]: event for event in message_events(live, room=room)}
+    changed = {row.target for row in rows if isinstance(row, RoomEvent)
+               and row.kind in (RoomEvent.KIND_EDIT, RoomEvent.KIND_REACTION)}
+    states = _message_states(room, changed - shown.keys())
+    for event in shown.values():
+        states[event["id"]] = (event["text"], event["reactions"])
     entries: list[events.LogEntry] = []
     for row in rows:
-        if isinstance(row, RoomEvent):
+        if isinstance(row, Message):
+            if row.seq in shown:
+                entries.append(shown[row.seq])
+        elif row.kind in (RoomEvent.KIND_EDIT, RoomEvent.KIND_REACTION):
+            state = states.get(row.target)
+            if state is None:
+                continue  # its message was deleted since
+            text, reactions = state
+            if row.kind == RoomEvent.KIND_EDIT:
+                entries.append(entry_event(row, room=room, text=text))
+            else:
+                entries.append(entry_event(row, room=room, count=reactions.get(row.emoji, 0)))
+        else:
             entries.append(entry_event(row, room=room))
-        elif row.deleted_at is None:
-            entries.append(message_event(row, room=room))
     return entries, rows[-1].seq if rows else after
+
+
+def _message_states(room: str, ids: set[int | None]) -> dict[int, tuple[str, dict[str, int]]]:
+    """The current text and reactions of these messages of ``room`` (not deleted ones)."""
+    if not ids:
+        return {}
+    rows = Message.objects.filter(room__name=room, seq__in=ids, deleted_at__isnull=True)
+    return {seq: (text, reactions or {}) for seq, text, reactions in
+            rows.values_list("seq", "text", "reactions")}
 
 
 def room_messages_after(
     *, room: str, after: int, limit: int, upto: int | None = None
 ) -> list[events.RoomMessage]:
     """Stored messages of a room with ``after < id <= upto``, oldest first, at most ``limit``
-    (deleted ones are gone from history)."""
+    (deleted ones are gone), in their current state."""
     query = Message.objects.filter(room__name=room, seq__gt=after, deleted_at__isnull=True)
     if upto is not None:
         query = query.filter(seq__lte=upto)
-    return [message_event(m, room=room) for m in query.order_by("seq")[:limit]]
+    return message_events(list(query.order_by("seq")[:limit]), room=room)
 
 
 def room_messages_last(*, room: str, limit: int) -> list[events.RoomMessage]:
-    """The newest ``limit`` messages of a room, oldest first."""
+    """The newest ``limit`` messages of a room, oldest first (deleted ones are gone), in
+    their current state."""
     rows = Message.objects.filter(room__name=room, deleted_at__isnull=True).order_by("-seq")
-    return [message_event(m, room=room) for m in reversed(rows[:limit])]
+    return message_events(list(reversed(rows[:limit])), room=room)
+
+
+def room_history(
+    *, room: str, limit: int, after: int | None = None
+) -> list[dict[str, object]]:
+    """The history API's page: messages in their current state, in the public shape, with
+    ``deleted`` (a deleted one keeps its place, id, sender and time; its text, reply and
+    reactions are gone). Oldest first: after the id ``after``, or the newest ``limit``."""
+    query = Message.objects.filter(room__name=room)
+    if after is None:
+        rows = list(reversed(query.order_by("-seq")[:limit]))
+    else:
+        rows = list(query.filter(seq__gt=after).order_by("seq")[:limit])
+    shown = {e["id"]: e for e in message_events([r for r in rows if r.deleted_at is None],
+                                                 room=room)}
+    page: list[dict[str, object]] = []
+    for row in rows:
+        if row.seq in shown:
+            page.append({**events.message_public(shown[row.seq]), "deleted": False})
+        else:
+            page.append({
+                "id": row.seq, "room": room, "message": "", "ts": row.created_at.timestamp(),
+                "sender": {"protocol": row.sender_protocol, "id": row.sender_id,
+                           "name": row.sender_name},
+                "client_id": None, "reply_to": None, "edited_at": None, "reactions": {},
+                "deleted": True,
+            })
+    return page
 
 
 def room_last_seqs(*, rooms: list[str]) -> dict[str, int]:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
+import unicodedata
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import cast
@@ -29,6 +31,8 @@ from gateway.models import (
     Device,
     Lease,
     Message,
+    MessageRevision,
+    Reaction,
     RelayCursor,
     Room,
     RoomEvent,
@@ -71,10 +75,19 @@ def _unicode_check(value: str, field: str, *, code: str = "invalid_message") -> 
 
 
 def message_event(message: Message, *, room: str | None = None) -> events.RoomMessage:
-    """The contract event for a stored message (``room`` spares a query for its name)."""
-    return events.room_message(
+    """The contract event for a stored message, in its current state (``room`` spares a
+    query for its name)."""
+    return message_events([message], room=room if room is not None else message.room.name)[0]
+
+
+def message_events(messages: Sequence[Message], *, room: str) -> list[events.RoomMessage]:
+    """The contract events of stored messages of ``room``, in their current state: the
+    messages they answer read in one query, only when some answer one."""
+    answered = {m.reply_to for m in messages if m.reply_to is not None}
+    refs = _reply_refs(room, answered) if answered else {}
+    return [events.room_message(
         id=message.seq,
-        room=room if room is not None else message.room.name,
+        room=room,
         text=message.text,
         sender=events.sender(
             protocol=message.sender_protocol, id=message.sender_id, name=message.sender_name
@@ -82,11 +95,26 @@ def message_event(message: Message, *, room: str | None = None) -> events.RoomMe
         ts=message.created_at.timestamp(),
         origin=message.origin,
         client_id=message.client_id,
-    )
+        reply_to=None if message.reply_to is None else refs.get(message.reply_to),
+        edited_at=None if message.edited_at is None else message.edited_at.timestamp(),
+        reactions=message.reactions,
+    ) for message in messages]
 
 
-def entry_event(entry: RoomEvent, *, room: str) -> events.RoomEntry:
-    """The contract event for a stored log entry that is not a message."""
+def _reply_refs(room: str, ids: set[int]) -> dict[int, events.ReplyRef]:
+    """What replies show of these messages of ``room`` (a deleted one: no excerpt)."""
+    rows = Message.objects.filter(room__name=room, seq__in=ids).values_list(
+        "seq", "sender_protocol", "sender_id", "sender_name", "text")
+    return {seq: events.reply_ref(id=seq, text=text, sender=events.sender(
+        protocol=protocol, id=sender_id, name=name))
+        for seq, protocol, sender_id, name, text in rows}
+
+
+def entry_event(
+    entry: RoomEvent, *, room: str, text: str | None = None, count: int | None = None
+) -> events.RoomEntry:
+    """The contract event for a stored log entry that is not a message (an edit's ``text``
+    and a reaction's ``count`` are the message's, which the caller read)."""
     return events.room_entry(
         cursor=entry.seq,
         room=room,
@@ -96,6 +124,12 @@ def entry_event(entry: RoomEvent, *, room: str) -> events.RoomEntry:
             protocol=entry.sender_protocol, id=entry.sender_id, name=entry.sender_name
         ),
         ts=entry.created_at.timestamp(),
+        origin=entry.origin,
+        client_id=entry.client_id,
+        text=text,
+        emoji=entry.emoji or None,
+        added=entry.added,
+        count=count,
     )
 
 
@@ -260,14 +294,17 @@ def room_message_post(
     sender: events.Sender,
     origin: str,
     client_id: str | None = None,
+    reply_to: int | None = None,
 ) -> tuple[events.RoomMessage, bool]:
-    """Store a message, then broadcast it once committed.
+    """Store a message (an answer to message ``reply_to`` of the room, if given), then
+    broadcast it once committed.
 
     Returns the event and whether it was created; a repeated ``client_id`` from the same
     sender returns the message stored the first time and broadcasts nothing.
     """
     return _message_post_one(_post_checked(
-        Post(room=room, text=text, sender=sender, origin=origin, client_id=client_id)
+        Post(room=room, text=text, sender=sender, origin=origin, client_id=client_id,
+             reply_to=reply_to)
     ))
 
 
@@ -279,9 +316,16 @@ def _message_post_one(post: Post) -> tuple[events.RoomMessage, bool]:
         existing = _message_by_client_id(room, sender["id"], client_id)
         if existing is not None:
             return message_event(existing, room=room), False
+    reply = None
+    if post.reply_to is not None:
+        answered = (room, cast(int, post.reply_to))
+        found = _reply_targets([answered])[answered]
+        if isinstance(found, GatewayError):
+            raise found
+        reply = found
     try:
         with transaction.atomic():
-            event = _message_insert(room, text, sender, post.origin, client_id)
+            event = _message_insert(room, text, sender, post.origin, client_id, reply)
             room_event_broadcast_on_commit(event)
     except IntegrityError:
         # The same client_id won a race in another process; answer with its message.
@@ -302,6 +346,7 @@ class Post:
     sender: events.Sender
     origin: str
     client_id: object = None
+    reply_to: object = None  # the id of the room's message it answers
 
 
 # What storing a Post came to: the event and whether it was created (False: its client_id
@@ -372,8 +417,41 @@ def _post_checked(post: Post) -> Post:
                             name=sender["name"])
     if name != sender["name"]:
         sender = events.sender(protocol=sender["protocol"], id=sender["id"], name=name)
+    reply_to = None if post.reply_to is None else message_id_validate(post.reply_to, "reply_to")
     return Post(room=room_name_validate(post.room), text=message_text_validate(post.text),
-                sender=sender, origin=post.origin, client_id=client_id_validate(post.client_id))
+                sender=sender, origin=post.origin, client_id=client_id_validate(post.client_id),
+                reply_to=reply_to)
+
+
+def message_id_validate(value: object, field: str = "id") -> int:
+    """A message id as a client gives it: a positive integer (GatewayError otherwise)."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 2**63:
+        raise GatewayError(f"invalid_{field}", f"'{field}' must be a message id (an integer > 0)")
+    return value
+
+
+def _reply_targets(
+    pairs: Sequence[tuple[str, int]],
+) -> dict[tuple[str, int], events.ReplyRef | GatewayError]:
+    """For each ``(room, id)`` a reply answers: what the reply shows of it, or why it cannot
+    be answered (``not_found``, ``deleted``). One query for all of them."""
+    wanted = set(pairs)
+    rows = Message.objects.filter(
+        room__name__in={room for room, _ in wanted}, seq__in={seq for _, seq in wanted}
+    ).values_list("room__name", "seq", "sender_protocol", "sender_id", "sender_name", "text",
+                  "deleted_at")
+    found: dict[tuple[str, int], events.ReplyRef | GatewayError] = {}
+    for room, seq, protocol, sender_id, name, text, deleted_at in rows:
+        if (room, seq) not in wanted:
+            continue
+        if deleted_at is not None:
+            found[(room, seq)] = GatewayError("deleted", f"message {seq} was deleted")
+        else:
+            found[(room, seq)] = events.reply_ref(id=seq, text=text, sender=events.sender(
+                protocol=protocol, id=sender_id, name=name))
+    for room, seq in wanted - found.keys():
+        found[(room, seq)] = GatewayError("not_found", f"no message {seq} in room {room}")
+    return found
 
 
 def _messages_store(valid: list[tuple[int, Post]], results: list[PostResult | None]) -> None:
@@ -381,6 +459,9 @@ def _messages_store(valid: list[tuple[int, Post]], results: list[PostResult | No
     now = datetime.fromtimestamp(time.time(), tz=UTC)
     known = _messages_by_client_ids([post for _, post in valid])
     blocked = _senders_blocked([post.sender for _, post in valid])
+    answered = [(post.room, cast(int, post.reply_to)) for _, post in valid
+                if post.reply_to is not None]
+    replies = _reply_targets(answered) if answered else {}
     by_room: dict[str, list[tuple[int, Post]]] = {}
     first_of: dict[tuple[str, str, object], int] = {}  # a client_id's first post in the batch
     repeats: list[tuple[int, int]] = []  # (a post, the first one with its client_id)
@@ -393,6 +474,8 @@ def _messages_store(valid: list[tuple[int, Post]], results: list[PostResult | No
                                           "staff blocked this sender; the message was dropped")
         elif post.client_id is not None and key in first_of:
             repeats.append((index, first_of[key]))
+        elif isinstance(reply := replies.get((post.room, post.reply_to)), GatewayError):  # type: ignore[arg-type]
+            results[index] = reply
         else:
             if post.client_id is not None:
                 first_of[key] = index
@@ -414,11 +497,13 @@ def _messages_store(valid: list[tuple[int, Post]], results: list[PostResult | No
             sender, seq = post.sender, first_seq + offset
             name, text, client_id = sender["name"][:128], cast(str, post.text), post.client_id
             rows.append((room_pk, seq, text, sender["protocol"], sender["id"], name,
-                         post.origin, client_id, stamp))
+                         post.origin, client_id, stamp, post.reply_to))
             results[index] = (events.room_message(
                 id=seq, room=room, text=text, ts=ts, origin=post.origin,
                 sender=events.sender(protocol=sender["protocol"], id=sender["id"], name=name),
                 client_id=cast(str | None, client_id),
+                reply_to=cast(events.ReplyRef | None, replies.get((room, post.reply_to)))  # type: ignore[arg-type]
+                if post.reply_to is not None else None,
             ), True)
     alone = []  # repeats whose first was refused: stored as if they came after the batch
     for index, first in repeats:
@@ -440,9 +525,10 @@ def _messages_store(valid: list[tuple[int, Post]], results: list[PostResult | No
 
 
 # The columns a new message is inserted with, in the order of ``_messages_insert``'s rows
-# (tests/test_group_commit.py checks they are every column but the key and the tombstone).
+# (tests/test_group_commit.py checks they are every column but the key and the state a message
+# gains later: its tombstone, edit and reactions).
 MESSAGE_INSERT_COLUMNS = ("room_id", "seq", "text", "sender_protocol", "sender_id",
-                          "sender_name", "origin", "client_id", "created_at")
+                          "sender_name", "origin", "client_id", "created_at", "reply_to")
 
 
 def _messages_insert(rows: list[tuple]) -> None:
@@ -646,7 +732,8 @@ def _unblocked_condition(sender: events.Sender) -> tuple[str, list[str]]:
 
 
 def _message_insert(
-    room: str, text: str, sender: events.Sender, origin: str, client_id: str | None
+    room: str, text: str, sender: events.Sender, origin: str, client_id: str | None,
+    reply: events.ReplyRef | None = None,
 ) -> events.RoomMessage:
     """Take the room's next id and insert the message (the single path): its event."""
     now = datetime.fromtimestamp(time.time(), tz=UTC)
@@ -663,10 +750,12 @@ def _message_insert(
     room_pk, seq = advanced
     name = sender["name"][:128]
     _messages_insert([(room_pk, seq, text, sender["protocol"], sender["id"], name, origin,
-                       client_id, connection.ops.adapt_datetimefield_value(now))])
+                       client_id, connection.ops.adapt_datetimefield_value(now),
+                       None if reply is None else reply["id"])])
     return events.room_message(
         id=seq, room=room, text=text, ts=now.timestamp(), origin=origin, client_id=client_id,
         sender=events.sender(protocol=sender["protocol"], id=sender["id"], name=name),
+        reply_to=reply,
     )
 
 
@@ -786,21 +875,234 @@ def relay_target_remove(*, relay: str, target: str, room: str | None = None) -> 
 def messages_delete(
     *, messages: list[tuple[str, int]], by: events.Sender = SYSTEM_SENDER
 ) -> int:
-    """Delete stored messages by ``(room, id)``: each becomes a tombstone (its text erased,
-    gone from history) and the room's log gets a delete entry, which reaches the pages that
-    show it, now or when they resume. Returns how many were deleted (one already deleted,
-    or never stored, counts nothing)."""
+    """Staff delete stored messages by ``(room, id)`` (``message_delete`` for each). Returns
+    how many were deleted (one already deleted, or never stored, counts nothing)."""
     deleted = 0
-    now = datetime.fromtimestamp(time.time(), tz=UTC)
-    with transaction.atomic():
-        for room, seq in messages:
-            gone = Message.objects.filter(
-                room__name=room, seq=seq, deleted_at__isnull=True
-            ).update(text="", deleted_at=now)
-            if gone:
-                deleted += 1
-                _log_append(room, RoomEvent.KIND_DELETE, by, target=seq, now=now)
+    for room, seq in messages:
+        try:
+            message_delete(room=room, id=seq, sender=by, staff=True, origin="")
+        except GatewayError as exc:
+            if exc.code not in ("not_found", "deleted"):
+                raise
+        else:
+            deleted += 1
     return deleted
+
+
+# --- what happens to a stored message: edits, deletes, reactions ----------------------------
+#
+# Each is an entry of the room's log (a RoomEvent at the room's next cursor), stored with the
+# message's new state in one transaction that first takes the room's cursor: every change to
+# a room's messages holds the room's row lock (PostgreSQL) or the write lock (SQLite), so
+# they are applied, and reach every member, in one order.
+
+_UNCHANGED = object()  # what a change returns when there is nothing to record
+
+
+def message_edit(
+    *, room: str, id: object, text: object, sender: events.Sender, staff: bool, origin: str,
+    client_id: object = None,
+) -> tuple[events.RoomEntry | None, bool]:
+    """Replace the text of message ``id`` (its author, or staff). Returns the edit entry and
+    whether it was recorded now (False: its ``client_id`` was seen before, or the text is
+    the same, then without an entry). The replaced text is kept for staff only
+    (``MessageRevision``). GatewayError: ``not_found``, ``deleted``, ``forbidden``, the text
+    rules, ``room_closed``, ``blocked``."""
+    new_text = message_text_validate(text)
+
+    def change(message: Message, now: datetime, by: events.Sender) -> object:
+        if message.text == new_text:
+            return _UNCHANGED
+        MessageRevision.objects.create(
+            message=message, text=message.text, replaced_at=now, by_protocol=by["protocol"],
+            by_id=by["id"], by_name=by["name"][:128])
+        Message.objects.filter(pk=message.pk).update(text=new_text, edited_at=now)
+        return {"text": new_text}
+
+    return _message_change(RoomEvent.KIND_EDIT, room=room, id=id, sender=sender, staff=staff,
+                           origin=origin, client_id=client_id, author_only=True, change=change)
+
+
+def message_delete(
+    *, room: str, id: object, sender: events.Sender, staff: bool, origin: str,
+    client_id: object = None,
+) -> tuple[events.RoomEntry | None, bool]:
+    """Delete message ``id`` (its author, or staff): it becomes a tombstone (its text, edit
+    history and reactions erased; its place in the log kept) and the room's log gets a delete
+    entry, which reaches every member, now or when it resumes. GatewayError as for
+    ``message_edit``."""
+
+    def change(message: Message, now: datetime, by: events.Sender) -> object:
+        Message.objects.filter(pk=message.pk).update(text="", deleted_at=now, reactions=None)
+        MessageRevision.objects.filter(message=message).delete()
+        Reaction.objects.filter(room_id=message.room_id, seq=message.seq).delete()
+        return {}
+
+    return _message_change(RoomEvent.KIND_DELETE, room=room, id=id, sender=sender,
+                           staff=staff, origin=origin, client_id=client_id, author_only=True,
+                           change=change)
+
+
+def emoji_validate(emoji: object) -> str:
+    """A reaction: one emoji (a single pictograph with its modifiers, joiners and variation
+    selectors, a flag, a keycap) or a short token (``[A-Za-z0-9_+-]``, 1-32 characters, for
+    platforms without emoji); ``invalid_emoji`` otherwise."""
+    if not isinstance(emoji, str) or not emoji:
+        raise GatewayError("invalid_emoji", "'emoji' must be one emoji or a short token")
+    if _TOKEN_RE.fullmatch(emoji) or _is_one_emoji(emoji):
+        return emoji
+    raise GatewayError("invalid_emoji", "'emoji' must be one emoji or a short token "
+                       "(letters, digits, _ + -, at most 32)")
+
+
+_TOKEN_RE = re.compile(r"[A-Za-z0-9_+\-]{1,32}")
+_EMOJI_JOINERS = {"\u200d", "\ufe0f", "\ufe0e", "\u20e3"}
+
+
+def _is_one_emoji(text: str) -> bool:
+    """At most 16 code points, all pictographs, their modifiers and joiners (ZWJ, variation
+    selectors, keycap, tag characters), with at most one pictograph between joiners and at
+    least one symbol: no letters, spaces or controls. A flag is two regional indicators."""
+    if len(text) > 16:
+        return False
+    pictographs, joined, regional = 0, True, 0
+    for char in text:
+        point = ord(char)
+        if 0x1F1E6 <= point <= 0x1F1FF:
+            regional += 1
+            continue
+        if char in _EMOJI_JOINERS or 0xE0020 <= point <= 0xE007F or 0x1F3FB <= point <= 0x1F3FF:
+            joined = joined or char == "\u200d"
+            continue
+        if unicodedata.category(char) != "So" and char not in "#*0123456789":
+            return False
+        if not joined:
+            return False  # two pictographs side by side: two emoji
+        pictographs, joined = pictographs + 1, False
+    if regional:
+        return regional == 2 and pictographs == 0
+    return pictographs >= 1 and any(unicodedata.category(c) == "So" for c in text)
+
+
+def message_react(
+    *, room: str, id: object, emoji: object, sender: events.Sender, origin: str,
+    client_id: object = None, added: bool | None = None,
+) -> tuple[events.RoomEntry | None, bool]:
+    """Toggle the sender's reaction ``emoji`` on message ``id`` (``added`` True or False:
+    set it so, recording nothing when it already is). Anyone in the room may react; a
+    message holds at most ``GATEWAY_MAX_REACTIONS`` different emoji (``invalid_emoji``
+    beyond). The entry says whether it was added and how many senders have it now."""
+    emoji = emoji_validate(emoji)
+
+    def change(message: Message, now: datetime, by: events.Sender) -> object:
+        mine = Reaction.objects.filter(room_id=message.room_id, seq=message.seq, emoji=emoji,
+                                       sender_protocol=by["protocol"], sender_id=by["id"])
+        had = mine.exists()
+        want = not had if added is None else added
+        if want == had:
+            return _UNCHANGED
+        counts = dict(message.reactions or {})
+        if want:
+            most = settings.GATEWAY["MAX_REACTIONS"]
+            if emoji not in counts and len(counts) >= most:
+                raise GatewayError("invalid_emoji",
+                                   f"a message holds at most {most} different reactions")
+            Reaction.objects.create(room_id=message.room_id, seq=message.seq, emoji=emoji,
+                                    sender_protocol=by["protocol"], sender_id=by["id"],
+                                    sender_name=by["name"][:128], created_at=now)
+            counts[emoji] = counts.get(emoji, 0) + 1
+        else:
+            mine.delete()
+            counts[emoji] = counts.get(emoji, 1) - 1
+            if counts[emoji] <= 0:
+                del counts[emoji]
+        Message.objects.filter(pk=message.pk).update(reactions=counts or None)
+        return {"emoji": emoji, "added": want, "count": counts.get(emoji, 0)}
+
+    return _message_change(RoomEvent.KIND_REACTION, room=room, id=id, sender=sender,
+                           staff=False, origin=origin, client_id=client_id, author_only=False,
+                           change=change)
+
+
+def _message_change(
+    kind: str, *, room: str, id: object, sender: events.Sender, staff: bool, origin: str,
+    client_id: object, author_only: bool,
+    change: Callable[[Message, datetime, events.Sender], object],
+) -> tuple[events.RoomEntry | None, bool]:
+    """The one way a stored message changes: checks, the room's cursor, the change, the log
+    entry, its broadcast on commit (see above)."""
+    room = room_name_validate(room)
+    seq = message_id_validate(id)
+    key = client_id_validate(client_id)
+    staff = staff or sender["protocol"] == "system"
+    shown = display_name_for(sender_id=sender["id"], protocol=sender["protocol"],
+                             name=sender["name"])
+    by = events.sender(protocol=sender["protocol"], id=sender["id"], name=shown)
+    if key is not None and (done := _entry_by_client_id(room, by["id"], key)) is not None:
+        return done, False
+    now = datetime.fromtimestamp(time.time(), tz=UTC)
+    try:
+        with transaction.atomic():
+            unblocked, params = _unblocked_condition(by)
+            closed = "" if staff else " AND NOT closed"
+            taken = _cursor_take(room, where=closed + unblocked, params=params)
+            message = Message.objects.filter(room__name=room, seq=seq).first()
+            if message is None:
+                raise GatewayError("not_found", f"no message {seq} in room {room}")
+            if taken is None:
+                if sender_blocked(by):
+                    raise GatewayError("blocked", "staff blocked this sender")
+                raise GatewayError("room_closed", f"room {room} is closed")
+            if message.deleted_at is not None:
+                raise GatewayError("deleted", f"message {seq} was deleted")
+            if author_only and not staff and (message.sender_protocol, message.sender_id) != (
+                    by["protocol"], by["id"]):
+                raise GatewayError("forbidden", "only its author or staff may do that")
+            fields = change(message, now, by)
+            if fields is _UNCHANGED:
+                transaction.set_rollback(True)  # the cursor taken is given back
+                return None, False
+            data = cast(dict, fields)
+            room_pk, cursor = taken
+            entry = RoomEvent.objects.create(
+                room_id=room_pk, seq=cursor, kind=kind, target=seq, created_at=now,
+                sender_protocol=by["protocol"], sender_id=by["id"],
+                sender_name=by["name"][:128], origin=origin[:128], client_id=key,
+                emoji=data.get("emoji", ""), added=data.get("added"),
+            )
+            event = entry_event(entry, room=room, text=data.get("text"),
+                                count=data.get("count"))
+            room_event_broadcast_on_commit(event)
+    except IntegrityError:
+        # The same client_id won a race in another process: answer with its entry.
+        done = _entry_by_client_id(room, by["id"], key) if key is not None else None
+        if done is None:
+            raise
+        return done, False
+    return event, True
+
+
+def _entry_by_client_id(room: str, sender_id: str, client_id: str) -> events.RoomEntry | None:
+    entry = RoomEvent.objects.filter(room__name=room, sender_id=sender_id,
+                                     client_id=client_id).first()
+    if entry is None:
+        return None
+    text, count = _entry_state(entry)
+    return entry_event(entry, room=room, text=text, count=count)
+
+
+def _entry_state(entry: RoomEvent) -> tuple[str | None, int | None]:
+    """What an edit or a reaction entry shows of its message now: the text, the count."""
+    if entry.kind not in (RoomEvent.KIND_EDIT, RoomEvent.KIND_REACTION):
+        return None, None
+    row = Message.objects.filter(room_id=entry.room_id, seq=entry.target).values_list(
+        "text", "reactions").first()
+    if row is None:
+        return None, None
+    text, reactions = row
+    if entry.kind == RoomEvent.KIND_EDIT:
+        return text, None
+    return None, (reactions or {}).get(entry.emoji, 0)
 
 
 def room_close(*, room: str, by: events.Sender = SYSTEM_SENDER) -> None:
@@ -820,19 +1122,16 @@ def room_reopen(*, room: str, by: events.Sender = SYSTEM_SENDER) -> None:
             _log_append(room, RoomEvent.KIND_REOPEN, by)
 
 
-def _log_append(
-    room: str, kind: str, by: events.Sender, *, target: int | None = None,
-    now: datetime | None = None,
-) -> events.RoomEntry:
-    """Append an entry that is not a message to the room's log, at its next cursor, and
+def _log_append(room: str, kind: str, by: events.Sender) -> events.RoomEntry:
+    """Append an entry of the room itself (close, reopen) to its log, at its next cursor, and
     broadcast it once committed. Call it inside a transaction."""
-    now = now or datetime.fromtimestamp(time.time(), tz=UTC)
+    now = datetime.fromtimestamp(time.time(), tz=UTC)
     taken = _cursor_take(room)
     if taken is None:  # callers hold the room's row: it exists
         raise GatewayError("room_not_found", f"no room {room}")
     room_pk, seq = taken
     entry = RoomEvent.objects.create(
-        room_id=room_pk, seq=seq, kind=kind, target=target, sender_protocol=by["protocol"],
+        room_id=room_pk, seq=seq, kind=kind, sender_protocol=by["protocol"],
         sender_id=by["id"], sender_name=by["name"][:128], created_at=now,
     )
     event = entry_event(entry, room=room)

@@ -13,7 +13,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET
 
-from gateway import events, selectors, status
+from gateway import selectors, status
 from gateway.adapters import adapters_enabled
 from gateway.names import ROOM_NAME_RULE, room_name_is_valid
 
@@ -105,8 +105,9 @@ def api_room(request: HttpRequest, room: str) -> HttpResponse:
 @api
 def api_messages(request: HttpRequest, room: str) -> HttpResponse:
     """``?after=<id>&limit=<n>``: messages after an id, oldest first; ``next_after`` pages on.
-
-    Without ``after``, the newest ``limit`` messages.
+    Without ``after``, the newest ``limit`` messages. Each in its current state: its text
+    after edits (``edited_at``), ``reply_to``, ``reactions`` (senders per emoji), and
+    ``deleted`` (true: its text is gone).
     """
     maximum = settings.GATEWAY["HISTORY_MAX_PAGE_SIZE"]
     try:
@@ -119,16 +120,15 @@ def api_messages(request: HttpRequest, room: str) -> HttpResponse:
         return error_response(400, "invalid_query", f"'limit' must be 1-{maximum}; 'after' >= 0")
     more = False
     if after_id is None:
-        messages = selectors.room_messages_last(room=room, limit=limit)
+        messages = selectors.room_history(room=room, limit=limit)
     else:
-        # One more than the page, to know whether another follows (the log may go on past
-        # the last message with entries that are not messages, such as a delete).
-        messages = selectors.room_messages_after(room=room, after=after_id, limit=limit + 1)
+        # One more than the page, to know whether another follows.
+        messages = selectors.room_history(room=room, after=after_id, limit=limit + 1)
         more, messages = len(messages) > limit, messages[:limit]
     last = selectors.room_last_seqs(rooms=[room])[room]
     return JsonResponse(
-        {"room": room, "messages": [events.message_public(m) for m in messages],
-         "last_id": last, "next_after": messages[-1]["id"] if more else None}
+        {"room": room, "messages": messages, "last_id": last,
+         "next_after": messages[-1]["id"] if more else None}
     )
 
 

@@ -245,6 +245,8 @@ GATEWAY_PROTOCOLS = env_list("GATEWAY_PROTOCOLS", ",".join(PROTOCOL_NAMES))
 GATEWAY = {
     # One limit for every protocol, in characters.
     "MAX_MESSAGE_LENGTH": env_int("GATEWAY_MAX_MESSAGE_LENGTH", 4096, minimum=1),
+    # Different emoji one message may carry as reactions (one more is refused).
+    "MAX_REACTIONS": env_int("GATEWAY_MAX_REACTIONS", 20, minimum=1),
     # WebSocket frames above this many bytes are refused by the server (close code 1009).
     "WS_MAX_FRAME_BYTES": env_int("GATEWAY_WS_MAX_FRAME_BYTES", 65_536, minimum=1024),
     # A socket whose unsent backlog passes this many bytes has fallen behind: it is closed

@@ -267,7 +267,8 @@ async def test_the_relay_publishes_each_message_and_moves_past_other_entries():
     event = await database_sync_to_async(post)("plant", "hello", client_id="c-1")
     assert await broker.next("plant") == {
         "type": "message", "id": 1, "room": "plant", "message": "hello", "sender": ALICE,
-        "ts": event["ts"], "client_id": "c-1"}  # no origin
+        "ts": event["ts"], "client_id": "c-1", "reply_to": None, "edited_at": None,
+        "reactions": {}}  # no origin
     await database_sync_to_async(post)("plant", "second")
     assert (await broker.next("plant"))["message"] == "second"
     # A staff delete and a close are log entries, not messages: only the position moves.

@@ -97,16 +97,18 @@ def test_close_and_reopen_are_entries_once_each():
 
 
 @pytest.mark.django_db
-def test_history_pages_end_when_the_log_goes_on_past_the_last_message():
+def test_history_pages_show_a_deleted_message_in_its_place_and_end_after_it():
     for text in ("a", "b", "c"):
         post("pages", text)
     services.messages_delete(messages=[("pages", 3)], by=STAFF)
     client = Client()
     first = client.get("/api/rooms/pages/messages?after=0&limit=2").json()
     assert [m["id"] for m in first["messages"]] == [1, 2] and first["last_id"] == 4
-    assert first["next_after"] is None  # nothing after 2 but a tombstone and its delete
-    page = client.get("/api/rooms/pages/messages?after=0&limit=1").json()
-    assert page["next_after"] == 1
+    assert first["next_after"] == 2
+    last = client.get("/api/rooms/pages/messages?after=2&limit=2").json()
+    (gone,) = last["messages"]
+    assert gone["id"] == 3 and gone["deleted"] is True and gone["message"] == ""
+    assert last["next_after"] is None  # nothing after 3 but its delete
 
 
 def test_entries_follow_the_contract():
