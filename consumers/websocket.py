@@ -3,21 +3,37 @@
 Wire format (JSON text frames), compatible with the Channels tutorial's client:
 
 client -> server  {"message": "hi"}                     tutorial form
-                  {"type": "message", "message": "hi", "client_id": "c1"}
+                  {"type": "message", "message": "hi", "client_id": "c1", "reply_to": 5}
+                  {"type": "edit", "id": 7, "message": "new text"}     its author, or staff
+                  {"type": "delete", "id": 7}                           its author, or staff
+                  {"type": "react", "id": 7, "emoji": "👍"}   toggles the sender's reaction
                   {"type": "ping"}
-server -> client  {"type": "message", "message": "hi", "id": 7, "room": "lobby",
+server -> client  {"type": "message", "message": "hi", "id": 7, "cursor": 7, "room": "lobby",
                    "sender": {"protocol": "web", "id": "anon:...", "name": "alice"},
-                   "ts": 1764057600.0, "client_id": "c1"}
-                  {"type": "deleted", "room": "lobby", "id": 7, "cursor": 9}
-                                                staff deleted message 7 (log entry 9)
-                  {"type": "ack", "client_id": "c1", "id": 7, "duplicate": false}
+                   "ts": 1764057600.0, "client_id": "c1", "edited_at": null,
+                   "reply_to": {"id": 5, "sender": {...}, "excerpt": "..."} | null,
+                   "reactions": {"👍": 2}}
+                  {"type": "ack", "client_id": "c1", "id": 7, "cursor": 7, "duplicate": false}
                   {"type": "error", "code": "invalid_json", "detail": "..."}
                   {"type": "pong"}
+   extended (v2)  {"type": "edit", "id": 7, "message": "new text", "edited_at": ...,
+                   "cursor": 9, "room", "sender", "client_id"}
+                  {"type": "delete", "id": 7, "ts": ..., "cursor": 10, "room", "sender", ...}
+                  {"type": "reaction", "id": 7, "emoji": "👍", "added": true, "count": 2,
+                   "cursor": 11, "room", "sender", "client_id"}
+                  {"type": "presence", "members": [...]} on joining, then
+                  {"type": "presence", "joined": [...]} / {"type": "presence", "left": [...]}
+
+A client written for the tutorial prints ``data.message`` of every frame, so only message
+frames (and the replies to its own frames) go to it: the extended frames go to clients that
+ask for them, with ``v=2`` in the query or the subprotocol ``rt-gateway.v2`` (the gateway's
+page does). Every client may send every kind of frame.
 
 Query parameters: ``after=<cursor>`` replays the room's log after that cursor (a message's
-id is its cursor; a ``deleted`` frame carries its own) before the live stream: the messages,
-and the deletes made meanwhile, once and in order; ``name=<display name>`` and
-``uid=<stable browser id>`` identify anonymous visitors.
+id is its cursor; every other entry carries its own) before the live stream: the messages
+in their current state, and the edits, deletes and reactions made meanwhile, once and in
+order; ``v=1`` or ``v=2`` (see above); ``name=<display name>`` and ``uid=<stable browser
+id>`` identify anonymous visitors.
 
 Close codes: 4400 invalid room name or query, 4401 login required, 1011 the room could not
 be joined (all three before accept, which daphne answers with HTTP 403); 4008 the client
@@ -49,6 +65,8 @@ import json
 import logging
 import re
 import secrets
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
@@ -57,7 +75,7 @@ from django.conf import settings
 from django.db import DatabaseError
 
 from consumers.base import RoomConsumer
-from gateway import events, metrics, selectors
+from gateway import events, metrics, selectors, services
 from gateway.errors import GatewayError
 from gateway.fanout import END_DISCONNECTED, END_SHUTDOWN, FRAME_WRITER_EXTENSION, Delivery
 from gateway.ingest import message_post
@@ -88,16 +106,28 @@ SERVER_ERRORS = frozenset({"unavailable"})
 
 WIRE_FORMAT = "ws-json"
 PREPARED_FORMAT = "ws-prepared"
+ENTRY_FORMAT = "ws-entry"
+PREPARED_ENTRY_FORMAT = "ws-entry-prepared"
 UID_RE = re.compile(r"[A-Za-z0-9_\-]{8,64}")
+SUBPROTOCOL_V2 = "rt-gateway.v2"  # or ?v=2: the extended frames
 
 
 def message_frame(event: events.RoomMessage) -> str:
     """The one WebSocket encoding of a room message."""
     return json.dumps(
-        {"type": "message", **events.message_public(event)},
+        {"type": "message", **events.message_public(event), "cursor": event["id"]},
         ensure_ascii=False,
         separators=(",", ":"),
     )
+
+
+def entry_frame(entry: events.RoomEntry) -> str | None:
+    """The one WebSocket encoding of another log entry (extended clients only); None for
+    the room's own entries (a close is a close code)."""
+    public = events.entry_public(entry)
+    if public is None:
+        return None
+    return json.dumps(public, ensure_ascii=False, separators=(",", ":"))
 
 
 class ChatConsumer(RoomConsumer):
@@ -107,6 +137,9 @@ class ChatConsumer(RoomConsumer):
         super().setup()
         self.writer = None
         self.log_sample = LogSampler(LOGGED_PER_CODE)
+        self.subprotocol: str | None = None
+        self.extended = False  # the client asked for the extended frames (v2)
+        self.staff = False
 
     async def finish(self) -> None:
         counted = self.log_sample.counted()
@@ -128,8 +161,14 @@ class ChatConsumer(RoomConsumer):
         query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
         try:
             after = _int_param(query, "after")
+            version = _int_param(query, "v")
         except ValueError as exc:
             return await self._refuse(CLOSE_INVALID, str(exc))
+        if version not in (None, 1, 2):
+            return await self._refuse(CLOSE_INVALID, "'v' must be 1 or 2")
+        offered = self.scope.get("subprotocols") or []
+        self.subprotocol = SUBPROTOCOL_V2 if SUBPROTOCOL_V2 in offered else None
+        self.extended = version == 2 or self.subprotocol is not None
         if authenticated:
             member_id, name = f"user:{user.pk}", user.get_username()[:128]
         else:
@@ -139,7 +178,7 @@ class ChatConsumer(RoomConsumer):
         self.send_buffer_limit = settings.GATEWAY["WS_SEND_BUFFER_LIMIT"]
         self.bucket = flood_limit()
         self.refusals = TokenBucket(rate=1.0, burst=settings.GATEWAY["WS_ERROR_LIMIT"])
-        staff = authenticated and user.is_staff
+        self.staff = staff = bool(authenticated and user.is_staff)
         try:
             try:
                 closed, self.sender = await self.room_enter(
@@ -149,26 +188,32 @@ class ChatConsumer(RoomConsumer):
             except GatewayError as exc:  # the room policy: new rooms are limited
                 # Accepted, then closed, so the page can say why (a refused handshake would
                 # only show it 1006).
-                await self.base_send({"type": "websocket.accept"})
+                await self._accept()
                 code = CLOSE_NO_SUCH_ROOM if exc.code == "room_not_found" else CLOSE_TRY_LATER
                 return await self._refuse(code, exc.detail)
             if closed:
                 # Accepted, then closed: the page sees 4410 and does not retry.
-                await self.base_send({"type": "websocket.accept"})
+                await self._accept()
                 return await self._refuse(CLOSE_ROOM_CLOSED, "the room is closed")
             await self.room_join(room, member_id=member_id, name=self.sender["name"])
             if (self.runtime is not None and self.runtime.hub.room_closed(room)
                     and await database_sync_to_async(selectors.room_is_closed)(room=room)):
                 # Closed just before this scope's subscription (its catch-up would not see
                 # it), and not reopened since: the hub may not have heard of a reopen yet.
-                await self.base_send({"type": "websocket.accept"})
+                await self._accept()
                 return await self._refuse(CLOSE_ROOM_CLOSED, "the room is closed")
         except Exception:
             # Before accept: the client sees the handshake refused and retries.
             logger.exception("could not join room", extra=self.log_extra(joining=room))
             return await self.base_send({"type": "websocket.close", "code": CLOSE_JOIN_FAILED})
-        await self.base_send({"type": "websocket.accept"})
+        await self._accept()
         await self.room_catch_up(after)
+
+    async def _accept(self) -> None:
+        accept: dict[str, object] = {"type": "websocket.accept"}
+        if self.subprotocol is not None:
+            accept["subprotocol"] = self.subprotocol
+        await self.base_send(accept)
 
     async def _refuse(self, code: int, detail: str) -> None:
         logger.warning(
@@ -191,11 +236,12 @@ class ChatConsumer(RoomConsumer):
         return not self.closed and (self.writer is None or self.writer.is_open())
 
     async def send_room_entry(self, entry: events.RoomEntry, delivery: Delivery) -> None:
-        if entry["kind"] == events.ENTRY_DELETE:
-            await self.send_json({"type": "deleted", "room": entry["room"], "id": entry["id"],
-                                  "cursor": entry["cursor"]})
-        elif entry["kind"] == events.ENTRY_CLOSE and self.live:
-            await self.room_closed()
+        if entry["kind"] == events.ENTRY_CLOSE:
+            if self.live:
+                await self.room_closed()
+        elif self.extended and delivery.frame(ENTRY_FORMAT, entry_frame) is not None:
+            await self._send_frame(delivery, ENTRY_FORMAT, entry_frame,
+                                   PREPARED_ENTRY_FORMAT, entry["cursor"])
 
     async def room_closed(self) -> None:
         logger.info("room closed by staff", extra=self.log_extra(code=CLOSE_ROOM_CLOSED))
@@ -226,9 +272,11 @@ class ChatConsumer(RoomConsumer):
         kind = data.get("type", "message")
         if kind == "ping":
             return await self.send_json({"type": "pong"})
-        if kind != "message":
-            return await self.send_error("unknown_type", f"unknown type {str(kind)[:32]!r}")
-        await self._post(data, client_id, echo)
+        if kind == "message":
+            return await self._post(data, client_id, echo)
+        if kind in services.MESSAGE_CHANGES:
+            return await self._change(kind, data, client_id, echo)
+        return await self.send_error("unknown_type", f"unknown type {str(kind)[:32]!r}")
 
     async def _post(self, data: dict, client_id: object, echo: str | None) -> None:
         if "message" not in data:
@@ -238,7 +286,7 @@ class ChatConsumer(RoomConsumer):
         try:
             event, created = await message_post(Post(
                 room=room, text=data["message"], sender=self.sender,
-                origin=self.scope_id, client_id=client_id,
+                origin=self.scope_id, client_id=client_id, reply_to=data.get("reply_to"),
             ))
         except GatewayError as exc:
             return await self.send_error(exc.code, exc.detail, echo)
@@ -250,26 +298,57 @@ class ChatConsumer(RoomConsumer):
         if client_id is not None:
             await self.send_json(
                 {"type": "ack", "client_id": client_id, "id": event["id"],
+                 "cursor": event["id"], "duplicate": not created}
+            )
+
+    async def _change(self, kind: str, data: dict, client_id: object, echo: str | None) -> None:
+        """An edit, a delete or a reaction: stored as the room's next log entry (which every
+        member then receives), acknowledged with its cursor when it has a ``client_id``."""
+        if (room := self.room) is None:
+            return
+        missing = [field for field in services.MESSAGE_CHANGES[kind] if field not in data]
+        if missing:
+            return await self.send_error(f"missing_{missing[0]}",
+                                         f"'{missing[0]}' is required", echo)
+        try:
+            entry, created = await database_sync_to_async(services.message_change)(
+                kind, room=room, id=data["id"], sender=self.sender, origin=self.scope_id,
+                staff=self.staff, client_id=client_id, text=data.get("message"),
+                emoji=data.get("emoji"))
+        except GatewayError as exc:
+            return await self.send_error(exc.code, exc.detail, echo)
+        except DatabaseError:
+            logger.exception("could not store a change to a message",
+                             extra=self.log_extra(kind=kind))
+            return await self.send_error("unavailable", "not stored; send it again", echo)
+        if client_id is not None:
+            await self.send_json(
+                {"type": "ack", "client_id": client_id, "id": data["id"],
+                 "cursor": entry["cursor"] if entry is not None else None,
                  "duplicate": not created}
             )
 
     # --- room -> client ----------------------------------------------------------------
 
     async def send_room_event(self, event: events.RoomMessage, delivery: Delivery) -> None:
+        await self._send_frame(delivery, WIRE_FORMAT, message_frame, PREPARED_FORMAT,
+                               event["id"])
+
+    async def _send_frame(
+        self, delivery: Delivery, wire_format: str, encode: Callable[[Any], str | None],
+        prepared_format: str, cursor: int,
+    ) -> None:
+        """Send a log entry's frame, encoded (and, under daphne, framed) once per process."""
         writer = self.writer
         if writer is None:  # a server without the frame writer: plain ASGI
-            text = delivery.frame(WIRE_FORMAT, message_frame)
+            text = delivery.frame(wire_format, encode)
             return await self.base_send({"type": "websocket.send", "text": text})
         if not writer.is_open():
             return
         if writer.buffered() > self.send_buffer_limit:
-            return await self._fell_behind(dropped_from=event["id"])
-        writer.send(delivery.frame(PREPARED_FORMAT, self._prepare))
-
-    def _prepare(self, event: events.RoomMessage):
-        if self.writer is None:
-            raise RuntimeError("no frame writer: encode with message_frame")
-        return self.writer.prepare(message_frame(event))
+            return await self._fell_behind(dropped_from=cursor)
+        writer.send(delivery.frame(
+            prepared_format, lambda event: writer.prepare(delivery.frame(wire_format, encode))))
 
     async def _fell_behind(self, *, dropped_from: int | None) -> None:
         """Bounded, not lost: close the lagging socket; it resumes from history by id."""

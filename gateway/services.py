@@ -1024,6 +1024,31 @@ def message_react(
                            change=change)
 
 
+# The changes a client may ask for (``type`` of its frame or payload), and the fields each
+# needs besides it (``client_id`` is optional), as every protocol takes them.
+MESSAGE_CHANGES: dict[str, tuple[str, ...]] = {
+    "edit": ("id", "message"), "delete": ("id",), "react": ("id", "emoji"),
+}
+
+
+def message_change(
+    kind: str, *, room: str, id: object, sender: events.Sender, origin: str, staff: bool,
+    client_id: object = None, text: object = None, emoji: object = None,
+) -> tuple[events.RoomEntry | None, bool]:
+    """The change ``kind`` (one of ``MESSAGE_CHANGES``) as a client asked for it: edit,
+    delete or react."""
+    if kind == "edit":
+        return message_edit(room=room, id=id, text=text, sender=sender, staff=staff,
+                            origin=origin, client_id=client_id)
+    if kind == "delete":
+        return message_delete(room=room, id=id, sender=sender, staff=staff, origin=origin,
+                              client_id=client_id)
+    if kind == "react":
+        return message_react(room=room, id=id, emoji=emoji, sender=sender, origin=origin,
+                             client_id=client_id)
+    raise GatewayError("unknown_type", f"unknown change {kind[:32]!r}")
+
+
 def _message_change(
     kind: str, *, room: str, id: object, sender: events.Sender, staff: bool, origin: str,
     client_id: object, author_only: bool,

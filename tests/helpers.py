@@ -44,8 +44,8 @@ def database_write_lock(gw) -> Iterator[None]:
 FAST = {"GATEWAY_RATE_LIMIT_PER_SECOND": "1000", "GATEWAY_RATE_LIMIT_BURST": "1000"}
 
 
-def connect(gw, path: str):
-    return websockets.connect(gw.ws(path), origin=gw.origin, open_timeout=10)
+def connect(gw, path: str, **kwargs):
+    return websockets.connect(gw.ws(path), origin=gw.origin, open_timeout=10, **kwargs)
 
 
 async def next_message(ws, timeout: float = 10) -> dict:

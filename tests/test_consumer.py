@@ -92,9 +92,10 @@ async def test_client_id_gets_an_ack_and_is_stored_once():
     await alice.send_to(text_data=payload)
     first = [await recv(alice), await recv(alice)]
     ack = next(f for f in first if f["type"] == "ack")
-    assert ack == {"type": "ack", "client_id": "c-1", "id": 1, "duplicate": False}
+    assert ack == {"type": "ack", "client_id": "c-1", "id": 1, "cursor": 1, "duplicate": False}
     await alice.send_to(text_data=payload)
-    assert await recv(alice) == {"type": "ack", "client_id": "c-1", "id": 1, "duplicate": True}
+    assert await recv(alice) == {"type": "ack", "client_id": "c-1", "id": 1, "cursor": 1,
+                                 "duplicate": True}
     assert [f["message"] for f in await recv_messages(bob, 1)] == ["once"]
     assert await bob.receive_nothing(timeout=0.3)
     assert await stored("idem") == ["once"]

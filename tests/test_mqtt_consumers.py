@@ -262,7 +262,7 @@ async def out_relay() -> tuple[Relay, Broker]:
     return relay, broker
 
 
-async def test_the_relay_publishes_each_message_and_moves_past_other_entries():
+async def test_the_relay_publishes_each_message_and_its_changes_and_moves_past_the_rooms():
     relay, broker = await out_relay()
     event = await database_sync_to_async(post)("plant", "hello", client_id="c-1")
     assert await broker.next("plant") == {
@@ -271,8 +271,12 @@ async def test_the_relay_publishes_each_message_and_moves_past_other_entries():
         "reactions": {}}  # no origin
     await database_sync_to_async(post)("plant", "second")
     assert (await broker.next("plant"))["message"] == "second"
-    # A staff delete and a close are log entries, not messages: only the position moves.
+    # A staff delete is published in the public shape; a close is the room's own entry:
+    # only the position moves past it.
     await database_sync_to_async(services.messages_delete)(messages=[("plant", 1)], by=STAFF)
+    gone = await broker.next("plant")
+    assert (gone["type"], gone["id"], gone["cursor"], gone["sender"]) == (
+        "delete", 1, 3, dict(STAFF))
     await database_sync_to_async(services.room_close)(room="plant", by=STAFF)
     await asyncio.sleep(0.3)
     assert broker.published.empty()
@@ -293,6 +297,7 @@ async def test_the_relay_resumes_after_its_position_without_the_deleted_text():
     await database_sync_to_async(services.messages_delete)(messages=[("resume", 2)], by=STAFF)
     relay, broker = await out_relay()
     assert (await broker.next("resume"))["message"] == "three"  # never the deleted text
+    assert (await broker.next("resume"))["type"] == "delete"  # what devices may have had
     await database_sync_to_async(post)("resume", "four")
     assert (await broker.next("resume"))["id"] == 5
     await asyncio.sleep(0.2)

@@ -143,23 +143,35 @@ async def test_a_client_that_resumes_gets_the_deletes_made_while_it_was_away():
         await database_sync_to_async(post)("away", text)
     await database_sync_to_async(services.messages_delete)(messages=[("away", 2)], by=STAFF)
     # It had seen message 1 only: it gets message 3 and the delete, not the deleted text.
-    comm = await ws("/ws/chat/away/?after=1")
+    comm = await ws("/ws/chat/away/?after=1&v=2")
     assert (await frame_of(comm))["id"] == 3
-    assert await frame_of(comm) == {"type": "deleted", "room": "away", "id": 2, "cursor": 4}
+    assert deleted(await frame_of(comm)) == ("away", 2, 4)
     assert await comm.receive_nothing(timeout=0.2)
     await comm.disconnect()
     # One that had seen everything before the delete gets just the delete.
-    comm = await ws("/ws/chat/away/?after=3")
-    assert await frame_of(comm) == {"type": "deleted", "room": "away", "id": 2, "cursor": 4}
+    comm = await ws("/ws/chat/away/?after=3&v=2")
+    assert deleted(await frame_of(comm)) == ("away", 2, 4)
     assert await comm.receive_nothing(timeout=0.2)
     await comm.disconnect()
+    # A client of the tutorial's kind (no v=2) gets messages only.
+    comm = await ws("/ws/chat/away/?after=1")
+    assert (await frame_of(comm))["id"] == 3
+    assert await comm.receive_nothing(timeout=0.2)
+    await comm.disconnect()
+
+
+def deleted(frame: dict) -> tuple[str, int, int]:
+    """A delete frame's room, message and cursor (checking its shape)."""
+    assert frame["type"] == "delete" and frame["sender"] == dict(STAFF), frame
+    assert set(frame) == {"type", "room", "id", "cursor", "sender", "ts", "client_id"}
+    return frame["room"], frame["id"], frame["cursor"]
 
 
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.usefixtures("runtime_stopped")
 async def test_entries_the_layer_lost_are_filled_in_order_from_the_log(settings):
     settings.GATEWAY = {**settings.GATEWAY, "RESYNC_INTERVAL": 0.2}
-    comm = await ws("/ws/chat/lossy/")
+    comm = await ws("/ws/chat/lossy/?v=2")
     await database_sync_to_async(post)("lossy", "first")
     assert (await frame_of(comm))["id"] == 1
     await database_sync_to_async(quietly)(post, "lossy", "lost")
@@ -170,7 +182,7 @@ async def test_entries_the_layer_lost_are_filled_in_order_from_the_log(settings)
     await database_sync_to_async(post)("lossy", "live")
     frames = [await frame_of(comm) for _ in range(3)]
     assert [(f["type"], f.get("cursor", f["id"])) for f in frames] == [
-        ("message", 2), ("deleted", 3), ("message", 4)
+        ("message", 2), ("delete", 3), ("message", 4)
     ]
     # A lost *last* entry (a close) arrives through the resync: the socket is closed.
     await database_sync_to_async(quietly)(services.room_close, room="lossy", by=STAFF)
@@ -277,24 +289,28 @@ async def test_a_page_offline_during_a_staff_delete_drops_the_message_when_it_re
     # The page is offline; staff delete "oops" (the admin's service, in another process).
     gw.manage("shell", "-c", "from gateway import services; "
               "print(services.messages_delete(messages=[('resume', 2)]))")
-    async with connect(gw, "/ws/chat/resume/?after=2") as page:
+    async with connect(gw, "/ws/chat/resume/?after=2", subprotocols=["rt-gateway.v2"]) as page:
+        assert page.subprotocol == "rt-gateway.v2"
         frame = json.loads(await asyncio.wait_for(page.recv(), 10))
-        assert frame == {"type": "deleted", "room": "resume", "id": 2, "cursor": 3}
+        assert (frame["type"], frame["room"], frame["id"], frame["cursor"]) == (
+            "delete", "resume", 2, 3)
         await page.send(json.dumps({"message": "after"}))
         assert (await next_message(page))["id"] == 4
     # A page that saw nothing replays the log: never the deleted text, but its delete.
-    async with connect(gw, "/ws/chat/resume/?after=0") as fresh:
+    async with connect(gw, "/ws/chat/resume/?after=0&v=2") as fresh:
         got = [json.loads(await asyncio.wait_for(fresh.recv(), 10)) for _ in range(3)]
         assert [(f["type"], f["id"]) for f in got] == [
-            ("message", 1), ("deleted", 2), ("message", 4)
+            ("message", 1), ("delete", 2), ("message", 4)
         ]
 
 
 @pytest.mark.slow
-async def test_the_mqtt_relay_moves_past_entries_it_does_not_publish(gateway_factory, mosquitto):
+async def test_the_mqtt_relay_publishes_deletes_and_moves_past_a_closing_entry(
+    gateway_factory, mosquitto,
+):
     gw = gateway_factory(env=mqtt_env(mosquitto)).start()
     await mqtt_ready(gw)
-    async with connect(gw, "/ws/chat/plant/") as browser, device(mosquitto) as reader:
+    async with connect(gw, "/ws/chat/plant/?v=2") as browser, device(mosquitto) as reader:
         await reader.subscribe("rooms/plant/out", qos=1)
         for text in ("one", "two"):
             await browser.send(json.dumps({"message": text}))
@@ -304,16 +320,16 @@ async def test_the_mqtt_relay_moves_past_entries_it_does_not_publish(gateway_fac
                   "services.messages_delete(messages=[('plant', 2)])")
         # The delete reaches the page (through the resync: another process stored it) ...
         frame = json.loads(await asyncio.wait_for(browser.recv(), 10))
-        assert (frame["type"], frame["id"], frame["cursor"]) == ("deleted", 2, 3)
+        assert (frame["type"], frame["id"], frame["cursor"]) == ("delete", 2, 3)
         await browser.send(json.dumps({"message": "three"}))
         assert (await next_message(browser))["id"] == 4
-        # ... while devices get messages only, in order, nothing for the delete (yet).
-        assert [o["id"] for o in await gather_out(reader, 1)] == [4]
-        # The log now ends with an entry that is not a message.
+        # ... and devices, in order, with the message after it.
+        assert [(o["type"], o["id"]) for o in await gather_out(reader, 2)] == [
+            ("delete", 2), ("message", 4)]
+        # The log now ends with an entry that is the room's own, which out does not carry.
         gw.manage("shell", "-c", "from gateway import services; "
-                  "services.messages_delete(messages=[('plant', 4)])")
-        frame = json.loads(await asyncio.wait_for(browser.recv(), 10))
-        assert (frame["type"], frame["id"], frame["cursor"]) == ("deleted", 4, 5)
+                  "services.room_close(room='plant')")
+        assert (await browser.wait_closed() or browser.close_code) == 4410
         assert await nothing_more(reader)
     assert gw.terminate() == 0
     # The relay's saved position is the log's last cursor: a restart publishes nothing again

@@ -12,6 +12,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
@@ -29,6 +30,7 @@ from protocols.mqtt import wire as topics
 from protocols.mqtt.events import DeviceSend, MqttConnect, MqttDisconnect, MqttMessage
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SEEN_INTERVAL = 60.0  # how often a device's last_seen is written while it is active
 RETRY_FIRST, RETRY_MAX = 0.5, 5.0  # backoff (seconds) while the database cannot store
@@ -77,7 +79,10 @@ class MqttDeviceConsumer(RoomConsumer):
             await self._seen()
             name = display_name_clean(payload.name or "") or self.device_id
             sender = events.sender(protocol=self.protocol, id=self.device_id, name=name)
-            _, stored = await self._post(payload.text, sender, client_id)
+            if payload.kind == "message":
+                _, stored = await self._post(payload.text, sender, client_id, payload.reply_to)
+            else:
+                stored = await self._change(payload, sender)
             self._stalled(time.monotonic() - started)
         except GatewayError as exc:
             await self._refuse(exc.code, exc.detail, client_id)
@@ -87,19 +92,33 @@ class MqttDeviceConsumer(RoomConsumer):
         # Stored or refused: the server may acknowledge it to the broker now.
         await self.base_send({"type": "mqtt.handled", "ack": message["ack"], "stored": stored})
 
-    async def _post(self, text: object, sender: events.Sender, client_id: object):
-        """Store the message (with whatever else arrives meanwhile: gateway/ingest.py),
-        waiting out a database that cannot take it now (locked, unreachable, or too busy to
-        queue it): unacknowledged meanwhile, and the device's next messages wait behind it.
-        A stop cancels the wait and leaves it to the broker to deliver again."""
+    async def _change(self, payload: topics.DevicePayload, sender: events.Sender) -> bool:
+        """An edit or delete of one of its own messages, or a reaction: the room's next log
+        entry (GatewayError if refused); whether it was recorded now."""
+        change = database_sync_to_async(services.message_change)
+        _, created = await self._stored(lambda: change(
+            payload.kind, room=self.scope["room"], id=payload.id, sender=sender,
+            origin=self.scope_id, staff=False, client_id=payload.client_id, text=payload.text,
+            emoji=payload.emoji))
+        return created
+
+    async def _post(self, text: object, sender: events.Sender, client_id: object,
+                    reply_to: object = None) -> tuple[events.RoomMessage, bool]:
+        """Store the message (with whatever else arrives meanwhile: gateway/ingest.py)."""
+        return await self._stored(lambda: message_post(Post(
+            room=self.scope["room"], text=text, sender=sender, origin=self.scope_id,
+            client_id=client_id, reply_to=reply_to,
+        )))
+
+    async def _stored(self, store: Callable[[], Awaitable[T]]) -> T:
+        """Run ``store`` until the database takes it, waiting out a database that cannot
+        now (locked, unreachable, or too busy to queue it): unacknowledged meanwhile, and
+        the device's next messages wait behind it. A stop cancels the wait and leaves it to
+        the broker to deliver again."""
         delay, attempt = RETRY_FIRST, 0
-        room = self.scope["room"]
         while True:
             try:
-                return await message_post(Post(
-                    room=room, text=text, sender=sender, origin=self.scope_id,
-                    client_id=client_id,
-                ))
+                return await store()
             except (OperationalError, InterfaceError, Busy) as exc:
                 attempt += 1
                 wait = delay * (0.5 + random.random())  # noqa: S311 (spread, not secret)

@@ -2,10 +2,10 @@
 
 The relay (gateway/relay.py) holds the ``mqtt-out`` lease, follows the rooms with news and
 keeps each room's position; this role only carries bytes: it encodes each message as the
-public message JSON (protocols/mqtt/wire.py) and publishes it through the MQTT server's
-broker connection (QoS 1, in order, waiting out an outage). Other log entries (a delete,
-a close) are passed over: ``out`` carries messages only, and the room's position moves past
-them.
+public message JSON (protocols/mqtt/wire.py), and each edit, delete and reaction as its
+public JSON, and publishes them through the MQTT server's broker connection (QoS 1, in
+order, waiting out an outage). The room's own entries (a close, a reopen) are passed over:
+the room's position moves past them.
 
 Every room has one target, ``""``: its ``out`` topic. A room new to the role is published
 from its first message, also one created while no process held the role for a moment (a
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 ROLE = "mqtt-out"  # the lease and the positions (RelayCursor.relay)
 WIRE_FORMAT = "mqtt-json"
+ENTRY_FORMAT = "mqtt-entry-json"
 
 
 class MqttOut(RelayRole):
@@ -55,4 +56,6 @@ class MqttOut(RelayRole):
         for delivery in batch.entries:
             if delivery.event["type"] == events.ROOM_MESSAGE:
                 await self.server.publish(topic, delivery.frame(WIRE_FORMAT, wire.out_payload))
+            elif (payload := delivery.frame(ENTRY_FORMAT, wire.entry_payload)) is not None:
+                await self.server.publish(topic, payload)
             batch.done(delivery.cursor)  # a batch cut short (a stop) keeps what went out

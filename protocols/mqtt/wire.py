@@ -1,10 +1,16 @@
 """The MQTT wire format, in one place (used by the protocol server and the consumers).
 
     <prefix>/<room>/in/<device_id>      a device publishes here (the id is in the topic, so a
-                                        broker ACL can make each device publish only as itself)
-    <prefix>/<room>/out                 every message of the room, in the public shape (the
-                                        WebSocket message frame: type, id, room, message,
-                                        sender, ts, client_id)
+                                        broker ACL can make each device publish only as itself):
+                                        text, or {"message", "name"?, "client_id"?,
+                                        "reply_to"?}, or {"type": "edit", "id", "message"},
+                                        {"type": "delete", "id"}, {"type": "react", "id",
+                                        "emoji"} (edits and deletes of its own messages)
+    <prefix>/<room>/out                 the room's log in the public shape (the WebSocket
+                                        frames): {"type": "message", id, room, message,
+                                        sender, ts, client_id, reply_to, edited_at,
+                                        reactions}, and {"type": "edit" | "delete" |
+                                        "reaction", id, room, cursor, sender, ...}
     <prefix>/<room>/error/<device_id>   why the gateway refused a device's message
 """
 
@@ -16,6 +22,7 @@ from dataclasses import dataclass
 from gateway import events
 from gateway.errors import GatewayError
 from gateway.names import room_name_is_valid
+from gateway.services import MESSAGE_CHANGES
 
 
 @dataclass(frozen=True)
@@ -54,11 +61,19 @@ class DevicePayload:
     text: object  # validated by the service, like every protocol's text
     name: str | None = None
     client_id: object = None
+    kind: str = "message"  # or one of CHANGES
+    id: object = None  # the message a change concerns
+    emoji: object = None
+    reply_to: object = None
+
+
+_MESSAGE_FIELDS = {"type", "message", "name", "client_id", "reply_to"}
 
 
 def payload_decode(payload: bytes) -> DevicePayload:
-    """Plain UTF-8 text, or (if it starts with '{') a JSON object with ``message`` and
-    optional ``name`` and ``client_id``."""
+    """Plain UTF-8 text, or (if it starts with '{') a JSON object: a message (``message``,
+    optional ``name``, ``client_id``, ``reply_to``) or a change (``type`` edit, delete or
+    react with its fields: ``services.MESSAGE_CHANGES``)."""
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError:
@@ -71,15 +86,23 @@ def payload_decode(payload: bytes) -> DevicePayload:
         raise GatewayError("invalid_json", "a payload starting with '{' must be JSON") from None
     if not isinstance(data, dict):
         raise GatewayError("not_an_object", "send a JSON object")
-    unknown = data.keys() - {"message", "name", "client_id"}
+    kind = data.get("type", "message")
+    if kind != "message" and kind not in MESSAGE_CHANGES:
+        raise GatewayError("unknown_type", f"unknown type {str(kind)[:32]!r}")
+    needed = MESSAGE_CHANGES.get(kind, ("message",))
+    allowed = _MESSAGE_FIELDS if kind == "message" else {"type", "name", "client_id", *needed}
+    unknown = data.keys() - allowed
     if unknown:
         raise GatewayError("unknown_field", f"unknown field(s): {sorted(unknown)}")
-    if "message" not in data:
-        raise GatewayError("missing_message", "'message' is required")
+    for field in needed:
+        if field not in data:
+            raise GatewayError(f"missing_{field}", f"'{field}' is required")
     name = data.get("name")
     if name is not None and not isinstance(name, str):
         raise GatewayError("invalid_name", "'name' must be a string")
-    return DevicePayload(text=data["message"], name=name, client_id=data.get("client_id"))
+    return DevicePayload(text=data.get("message"), name=name, client_id=data.get("client_id"),
+                         kind=kind, id=data.get("id"), emoji=data.get("emoji"),
+                         reply_to=data.get("reply_to"))
 
 
 def out_payload(event: events.RoomMessage) -> bytes:
@@ -87,6 +110,15 @@ def out_payload(event: events.RoomMessage) -> bytes:
     the history API show it; nothing internal such as the scope it came from)."""
     frame = {"type": "message", **events.message_public(event)}
     return json.dumps(frame, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def entry_payload(entry: events.RoomEntry) -> bytes | None:
+    """The one MQTT encoding of a message's edit, delete or reaction (the WebSocket frame);
+    None for the room's own entries (close, reopen), which ``out`` does not carry."""
+    public = events.entry_public(entry)
+    if public is None:
+        return None
+    return json.dumps(public, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 def error_payload(code: str, detail: str, client_id: object = None) -> bytes:

@@ -58,7 +58,7 @@ class TelegramChats(RelayRole):
         origin = selectors.bot_chat_origin(PLATFORM, target)
         for delivery in batch.entries:
             event = delivery.event
-            if event["type"] != events.ROOM_MESSAGE or event["origin"] == origin:  # type: ignore[typeddict-item]
+            if event["type"] != events.ROOM_MESSAGE or event["origin"] == origin:
                 continue
             for piece in delivery.frame(WIRE_FORMAT, _pieces):
                 if not await self._send(room, target, piece):
