@@ -981,7 +981,8 @@ def _is_one_emoji(text: str) -> bool:
         pictographs, joined = pictographs + 1, False
     if regional:
         return regional == 2 and pictographs == 0
-    return pictographs >= 1 and any(unicodedata.category(c) == "So" for c in text)
+    return pictographs >= 1 and ("\u20e3" in text
+                                 or any(unicodedata.category(c) == "So" for c in text))
 
 
 def message_react(
