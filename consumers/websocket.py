@@ -208,6 +208,27 @@ class ChatConsumer(RoomConsumer):
             return await self.base_send({"type": "websocket.close", "code": CLOSE_JOIN_FAILED})
         await self._accept()
         await self.room_catch_up(after)
+        if self.extended and self.live and self.runtime is not None:
+            await self._presence_start()
+
+    async def _presence_start(self) -> None:
+        """Tell the client who is here, and from now on who comes and goes."""
+        assert self.runtime is not None and self.room is not None
+        try:
+            members = await self.runtime.hub.roster(self.room, self)
+        except Exception:
+            # The room works without it: the page shows no member list until it resumes.
+            logger.warning("presence not available", extra=self.log_extra(), exc_info=True)
+            return
+        await self.send_json({"type": "presence", "room": self.room, "members": members})
+
+    async def presence_changed(self, joined: list[events.PresenceMember],
+                               left: list[events.PresenceMember]) -> None:
+        for key, members in (("joined", joined), ("left", left)):
+            if members:
+                await self.send_json({"type": "presence", "room": self.room, key: [
+                    {"protocol": m["protocol"], "id": m["id"], "name": m["name"]}
+                    for m in members]})
 
     async def _accept(self) -> None:
         accept: dict[str, object] = {"type": "websocket.accept"}

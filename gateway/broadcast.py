@@ -27,7 +27,7 @@ from channels_redis.pubsub import RedisPubSubChannelLayer
 from django.db import transaction
 
 from gateway import metrics
-from gateway.events import CONTROL_GROUP, ROOM_ENTRY, ROOM_MESSAGE, LogEntry
+from gateway.events import CONTROL_GROUP, ROOM_ENTRY, ROOM_MESSAGE, ROOM_PRESENCE, LogEntry
 from gateway.names import room_group_name
 
 logger = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ class Publisher:
 
     def _put(self, events: tuple[Mapping[str, Any], ...] | list[Mapping[str, Any]]) -> None:
         for event in events:
-            for listener in tuple(_committed_listeners):
+            for listener in tuple(_committed_listeners) if event["type"] != ROOM_PRESENCE else ():
                 try:
                     listener(event)
                 except Exception:
@@ -191,7 +191,7 @@ def publisher_install(publisher: Publisher | None) -> None:
 
 
 def _group_of(event: Mapping[str, Any]) -> str:
-    if event["type"] in (ROOM_MESSAGE, ROOM_ENTRY):
+    if event["type"] in (ROOM_MESSAGE, ROOM_ENTRY, ROOM_PRESENCE):
         return room_group_name(event["room"])
     return CONTROL_GROUP
 
@@ -206,6 +206,15 @@ def _publish(events: list[Mapping[str, Any]]) -> None:
         publisher.submit_many(events)
     else:
         async_to_sync(_broadcast)(events)
+
+
+def presence_broadcast(events: list[Mapping[str, Any]]) -> None:
+    """Send presence changes (``room.presence``) to every process serving their rooms, with
+    the committed events (on the loop of the process's publisher; dropped when there is
+    none: presence is live only)."""
+    publisher = _publisher
+    if publisher is not None and events:
+        publisher.submit_many(events)
 
 
 def room_events_broadcast_on_commit(events: list[Mapping[str, Any]]) -> None:

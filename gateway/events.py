@@ -27,6 +27,8 @@ ENTRY_KINDS = (ENTRY_DELETE, ENTRY_CLOSE, ENTRY_REOPEN, ENTRY_EDIT, ENTRY_REACTI
 # What a message's own entries are (the room's are close and reopen).
 MESSAGE_ENTRY_KINDS = (ENTRY_DELETE, ENTRY_EDIT, ENTRY_REACTION)
 EXCERPT_LENGTH = 100  # characters of a replied-to message shown with the reply
+# Who came and went in a room, from one process (not part of the log: presence is live only).
+ROOM_PRESENCE = "room.presence"
 # Control events, on the group every process joins (CONTROL_GROUP): not part of any log.
 SCOPE_DISCONNECT = "scope.disconnect"  # {"scope"}: that connection is closed
 CONTROL_GROUP = "gateway.control"
@@ -86,6 +88,22 @@ class RoomEntry(TypedDict):
 
 
 LogEntry = RoomMessage | RoomEntry
+
+
+class PresenceMember(TypedDict):
+    scope: str  # the connection (a member with two tabs has two)
+    protocol: str
+    id: str
+    name: str
+
+
+class RoomPresence(TypedDict):
+    type: str  # ROOM_PRESENCE
+    room: str
+    process: str  # whose members these are
+    seq: int  # that process's presence sequence: its row records the last one it includes
+    joined: list[PresenceMember]
+    left: list[PresenceMember]
 
 
 class ScopeDisconnect(TypedDict):
@@ -290,6 +308,31 @@ def log_entry_decode(data: object) -> LogEntry:
     if isinstance(data, dict) and data.get("type") == ROOM_ENTRY:
         return room_entry_decode(data)
     return room_message_decode(data)
+
+
+_PRESENCE_KEYS: dict[str, type] = {"type": str, "room": str, "process": str, "seq": int,
+                                   "joined": list, "left": list}
+_MEMBER_KEYS = {"scope": str, "protocol": str, "id": str, "name": str}
+
+
+def room_presence(
+    *, room: str, process: str, seq: int, joined: list[PresenceMember],
+    left: list[PresenceMember],
+) -> RoomPresence:
+    return {"type": ROOM_PRESENCE, "room": room, "process": process, "seq": seq,
+            "joined": joined, "left": left}
+
+
+def room_presence_decode(data: object) -> RoomPresence:
+    """Validate a received ``room.presence`` against the contract and return it."""
+    if not isinstance(data, dict) or data.get("type") != ROOM_PRESENCE:
+        raise EventError("not a room.presence event")
+    _check_keys(data, _PRESENCE_KEYS, ROOM_PRESENCE)
+    for member in (*data["joined"], *data["left"]):
+        if not isinstance(member, dict):
+            raise EventError("presence: members are objects")
+        _check_keys(member, _MEMBER_KEYS, "presence member")
+    return data  # type: ignore[return-value]
 
 
 def scope_disconnect(*, scope: str) -> ScopeDisconnect:

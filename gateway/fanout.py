@@ -32,13 +32,18 @@ from gateway.events import (
     ENTRY_REOPEN,
     ROOM_ENTRY,
     ROOM_MESSAGE,
+    ROOM_PRESENCE,
     EventError,
     LogEntry,
+    PresenceMember,
+    RoomPresence,
     control_decode,
     entry_cursor,
     log_entry_decode,
+    room_presence_decode,
 )
 from gateway.names import room_group_name
+from gateway.presence import RoomRoster
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +93,16 @@ class Subscriber(Protocol):
     async def end(self, reason: str) -> None: ...
 
 
+class PresenceSubscriber(Subscriber, Protocol):
+    """A subscriber that is told who comes and goes (it has asked ``RoomHub.roster``)."""
+
+    async def presence_changed(self, joined: list[PresenceMember],
+                               left: list[PresenceMember]) -> None: ...
+
+
 class _RoomState:
-    __slots__ = ("subscribers", "last_seq", "closed", "pending", "ready", "error")
+    __slots__ = ("subscribers", "last_seq", "closed", "pending", "ready", "error", "roster",
+                 "roster_loading", "roster_read", "watchers")
 
     def __init__(self) -> None:
         self.subscribers: set[Subscriber] = set()
@@ -100,13 +113,21 @@ class _RoomState:
         self.pending: list[LogEntry] = []
         self.ready = asyncio.Event()
         self.error: BaseException | None = None
+        # Kept once a subscriber asks for it (RoomHub.roster), with those told of changes.
+        self.roster: RoomRoster | None = None
+        self.roster_loading: list[RoomPresence] | None = None  # heard while it is read
+        self.roster_read = asyncio.Event()  # set once a read of the roster ended
+        self.watchers: set[PresenceSubscriber] = set()
 
 
 class RoomHub:
     """The process's single receiver of room events."""
 
-    def __init__(self, layer) -> None:
+    def __init__(self, layer, *, process_id: str = "",
+                 local_members: Callable[[str], list[PresenceMember]] | None = None) -> None:
         self.layer = layer
+        self.process_id = process_id  # whose members local_members gives (for rosters)
+        self.local_members = local_members or (lambda room: [])
         self.channel = ""
         self.rooms: dict[str, _RoomState] = {}
         self._lock = asyncio.Lock()  # serialises delivery, gap fill and resync
@@ -122,6 +143,7 @@ class RoomHub:
         self._tasks = [
             asyncio.create_task(self._receive_loop(), name="gateway-hub-receive"),
             asyncio.create_task(self._resync_loop(), name="gateway-hub-resync"),
+            asyncio.create_task(self._rosters_loop(), name="gateway-hub-rosters"),
         ]
 
     async def stop(self) -> None:
@@ -165,6 +187,7 @@ class RoomHub:
         if state is None or subscriber not in state.subscribers:
             return
         state.subscribers.discard(subscriber)
+        state.watchers.discard(subscriber)
         if state.subscribers:
             return
         del self.rooms[room]
@@ -192,6 +215,72 @@ class RoomHub:
         the database knows)."""
         state = self.rooms.get(room)
         return None if state is None or state.last_seq is None else state.closed
+
+    async def roster(self, room: str, watcher: PresenceSubscriber) -> list[dict[str, object]]:
+        """Who is in the room now (one entry per sender per protocol, with its connection
+        count), and from now on ``watcher`` (a subscriber of the room) is told each change.
+        The first to ask reads every process's row once; the roster is then kept from the
+        room's presence events and checked against the rows every heartbeat."""
+        state = self.rooms[room]
+        if state.roster is None and state.roster_loading is not None:
+            await state.roster_read.wait()  # another watcher is reading it
+        if state.roster is None:
+            state.roster_loading = []
+            try:
+                rows = (await database_sync_to_async(selectors.room_rosters)(
+                    rooms=[room], exclude=self.process_id))[room]
+                roster = RoomRoster()
+                roster.replace({**rows, self.process_id: (-1, self.local_members(room))})
+                for event in state.roster_loading:
+                    roster.apply(event)
+                state.roster = roster
+            finally:
+                state.roster_loading = None
+                state.roster_read.set()
+        else:  # this process's own members as it holds them now (the newcomer among them)
+            own = {self.process_id: (-1, self.local_members(room))}
+            await self._tell(state, *state.roster.replace(own, complete=False))
+        state.watchers.add(watcher)
+        return state.roster.snapshot()
+
+    async def _on_presence(self, message: dict[str, Any]) -> None:
+        try:
+            event = room_presence_decode(message)
+        except EventError as exc:
+            logger.error("dropped malformed presence event: %s", exc, extra={"protocol": "layer"})
+            return
+        state = self.rooms.get(event["room"])
+        if state is None:
+            return
+        if state.roster_loading is not None:
+            state.roster_loading.append(event)
+        elif state.roster is not None:
+            await self._tell(state, *state.roster.apply(event))
+
+    async def _tell(self, state: _RoomState, joined: list[PresenceMember],
+                    left: list[PresenceMember]) -> None:
+        if not (joined or left):
+            return
+        for watcher in tuple(state.watchers):
+            try:
+                await watcher.presence_changed(joined, left)
+            except Exception:
+                logger.exception("presence not delivered", extra={"scope": watcher.scope_id})
+
+    async def rosters_refresh(self) -> None:
+        """Check every kept roster against the processes' rows (one query for all rooms):
+        a dead process's members go, a change an event lost comes."""
+        rooms = [room for room, state in self.rooms.items() if state.roster is not None]
+        if not rooms:
+            return
+        rows = await database_sync_to_async(selectors.room_rosters)(
+            rooms=rooms, exclude=self.process_id)
+        for room in rooms:
+            state = self.rooms.get(room)
+            if state is None or state.roster is None:
+                continue
+            found = {**rows[room], self.process_id: (-1, self.local_members(room))}
+            await self._tell(state, *state.roster.replace(found))
 
     def subscribers(self) -> list[Subscriber]:
         return [sub for state in self.rooms.values() for sub in state.subscribers]
@@ -232,6 +321,9 @@ class RoomHub:
                 logger.exception("channel layer receive failed", extra={"protocol": "layer"})
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+                continue
+            if message.get("type") == ROOM_PRESENCE:
+                await self._on_presence(message)
                 continue
             if message.get("type") not in (ROOM_MESSAGE, ROOM_ENTRY):
                 await self._on_control(message)
@@ -340,6 +432,21 @@ class RoomHub:
                 raise
             except Exception:
                 logger.exception("resync failed; will retry", extra={"protocol": "layer"})
+
+    async def _rosters_loop(self) -> None:
+        failures = 0
+        while True:
+            await asyncio.sleep(settings.GATEWAY["HEARTBEAT_INTERVAL"])
+            try:
+                await self.rosters_refresh()
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                failures += 1
+                if failures & (failures - 1) == 0:  # 1, 2, 4, 8...: an outage logs little
+                    logger.exception("presence rosters not refreshed; will retry",
+                                     extra={"protocol": "layer"})
 
     async def resync(self) -> None:
         """Deliver anything stored that the layer has not brought yet."""

@@ -191,6 +191,9 @@ class GatewayProcess(models.Model):
     presence = models.JSONField(default=list)
     # How its parts are doing (gateway/status.py): {"web": {"ready": true, ...}, ...}
     status = models.JSONField(default=dict)
+    # The last presence change it had published (room.presence ``seq``) when it wrote
+    # ``presence``: a hub takes the row over the changes it heard only if it is as new.
+    presence_seq = models.BigIntegerField(default=0)
 
     def __str__(self) -> str:
         return f"{self.hostname}:{self.pid}"

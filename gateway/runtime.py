@@ -24,10 +24,11 @@ class Runtime:
     def __init__(self) -> None:
         self.process_id = uuid.uuid4().hex
         layer = get_channel_layer()
-        self.hub = RoomHub(layer)
         self.presence = PresenceTracker(
             self.process_id, single_process=isinstance(layer, InMemoryChannelLayer)
         )
+        self.hub = RoomHub(layer, process_id=self.process_id,
+                           local_members=self.presence.room_members)
 
     async def start(self) -> None:
         self.publisher = Publisher(asyncio.get_running_loop())

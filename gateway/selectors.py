@@ -11,6 +11,7 @@ from django.utils import timezone
 
 from gateway import events
 from gateway.models import BotChat, GatewayProcess, Message, RelayCursor, Room, RoomEvent
+from gateway.presence import CHATS
 from gateway.services import entry_event, message_events
 
 
@@ -182,6 +183,37 @@ def presence_live_entries() -> list[dict[str, str]]:
     ):
         entries.extend(snapshot)
     return entries
+
+
+def room_rosters(
+    *, rooms: list[str], exclude: str = ""
+) -> dict[str, dict[str, tuple[int, list[events.PresenceMember]]]]:
+    """Every live process's members in each of ``rooms`` as its row has them, with the
+    presence sequence it wrote them at (but ``exclude``'s, a hub's own process), and each
+    room's bot chats (under ``presence.CHATS``, sequence -1): ``{room: {process: (seq,
+    members)}}``, every live process present in every room (a process missing is gone)."""
+    wanted = set(rooms)
+    cutoff = timezone.now() - timedelta(seconds=settings.GATEWAY["PRESENCE_TIMEOUT"])
+    found: dict[str, dict[str, tuple[int, list[events.PresenceMember]]]] = {
+        room: {} for room in rooms}
+    processes = GatewayProcess.objects.filter(heartbeat_at__gte=cutoff).exclude(pk=exclude)
+    for process, seq, entries in processes.values_list("pk", "presence_seq", "presence"):
+        for room in rooms:
+            found[room][process] = (seq, [])
+        for entry in entries:
+            if entry["room"] in wanted:
+                found[entry["room"]][process][1].append({
+                    "scope": entry["scope"], "protocol": entry["protocol"], "id": entry["id"],
+                    "name": entry["name"]})
+    for room in rooms:
+        found[room][CHATS] = (-1, [])
+    chats = BotChat.objects.filter(room__in=rooms, blocked=False)
+    for platform, chat_id, title, room in chats.values_list("platform", "chat_id", "title",
+                                                             "room"):
+        member = bot_chat_origin(platform, chat_id)
+        found[room][CHATS][1].append({"scope": member, "protocol": platform, "id": member,
+                                      "name": title})
+    return found
 
 
 def member_entries(*, room: str | None = None) -> list[dict[str, str]]:

@@ -1,0 +1,353 @@
+"""A message's life after it is sent: edits, deletes by its author, replies and reactions,
+each an entry of the room's log; and live presence. The services in-process, the WebSocket
+protocol through the consumer (WebsocketCommunicator on the in-memory layer), the roster as a
+pure unit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from channels.routing import URLRouter
+from channels.testing import WebsocketCommunicator
+from django.test import Client
+
+from gateway import events, selectors, services
+from gateway.errors import GatewayError
+from gateway.models import Message, MessageRevision, Reaction, Room, RoomEvent
+from gateway.presence import RoomRoster
+from gateway.routing import websocket_urlpatterns
+
+app = URLRouter(websocket_urlpatterns)
+ALICE = events.sender(protocol="web", id="anon:alice", name="alice")
+BOB = events.sender(protocol="web", id="anon:bob", name="bob")
+DEVICE = events.sender(protocol="mqtt", id="alice", name="alice")  # same id, other protocol
+STAFF = events.sender(protocol="system", id="staff:1", name="boss")
+
+
+def post(room: str, text: str, sender: events.Sender = ALICE, **kwargs) -> events.RoomMessage:
+    return services.room_message_post(room=room, text=text, sender=sender, origin="test",
+                                      **kwargs)[0]
+
+
+def refused(call, *args, **kwargs) -> str:
+    with pytest.raises(GatewayError) as caught:
+        call(*args, **kwargs)
+    return caught.value.code
+
+
+# --- the services ---------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_an_edit_is_an_entry_the_text_is_replaced_and_the_old_text_is_for_staff_only():
+    post("life", "helo")
+    entry, created = services.message_edit(room="life", id=1, text="hello", sender=ALICE,
+                                           staff=False, origin="scope-1", client_id="e1")
+    assert created and entry is not None
+    assert (entry["kind"], entry["id"], entry["cursor"], entry["text"]) == ("edit", 1, 2, "hello")
+    assert entry["origin"] == "scope-1" and entry["client_id"] == "e1"
+    message = Message.objects.get(room__name="life", seq=1)
+    assert message.text == "hello" and message.edited_at is not None
+    assert list(MessageRevision.objects.values_list("text", flat=True)) == ["helo"]
+    # The same client_id again: the same entry, nothing stored twice.
+    again, created = services.message_edit(room="life", id=1, text="hello!", sender=ALICE,
+                                           staff=False, origin="scope-1", client_id="e1")
+    assert not created and again is not None and again["cursor"] == 2
+    assert Room.objects.get(name="life").last_seq == 2
+    # The same text: nothing to record.
+    assert services.message_edit(room="life", id=1, text="hello", sender=ALICE, staff=False,
+                                 origin="x") == (None, False)
+    assert Room.objects.get(name="life").last_seq == 2
+    # The API shows the current state only, with no trace of the old text.
+    page = Client().get("/api/rooms/life/messages").json()["messages"]
+    assert page[0]["message"] == "hello" and page[0]["edited_at"] == message.edited_at.timestamp()
+    assert "helo" not in json.dumps(page)
+
+
+@pytest.mark.django_db
+def test_only_the_author_or_staff_may_edit_or_delete():
+    post("rules", "mine")
+    assert refused(services.message_edit, room="rules", id=1, text="x", sender=BOB,
+                   staff=False, origin="o") == "forbidden"
+    assert refused(services.message_delete, room="rules", id=1, sender=DEVICE, staff=False,
+                   origin="o") == "forbidden"  # the same id on another protocol is not her
+    assert refused(services.message_edit, room="rules", id=9, text="x", sender=ALICE,
+                   staff=False, origin="o") == "not_found"
+    assert refused(services.message_edit, room="nowhere", id=1, text="x", sender=ALICE,
+                   staff=False, origin="o") == "not_found"
+    assert refused(services.message_edit, room="rules", id="1", text="x", sender=ALICE,
+                   staff=False, origin="o") == "invalid_id"
+    assert refused(services.message_edit, room="rules", id=1, text=" ", sender=ALICE,
+                   staff=False, origin="o") == "empty_message"
+    services.message_edit(room="rules", id=1, text="moderated", sender=BOB, staff=True,
+                          origin="o")
+    assert Room.objects.get(name="rules").last_seq == 2  # refusals took no cursor
+    entry, _ = services.message_delete(room="rules", id=1, sender=ALICE, staff=False,
+                                       origin="o")
+    assert entry is not None and entry["kind"] == "delete"
+    assert refused(services.message_edit, room="rules", id=1, text="x", sender=ALICE,
+                   staff=False, origin="o") == "deleted"
+    assert refused(services.message_react, room="rules", id=1, emoji="👍", sender=BOB,
+                   origin="o") == "deleted"
+    # Deleting erases the text and its history.
+    message = Message.objects.get(room__name="rules", seq=1)
+    assert message.text == "" and message.deleted_at is not None
+    assert not MessageRevision.objects.exists()
+
+
+@pytest.mark.django_db
+def test_a_closed_room_and_a_blocked_sender_refuse_changes_but_staff_may_still_delete():
+    from gateway.models import SenderBlock
+
+    post("shut", "one")
+    post("shut", "two")
+    services.room_close(room="shut", by=STAFF)
+    assert refused(services.message_edit, room="shut", id=1, text="x", sender=ALICE,
+                   staff=False, origin="o") == "room_closed"
+    assert services.messages_delete(messages=[("shut", 1)], by=STAFF) == 1
+    services.room_reopen(room="shut", by=STAFF)
+    SenderBlock.objects.create(protocol="web", kind=SenderBlock.KIND_ID, value=ALICE["id"])
+    assert refused(services.message_react, room="shut", id=2, emoji="👍", sender=ALICE,
+                   origin="o") == "blocked"
+
+
+@pytest.mark.django_db
+def test_reactions_toggle_count_per_emoji_and_are_limited(settings):
+    settings.GATEWAY = {**settings.GATEWAY, "MAX_REACTIONS": 2}
+    post("react", "nice")
+    added, _ = services.message_react(room="react", id=1, emoji="👍", sender=ALICE, origin="o")
+    assert added is not None and (added["emoji"], added["added"], added["count"]) == ("👍", True, 1)
+    services.message_react(room="react", id=1, emoji="👍", sender=BOB, origin="o")
+    services.message_react(room="react", id=1, emoji="🎉", sender=BOB, origin="o")
+    assert Message.objects.get(room__name="react", seq=1).reactions == {"👍": 2, "🎉": 1}
+    assert refused(services.message_react, room="react", id=1, emoji="😮", sender=ALICE,
+                   origin="o") == "invalid_emoji"  # a third different emoji
+    taken, _ = services.message_react(room="react", id=1, emoji="👍", sender=ALICE, origin="o")
+    assert taken is not None and (taken["added"], taken["count"]) == (False, 1)
+    # Set, not toggled (a platform that says what the sender's reactions are now).
+    assert services.message_react(room="react", id=1, emoji="🎉", sender=BOB, origin="o",
+                                  added=True) == (None, False)
+    assert Reaction.objects.count() == 2
+    page = Client().get("/api/rooms/react/messages").json()["messages"]
+    assert page[0]["reactions"] == {"👍": 1, "🎉": 1}
+
+
+@pytest.mark.parametrize("emoji", ["👍", "❤️", "👍🏽", "👨‍👩‍👧", "🇫🇷", "1️⃣", "+1", "thumbs_up"])
+def test_an_emoji_or_a_short_token_is_a_reaction(emoji):
+    assert services.emoji_validate(emoji) == emoji
+
+
+@pytest.mark.parametrize("emoji", ["", "👍👍", "a b", "<b>", "x" * 33, "👍 ", "\u200d", "🇫", 7,
+                                   None, "a\x00"])
+def test_anything_else_is_an_invalid_emoji(emoji):
+    assert refused(services.emoji_validate, emoji) == "invalid_emoji"
+
+
+@pytest.mark.django_db
+def test_a_reply_shows_the_excerpt_of_what_it_answers_as_it_is_now():
+    long = "x" * 150
+    post("thread", long, sender=BOB)
+    reply = post("thread", "agreed", reply_to=1)
+    assert reply["reply_to"] == {"id": 1, "sender": dict(BOB), "excerpt": "x" * 100}
+    assert refused(post, "thread", "to nothing", reply_to=99) == "not_found"
+    assert refused(post, "thread", "bad", reply_to="1") == "invalid_reply_to"
+    services.message_edit(room="thread", id=1, text="short now", sender=BOB, staff=False,
+                          origin="o")
+    page = Client().get("/api/rooms/thread/messages").json()["messages"]
+    assert page[1]["reply_to"]["excerpt"] == "short now"
+    services.message_delete(room="thread", id=1, sender=BOB, staff=False, origin="o")
+    page = Client().get("/api/rooms/thread/messages").json()["messages"]
+    assert page[1]["reply_to"] == {"id": 1, "sender": dict(BOB), "excerpt": ""}
+    assert refused(post, "thread", "to the deleted", reply_to=1) == "deleted"
+
+
+@pytest.mark.django_db
+def test_replies_stored_together_are_checked_in_one_batch():
+    post("batch", "first")
+    posts = [services.Post(room="batch", text=t, sender=ALICE, origin="o", reply_to=r)
+             for t, r in (("a", 1), ("b", 42), ("c", None))]
+    results = services.room_messages_post(posts=posts)
+    assert results[0][0]["reply_to"]["id"] == 1  # type: ignore[index]
+    assert isinstance(results[1], GatewayError) and results[1].code == "not_found"
+    assert results[2][0]["reply_to"] is None  # type: ignore[index]
+    assert list(Message.objects.filter(room__name="batch").values_list("seq", "reply_to")) == [
+        (1, None), (2, 1), (3, None)]
+
+
+@pytest.mark.django_db
+def test_the_log_is_read_in_its_messages_current_state():
+    post("state", "one")
+    post("state", "two")
+    services.message_edit(room="state", id=1, text="one, edited", sender=ALICE, staff=False,
+                          origin="o")
+    services.message_edit(room="state", id=1, text="one, final", sender=ALICE, staff=False,
+                          origin="o")
+    services.message_react(room="state", id=2, emoji="👍", sender=BOB, origin="o")
+    services.message_edit(room="state", id=2, text="two, edited", sender=ALICE, staff=False,
+                          origin="o")
+    services.message_delete(room="state", id=2, sender=ALICE, staff=False, origin="o")
+    entries, reached = selectors.room_log_after(room="state", after=0, limit=100)
+    assert reached == 7
+    shown = [(e["type"], events.entry_cursor(e), e.get("text"), e.get("kind")) for e in entries]
+    assert shown == [
+        ("room.message", 1, "one, final", None),  # its text now
+        ("room.entry", 3, "one, final", "edit"),  # never the intermediate text
+        ("room.entry", 4, "one, final", "edit"),
+        ("room.entry", 7, None, "delete"),  # message 2 and its changes are gone with it
+    ]
+    assert RoomEvent.objects.filter(room__name="state").count() == 5
+
+
+# --- the WebSocket protocol -----------------------------------------------------------------
+
+
+async def ws(path: str, **kwargs) -> WebsocketCommunicator:
+    comm = WebsocketCommunicator(app, path, **kwargs)
+    connected, code = await comm.connect(timeout=5)
+    assert connected, f"refused with {code}"
+    return comm
+
+
+async def frame(comm: WebsocketCommunicator, kind: str | None = None) -> dict:
+    """The next frame (of ``kind``, passing over others: presence comes and goes)."""
+    while True:
+        data = json.loads(await comm.receive_from(timeout=5))
+        if kind is None or data["type"] == kind:
+            return data
+
+
+async def only_presence(comm: WebsocketCommunicator, wait: float = 0.3) -> bool:
+    """Whether nothing but presence frames arrives within ``wait`` seconds."""
+    while not await comm.receive_nothing(timeout=wait):
+        data = json.loads(await comm.receive_from(timeout=1))
+        assert data["type"] == "presence", data
+    return True
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("runtime_stopped")
+async def test_changes_reach_extended_clients_and_a_tutorial_client_sees_messages_only():
+    alice = await ws("/ws/chat/mixed/?v=2&uid=alice-uid-1&name=alice")
+    bob = await ws("/ws/chat/mixed/", subprotocols=["rt-gateway.v2"])  # the other way to ask
+    tutorial = await ws("/ws/chat/mixed/")
+    await alice.send_json_to({"message": "hi", "client_id": "m1"})
+    sent = await frame(alice, "message")
+    assert sent["cursor"] == sent["id"] == 1 and sent["reply_to"] is None
+    assert (await frame(alice, "ack"))["cursor"] == 1
+    for comm in (bob, tutorial):
+        assert (await frame(comm, "message"))["message"] == "hi"
+    await alice.send_json_to({"type": "edit", "id": 1, "message": "hi all", "client_id": "e1"})
+    edit = await frame(bob, "edit")
+    assert (edit["id"], edit["message"], edit["cursor"], edit["sender"]["name"]) == (
+        1, "hi all", 2, "alice")
+    assert edit["edited_at"] > 0 and edit["client_id"] == "e1"
+    assert (await frame(alice, "ack")) == {"type": "ack", "client_id": "e1", "id": 1,
+                                           "cursor": 2, "duplicate": False}
+    await bob.send_json_to({"type": "react", "id": 1, "emoji": "🎉"})
+    reaction = await frame(alice, "reaction")
+    assert (reaction["emoji"], reaction["added"], reaction["count"], reaction["cursor"]) == (
+        "🎉", True, 1, 3)
+    await bob.send_json_to({"message": "yes", "reply_to": 1})
+    reply = await frame(alice, "message")
+    assert reply["reply_to"]["id"] == 1 and reply["reply_to"]["excerpt"] == "hi all"
+    await alice.send_json_to({"type": "delete", "id": 1})
+    assert (await frame(bob, "delete"))["cursor"] == 5
+    # The tutorial's client got the two messages, nothing else: no frame it cannot print.
+    assert (await frame(tutorial))["message"] == "yes"
+    assert await tutorial.receive_nothing(timeout=0.3)
+    for comm in (alice, bob, tutorial):
+        await comm.disconnect()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("runtime_stopped")
+async def test_a_change_another_sender_may_not_make_is_an_error_frame():
+    alice = await ws("/ws/chat/guard/?v=2&uid=alice-uid-1")
+    mallory = await ws("/ws/chat/guard/?v=2&uid=mallory-uid")
+    await alice.send_json_to({"message": "mine"})
+    await frame(alice, "message")
+    await frame(mallory, "message")
+    for data, code in (
+        ({"type": "edit", "id": 1, "message": "pwned", "client_id": "x"}, "forbidden"),
+        ({"type": "delete", "id": 1}, "forbidden"),
+        ({"type": "edit", "id": 2, "message": "?"}, "not_found"),
+        ({"type": "edit", "id": 1}, "missing_message"),
+        ({"type": "react", "id": 1, "emoji": "<script>"}, "invalid_emoji"),
+        ({"type": "react", "id": True, "emoji": "👍"}, "invalid_id"),
+        ({"message": "re", "reply_to": 77}, "not_found"),
+    ):
+        await mallory.send_json_to(data)
+        error = await frame(mallory, "error")
+        assert error["code"] == code, (data, error)
+    assert error.get("client_id") is None
+    assert await only_presence(alice)  # nothing happened in the room
+    for comm in (alice, mallory):
+        await comm.disconnect()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("runtime_stopped")
+async def test_an_unknown_version_is_refused_before_accept():
+    comm = WebsocketCommunicator(app, "/ws/chat/ver/?v=3")
+    connected, code = await comm.connect(timeout=5)
+    assert not connected and code == 4400
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("runtime_stopped")
+async def test_presence_is_pushed_to_extended_clients_as_members_come_and_go():
+    watcher = await ws("/ws/chat/who/?v=2&uid=watcher-uid&name=watcher")
+    first = await frame(watcher, "presence")
+    assert [m["name"] for m in first["members"]] == ["watcher"]
+    tutorial = await ws("/ws/chat/who/?name=tut")
+    joined = await frame(watcher, "presence")
+    assert [m["name"] for m in joined["joined"]] == ["tut"] and "scope" not in joined["joined"][0]
+    assert await tutorial.receive_nothing(timeout=0.3)  # never a presence frame for it
+    await tutorial.disconnect()
+    left = await frame(watcher, "presence")
+    assert [m["name"] for m in left["left"]] == ["tut"]
+    # A second extended client gets the whole list at once.
+    late = await ws("/ws/chat/who/?v=2&name=late")
+    members = (await frame(late, "presence"))["members"]
+    assert sorted(m["name"] for m in members) == ["late", "watcher"]
+    assert all(m["connections"] == 1 for m in members)
+    for comm in (watcher, late):
+        await comm.disconnect()
+
+
+# --- the roster -----------------------------------------------------------------------------
+
+
+def member(scope: str, name: str = "x") -> events.PresenceMember:
+    return {"scope": scope, "protocol": "web", "id": f"anon:{name}", "name": name}
+
+
+def change(process: str, seq: int, joined=(), left=()) -> events.RoomPresence:
+    return events.room_presence(room="r", process=process, seq=seq, joined=list(joined),
+                                left=list(left))
+
+
+def test_the_roster_tells_each_change_once_and_ignores_old_ones():
+    roster = RoomRoster()
+    assert roster.apply(change("p1", 1, joined=[member("s1", "ann")])) == (
+        [member("s1", "ann")], [])
+    assert roster.apply(change("p1", 1, joined=[member("s1", "ann")])) == ([], [])  # again
+    assert roster.apply(change("p1", 2, joined=[member("s1", "ann"), member("s2", "ann")])) == (
+        [member("s2", "ann")], [])
+    assert roster.snapshot() == [{"protocol": "web", "id": "anon:ann", "name": "ann",
+                                  "connections": 2}]
+    assert roster.apply(change("p1", 3, left=[member("s9")])) == ([], [])  # never here
+
+
+def test_a_row_replaces_what_was_heard_only_if_it_is_as_new():
+    roster = RoomRoster()
+    roster.apply(change("p1", 5, joined=[member("s1")]))
+    roster.apply(change("p1", 6, left=[member("s1")]))
+    # A row written before the leave (seq 5) would bring s1 back: it is not taken.
+    assert roster.replace({"p1": (5, [member("s1")])}) == ([], [])
+    # One written after it is the truth: it carries a change the events lost.
+    assert roster.replace({"p1": (7, [member("s3")])}) == ([member("s3")], [])
+    # A process whose row is gone (dead) takes its members with it.
+    assert roster.replace({}) == ([], [member("s3")])
+    assert roster.snapshot() == []
