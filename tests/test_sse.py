@@ -193,3 +193,14 @@ def test_cursors_and_entries_are_encoded_as_eventsource_reads_them():
     assert entry_event(entry) == (
         b'id: 9\nevent: deleted\ndata: {"type":"deleted","room":"r","id":7,"cursor":9}\n\n'
     )
+    edit = events.room_entry(cursor=10, room="r", kind="edit", id=7, sender=staff, ts=2.0,
+                             text="new\ntext")
+    lines = entry_event(edit).decode().split("\n")
+    assert lines[:2] == ["id: 10", "event: edit"] and lines[3:] == ["", ""]  # one data line
+    assert json.loads(lines[2].removeprefix("data: ")) == {
+        "type": "edit", "id": 7, "room": "r", "cursor": 10, "sender": dict(staff),
+        "message": "new\ntext", "edited_at": 2.0, "client_id": None}
+    reaction = events.room_entry(cursor=11, room="r", kind="reaction", id=7, sender=staff,
+                                 ts=3.0, emoji="🎉", added=True, count=2)
+    assert entry_event(reaction).startswith("id: 11\nevent: reaction\ndata: {".encode())
+    assert '"emoji":"🎉","added":true,"count":2'.encode() in entry_event(reaction)

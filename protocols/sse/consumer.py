@@ -13,7 +13,13 @@ WebSocket sends for it::
     event: deleted
     data: {"type":"deleted","room":"lobby","id":7,"cursor":9}
 
-Other entries are ``closed`` (staff closed the room; the stream ends) and ``reopened``.
+    id: 10
+    event: edit
+    data: {"type":"edit","id":7,"room":"lobby","cursor":10,"message":"new text",...}
+
+Other entries are ``reaction`` (the WebSocket's reaction frame), ``closed`` (staff closed the
+room; the stream ends) and ``reopened``. A message event carries its current state (reply,
+edit, reactions) when replayed.
 A browser's ``EventSource`` hands ``message`` events to ``onmessage`` and the others to their
 listeners, and reconnects by itself with ``Last-Event-ID``: the stream resumes after that
 cursor, with nothing missing and nothing twice (``?after=<cursor>`` does the same for a first
@@ -68,10 +74,17 @@ def message_event(event: events.RoomMessage) -> bytes:
 
 
 def entry_event(entry: events.RoomEntry) -> bytes:
-    """Any other log entry: its kind as the event name (deleted, closed, reopened)."""
-    name = ENTRY_EVENTS[entry["kind"]]
-    data = {"type": name, "room": entry["room"], "id": entry["id"], "cursor": entry["cursor"]}
-    text = json.dumps(data, separators=(",", ":"))
+    """Any other log entry: its kind as the event name (deleted, closed, reopened, edit,
+    reaction). An edit and a reaction carry the WebSocket's extended frame; an
+    ``EventSource`` passes over the names it does not listen to."""
+    kind = entry["kind"]
+    if kind in ENTRY_EVENTS:
+        name = ENTRY_EVENTS[kind]
+        data = {"type": name, "room": entry["room"], "id": entry["id"],
+                "cursor": entry["cursor"]}
+    else:
+        name, data = kind, events.entry_public(entry) or {}
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     return f"id: {entry['cursor']}\nevent: {name}\ndata: {text}\n\n".encode()
 
 
