@@ -202,5 +202,5 @@ def test_cursors_and_entries_are_encoded_as_eventsource_reads_them():
         "message": "new\ntext", "edited_at": 2.0, "client_id": None}
     reaction = events.room_entry(cursor=11, room="r", kind="reaction", id=7, sender=staff,
                                  ts=3.0, emoji="🎉", added=True, count=2)
-    assert entry_event(reaction).startswith("id: 11\nevent: reaction\ndata: {".encode())
+    assert entry_event(reaction).startswith(b"id: 11\nevent: reaction\ndata: {")
     assert '"emoji":"🎉","added":true,"count":2'.encode() in entry_event(reaction)
