@@ -15,7 +15,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from gateway import chats, events, selectors, services
-from gateway.models import BotChat, Device, Message, Room, SenderBlock
+from gateway.models import BotChat, Device, Message, MessageRevision, Room, SenderBlock
 
 admin.site.site_header = "Gateway administration"
 admin.site.site_title = "Gateway admin"
@@ -68,12 +68,30 @@ class RoomAdmin(admin.ModelAdmin):
         return False  # ids must stay monotonic: close a room, delete its messages
 
 
+class MessageRevisionInline(admin.TabularInline):
+    """The edit history: each text an edit replaced, when, and by whom (staff only: the API
+    and the sockets have the current text alone)."""
+
+    model = MessageRevision
+    verbose_name = "replaced text"
+    verbose_name_plural = "edit history (texts replaced by edits, oldest first)"
+    fields = ["replaced_at", "text", "by_name", "by_protocol", "by_id"]
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request: HttpRequest, obj: Message | None = None) -> bool:
+        return False
+
+
 @admin.register(Message)
 class MessageAdmin(admin.ModelAdmin):
     list_display = ["room", "seq", "sender_name", "sender_protocol", "excerpt", "created_at",
-                    "deleted_at"]
+                    "edited_at", "deleted_at"]
     list_filter = ["sender_protocol", "created_at", ("deleted_at", admin.EmptyFieldListFilter),
+                   ("edited_at", admin.EmptyFieldListFilter),
                    ("room", admin.RelatedOnlyFieldListFilter)]
+    inlines = [MessageRevisionInline]
     search_fields = ["text", "sender_name"]
     date_hierarchy = "created_at"
     list_select_related = ["room"]

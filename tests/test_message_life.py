@@ -351,3 +351,19 @@ def test_a_row_replaces_what_was_heard_only_if_it_is_as_new():
     # A process whose row is gone (dead) takes its members with it.
     assert roster.replace({}) == ([], [member("s3")])
     assert roster.snapshot() == []
+
+
+@pytest.mark.django_db
+def test_staff_see_the_edit_history_in_the_admin(admin_client):
+    post("audit", "first words")
+    services.message_edit(room="audit", id=1, text="second words", sender=ALICE, staff=False,
+                          origin="o")
+    services.message_edit(room="audit", id=1, text="last words", sender=ALICE, staff=False,
+                          origin="o")
+    message = Message.objects.get(room__name="audit", seq=1)
+    page = admin_client.get(f"/admin/gateway/message/{message.pk}/change/")
+    assert page.status_code == 200
+    body = page.content.decode()
+    assert "first words" in body and "second words" in body and "last words" in body
+    assert body.index("first words") < body.index("second words")
+    assert "first words" not in Client().get("/api/rooms/audit/messages").content.decode()
