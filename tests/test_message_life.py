@@ -5,9 +5,12 @@ pure unit."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import urllib.request
 
 import pytest
+from channels.db import database_sync_to_async
 from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 from django.test import Client
@@ -17,6 +20,7 @@ from gateway.errors import GatewayError
 from gateway.models import Message, MessageRevision, Reaction, Room, RoomEvent
 from gateway.presence import RoomRoster
 from gateway.routing import websocket_urlpatterns
+from tests.helpers import FAST, connect, device, gather_out, mqtt_env, mqtt_ready, next_of
 
 app = URLRouter(websocket_urlpatterns)
 ALICE = events.sender(protocol="web", id="anon:alice", name="alice")
@@ -367,3 +371,97 @@ def test_staff_see_the_edit_history_in_the_admin(admin_client):
     assert "first words" in body and "second words" in body and "last words" in body
     assert body.index("first words") < body.index("second words")
     assert "first words" not in Client().get("/api/rooms/audit/messages").content.decode()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("runtime_stopped")
+async def test_a_flood_of_reactions_is_limited_like_messages(settings):
+    settings.GATEWAY = {**settings.GATEWAY, "RATE_LIMIT_PER_SECOND": 0.01,
+                        "RATE_LIMIT_BURST": 5, "WS_ERROR_LIMIT": 100}
+    alice = await ws("/ws/chat/flood/?v=2")
+    await alice.send_json_to({"message": "react to me"})
+    await frame(alice, "message")
+    for _ in range(10):
+        await alice.send_json_to({"type": "react", "id": 1, "emoji": "👍"})
+    reactions, refusals = 0, 0
+    while reactions + refusals < 10:
+        data = await frame(alice)
+        reactions += data["type"] == "reaction"
+        refusals += data["type"] == "error" and data["code"] == "rate_limited"
+    assert (reactions, refusals) == (4, 6)  # the burst of 5, less the message
+    assert await database_sync_to_async(RoomEvent.objects.filter(room__name="flood").count)() == 4
+    await alice.disconnect()
+
+
+# --- through a real gateway, with a real broker -----------------------------------------------
+
+
+@pytest.mark.slow
+async def test_a_devices_changes_reach_the_page_and_out_and_the_pages_reach_the_devices(
+    gateway_factory, mosquitto,
+):
+    gw = gateway_factory(env=mqtt_env(mosquitto)).start()
+    await mqtt_ready(gw)
+    async with connect(gw, "/ws/chat/plant/?v=2&name=web") as page, \
+            device(mosquitto) as sensor:
+        await sensor.subscribe("rooms/plant/out", qos=1)
+        await sensor.publish("rooms/plant/in/probe", b"21.5 C", qos=1)
+        assert (await next_of(page, "message"))["message"] == "21.5 C"
+        await sensor.publish("rooms/plant/in/probe", json.dumps(
+            {"type": "edit", "id": 1, "message": "21.7 C"}).encode(), qos=1)
+        edit = await next_of(page, "edit")
+        assert (edit["id"], edit["message"], edit["sender"]["id"]) == (1, "21.7 C", "probe")
+        # The page answers and reacts; the device sees it all on out, in room order.
+        await page.send(json.dumps({"message": "thanks", "reply_to": 1}))
+        await page.send(json.dumps({"type": "react", "id": 1, "emoji": "👍"}))
+        out = await gather_out(sensor, 4)
+        assert [(o["type"], o["id"]) for o in out] == [
+            ("message", 1), ("edit", 1), ("message", 3), ("reaction", 1)]
+        assert out[2]["reply_to"] == {"id": 1, "excerpt": "21.7 C", "sender": {
+            "protocol": "mqtt", "id": "probe", "name": "probe"}}
+        assert (out[3]["emoji"], out[3]["added"], out[3]["count"]) == ("👍", True, 1)
+        # A device may not edit what another sender said: told on its error topic.
+        await sensor.subscribe("rooms/plant/error/probe", qos=1)
+        await sensor.publish("rooms/plant/in/probe", json.dumps(
+            {"type": "delete", "id": 3, "client_id": "d-1"}).encode(), qos=1)
+        [error] = await gather_out(sensor, 1)
+        assert (error["topic"], error["code"], error["client_id"]) == (
+            "rooms/plant/error/probe", "forbidden", "d-1")
+        await sensor.publish("rooms/plant/in/probe", json.dumps(
+            {"type": "delete", "id": 1}).encode(), qos=1)
+        assert (await next_of(page, "delete"))["id"] == 1
+        [gone] = await gather_out(sensor, 1)
+        assert (gone["type"], gone["id"]) == ("delete", 1)
+
+
+@pytest.mark.slow
+async def test_a_page_offline_during_changes_gets_their_current_state_when_it_resumes(
+    gateway_factory,
+):
+    gw = gateway_factory(env=FAST).start()
+    async with connect(gw, "/ws/chat/later/?v=2&uid=author-uid-1") as author:
+        for text in ("one", "two", "three"):
+            await author.send(json.dumps({"message": text}))
+            await next_of(author, "message")
+    async with connect(gw, "/ws/chat/later/?v=2&uid=author-uid-1") as author:
+        # Another page meanwhile: an edit, a delete, two reactions.
+        await author.send(json.dumps({"type": "edit", "id": 1, "message": "one (fixed)"}))
+        await author.send(json.dumps({"type": "delete", "id": 2}))
+        await author.send(json.dumps({"type": "react", "id": 3, "emoji": "🎉"}))
+        await author.send(json.dumps({"type": "edit", "id": 1, "message": "one (final)"}))
+        await next_of(author, "edit")
+        while (await next_of(author, "edit"))["message"] != "one (final)":
+            pass
+    # The page that had seen everything up to 3 resumes: the changes, in order, in their
+    # current state (never the intermediate text), and the history shows the same.
+    async with connect(gw, "/ws/chat/later/?v=2&after=3") as page:
+        got = [json.loads(await asyncio.wait_for(page.recv(), 10)) for _ in range(5)]
+    changes = [(f["type"], f["id"], f.get("message"), f.get("count")) for f in got
+               if f["type"] != "presence"]
+    assert changes == [("edit", 1, "one (final)", None), ("delete", 2, None, None),
+                       ("reaction", 3, None, 1), ("edit", 1, "one (final)", None)]
+    history = await asyncio.to_thread(lambda: json.loads(urllib.request.urlopen(
+        f"{gw.http}/api/rooms/later/messages", timeout=5).read()))
+    assert [(m["id"], m["message"], m["deleted"], m["reactions"]) for m in history["messages"]
+            ] == [(1, "one (final)", False, {}), (2, "", True, {}), (3, "three", False,
+                                                                    {"🎉": 1})]
