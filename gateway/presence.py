@@ -22,7 +22,9 @@ import asyncio
 import logging
 import os
 import socket
+from collections.abc import Iterable, Mapping
 from datetime import timedelta
+from typing import Any
 
 from channels.db import database_sync_to_async
 from django.conf import settings
@@ -103,7 +105,7 @@ class PresenceTracker:
                 published.append(events.room_presence(
                     room=room, process=self.process_id, seq=self.seq,
                     joined=list(joined.values()), left=list(left.values())))
-        presence_broadcast(published)  # type: ignore[arg-type]
+        presence_broadcast(list(published))
 
     async def start(self) -> None:
         await database_sync_to_async(self._register)()
@@ -247,14 +249,19 @@ class RoomRoster:
 
     def snapshot(self) -> list[dict[str, object]]:
         """The room's members, one per sender per protocol with their connection count."""
-        counted: dict[tuple[str, str], dict[str, object]] = {}
-        for members in self.members.values():
-            for member in members.values():
-                entry = counted.setdefault((member["protocol"], member["id"]), {
-                    "protocol": member["protocol"], "id": member["id"], "name": member["name"],
-                    "connections": 0})
-                entry["connections"] = int(entry["connections"]) + 1  # type: ignore[call-overload]
-        return sorted(counted.values(), key=lambda m: (str(m["protocol"]), str(m["name"])))
+        return members_counted(m for members in self.members.values() for m in members.values())
+
+
+def members_counted(entries: Iterable[Mapping[str, Any]]) -> list[dict[str, object]]:
+    """Members (scopes, chats) as a room shows them: one per sender per protocol, with how
+    many connections it has, by protocol then name."""
+    counted: dict[tuple[str, str], dict[str, object]] = {}
+    for entry in entries:
+        member = counted.setdefault((entry["protocol"], entry["id"]), {
+            "protocol": entry["protocol"], "id": entry["id"], "name": entry["name"],
+            "connections": 0})
+        member["connections"] = int(member["connections"]) + 1  # type: ignore[call-overload]
+    return sorted(counted.values(), key=lambda m: (str(m["protocol"]), str(m["name"])))
 
 
 def presence_purge(*, single_process: bool, keep: str = "") -> int:

@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from gateway import events
 from gateway.models import BotChat, GatewayProcess, Message, RelayCursor, Room, RoomEvent
-from gateway.presence import CHATS
+from gateway.presence import CHATS, members_counted
 from gateway.services import entry_event, message_events
 
 
@@ -233,16 +233,7 @@ def member_entries(*, room: str | None = None) -> list[dict[str, str]]:
 
 def room_member_list(*, room: str) -> list[dict[str, object]]:
     """Who is in a room: one entry per person per protocol, with their connection count."""
-    members: dict[tuple[str, str], dict[str, object]] = {}
-    for entry in member_entries(room=room):
-        key = (entry["protocol"], entry["id"])
-        member = members.setdefault(
-            key,
-            {"protocol": entry["protocol"], "id": entry["id"], "name": entry["name"],
-             "connections": 0},
-        )
-        member["connections"] = int(member["connections"]) + 1  # type: ignore[call-overload]
-    return sorted(members.values(), key=lambda m: (str(m["protocol"]), str(m["name"])))
+    return members_counted(member_entries(room=room))
 
 
 def room_list(*, limit: int = 200) -> list[dict[str, object]]:

@@ -459,8 +459,7 @@ def _messages_store(valid: list[tuple[int, Post]], results: list[PostResult | No
     now = datetime.fromtimestamp(time.time(), tz=UTC)
     known = _messages_by_client_ids([post for _, post in valid])
     blocked = _senders_blocked([post.sender for _, post in valid])
-    answered = [(post.room, cast(int, post.reply_to)) for _, post in valid
-                if post.reply_to is not None]
+    answered = [_answered(post) for _, post in valid if post.reply_to is not None]
     replies = _reply_targets(answered) if answered else {}
     by_room: dict[str, list[tuple[int, Post]]] = {}
     first_of: dict[tuple[str, str, object], int] = {}  # a client_id's first post in the batch
@@ -474,7 +473,8 @@ def _messages_store(valid: list[tuple[int, Post]], results: list[PostResult | No
                                           "staff blocked this sender; the message was dropped")
         elif post.client_id is not None and key in first_of:
             repeats.append((index, first_of[key]))
-        elif isinstance(reply := replies.get((post.room, post.reply_to)), GatewayError):  # type: ignore[arg-type]
+        elif post.reply_to is not None and isinstance(
+                reply := replies[_answered(post)], GatewayError):
             results[index] = reply
         else:
             if post.client_id is not None:
@@ -502,8 +502,8 @@ def _messages_store(valid: list[tuple[int, Post]], results: list[PostResult | No
                 id=seq, room=room, text=text, ts=ts, origin=post.origin,
                 sender=events.sender(protocol=sender["protocol"], id=sender["id"], name=name),
                 client_id=cast(str | None, client_id),
-                reply_to=cast(events.ReplyRef | None, replies.get((room, post.reply_to)))  # type: ignore[arg-type]
-                if post.reply_to is not None else None,
+                reply_to=None if post.reply_to is None
+                else cast(events.ReplyRef, replies[_answered(post)]),
             ), True)
     alone = []  # repeats whose first was refused: stored as if they came after the batch
     for index, first in repeats:
@@ -522,6 +522,11 @@ def _messages_store(valid: list[tuple[int, Post]], results: list[PostResult | No
             results[index] = _message_post_one(posts[index])
         except GatewayError as exc:
             results[index] = exc
+
+
+def _answered(post: Post) -> tuple[str, int]:
+    """The message a (checked) reply answers: ``(room, id)``."""
+    return post.room, cast(int, post.reply_to)
 
 
 # The columns a new message is inserted with, in the order of ``_messages_insert``'s rows
