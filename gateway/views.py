@@ -119,13 +119,15 @@ def api_messages(request: HttpRequest, room: str) -> HttpResponse:
     if not 1 <= limit <= maximum or (after_id is not None and after_id < 0):
         return error_response(400, "invalid_query", f"'limit' must be 1-{maximum}; 'after' >= 0")
     more = False
+    # The cursor first: what is stored after it was read is after it too, so a client that
+    # resumes from it misses nothing the page did not show.
+    last = selectors.room_last_seqs(rooms=[room])[room]
     if after_id is None:
         messages = selectors.room_history(room=room, limit=limit)
     else:
         # One more than the page, to know whether another follows.
         messages = selectors.room_history(room=room, after=after_id, limit=limit + 1)
         more, messages = len(messages) > limit, messages[:limit]
-    last = selectors.room_last_seqs(rooms=[room])[room]
     return JsonResponse(
         {"room": room, "messages": messages, "last_id": last,
          "next_after": messages[-1]["id"] if more else None}

@@ -24,7 +24,9 @@ def publish(broker, topic: str, payload: str) -> None:
 
 
 def stored(gw, room: str) -> list[str]:
-    return [m["message"] for m in gw.get_json(f"/api/rooms/{room}/messages?after=0")["messages"]]
+    """The texts of the room's messages that are not deleted."""
+    page = gw.get_json(f"/api/rooms/{room}/messages?after=0")["messages"]
+    return [m["message"] for m in page if not m["deleted"]]
 
 
 def test_staff_watch_live_traffic_and_post_to_an_open_chat(browser, gateway_factory, mosquitto):
