@@ -1,25 +1,42 @@
-// The chat page: history, live messages, presence, and reconnect-and-resume.
+// The chat page: history, live messages and their changes (edits, deletes, replies and
+// reactions), live presence, and reconnect-and-resume. The wire format is described at the
+// top of consumers/websocket.py; the page asks for the extended frames (v=2).
 // Every user-supplied string is set with textContent, never as markup.
 (() => {
   "use strict";
   const root = document.getElementById("chat");
   const room = root.dataset.room;
   const historySize = parseInt(root.dataset.history, 10) || 50;
+  const maxLength = parseInt(root.dataset.maxLength, 10) || 0;
   const loggedInAs = root.dataset.user;
+  const staff = root.dataset.staff === "1"; // staff may edit and delete any message
   const list = document.getElementById("messages");
   const statusEl = document.getElementById("status");
   const notice = document.getElementById("notice");
+  const announcer = document.getElementById("announce");
   const form = document.getElementById("composer");
   const textInput = document.getElementById("text");
   const nameInput = document.getElementById("name");
   const membersEl = document.getElementById("members");
+  const replyBar = document.getElementById("replying");
+  const replyName = document.getElementById("replying-to");
+  const replyExcerpt = document.getElementById("replying-text");
+  const replyCancel = document.getElementById("replying-cancel");
+
+  const REACTIONS = ["\u{1F44D}", "\u2764\uFE0F", "\u{1F602}", "\u{1F62E}", "\u{1F622}", "\u{1F389}"];
+  const EXCERPT_LENGTH = 100; // characters of a replied-to message a reply shows (the server's)
 
   let lastId = 0;          // newest log cursor seen (a message's id is its cursor); resumed after
   let historyLoaded = false;
   let socket = null;
   let attempt = 0;
   let reconnectTimer = null;
-  const outbox = new Map(); // client_id -> payload, until the server acks it
+  let replyTo = null;       // the message the composer answers: {id, name, excerpt}
+  let openPicker = null;    // the reaction picker that is open, if any
+  const outbox = new Map(); // client_id -> payload (any kind), until the server acks it
+  const sent = new Set();   // client_ids this page sent: a frame with one of them is ours
+  const shown = new Map();  // message id -> its record on the page (see messageItem)
+  const members = new Map(); // "protocol:id" -> {protocol, id, name, connections}
 
   function randomId() {
     const bytes = new Uint8Array(12);
@@ -37,6 +54,34 @@
     });
   }
 
+  // Who this page is, as the room sees it: a logged-in account's id is known; an anonymous
+  // visitor's is a keyed hash of its uid that only the server computes, so the page learns
+  // it from the first frame that carries one of its own client_ids (and keeps it with the uid).
+  let me = loggedInAs ? { protocol: "web", id: root.dataset.sender } : storedSender();
+
+  function storedSender() {
+    try {
+      const kept = JSON.parse(localStorage.getItem("gateway.sender") || "null");
+      return kept && kept.uid === uid ? { protocol: "web", id: kept.id } : null;
+    } catch (err) { return null; }
+  }
+
+  function learnSender(frame) {
+    if (!frame.client_id || !sent.has(frame.client_id) || !frame.sender) return;
+    if (me && sameSender(me, frame.sender)) return;
+    me = { protocol: frame.sender.protocol, id: frame.sender.id };
+    if (!loggedInAs) localStorage.setItem("gateway.sender", JSON.stringify({ uid, id: me.id }));
+    shown.forEach((rec) => { if (rec.changeable !== mayChange(rec.msg)) paintActions(rec); });
+  }
+
+  function sameSender(a, b) {
+    return Boolean(a && b) && a.protocol === b.protocol && a.id === b.id;
+  }
+
+  function mayChange(msg) {
+    return staff || sameSender(me, msg.sender);
+  }
+
   function setStatus(text, cls) {
     statusEl.textContent = text;
     statusEl.className = "status " + (cls || "");
@@ -47,6 +92,25 @@
     notice.hidden = false;
     clearTimeout(showNotice.timer);
     showNotice.timer = setTimeout(() => { notice.hidden = true; }, 6000);
+  }
+
+  function el(tag, className, text) {
+    const node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  function button(className, text, label, onClick) {
+    const b = el("button", className, text);
+    b.type = "button";
+    if (label) { b.setAttribute("aria-label", label); b.title = label; }
+    b.addEventListener("click", onClick);
+    return b;
+  }
+
+  function excerptOf(text) {
+    return Array.from(text).slice(0, EXCERPT_LENGTH).join(""); // code points, as the server
   }
 
   // A sender the server vouches for: a logged-in account (its id is "user:<n>") or the
@@ -64,42 +128,251 @@
     return mark;
   }
 
-  function render(msg) {
+  // --- messages --------------------------------------------------------------------------
+  // A message's record: {li, msg (its current state, as the server last said), mine (the
+  // emoji this page's sender has on it, when known), body, edited, chips, actions, quote,
+  // changeable (its actions offer edit and delete), pending (client_id of an edit or delete
+  // on its way), editor}.
+
+  function render(msg, live) {
     if (typeof msg.id !== "number" || msg.id <= lastId) return; // already shown
     lastId = msg.id;
-    const li = document.createElement("li");
-    li.className = "message";
+    learnSender(msg);
+    const rec = messageItem(msg);
+    shown.set(msg.id, rec);
+    const atBottom = list.scrollTop + list.clientHeight >= list.scrollHeight - 40;
+    list.append(rec.li);
+    if (atBottom) list.scrollTop = list.scrollHeight;
+    if (live && !msg.deleted && !sameSender(me, msg.sender)) {
+      announcer.textContent = `${msg.sender.name}: ${msg.message}`;
+    }
+  }
+
+  function messageItem(msg) {
+    const li = el("li", "message");
     li.dataset.id = String(msg.id);
-    const meta = document.createElement("div");
-    meta.className = "meta";
-    const name = document.createElement("span");
-    name.className = "sender";
-    name.textContent = msg.sender.name;
-    const badge = document.createElement("span");
-    badge.className = "badge badge-" + msg.sender.protocol;
-    badge.textContent = msg.sender.protocol;
+    li.tabIndex = -1; // where a jump from a reply's quote moves the focus
+    const rec = { li, msg: { ...msg, reactions: { ...(msg.reactions || {}) } }, mine: new Set() };
+    const meta = el("div", "meta");
+    const name = el("span", "sender", msg.sender.name);
+    const badge = el("span", "badge badge-" + msg.sender.protocol, msg.sender.protocol);
     const time = document.createElement("time");
     const when = new Date(msg.ts * 1000);
     time.dateTime = when.toISOString();
     time.textContent = when.toLocaleTimeString();
+    rec.edited = el("span", "edited", "(edited)");
     meta.append(name);
     if (isVerified(msg.sender)) meta.append(verifiedMark());
-    meta.append(badge, time);
-    const body = document.createElement("div");
-    body.className = "text";
-    body.textContent = msg.message;
-    li.append(meta, body);
-    const atBottom = list.scrollTop + list.clientHeight >= list.scrollHeight - 40;
-    list.append(li);
-    if (atBottom) list.scrollTop = list.scrollHeight;
+    rec.actions = el("div", "actions"); // on the meta line, shown on hover and focus
+    meta.append(badge, time, rec.edited, rec.actions);
+    rec.body = el("div", "text");
+    rec.chips = el("div", "reactions");
+    if (msg.reply_to) {
+      rec.quote = quoteButton(msg.reply_to);
+      li.append(rec.quote);
+    }
+    li.append(meta, rec.body, rec.chips);
+    if (msg.deleted) markRemoved(rec);
+    else { paintMessage(rec); paintActions(rec); }
+    return rec;
   }
+
+  function paintMessage(rec) {
+    rec.body.textContent = rec.msg.message;
+    rec.body.classList.toggle("pending", Boolean(rec.pending));
+    rec.edited.hidden = !rec.msg.edited_at;
+    if (rec.msg.edited_at) {
+      rec.edited.title = "edited " + new Date(rec.msg.edited_at * 1000).toLocaleString();
+    }
+    paintReactions(rec);
+  }
+
+  function markRemoved(rec) {
+    rec.msg.deleted = true;
+    rec.msg.message = "";
+    rec.msg.reactions = {};
+    rec.pending = null;
+    closeEditor(rec);
+    if (openPicker && openPicker.rec === rec) closePicker();
+    rec.li.classList.remove("pending");
+    rec.li.classList.add("removed");
+    // Not "text": the message's text is gone, only its place stays.
+    rec.body.className = "removed-text";
+    rec.body.textContent = "message removed";
+    rec.edited.hidden = true;
+    if (rec.quote) { rec.quote.remove(); rec.quote = null; }
+    rec.chips.replaceChildren();
+    rec.actions.replaceChildren();
+    if (replyTo && replyTo.id === rec.msg.id) setReply(null);
+  }
+
+  function paintActions(rec) {
+    if (rec.msg.deleted) return;
+    rec.changeable = mayChange(rec.msg);
+    const who = rec.msg.sender.name;
+    const items = [
+      button("act reply", "Reply", `Reply to ${who}`, () => setReply(rec)),
+      reactButton(rec),
+    ];
+    if (rec.changeable) {
+      items.push(button("act edit", "Edit", "Edit this message", () => openEditor(rec)));
+      items.push(button("act delete", "Delete", "Delete this message", () => confirmDelete(rec)));
+    }
+    rec.actions.replaceChildren(...items);
+  }
+
+  function paintReactions(rec) {
+    const counts = rec.msg.reactions || {};
+    const chips = new Map([...rec.chips.children].map((c) => [c.dataset.emoji, c]));
+    for (const [emoji, chip] of chips) {
+      if (!(counts[emoji] > 0)) chip.remove();
+    }
+    for (const [emoji, count] of Object.entries(counts)) {
+      if (!(count > 0)) continue;
+      let chip = chips.get(emoji);
+      if (!chip) {
+        chip = button("chip", "", null, () => sendChange({ type: "react", id: rec.msg.id, emoji }));
+        chip.dataset.emoji = emoji;
+        chip.append(el("span", "emoji", emoji), el("span", "count"));
+        rec.chips.append(chip);
+      }
+      const mine = rec.mine.has(emoji);
+      chip.querySelector(".count").textContent = String(count);
+      chip.classList.toggle("mine", mine);
+      chip.setAttribute("aria-pressed", String(mine));
+      const label = `${emoji} ${count}` + (mine ? ", yours: take it back" : ": react with it too");
+      chip.setAttribute("aria-label", label);
+      chip.title = label;
+    }
+  }
+
+  function quoteButton(ref) {
+    const quote = el("button", "quote");
+    quote.type = "button";
+    const excerpt = ref.excerpt || "message removed";
+    quote.append(el("span", "quote-sender", ref.sender.name),
+                 el("span", "quote-text" + (ref.excerpt ? "" : " gone"), excerpt));
+    quote.setAttribute("aria-label", `In reply to ${ref.sender.name}: ${excerpt}. Show it`);
+    quote.title = "Show the message this answers";
+    quote.addEventListener("click", () => jumpTo(ref.id));
+    return quote;
+  }
+
+  // What replies on the page show of the message they answer follows its edits and delete.
+  function refreshQuotes(id, text) {
+    shown.forEach((rec) => {
+      const ref = rec.msg.reply_to;
+      if (!rec.quote || !ref || ref.id !== id) return;
+      ref.excerpt = excerptOf(text);
+      const fresh = quoteButton(ref);
+      rec.quote.replaceWith(fresh);
+      rec.quote = fresh;
+    });
+  }
+
+  function jumpTo(id) {
+    const rec = shown.get(id);
+    if (!rec) {
+      showNotice("That message is no longer on this page.");
+      return;
+    }
+    rec.li.scrollIntoView({ block: "center", behavior: "smooth" });
+    rec.li.focus({ preventScroll: true });
+    rec.li.classList.remove("flash");
+    void rec.li.offsetWidth; // restart the highlight when jumping to it again
+    rec.li.classList.add("flash");
+    clearTimeout(rec.flashTimer);
+    rec.flashTimer = setTimeout(() => rec.li.classList.remove("flash"), 2000);
+  }
+
+  // --- changes from the room ------------------------------------------------------------
+
+  function onEdit(frame) {
+    const rec = shown.get(frame.id);
+    if (!rec || rec.msg.deleted) return;
+    rec.msg.message = frame.message;
+    rec.msg.edited_at = frame.edited_at;
+    if (rec.pending === frame.client_id) rec.pending = null;
+    if (!rec.pending) paintMessage(rec);
+    refreshQuotes(frame.id, frame.message);
+    if (replyTo && replyTo.id === frame.id) replyExcerpt.textContent = excerptOf(frame.message);
+  }
+
+  function onDelete(frame) {
+    const rec = shown.get(frame.id);
+    if (rec) markRemoved(rec);
+    refreshQuotes(frame.id, "");
+  }
+
+  function onReaction(frame) {
+    const rec = shown.get(frame.id);
+    if (!rec || rec.msg.deleted) return;
+    if (frame.count > 0) rec.msg.reactions[frame.emoji] = frame.count;
+    else delete rec.msg.reactions[frame.emoji];
+    if (sameSender(me, frame.sender)) {
+      if (frame.added) rec.mine.add(frame.emoji);
+      else rec.mine.delete(frame.emoji);
+    }
+    paintReactions(rec);
+  }
+
+  // A log entry other than a message: applied once, in cursor order (catch-up after a
+  // reconnect replays those made while the page was away).
+  function onEntry(frame, apply) {
+    if (typeof frame.cursor !== "number" || frame.cursor <= lastId) return;
+    lastId = frame.cursor;
+    learnSender(frame);
+    apply(frame);
+  }
+
+  // --- presence --------------------------------------------------------------------------
+
+  function memberKey(m) { return m.protocol + ":" + m.id; }
+
+  function onPresence(frame) {
+    if (Array.isArray(frame.members)) {  // the full list: it replaces ours
+      members.clear();
+      frame.members.forEach((m) => members.set(memberKey(m), {
+        protocol: m.protocol, id: m.id, name: m.name, connections: m.connections || 1,
+      }));
+      membersEl.classList.remove("stale");
+    }
+    (frame.joined || []).forEach((m) => {  // one more connection of each
+      const known = members.get(memberKey(m));
+      if (known) { known.connections += 1; known.name = m.name; }
+      else members.set(memberKey(m), { protocol: m.protocol, id: m.id, name: m.name, connections: 1 });
+    });
+    (frame.left || []).forEach((m) => {    // one fewer: gone at none
+      const known = members.get(memberKey(m));
+      if (known && --known.connections <= 0) members.delete(memberKey(m));
+    });
+    paintMembers();
+  }
+
+  function paintMembers() {
+    // The server's order: by protocol, then name.
+    const order = (a, b) => (a.protocol < b.protocol ? -1 : a.protocol > b.protocol ? 1
+      : a.name < b.name ? -1 : a.name > b.name ? 1 : 0);
+    membersEl.replaceChildren(...[...members.values()].sort(order).map((m) => {
+      const li = document.createElement("li");
+      const badge = document.createElement("span");
+      badge.className = "badge badge-" + m.protocol;
+      badge.textContent = m.protocol;
+      li.append(document.createTextNode(m.name + " "));
+      if (isVerified(m)) li.append(verifiedMark(), document.createTextNode(" "));
+      li.append(badge);
+      return li;
+    }));
+  }
+
+  // --- history and the socket ------------------------------------------------------------
 
   async function loadHistory() {
     const url = `/api/rooms/${encodeURIComponent(room)}/messages?limit=${historySize}`;
     const response = await fetch(url, { credentials: "same-origin" });
     if (!response.ok) throw new Error("history: HTTP " + response.status);
     const page = await response.json();
-    page.messages.forEach(render);
+    page.messages.forEach((msg) => render(msg, false));
     // An empty room's history ends at its last id (0 for a new room): resume from there,
     // never replay a whole room.
     lastId = Math.max(lastId, page.last_id);
@@ -108,7 +381,8 @@
 
   function socketUrl() {
     const scheme = location.protocol === "https:" ? "wss" : "ws";
-    const params = new URLSearchParams({ after: String(lastId) });
+    // v=2: the extended frames (edits, deletes, reactions, presence).
+    const params = new URLSearchParams({ after: String(lastId), v: "2" });
     if (!loggedInAs) {
       params.set("uid", uid);
       const name = nameInput ? nameInput.value.trim() : "";
@@ -125,6 +399,16 @@
     reconnectTimer = setTimeout(connect, delay);
   }
 
+  const HANDLERS = {
+    message: (frame) => render(frame, true),
+    edit: (frame) => onEntry(frame, onEdit),
+    delete: (frame) => onEntry(frame, onDelete),
+    reaction: (frame) => onEntry(frame, onReaction),
+    presence: onPresence,
+    ack: onAck,
+    error: onError,
+  };
+
   async function connect() {
     clearTimeout(reconnectTimer);
     setStatus(attempt ? "reconnecting…" : "connecting…", "pending");
@@ -139,16 +423,12 @@
     });
     socket.addEventListener("message", (e) => {
       const frame = JSON.parse(e.data);
-      if (frame.type === "message") render(frame);
-      else if (frame.type === "deleted") {
-        removeMessage(frame.id);
-        if (typeof frame.cursor === "number") lastId = Math.max(lastId, frame.cursor);
-      }
-      else if (frame.type === "ack") outbox.delete(frame.client_id);
-      else if (frame.type === "error") onError(frame);
+      const handle = HANDLERS[frame.type];
+      if (handle) handle(frame);
     });
     socket.addEventListener("close", (e) => {
       socket = null;
+      membersEl.classList.add("stale"); // until the next full list
       if (e.code in STOPPED) {  // no point in reconnecting by ourselves
         setStatus(e.code === 4410 ? "room closed" : "refused", "bad");
         showNotice(STOPPED[e.code]);
@@ -159,8 +439,9 @@
     });
   }
 
-  // Unacknowledged messages go again after a reconnect, paced below the server's flood
+  // Unacknowledged frames go again after a reconnect, paced below the server's flood
   // limit (5/s): frames beyond it are refused, and a socket refused too often is closed.
+  // The same client_id again is stored once (a reaction is not toggled twice).
   function flushOutbox(ws) {
     const pending = [...outbox.values()];
     const next = () => {
@@ -173,6 +454,18 @@
     next();
   }
 
+  function transmit(payload) {
+    outbox.set(payload.client_id, payload);
+    sent.add(payload.client_id);
+    if (socket && socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify(payload));
+  }
+
+  function sendChange(fields) {
+    const payload = { ...fields, client_id: randomId() };
+    transmit(payload);
+    return payload.client_id;
+  }
+
   const STOPPED = {
     4400: "This room name is not valid.",
     4401: "Log in to chat.",
@@ -182,15 +475,31 @@
     4429: "No new rooms can be opened now. Try again later, or join an existing room.",
   };
 
-  function removeMessage(id) {
-    const item = list.querySelector(`li.message[data-id="${Number(id)}"]`);
-    if (item) item.remove();
+  // An ack's cursor does not move lastId: the ack can come before the frame of its change,
+  // and resuming past that frame would lose it.
+  function onAck(frame) {
+    const payload = outbox.get(frame.client_id);
+    outbox.delete(frame.client_id);
+    if (!payload || (payload.type !== "edit" && payload.type !== "delete")) return;
+    // Its frame carries the change; an ack without a new cursor (nothing changed, or a change
+    // this page already has) has none to wait for.
+    if (frame.cursor === null || frame.cursor <= lastId) settle(payload);
+  }
+
+  // An edit or a delete of this page's that will not come back as a frame: show the
+  // message as the server last said it.
+  function settle(payload) {
+    const rec = shown.get(payload.id);
+    if (!rec || rec.pending !== payload.client_id) return;
+    rec.pending = null;
+    rec.li.classList.remove("pending");
+    if (!rec.msg.deleted) paintMessage(rec);
   }
 
   function onError(frame) {
     const payload = frame.client_id && outbox.get(frame.client_id);
     if (payload && (frame.code === "rate_limited" || frame.code === "unavailable")) {
-      // Transient: send the same message (same client_id, so stored once) a bit later.
+      // Transient: send the same frame (same client_id, so stored once) a bit later.
       setTimeout(() => {
         if (outbox.has(payload.client_id) && socket && socket.readyState === WebSocket.OPEN) {
           socket.send(JSON.stringify(payload));
@@ -198,40 +507,160 @@
       }, 1500);
       return;
     }
-    if (payload) outbox.delete(frame.client_id); // refused for good: do not resend it
+    if (payload) {  // refused for good: do not resend it
+      outbox.delete(frame.client_id);
+      if (payload.type === "message" && !textInput.value) textInput.value = payload.message;
+      else settle(payload);
+    }
     showNotice(frame.detail);
   }
+
+  // --- composing: messages and replies ---------------------------------------------------
+
+  function setReply(rec) {
+    replyTo = rec ? { id: rec.msg.id } : null;
+    replyBar.hidden = !rec;
+    if (!rec) return;
+    replyName.textContent = rec.msg.sender.name;
+    replyExcerpt.textContent = excerptOf(rec.msg.message);
+    textInput.focus();
+  }
+
+  replyCancel.addEventListener("click", () => { setReply(null); textInput.focus(); });
+  textInput.addEventListener("keydown", (e) => {
+    if (e.key === "Escape" && replyTo) { e.preventDefault(); setReply(null); }
+  });
 
   form.addEventListener("submit", (e) => {
     e.preventDefault();
     const text = textInput.value;
     if (!text.trim()) return;
     const payload = { type: "message", message: text, client_id: randomId() };
-    outbox.set(payload.client_id, payload);
-    if (socket && socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify(payload));
+    if (replyTo) payload.reply_to = replyTo.id;
+    transmit(payload);
+    setReply(null);
     textInput.value = "";
     textInput.focus();
   });
 
-  async function refreshMembers() {
-    try {
-      const response = await fetch(`/api/rooms/${encodeURIComponent(room)}/`, { credentials: "same-origin" });
-      if (!response.ok) return;
-      const info = await response.json();
-      membersEl.replaceChildren(...info.members.map((m) => {
-        const li = document.createElement("li");
-        const badge = document.createElement("span");
-        badge.className = "badge badge-" + m.protocol;
-        badge.textContent = m.protocol;
-        li.append(document.createTextNode(m.name + " "));
-        if (isVerified(m)) li.append(verifiedMark(), document.createTextNode(" "));
-        li.append(badge);
-        return li;
-      }));
-    } catch (err) { /* offline: the next poll retries */ }
+  // --- editing and deleting ---------------------------------------------------------------
+
+  function openEditor(rec) {
+    if (rec.editor || rec.msg.deleted) return;
+    const editor = el("form", "editor");
+    const input = el("input", "edit-box");
+    input.value = rec.msg.message;
+    if (maxLength) input.maxLength = maxLength;
+    input.setAttribute("aria-label", "Edit the message");
+    const hint = el("span", "hint", "Enter to save, Escape to cancel");
+    const cancel = button("act", "Cancel", "Cancel the edit", () => closeEditor(rec, true));
+    const save = el("button", "act save", "Save");
+    save.type = "submit";
+    editor.append(input, save, cancel, hint);
+    editor.addEventListener("submit", (e) => { e.preventDefault(); saveEdit(rec, input.value); });
+    input.addEventListener("keydown", (e) => {
+      if (e.key === "Escape") { e.preventDefault(); closeEditor(rec, true); }
+    });
+    rec.editor = editor;
+    rec.body.hidden = true;
+    rec.body.after(editor);
+    input.focus();
+    input.setSelectionRange(input.value.length, input.value.length);
   }
 
+  function closeEditor(rec, refocus) {
+    if (!rec.editor) return;
+    rec.editor.remove();
+    rec.editor = null;
+    rec.body.hidden = false;
+    if (refocus) {
+      const edit = rec.actions.querySelector(".edit");
+      if (edit) edit.focus();
+    }
+  }
+
+  function saveEdit(rec, text) {
+    if (text === rec.msg.message) { closeEditor(rec, true); return; }
+    if (!text.trim()) {
+      showNotice("A message cannot be empty: delete it instead.");
+      return;
+    }
+    // Shown at once, dimmed, until the room's edit frame confirms it (or an error undoes it).
+    rec.pending = sendChange({ type: "edit", id: rec.msg.id, message: text });
+    closeEditor(rec, true);
+    rec.body.textContent = text;
+    rec.body.classList.add("pending");
+  }
+
+  function confirmDelete(rec) {
+    const restore = () => { paintActions(rec); focusIn(rec.actions, ".delete"); };
+    const yes = button("act danger confirm-delete", "Delete", "Yes, delete this message", () => {
+      rec.pending = sendChange({ type: "delete", id: rec.msg.id });
+      rec.li.classList.add("pending");
+      paintActions(rec);
+      rec.li.focus({ preventScroll: true }); // its buttons go with it
+    });
+    const no = button("act cancel-delete", "Keep", "No, keep this message", restore);
+    const question = el("span", "confirm", "Delete this message?");
+    rec.actions.replaceChildren(question, yes, no);
+    rec.actions.addEventListener("keydown", function escape(e) {
+      if (e.key !== "Escape") return;
+      rec.actions.removeEventListener("keydown", escape);
+      if (rec.actions.contains(no)) restore();
+    });
+    no.focus();
+  }
+
+  function focusIn(container, selector) {
+    const target = container.querySelector(selector);
+    if (target) target.focus();
+  }
+
+  // --- reactions ---------------------------------------------------------------------------
+
+  function reactButton(rec) {
+    const react = button("act react", "React", "Add a reaction", () => {
+      if (openPicker && openPicker.rec === rec) closePicker(true);
+      else showPicker(rec, react);
+    });
+    react.setAttribute("aria-haspopup", "true");
+    react.setAttribute("aria-expanded", "false");
+    return react;
+  }
+
+  function showPicker(rec, opener) {
+    closePicker();
+    const picker = el("div", "picker");
+    picker.setAttribute("role", "group");
+    picker.setAttribute("aria-label", "Reactions");
+    REACTIONS.forEach((emoji) => picker.append(
+      button("pick", emoji, `React with ${emoji}`, () => {
+        sendChange({ type: "react", id: rec.msg.id, emoji });
+        closePicker(true);
+      })));
+    picker.addEventListener("keydown", (e) => {
+      if (e.key === "Escape") { e.preventDefault(); closePicker(true); }
+    });
+    opener.setAttribute("aria-expanded", "true");
+    opener.after(picker);
+    openPicker = { rec, picker, opener };
+    picker.firstChild.focus();
+  }
+
+  function closePicker(refocus) {
+    if (!openPicker) return;
+    const { picker, opener } = openPicker;
+    openPicker = null;
+    picker.remove();
+    opener.setAttribute("aria-expanded", "false");
+    if (refocus && opener.isConnected) opener.focus();
+  }
+
+  document.addEventListener("click", (e) => {
+    if (openPicker && !openPicker.picker.contains(e.target) && e.target !== openPicker.opener) {
+      closePicker();
+    }
+  });
+
   connect();
-  refreshMembers();
-  setInterval(refreshMembers, 3000);
 })();
