@@ -21,7 +21,7 @@ server -> client  {"type": "message", "message": "hi", "id": 7, "cursor": 7, "ro
                   {"type": "delete", "id": 7, "ts": ..., "cursor": 10, "room", "sender", ...}
                   {"type": "reaction", "id": 7, "emoji": "👍", "added": true, "count": 2,
                    "cursor": 11, "room", "sender", "client_id"}
-                  {"type": "presence", "members": [...]} on joining, then
+                  {"type": "presence", "members": [...], "you": {sender}} on joining, then
                   {"type": "presence", "joined": [...]} / {"type": "presence", "left": [...]}
 
 A client written for the tutorial prints ``data.message`` of every frame, so only message
@@ -220,7 +220,8 @@ class ChatConsumer(RoomConsumer):
             # The room works without it: the page shows no member list until it resumes.
             logger.warning("presence not available", extra=self.log_extra(), exc_info=True)
             return
-        await self.send_json({"type": "presence", "room": self.room, "members": members})
+        await self.send_json({"type": "presence", "room": self.room, "members": members,
+                              "you": self.sender})
 
     async def presence_changed(self, joined: list[events.PresenceMember],
                                left: list[events.PresenceMember]) -> None:

@@ -304,6 +304,7 @@ async def test_presence_is_pushed_to_extended_clients_as_members_come_and_go():
     watcher = await ws("/ws/chat/who/?v=2&uid=watcher-uid&name=watcher")
     first = await frame(watcher, "presence")
     assert [m["name"] for m in first["members"]] == ["watcher"]
+    assert first["you"] == {"protocol": "web", "id": first["members"][0]["id"], "name": "watcher"}
     tutorial = await ws("/ws/chat/who/?name=tut")
     joined = await frame(watcher, "presence")
     assert [m["name"] for m in joined["joined"]] == ["tut"] and "scope" not in joined["joined"][0]

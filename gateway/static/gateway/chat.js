@@ -56,7 +56,8 @@
 
   // Who this page is, as the room sees it: a logged-in account's id is known; an anonymous
   // visitor's is a keyed hash of its uid that only the server computes, so the page learns
-  // it from the first frame that carries one of its own client_ids (and keeps it with the uid).
+  // it from the first presence frame ("you"), or the first frame that carries one of its own
+  // client_ids (and keeps it with the uid).
   let me = loggedInAs ? { protocol: "web", id: root.dataset.sender } : storedSender();
 
   function storedSender() {
@@ -68,8 +69,12 @@
 
   function learnSender(frame) {
     if (!frame.client_id || !sent.has(frame.client_id) || !frame.sender) return;
-    if (me && sameSender(me, frame.sender)) return;
-    me = { protocol: frame.sender.protocol, id: frame.sender.id };
+    iAm(frame.sender);
+  }
+
+  function iAm(sender) {  // the server says so (presence's "you"), or a frame of ours did
+    if (me && sameSender(me, sender)) return;
+    me = { protocol: sender.protocol, id: sender.id };
     if (!loggedInAs) localStorage.setItem("gateway.sender", JSON.stringify({ uid, id: me.id }));
     shown.forEach((rec) => { if (rec.changeable !== mayChange(rec.msg)) paintActions(rec); });
   }
@@ -330,6 +335,7 @@
   function memberKey(m) { return m.protocol + ":" + m.id; }
 
   function onPresence(frame) {
+    if (frame.you) iAm(frame.you);
     if (Array.isArray(frame.members)) {  // the full list: it replaces ours
       members.clear();
       frame.members.forEach((m) => members.set(memberKey(m), {
