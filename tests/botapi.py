@@ -1,14 +1,27 @@
 """A local stand-in for Telegram's Bot API, served over real HTTP for python-telegram-bot.
 
 Point a real ``telegram.Bot(token, base_url=f"{standin.url}/bot")`` at it. It keeps the
-update queue (long polling with offsets), the webhook setting and every message sent, and
-can answer the next calls of a method with an error (flood control, outages) or stop
-listening altogether, as https://core.telegram.org/bots/api describes the real one.
+update queue (long polling with offsets), the webhook setting and every message of every
+chat (the bot's and its users'), and can answer the next calls of a method with an error
+(flood control, outages) or stop listening altogether, as https://core.telegram.org/bots/api
+describes the real one.
+
+Messages live on after they are sent, as Telegram's do: the bot may edit its own
+(``editMessageText``: "message is not modified" for the same text, "message can't be edited"
+for one older than 48 hours, which ``age`` makes of a message, or not the bot's), delete
+them (``deleteMessage``: its own, and its users' in private chats and in groups where it is
+an admin; "message to delete not found", "message can't be deleted"), react to them
+(``setMessageReaction``: one emoji of Telegram's list; ``REACTION_INVALID`` otherwise) and
+answer them (``reply_parameters``). Users edit theirs (``edit_update``), react
+(``reaction_update``: ``message_reaction`` updates, which Telegram sends only where the bot
+is an admin, and only to a bot that asks for them in ``allowed_updates``) and reply
+(``text_update(..., reply_to=)``); a group becomes a supergroup (``migrate``: its service
+messages, and every call to the old group answered with ``migrate_to_chat_id``).
 
 Privacy mode (https://core.telegram.org/bots/features#privacy-mode) is on by default, as for
-a new bot: in a group where the bot is not an administrator, only commands reach it (not
-addressed to another bot); other messages are withheld, never queued. (Telegram also passes
-replies to the bot's messages and service messages; not modelled.)
+a new bot: in a group where the bot is not an administrator, only commands (not addressed to
+another bot), replies to the bot's messages and service messages reach it; other messages
+(and their edits) are withheld, never queued.
 """
 
 from __future__ import annotations
@@ -22,7 +35,7 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from html.parser import HTMLParser
 from http import HTTPStatus
@@ -30,12 +43,24 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from telegram.constants import ReactionEmoji
+
 from tests.servers import free_port
 
 BOT_ID = 4242
 MAX_TEXT_LENGTH = 4096  # in UTF-16 code units, after entity parsing, as Telegram counts
 FIRST_UPDATE_ID = 1000
 GROUP_USER_ID = 1001  # the sender of text_update() in a group when no user_id is given
+CHANGE_WINDOW = 48 * 3600  # seconds after which a message can no longer be edited or deleted
+REACTION_EMOJI = frozenset(emoji.value for emoji in ReactionEmoji)  # what a bot may react with
+# Not sent unless allowed_updates names them (https://core.telegram.org/bots/api#getupdates).
+NOT_BY_DEFAULT = frozenset({"chat_member", "message_reaction", "message_reaction_count"})
+SERVICE_KEYS = frozenset(
+    "new_chat_members left_chat_member new_chat_title group_chat_created migrate_to_chat_id"
+    " migrate_from_chat_id pinned_message supergroup_chat_created".split()
+)
+NOT_MODIFIED = ("message is not modified: specified new message content and reply markup are "
+                "exactly the same as a current content and reply markup of the message")
 
 # Form values that are strings even when they look like JSON ("123", "true", "[1]").
 STRING_PARAMS = frozenset(
@@ -66,11 +91,13 @@ MEMBER_FIELDS: dict[str, dict[str, Any]] = {
 class ApiError(Exception):
     """A Bot API error answer: ``{"ok": false, "error_code": ..., "description": ...}``."""
 
-    def __init__(self, status: int, description: str, retry_after: int | None = None):
+    def __init__(self, status: int, description: str, retry_after: int | None = None,
+                 migrate_to_chat_id: int | None = None):
         super().__init__(description)
         self.status = status
         self.description = description
         self.retry_after = retry_after
+        self.migrate_to_chat_id = migrate_to_chat_id
 
     def payload(self) -> dict:
         body: dict[str, Any] = {
@@ -80,6 +107,8 @@ class ApiError(Exception):
         }
         if self.retry_after is not None:
             body["parameters"] = {"retry_after": self.retry_after}
+        if self.migrate_to_chat_id is not None:
+            body["parameters"] = {"migrate_to_chat_id": self.migrate_to_chat_id}
         return body
 
 
@@ -238,6 +267,11 @@ def update_type(update: dict) -> str | None:
     return next((key for key in update if key != "update_id"), None)
 
 
+def emoji_reactions(emoji: list[str | dict]) -> list[dict]:
+    """Reactions as updates carry them: an emoji, or a ReactionType object as it is."""
+    return [{"type": "emoji", "emoji": e} if isinstance(e, str) else e for e in emoji]
+
+
 class BotApiStandIn:
     """Telegram's Bot API for one bot token, on 127.0.0.1, in a background thread."""
 
@@ -262,6 +296,13 @@ class BotApiStandIn:
             "supports_inline_queries": False,
         }
         self.sent: list[dict] = []
+        self.edited: list[dict] = []  # editMessageText calls that edited a message
+        self.deleted: list[dict] = []  # deleteMessage calls that deleted one
+        self.reacted: list[dict] = []  # setMessageReaction calls that set the bot's reaction
+        # (chat, message_id) -> {"message": as Telegram sends it, "source": (text, parse_mode)}
+        self.messages: dict[tuple[int, int], dict] = {}
+        self.bot_reactions: dict[tuple[int, int], list[str]] = {}  # the bot's, per message
+        self.migrated: dict[int, int] = {}  # group -> the supergroup it became
         self.withheld: list[dict] = []  # updates privacy mode kept from the bot
         self.served: Counter[int] = Counter()  # update_id -> getUpdates answers that had it
         self._members: dict[tuple[int, int], str] = {}  # (chat, user) -> status
@@ -283,6 +324,9 @@ class BotApiStandIn:
             "getMe": self._get_me,
             "getUpdates": self._get_updates,
             "sendMessage": self._send_message,
+            "editMessageText": self._edit_message_text,
+            "deleteMessage": self._delete_message,
+            "setMessageReaction": self._set_message_reaction,
             "setWebhook": self._set_webhook,
             "deleteWebhook": self._delete_webhook,
             "getWebhookInfo": self._get_webhook_info,
@@ -387,8 +431,10 @@ class BotApiStandIn:
         chat_type: str = "private",
         title: str | None = None,
         update_id: int | None = None,
+        reply_to: int | None = None,
     ) -> dict:
-        """Push a "message" update with this text from a user in a chat; return it."""
+        """Push a "message" update with this text from a user in a chat (``reply_to``: as a
+        reply to that message of the chat); return it."""
         if user_id is None:
             user_id = chat_id if chat_type == "private" else GROUP_USER_ID
         sender: dict[str, Any] = {"id": user_id, "is_bot": False, "first_name": first_name}
@@ -399,24 +445,74 @@ class BotApiStandIn:
         chat: dict[str, Any] = {"id": chat_id, "type": chat_type}
         if title is not None:
             chat["title"] = title
-        with self._cond:
-            message_id = self._take_message_id()
-        message: dict[str, Any] = {
-            "message_id": message_id,
-            "date": int(time.time()),
-            "chat": chat,
-            "from": sender,
-            "text": text,
-        }
+        message: dict[str, Any] = {"date": int(time.time()), "chat": chat, "from": sender,
+                                   "text": text}
         if text.startswith("/"):
             command = text.split(maxsplit=1)[0]
             message["entities"] = [
                 {"type": "bot_command", "offset": 0, "length": utf16_len(command)}
             ]
+        with self._cond:
+            if reply_to is not None:
+                message["reply_to_message"] = self._answered(chat_id, reply_to)
+            message = self._keep({"message_id": self._take_message_id(), **message}, text)
         update: dict[str, Any] = {"message": message}
         if update_id is not None:
             update = {"update_id": update_id, **update}
         return self.push_update(update)
+
+    def edit_update(self, chat_id: int, message_id: int, text: str) -> dict:
+        """A user edits their message: an "edited_message" update with its new text."""
+        with self._cond:
+            stored = self.messages[(chat_id, message_id)]
+            message = {**stored["message"], "text": text, "edit_date": int(time.time())}
+            message.pop("entities", None)
+            stored.update(message=message, source=(text, None))
+        return self.push_update({"edited_message": dict(message)})
+
+    def reaction_update(
+        self, chat_id: int, message_id: int, *, user_id: int, old: Sequence[str | dict] = (),
+        new: Sequence[str | dict] = (), first_name: str = "Alice",
+    ) -> dict:
+        """A user changes their reactions to a message: a "message_reaction" update (emoji
+        as strings, other reaction types as their objects, such as a custom emoji)."""
+        with self._cond:
+            chat = self._chat(chat_id)
+        return self.push_update({"message_reaction": {
+            "chat": chat, "message_id": message_id,
+            "user": {"id": user_id, "is_bot": False, "first_name": first_name},
+            "date": int(time.time()), "old_reaction": emoji_reactions(list(old)),
+            "new_reaction": emoji_reactions(list(new)),
+        }})
+
+    def migrate(self, chat_id: int, to: int, *, user_id: int = GROUP_USER_ID,
+                updates: bool = True) -> None:
+        """The group becomes the supergroup ``to``: the old group gets a service message
+        naming it (``migrate_to_chat_id``), the new one one naming the old; every call to
+        the old group is refused from now on, saying where it went. (``updates=False``: the
+        service messages are not pushed, as if the bot called before it had them.)"""
+        sender = {"id": user_id, "is_bot": False, "first_name": "Owner"}
+        with self._cond:
+            old = self._chat(chat_id)
+            new = {"id": to, "type": "supergroup", "title": old.get("title", "")}
+            self._chats[to] = new
+            self.migrated[chat_id] = to
+            if (chat_id, BOT_ID) in self._members:
+                self._members[(to, BOT_ID)] = self._members[(chat_id, BOT_ID)]
+            moved = {"message_id": self._take_message_id(), "date": int(time.time()),
+                     "chat": old, "from": sender, "migrate_to_chat_id": to}
+            started = {"message_id": self._take_message_id(), "date": int(time.time()),
+                       "chat": new, "from": sender, "migrate_from_chat_id": chat_id}
+        if updates:
+            self.push_update({"message": moved})
+            self.push_update({"message": started})
+
+    def age(self, chat_id: int, message_id: int, *, hours: float = 49) -> None:
+        """Make a message ``hours`` old (past 48, Telegram no longer lets it be edited or
+        deleted)."""
+        with self._cond:
+            message = self.messages[(chat_id, message_id)]["message"]
+            message["date"] = int(time.time() - hours * 3600)
 
     def repeat_update(self, update_id: int) -> None:
         """Deliver an update again with the same update_id, as Telegram may re-deliver.
@@ -506,6 +602,7 @@ class BotApiStandIn:
                 if name not in self._methods:
                     raise ApiError(404, "Not Found")
                 self._injected_failure(name, params)
+                self._refuse_migrated(params)
                 result = self._methods[name](params)
             except ApiError as error:
                 return error.status, error.payload()
@@ -534,21 +631,67 @@ class BotApiStandIn:
         return self._members.get((chat_id, BOT_ID), "member")
 
     def _privacy_withholds(self, update: dict) -> bool:
-        """Privacy mode: a group's message reaches a bot that is no admin there only if it
-        is a command, and not one for another bot."""
-        message = update.get("message")
+        """Privacy mode: a group's message (or its edit) reaches a bot that is no admin
+        there only if it is a command, and not one for another bot, a reply to the bot's
+        message, or a service message. A reaction reaches only an admin bot."""
+        if "message_reaction" in update:
+            chat = update["message_reaction"]["chat"]
+            return chat.get("type") in GROUP_TYPES and not self._admin(chat["id"])
+        message = update.get("message") or update.get("edited_message")
         if not isinstance(message, dict) or not self.group_privacy:
             return False
         chat = message.get("chat") or {}
-        if chat.get("type") not in GROUP_TYPES:
+        if chat.get("type") not in GROUP_TYPES or self._admin(chat.get("id")):
             return False
-        if self._bot_status(chat.get("id")) in ("administrator", "creator"):
+        answered = message.get("reply_to_message") or {}
+        if (answered.get("from") or {}).get("id") == BOT_ID or SERVICE_KEYS & message.keys():
             return False
         text = message.get("text")
         if not isinstance(text, str) or not text.startswith("/"):
             return True
         addressee = text.split(maxsplit=1)[0].partition("@")[2]
         return bool(addressee) and addressee.lower() != self.me["username"].lower()
+
+    def _admin(self, chat_id: Any) -> bool:
+        return self._bot_status(chat_id) in ("administrator", "creator")
+
+    def _chat(self, chat_id: int) -> dict:
+        return dict(self._chats.get(chat_id) or {"id": chat_id, "type": "private"})
+
+    def _keep(self, message: dict, text: str, parse_mode: str | None = None) -> dict:
+        """Remember a message of a chat as Telegram sends it; return it."""
+        key = (message["chat"]["id"], message["message_id"])
+        self.messages[key] = {"message": message, "source": (text, parse_mode)}
+        return dict(message)
+
+    def _answered(self, chat_id: int, message_id: int) -> dict:
+        """A message as a reply carries it (``reply_to_message``: without its own)."""
+        stored = self.messages.get((chat_id, message_id))
+        if stored is None:
+            raise bad_request("message to be replied not found")
+        return {k: v for k, v in stored["message"].items() if k != "reply_to_message"}
+
+    def _message_of(self, params: dict, missing: str) -> tuple[tuple[int, int], dict]:
+        """The chat's message a call names, or ``missing``: ``Bad Request: message to
+        <missing> not found``."""
+        if params.get("chat_id") in (None, ""):
+            raise bad_request("chat_id is empty")
+        chat_id = as_chat_id(params["chat_id"])
+        message_id = params.get("message_id")
+        key = (chat_id, message_id)
+        if not isinstance(message_id, int) or key not in self.messages:
+            raise bad_request(f"message to {missing} not found")
+        return key, self.messages[key]
+
+    def _refuse_migrated(self, params: dict) -> None:
+        """A call to a group that became a supergroup is refused, naming the supergroup."""
+        try:
+            chat_id = as_chat_id(params.get("chat_id"))
+        except ApiError:
+            return
+        if chat_id in self.migrated:
+            raise ApiError(400, "Bad Request: group chat was upgraded to a supergroup chat",
+                           migrate_to_chat_id=self.migrated[chat_id])
 
     def _take_message_id(self) -> int:
         message_id = self._next_message_id
@@ -598,9 +741,12 @@ class BotApiStandIn:
         self._forget_unwanted()
 
     def _forget_unwanted(self) -> None:
-        """Telegram does not keep updates of the types allowed_updates leaves out."""
+        """Telegram does not keep updates of the types allowed_updates leaves out (by
+        default: chat_member and the reactions)."""
         if self.allowed_updates:
             self._queue = [u for u in self._queue if update_type(u) in self.allowed_updates]
+        else:
+            self._queue = [u for u in self._queue if update_type(u) not in NOT_BY_DEFAULT]
 
     def _send_message(self, params: dict) -> dict:
         if params.get("chat_id") in (None, ""):
@@ -615,6 +761,7 @@ class BotApiStandIn:
             raise bad_request("message text is empty")
         if utf16_len(shown) > MAX_TEXT_LENGTH:
             raise bad_request("message is too long")
+        answered = self._reply_of(chat_id, params.get("reply_parameters"))
         message_id = self._take_message_id()
         self.sent.append(
             {
@@ -625,17 +772,90 @@ class BotApiStandIn:
                 "at": time.monotonic(),
                 "message_id": message_id,
                 "visible_text": shown,
+                **({"reply_to_message": answered} if answered is not None else {}),
             }
         )
         self._cond.notify_all()
-        chat = self._chats.get(chat_id) or {"id": chat_id, "type": "private"}
-        return {
+        message: dict[str, Any] = {
             "message_id": message_id,
             "date": int(time.time()),
-            "chat": chat,
-            "from": dict(self.me),
+            "chat": self._chat(chat_id),
+            "from": {k: self.me[k] for k in ("id", "is_bot", "first_name", "username")},
             "text": shown,
         }
+        if answered is not None:
+            message["reply_to_message"] = answered
+        return self._keep(message, text, parse_mode)
+
+    def _reply_of(self, chat_id: int | str, parameters: Any) -> dict | None:
+        """The message ``reply_parameters`` answers; None when there are none, or when it is
+        gone and ``allow_sending_without_reply`` says to send the message anyway."""
+        if parameters is None:
+            return None
+        if not isinstance(parameters, dict) or not isinstance(parameters.get("message_id"), int):
+            raise bad_request("can't parse reply parameters JSON object")
+        target = as_chat_id(parameters.get("chat_id", chat_id))
+        if (target, parameters["message_id"]) in self.messages:
+            return self._answered(target, parameters["message_id"])  # type: ignore[arg-type]
+        if parameters.get("allow_sending_without_reply"):
+            return None
+        raise bad_request("message to be replied not found")
+
+    def _edit_message_text(self, params: dict) -> dict:
+        key, stored = self._message_of(params, "edit")
+        text, parse_mode = params.get("text"), params.get("parse_mode")
+        if not isinstance(text, str) or not text.strip():
+            raise bad_request("message text is empty")
+        message = stored["message"]
+        if message["from"]["id"] != BOT_ID or time.time() - message["date"] > CHANGE_WINDOW:
+            raise bad_request("message can't be edited")
+        shown = visible_text(text, parse_mode).strip()
+        if utf16_len(shown) > MAX_TEXT_LENGTH:
+            raise bad_request("message is too long")
+        if stored["source"] == (text, parse_mode):
+            raise bad_request(NOT_MODIFIED)
+        edited = {**message, "text": shown, "edit_date": int(time.time())}
+        self.edited.append({**params, "chat_id": key[0], "visible_text": shown,
+                            "at": time.monotonic()})
+        self._cond.notify_all()
+        return self._keep(edited, text, parse_mode)
+
+    def _delete_message(self, params: dict) -> bool:
+        key, stored = self._message_of(params, "delete")
+        message = stored["message"]
+        chat = message["chat"]
+        own = message["from"]["id"] == BOT_ID
+        allowed = own or chat["type"] == "private" or self._admin(chat["id"])
+        if not allowed or time.time() - message["date"] > CHANGE_WINDOW:
+            raise bad_request("message can't be deleted")
+        del self.messages[key]
+        self.bot_reactions.pop(key, None)
+        self.deleted.append({"chat_id": key[0], "message_id": key[1], "own": own,
+                             "at": time.monotonic()})
+        self._cond.notify_all()
+        return True
+
+    def _set_message_reaction(self, params: dict) -> bool:
+        reaction = params.get("reaction") or []
+        if not isinstance(reaction, list):
+            raise bad_request("expected an Array of ReactionType")
+        emoji = []
+        for kind in reaction:
+            if not isinstance(kind, dict) or kind.get("type") not in ("emoji", "custom_emoji"):
+                raise bad_request("can't parse ReactionType: invalid reaction type specified")
+            if kind["type"] == "custom_emoji":
+                raise bad_request("REACTION_INVALID")
+            emoji.append(kind.get("emoji"))
+        key, _ = self._message_of(params, "react")
+        if any(e not in REACTION_EMOJI for e in emoji):
+            raise bad_request("REACTION_INVALID")
+        if len(emoji) > 1:
+            raise bad_request("REACTIONS_TOO_MANY")
+        self.bot_reactions[key] = emoji
+        self.reacted.append({"chat_id": key[0], "message_id": key[1], "emoji": emoji,
+                             "at": time.monotonic()})
+        self._cond.notify_all()
+        return True
 
     def _get_chat_member(self, params: dict) -> dict:
         chat_id = as_chat_id(params.get("chat_id"))

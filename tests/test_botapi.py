@@ -336,3 +336,119 @@ async def test_served_counts_and_updates_pushed_together_come_together(bot, stan
     assert standin.served == {1500: 2, 2**63: 2}
     assert await bot.get_updates(offset=2**63 + 1) == ()
     assert standin.pending_updates() == []
+
+
+# --- messages live on: edits, deletes, reactions, replies, supergroups -------------------------
+
+EDIT_UPDATES = ["message", "edited_message", "message_reaction"]
+
+
+async def test_the_bot_edits_its_messages_as_telegram_allows(bot, standin):
+    sent = await bot.send_message(CHAT, "<b>draft</b>", parse_mode="HTML")
+    edited = await bot.edit_message_text("<b>final</b>", chat_id=CHAT,
+                                         message_id=sent.message_id, parse_mode="HTML")
+    assert (edited.text, edited.edit_date is not None) == ("final", True)
+    assert [(e["message_id"], e["visible_text"]) for e in standin.edited] == [
+        (sent.message_id, "final")]
+    with pytest.raises(BadRequest, match="(?i)message is not modified: specified new message"):
+        await bot.edit_message_text("<b>final</b>", chat_id=CHAT,
+                                    message_id=sent.message_id, parse_mode="HTML")
+    with pytest.raises(BadRequest, match="(?i)message to edit not found"):
+        await bot.edit_message_text("x", chat_id=CHAT, message_id=9999)
+    theirs = standin.text_update(CHAT, "mine")["message"]["message_id"]
+    standin.age(CHAT, sent.message_id)  # 49 hours old
+    for message_id in (theirs, sent.message_id):
+        with pytest.raises(BadRequest, match="(?i)message can't be edited"):
+            await bot.edit_message_text("new", chat_id=CHAT, message_id=message_id)
+    assert len(standin.edited) == 1
+
+
+async def test_the_bot_deletes_its_messages_and_others_where_it_may(bot, standin):
+    group = {"chat_type": "supergroup", "title": "Crew"}
+    own = await bot.send_message(CHAT, "oops")
+    private = standin.text_update(CHAT, "mine")["message"]["message_id"]
+    grouped = standin.text_update(-10, "/join crew", **group)["message"]["message_id"]
+    assert await bot.delete_message(CHAT, own.message_id)
+    assert await bot.delete_message(CHAT, private)  # incoming, in a private chat
+    with pytest.raises(BadRequest, match="(?i)message to delete not found"):
+        await bot.delete_message(CHAT, own.message_id)
+    with pytest.raises(BadRequest, match="(?i)message can't be deleted"):
+        await bot.delete_message(-10, grouped)  # not an admin there
+    standin.set_member(-10, "administrator")
+    old = await bot.send_message(-10, "ancient")
+    standin.age(-10, old.message_id)
+    with pytest.raises(BadRequest, match="(?i)message can't be deleted"):
+        await bot.delete_message(-10, old.message_id)
+    assert await bot.delete_message(-10, grouped)
+    assert [(d["chat_id"], d["own"]) for d in standin.deleted] == [
+        (CHAT, True), (CHAT, False), (-10, False)]
+
+
+async def test_the_bot_sets_one_reaction_from_telegrams_list(bot, standin):
+    sent = await bot.send_message(CHAT, "cake")
+    assert await bot.set_message_reaction(CHAT, sent.message_id, "👍")
+    assert standin.bot_reactions == {(CHAT, sent.message_id): ["👍"]}
+    for reaction, error in (("😂", "Reaction_invalid"), (["👍", "🎉"], "Reactions_too_many"),
+                            (telegram.ReactionTypeCustomEmoji("42"), "Reaction_invalid")):
+        with pytest.raises(BadRequest, match=error):
+            await bot.set_message_reaction(CHAT, sent.message_id, reaction)
+    with pytest.raises(BadRequest, match="(?i)message to react not found"):
+        await bot.set_message_reaction(CHAT, 9999, "👍")
+    assert await bot.set_message_reaction(CHAT, sent.message_id, [])  # taken back
+    assert standin.bot_reactions == {(CHAT, sent.message_id): []}
+    assert [r["emoji"] for r in standin.reacted] == [["👍"], []]
+
+
+async def test_a_reply_answers_a_message_of_the_chat_or_goes_without(bot, standin):
+    asked = standin.text_update(CHAT, "coffee?")["message"]["message_id"]
+    answer = await bot.send_message(CHAT, "yes", reply_parameters=telegram.ReplyParameters(
+        asked, allow_sending_without_reply=True))
+    assert answer.reply_to_message.text == "coffee?"
+    plain = await bot.send_message(CHAT, "hm", reply_parameters=telegram.ReplyParameters(
+        9999, allow_sending_without_reply=True))
+    assert plain.reply_to_message is None
+    with pytest.raises(BadRequest, match="(?i)message to be replied not found"):
+        await bot.send_message(CHAT, "no", reply_parameters=telegram.ReplyParameters(9999))
+    assert [m["reply_parameters"]["message_id"] for m in standin.sent] == [asked, 9999]
+    # A user's reply carries the message it answers.
+    update = standin.text_update(CHAT, "thanks", reply_to=answer.message_id)
+    assert update["message"]["reply_to_message"]["text"] == "yes"
+
+
+async def test_edits_and_reactions_come_as_updates_where_telegram_sends_them(bot, standin):
+    said = standin.text_update(CHAT, "helo")["message"]["message_id"]
+    standin.edit_update(CHAT, said, "hello")
+    standin.reaction_update(CHAT, said, user_id=CHAT, new=["👍"])
+    # By default Telegram leaves reactions out; asked for, they come.
+    assert [u.edited_message.text for u in (await bot.get_updates())[1:]] == ["hello"]
+    standin.reaction_update(CHAT, said, user_id=CHAT, old=["👍"], new=["❤"])
+    updates = await bot.get_updates(offset=1003, allowed_updates=EDIT_UPDATES)
+    (reaction,) = [u.message_reaction for u in updates]
+    assert (reaction.message_id, reaction.old_reaction[0].emoji,
+            reaction.new_reaction[0].emoji) == (said, "👍", "❤")
+    # In a group only an admin bot gets reactions; privacy mode passes replies to the bot.
+    group = {"chat_type": "supergroup", "title": "Crew"}
+    theirs = standin.text_update(-10, "/start", **group)["message"]["message_id"]
+    standin.reaction_update(-10, theirs, user_id=5, new=["🔥"])
+    mine = await bot.send_message(-10, "hi all")
+    standin.text_update(-10, "hi bot", reply_to=mine.message_id, **group)
+    standin.edit_update(-10, theirs, "plain now")
+    assert [u.get("message_reaction", u.get("edited_message", {})).get("message_id")
+            for u in standin.withheld] == [theirs, theirs]
+    texts = [u.message.text for u in await bot.get_updates(offset=1004)]
+    assert texts == ["/start", "hi bot"]
+
+
+async def test_a_group_that_becomes_a_supergroup_says_so_and_refuses_calls(bot, standin):
+    standin.text_update(-10, "/start", chat_type="group", title="Crew")
+    standin.set_member(-10, "administrator")
+    standin.migrate(-10, -1000000000010)
+    updates = (await bot.get_updates())[1:]
+    assert [(u.message.chat.id, u.message.migrate_to_chat_id, u.message.migrate_from_chat_id)
+            for u in updates] == [(-10, -1000000000010, None), (-1000000000010, None, -10)]
+    with pytest.raises(telegram.error.ChatMigrated) as moved:
+        await bot.send_message(-10, "hello?")
+    assert moved.value.new_chat_id == -1000000000010
+    await bot.send_message(-1000000000010, "hello!")
+    member = await bot.get_chat_member(-1000000000010, bot.id)
+    assert member.status == "administrator"
