@@ -1,10 +1,16 @@
 """Services for the chats with the gateway's bot (bots/), on any chat platform: a chat's
-record (its room, names), and the updates already handled. The only writers of ``BotChat``
-and ``BotUpdate``.
+record (its room, names), the updates already handled, and where each room message is in
+each chat. The only writers of ``BotChat``, ``BotUpdate`` and ``BotMessage``.
 
 A chat is a target of the relay role named after its platform (gateway/relay.py): joining
 a room places its delivery position at the room's newest entry (it gets what follows),
-leaving it or being blocked removes it, being unblocked places it afresh."""
+leaving it or being blocked removes it, being unblocked places it afresh.
+
+The map of messages (``BotMessage``): for each room message a chat has, the platform's id of
+its copy there (the bot sent it, in pieces when long) or of the original (the chat sent it).
+Edits, deletes and reactions of a room message find its copies through it, and a reply in a
+chat finds the room message it answers; it is in the database, so it outlives restarts and
+is shared by replicas. A message deleted in the room is forgotten from it."""
 
 from __future__ import annotations
 
@@ -12,9 +18,11 @@ import time
 from datetime import UTC, datetime
 
 from django.db import IntegrityError, transaction
+from django.db.models import Max
 
-from gateway.models import BotChat, BotUpdate
+from gateway.models import BotChat, BotMessage, BotUpdate
 from gateway.names import room_name_validate
+from gateway.selectors import relay_position
 from gateway.services import relay_target_place, relay_target_remove, room_get_or_create
 
 
@@ -100,3 +108,68 @@ def bot_chat_block(*, chat: BotChat, blocked: bool) -> None:
 def bot_chat_name_set(*, chat: BotChat, user_id: str, name: str) -> None:
     chat.names = {**chat.names, user_id: name}
     chat.save(update_fields=["names"])
+
+
+def bot_chat_migrate(*, platform: str, chat_id: str, to: str) -> None:
+    """The group ``chat_id`` became the supergroup ``to`` (Telegram's ``migrate_to_chat_id``):
+    the chat goes on under its new id with its room, names and place in the room. (Unless
+    the supergroup joined a room of its own first: then the old group only leaves its room.)
+    Its map stays where its messages are, in the old group (now read-only: the supergroup
+    numbers its messages afresh, so the old ids name none of its messages).
+
+    The place is the stored position, or the newest message the map says the chat has if
+    that is further: the relay stores a position a moment after the delivery (and the chat's
+    own messages are passed over, not sent), so the supergroup gets neither again."""
+    with transaction.atomic():
+        old = BotChat.objects.select_for_update().filter(platform=platform,
+                                                         chat_id=chat_id).first()
+        if old is None:
+            return  # moved already (the update and a refused call both say so)
+        new = BotChat.objects.filter(platform=platform, chat_id=to).first()
+        if new is not None and new.room:
+            bot_chat_leave(chat=old)
+            return
+        if new is not None:
+            new.delete()  # opened by something said in the supergroup before the move
+        position = relay_position(relay=platform, room=old.room, target=chat_id)
+        relay_target_remove(relay=platform, target=chat_id)
+        old.chat_id, old.kind = to, "supergroup"
+        old.save(update_fields=["chat_id", "kind"])
+        if old.room and position is not None:
+            had = BotMessage.objects.filter(platform=platform, chat_id=chat_id, room=old.room)
+            newest = had.aggregate(newest=Max("seq"))["newest"] or 0
+            relay_target_place(relay=platform, room=old.room, target=to,
+                               position=max(position, newest))
+
+
+# --- the map of messages ---------------------------------------------------------------------
+
+
+def bot_messages_record(
+    *, platform: str, chat_id: str, room: str, seq: int, message_ids: list[int], own: bool
+) -> None:
+    """Room message ``seq`` is in the chat as these messages (its pieces, in order): the
+    bot's copy (``own``) or the original the chat sent. Recorded again, it stays as it was."""
+    BotMessage.objects.bulk_create(
+        [BotMessage(platform=platform, chat_id=chat_id, message_id=message_id, room=room,
+                    seq=seq, own=own, part=part) for part, message_id in enumerate(message_ids)],
+        ignore_conflicts=True,
+    )
+
+
+def bot_message_find(*, platform: str, chat_id: str, message_id: int) -> BotMessage | None:
+    """The room message a chat's message is (a copy or the original), if any."""
+    return BotMessage.objects.filter(platform=platform, chat_id=chat_id,
+                                     message_id=message_id).first()
+
+
+def bot_message_copies(*, platform: str, chat_id: str, room: str, seq: int) -> list[BotMessage]:
+    """Where room message ``seq`` is in the chat: the bot's copy, piece by piece, or the
+    original the chat sent (a chat has one or the other)."""
+    return list(BotMessage.objects.filter(platform=platform, chat_id=chat_id, room=room,
+                                          seq=seq).order_by("part"))
+
+
+def bot_messages_forget(*, platform: str, chat_id: str, room: str, seq: int) -> None:
+    """Room message ``seq`` was deleted: the chat's copies of it are no longer looked for."""
+    BotMessage.objects.filter(platform=platform, chat_id=chat_id, room=room, seq=seq).delete()

@@ -80,6 +80,12 @@ def room_messages_after(
     return message_events(list(query.order_by("seq")[:limit]), room=room)
 
 
+def room_message_now(*, room: str, id: int) -> events.RoomMessage | None:
+    """Message ``id`` of ``room`` in its current state (None: deleted, or never stored)."""
+    rows = list(Message.objects.filter(room__name=room, seq=id, deleted_at__isnull=True))
+    return message_events(rows, room=room)[0] if rows else None
+
+
 def room_messages_last(*, room: str, limit: int) -> list[events.RoomMessage]:
     """The newest ``limit`` messages of a room, oldest first (deleted ones are gone), in
     their current state."""
