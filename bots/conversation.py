@@ -1,9 +1,21 @@
-"""The chatbot's conversation: commands, replies, and text posted to the joined room.
+"""The chatbot's conversation: commands, replies, and what a chat says and does in its room.
 
-Platform-neutral: a protocol's consumer turns its platform's message into an ``Incoming``,
+Platform-neutral: a protocol's consumer turns its platform's update into an ``Incoming``,
 and renders the returned replies (the neutral markup of bots/markup.py) for its platform
 (protocols/telegram/render.py) to send them back to the chat. Runs in a database thread, one
-update at a time per chat.
+update at a time per chat, each in one transaction with the claim of its update id (so a
+repeated update does nothing).
+
+- A message: a command, or text posted to the joined room (as a reply to the room message
+  the chat's message answers, when the chat's map knows it: gateway/chats.py), and recorded
+  in the map as the room message's original in this chat.
+- An edit of a message the chat posted: the room message gets the new text, as its author.
+- Reactions of a user to a chat's message (the bot's copy or an original): set on the room
+  message, emoji by emoji, in the chat's room.
+- A group that became a supergroup: the chat moves to its new id.
+
+A refused edit is told only in a private chat; a refused reaction only logged (in a group
+the bot does not answer what it was not asked).
 """
 
 from __future__ import annotations
@@ -19,7 +31,7 @@ from bots import formatting
 from bots.markup import Line, Reply, bold, line, reply
 from gateway import chats, events, metrics, selectors, services
 from gateway.errors import GatewayError
-from gateway.models import BotChat
+from gateway.models import BotChat, BotMessage
 from gateway.names import (
     ROOM_NAME_RULE,
     InvalidRoomName,
@@ -33,6 +45,9 @@ HISTORY_DEFAULT = 10
 HISTORY_MAX = 50
 ROOMS_SHOWN = 20
 COMMAND_SHOWN = 64  # of an unknown command, quoted back (a reply fits a chat message)
+# What an answered message cannot be any more: the reply is posted as a plain message.
+REPLY_REFUSALS = ("not_found", "deleted")
+MESSAGE, EDIT, REACTION, MIGRATE = "message", "edit", "reaction", "migrate"  # Incoming.kind
 
 
 @dataclass(frozen=True)
@@ -45,11 +60,17 @@ class Incoming:
     chat_title: str
     user_id: str
     user_name: str  # the platform's display name of the user
-    text: str
+    text: str  # a message's text, or an edit's new one
     update_id: int | None = None  # the platform's id of this update: handled once
     # Set when the platform does not pass this chat's plain text to the bot (only commands):
     # what to change, told on /join so that the chat does not think it is bridged.
     text_withheld: str = ""
+    kind: str = MESSAGE  # or EDIT, REACTION, MIGRATE
+    message_id: int | None = None  # the platform's id of the message (edited, reacted to)
+    reply_to_message_id: int | None = None  # the chat's message it answers
+    added: tuple[str, ...] = ()  # reaction: emoji added, as the room writes them
+    removed: tuple[str, ...] = ()  # reaction: emoji taken back
+    migrate_to: str = ""  # migrate: the chat's new id
 
     @property
     def private(self) -> bool:
@@ -64,6 +85,12 @@ def handle(incoming: Incoming, *, bot_username: str = "") -> list[Reply]:
         ):
             logger.info("ignored a repeated update", extra=_log(incoming))
             return []
+        if incoming.kind == MIGRATE:
+            chats.bot_chat_migrate(platform=incoming.platform, chat_id=incoming.chat_id,
+                                   to=incoming.migrate_to)
+            logger.info("the chat moved to its new id",
+                        extra=_log(incoming, to=incoming.migrate_to))
+            return []
         chat = chats.bot_chat_open(
             platform=incoming.platform, chat_id=incoming.chat_id, kind=incoming.chat_kind,
             title=incoming.chat_title,
@@ -71,6 +98,10 @@ def handle(incoming: Incoming, *, bot_username: str = "") -> list[Reply]:
         if chat.blocked:
             logger.info("ignored a blocked chat", extra=_log(incoming))
             return []
+        if incoming.kind == EDIT:
+            return _edit(chat, incoming)
+        if incoming.kind == REACTION:
+            return _react(chat, incoming)
         if not incoming.text:  # a photo, a sticker, someone joining the group...
             return [reply(ONLY_TEXT)] if incoming.private else []
         command, argument = command_parse(incoming.text, bot_username)
@@ -113,18 +144,95 @@ def _post(chat: BotChat, incoming: Incoming) -> list[Reply]:
     if not chat.room:
         # In a group, people talk among themselves: only a private chat gets the hint.
         return [reply(JOIN_HINT)] if incoming.private else []
-    client_id = None if incoming.update_id is None else f"update-{incoming.update_id}"
+    answered = _answered(chat, incoming)
     try:
-        services.room_message_post(
-            room=chat.room, text=incoming.text, sender=_sender(chat, incoming),
-            origin=selectors.bot_chat_origin(incoming.platform, incoming.chat_id),
-            client_id=client_id,
-        )
+        try:
+            event, _ = _message_post(chat, incoming, answered)
+        except GatewayError as exc:
+            if answered is None or exc.code not in REPLY_REFUSALS:
+                raise
+            event, _ = _message_post(chat, incoming, None)  # the answered one is gone
     except GatewayError as exc:
         logger.warning("refused a chat message %s: %s", exc.code, exc.detail,
                        extra=_log(incoming, room=chat.room, code=exc.code))
         metrics.refused(incoming.platform, exc.code)
         return [reply(f"Not sent: {exc.detail}")]
+    if incoming.message_id is not None:
+        chats.bot_messages_record(platform=incoming.platform, chat_id=incoming.chat_id,
+                                  room=chat.room, seq=event["id"],
+                                  message_ids=[incoming.message_id], own=False)
+    return []
+
+
+def _answered(chat: BotChat, incoming: Incoming) -> int | None:
+    """The room message (of the chat's room) the chat's message answers, if the map has it."""
+    if incoming.reply_to_message_id is None:
+        return None
+    found = _found(chat, incoming.reply_to_message_id)
+    return found.seq if found is not None and found.room == chat.room else None
+
+
+def _message_post(
+    chat: BotChat, incoming: Incoming, reply_to: int | None
+) -> tuple[events.RoomMessage, bool]:
+    return services.room_message_post(
+        room=chat.room, text=incoming.text, sender=_sender(chat, incoming),
+        origin=selectors.bot_chat_origin(incoming.platform, incoming.chat_id),
+        client_id=_client_id(incoming), reply_to=reply_to,
+    )
+
+
+def _client_id(incoming: Incoming, part: int | None = None) -> str | None:
+    """The idempotency key of what an update stores (``part``: one of several things)."""
+    if incoming.update_id is None:
+        return None
+    return f"update-{incoming.update_id}" + ("" if part is None else f"-{part}")
+
+
+def _found(chat: BotChat, message_id: int | None) -> BotMessage | None:
+    if message_id is None:
+        return None
+    return chats.bot_message_find(platform=chat.platform, chat_id=chat.chat_id,
+                                  message_id=message_id)
+
+
+def _edit(chat: BotChat, incoming: Incoming) -> list[Reply]:
+    """The chat's user edited a message: its room message (wherever it is) gets the text."""
+    found = _found(chat, incoming.message_id)
+    if found is None or found.own or not incoming.text:
+        return []  # a command, something said outside a room, a caption...
+    try:
+        services.message_edit(
+            room=found.room, id=found.seq, text=incoming.text, sender=_sender(chat, incoming),
+            staff=False, origin=selectors.bot_chat_origin(incoming.platform, incoming.chat_id),
+            client_id=_client_id(incoming),
+        )
+    except GatewayError as exc:
+        logger.warning("refused a chat's edit %s: %s", exc.code, exc.detail,
+                       extra=_log(incoming, room=found.room, code=exc.code))
+        metrics.refused(incoming.platform, exc.code)
+        return [reply(f"Not edited: {exc.detail}")] if incoming.private else []
+    return []
+
+
+def _react(chat: BotChat, incoming: Incoming) -> list[Reply]:
+    """A user's reactions to a chat's copy of a room message (or an original) changed: set
+    each emoji added or taken back on the room message, if it is in the chat's room."""
+    found = _found(chat, incoming.message_id)
+    if found is None or found.room != chat.room:
+        return []
+    sender = _sender(chat, incoming)
+    origin = selectors.bot_chat_origin(incoming.platform, incoming.chat_id)
+    changes = [(e, True) for e in incoming.added] + [(e, False) for e in incoming.removed]
+    for part, (emoji, added) in enumerate(changes):
+        try:
+            services.message_react(room=found.room, id=found.seq, emoji=emoji, sender=sender,
+                                   origin=origin, client_id=_client_id(incoming, part),
+                                   added=added)
+        except GatewayError as exc:
+            logger.warning("refused a chat's reaction %s: %s", exc.code, exc.detail,
+                           extra=_log(incoming, room=found.room, code=exc.code))
+            metrics.refused(incoming.platform, exc.code)
     return []
 
 

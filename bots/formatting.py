@@ -1,5 +1,8 @@
 """How the bot shows room messages and history, in the neutral markup of bots/markup.py:
-``alice (web): hi`` with the name in bold, ``#12 14:03 alice (web): hi`` for history."""
+``alice (web): hi`` with the name in bold, ``#12 14:03 alice (web): hi`` for history, each
+message in its current state there: ``#13 14:05 bob (web): ↩ #12 yes (edited)`` for a reply
+whose text was edited. (A platform marks edits and replies of the messages it is sent its
+own way: Telegram edits the message, and sends a reply as one.)"""
 
 from __future__ import annotations
 
@@ -33,10 +36,19 @@ def messages_skipped(count: int) -> Reply:
                        "behind); /history shows them."),))
 
 
+EDITED = " (edited)"
+
+
 def history_line(event: events.RoomMessage, *, width: int = 300) -> Line:
-    """One stored message on a line: ``#12 14:03 alice (web): text`` (long texts shortened)."""
+    """One stored message on a line, as it is now: ``#12 14:03 alice (web): text``, with
+    ``↩ #7`` before the text of a reply and `` (edited)`` after an edited one (long texts
+    shortened)."""
     text = " ".join(event["text"].split())
     if len(text) > width:
         text = text[: width - 1] + "…"
     stamp = time.strftime("%H:%M", time.gmtime(event["ts"]))
-    return line(code(f"#{event['id']}"), f" {stamp} ", *sender_label(event["sender"]), text)
+    answered = event["reply_to"]
+    reply_mark = ("↩ ", code(f"#{answered['id']}"), " ") if answered is not None else ()
+    edited = EDITED if event["edited_at"] is not None else ""
+    return line(code(f"#{event['id']}"), f" {stamp} ", *sender_label(event["sender"]),
+                *reply_mark, text + edited)

@@ -38,7 +38,7 @@ def send_all(box: Outbox, clock: Clock, chat_id: str) -> list[tuple[float, str]]
     while (item := box.next(chat_id)) is not None:
         clock.advance(box.due(chat_id))
         clock.advance(box.turn(chat_id))
-        sent.append((round(clock.now - start, 6), item.text))
+        sent.append((round(clock.now - start, 6), item.call))
     box.release(chat_id)
     return sent
 
@@ -139,7 +139,7 @@ def test_messages_to_a_chat_go_in_the_order_they_were_queued():
         item = room(i) if i % 3 else Outgoing(f"reply {i}")
         box.queue("7", item)
         box.queue("8", room(100 + i))
-        texts.append(item.text)
+        texts.append(item.call)
     assert [text for _, text in send_all(box, clock, "7")] == texts
     assert [text for _, text in send_all(box, clock, "8")] == [f"m{100 + i}" for i in range(10)]
 

@@ -2,10 +2,13 @@
 
 The protocol server (protocols/telegram/server.py) opens a scope per chat (``role: chat``);
 the consumer translates between its ``chat.*`` events (protocols/telegram/events.py) and the
-conversation (bots/): it is fed ``chat.received_message``, answers with ``chat.send_message``
-and reports each update as handled (``chat.handled``) once its effect is stored, so the
-server confirms it to Telegram only then. (Rooms reach the chats through the relay:
-protocols/telegram/relay.py.)
+conversation (bots/): it is fed ``chat.received_message`` (a message, an edit, a reaction, a
+group's move to a supergroup), answers with ``chat.send_message`` and reports each update as
+handled (``chat.handled``) once its effect is stored, so the server confirms it to Telegram
+only then. (Rooms reach the chats through the relay: protocols/telegram/relay.py.)
+
+Every update but a move spends the chat's flood limit: a flood of edits or reactions is
+refused like one of messages (only a message is answered "Slow down").
 """
 
 from __future__ import annotations
@@ -62,10 +65,14 @@ class TelegramChatConsumer(ScopeConsumer):
             chat_title=chat["title"], user_id=user["id"], user_name=user["name"],
             text=message["text"], update_id=message["update_id"],
             text_withheld=PRIVACY_ADVICE if message.get("reads_all") is False else "",
+            kind=message["kind"], message_id=message["message_id"],
+            reply_to_message_id=message["reply_to_message_id"], added=tuple(message["added"]),
+            removed=tuple(message["removed"]), migrate_to=message["migrate_to"] or "",
         )
-        if not self.bucket.allow():
-            logger.warning("refused a chat message: rate limited", extra=self.log)
-            replies = [reply("Slow down: too many messages. This one was not sent.")]
+        if incoming.kind != conversation.MIGRATE and not self.bucket.allow():
+            logger.warning("refused a chat %s: rate limited", incoming.kind, extra=self.log)
+            replies = ([reply("Slow down: too many messages. This one was not sent.")]
+                       if incoming.kind == conversation.MESSAGE else [])
         else:
             try:
                 replies = await database_sync_to_async(conversation.handle)(

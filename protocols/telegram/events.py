@@ -11,13 +11,19 @@ layer. Channels names the handler from ``type``: ``chat.received_message`` ->
 The server sends a scope:
 
 - ``chat.connect``: the scope's first event; no fields.
-- ``chat.received_message``: a message update. ``update_id``: Telegram's id of the update
-  (the application records it, so a repeated update is handled once); ``text``: the
-  message's text ("" if it has none); ``user``: who wrote it (``id`` Telegram's user id,
-  or the chat's when there is no user; ``username`` without the @, maybe ""; ``name`` the
-  full name, or the chat's title or id); ``reads_all``: whether the chat's plain text
-  reaches the bot (False: a group under privacy mode where the bot is no admin; None: not
-  known).
+- ``chat.received_message``: an update about the chat's messages (protocols/telegram/
+  updates.py reads it). ``update_id``: Telegram's id of the update (the application records
+  it, so a repeated update is handled once); ``kind``: ``message`` (a new one), ``edit`` (a
+  message got new text), ``reaction`` (a user's reactions to a message changed) or
+  ``migrate`` (the group became a supergroup); ``message_id``: Telegram's id of the message
+  in the chat (the one edited, or reacted to); ``text``: the message's text, or new text
+  ("" if it has none); ``reply_to_message_id``: the chat's message a new one answers, or
+  None; ``added`` and ``removed``: the emoji of the reactions the user added and took back,
+  as the room writes them; ``migrate_to``: the supergroup's chat id, or None; ``user``: who
+  did it (``id`` Telegram's user id, or the chat's when there is no user; ``username``
+  without the @, maybe ""; ``name`` the full name, or the chat's title or id);
+  ``reads_all``: whether the chat's plain text reaches the bot (False: a group under privacy
+  mode where the bot is no admin; None: not known, or not a message).
 - ``chat.disconnect``: the scope ends (idle chat, shutdown); no fields.
 
 A scope sends the server:
@@ -52,11 +58,20 @@ class ChatConnect(TypedDict):
     type: Literal["chat.connect"]
 
 
+ReceivedKind = Literal["message", "edit", "reaction", "migrate"]
+
+
 @final
 class ChatReceivedMessage(TypedDict):
     type: Literal["chat.received_message"]
     update_id: int
+    kind: ReceivedKind
+    message_id: int  # Telegram's, in the chat: the message, or the one edited or reacted to
     text: str  # "" if the message has none
+    reply_to_message_id: int | None  # message: the chat's message it answers
+    added: list[str]  # reaction: emoji added, as the room writes them
+    removed: list[str]  # reaction: emoji taken back
+    migrate_to: str | None  # migrate: the supergroup's chat id
     user: ChatUser
     reads_all: bool | None  # the chat's plain text reaches the bot; None: not known
 

@@ -26,7 +26,10 @@ from protocols.telegram.handoff import Rejected, Unavailable
 
 logger = logging.getLogger(__name__)
 
-ALLOWED_UPDATES = ["message"]
+# What the bot asks Telegram for (getUpdates and setWebhook): messages, their edits, and
+# reactions, which Telegram leaves out unless asked for (and sends only where the bot is an
+# admin). Updates of other kinds are not kept for the bot.
+ALLOWED_UPDATES = ["message", "edited_message", "message_reaction"]
 HANDLE_TIMEOUT = 30.0  # an update not handled by then is fetched (or delivered) again
 MAX_ATTEMPTS = 5  # an update that fails this often is given up (logged), not retried forever
 UPDATE_ID_MAX = 2**63 - 1  # what the record of handled updates holds (a BigIntegerField)

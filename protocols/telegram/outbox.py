@@ -2,11 +2,12 @@
 
 Pure bookkeeping (no I/O, no tasks; time from an injectable clock), so it is unit-tested
 with a fake clock. The server drains each chat in a task of its own and asks this class
-for the chat's next message and its turn to send; it does the sending and the retries.
+for the chat's next call and its turn to make it; it does the calling and the retries.
 
-- One ordered queue per chat: the bot's replies, and the pieces of room messages the relay
-  hands over one message at a time (so a queue stays short: the room's backlog waits in
-  the log, and the relay's skip policy bounds it).
+- One ordered queue per chat: the bot's replies, and what the relay hands over one entry
+  at a time: the pieces of room messages, and the edits, deletes and reactions of the
+  bot's copies (so a queue stays short: the room's backlog waits in the log, and the
+  relay's skip policy bounds it). Every call counts against the same pace, in room order.
 - Pacing, as leaky buckets (the same arithmetic as aiolimiter's ``AsyncLimiter``, kept as
   the time each bucket is next empty): a chat's own limit (``chat_per_second``; groups
   ``group_per_minute``), then the bot's overall limit (``overall_per_second``), taken in
@@ -37,9 +38,9 @@ class SendLimits:
 
 @dataclass
 class Outgoing:
-    """One message (or piece of one) for a chat."""
+    """One Bot API call for a chat: a message (or piece of one), or a change to one."""
 
-    text: str
+    call: Any  # what to call (the server's protocols/telegram/calls.py), carried along
     waiter: Any = None  # whoever waits for the outcome (the server's), carried along
 
 

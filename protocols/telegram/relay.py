@@ -1,68 +1,110 @@
-"""Telegram's relay role: each room's messages sent to the chats that joined it.
+"""Telegram's relay role: each room's log carried to the chats that joined it.
 
 The relay (gateway/relay.py) holds the ``telegram`` lease, follows the rooms that have
 chats, keeps each chat's position in its room and hands this role one entry at a time per
-chat; this role renders a message the way the bot shows room messages (bots/formatting.py,
-as Telegram HTML by render.py, split within Telegram's length limit, rendered once for
-every chat) and sends it through the Telegram server's paced outbox, awaiting the answer.
-The position is saved before the chat's next message (``save_interval = 0``), so a
-takeover after a crash sends again at most the one message in flight (Telegram has no
-idempotent send).
+chat; this role makes the Bot API calls the entry needs through the Telegram server's paced
+outbox (protocols/telegram/calls.py), in room order, awaiting each answer. The position is
+saved before the chat's next entry (``save_interval = 0``), so a takeover after a crash
+makes again at most the calls of the one entry in flight (Telegram has no idempotent send).
 
-- A chat is never sent what it wrote (its messages' origin is the chat), nor other log
-  entries; a message staff deleted before the chat had it is not sent.
+- A message is rendered the way the bot shows room messages (bots/formatting.py, as
+  Telegram HTML by render.py, split within Telegram's length limit, rendered once for every
+  chat) and sent; a reply is sent as a reply to the chat's copy of the message it answers
+  (or to the original, in the chat it came from), as a plain message if the chat has
+  neither. Telegram's id of each piece sent is recorded in the map of messages
+  (gateway/chats.py), in the database: edits, deletes, reactions and replies find the copies
+  after a restart, and from any replica.
+- An edit edits the chat's copy (``editMessageText``, each piece with the message's new
+  rendering; pieces the new text no longer needs are deleted, text beyond the pieces the
+  copy has is cut). "Not modified" counts as done; a copy older than 48 hours, which
+  Telegram no longer lets the bot edit, is left as it is (logged).
+- A delete deletes the chat's copy, every piece; in the chat the message came from, its
+  original too (where the bot may: private chats, groups where it is an admin). A refusal
+  (not found, can't be deleted) is logged and passed over.
+- A reaction sets the bot's one reaction on the chat's copy (or the original): the rule and
+  Telegram's limits are in reactions.py.
+- A chat is never sent what came from it: its own messages, and its own edits and reactions
+  (it has them already); room entries that are not about a message (close, reopen) are
+  passed over. A message staff deleted before the chat had it is not sent.
 - A chat more than ``TELEGRAM_CHAT_BACKLOG`` entries behind skips the oldest; it is told
   how many messages it missed (``/history`` shows them).
 - A chat that blocked the bot or is gone leaves its room (``chats.bot_chat_leave_unreachable``)
-  and is sent nothing more; a message Telegram refuses for good is passed over.
+  and is sent nothing more; a call Telegram refuses for good is passed over.
+- A group that became a supergroup (Telegram says so in answer to a call) goes on under its
+  new id from the entry it was being sent (the server moves it; this role places its new id
+  after that entry, and drops the old one).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import cast
 
 from channels.db import database_sync_to_async
 from django.db.models import QuerySet
 
 from bots import formatting
-from gateway import chats, events, selectors
+from gateway import chats, events, selectors, services
+from gateway.fanout import Delivery
+from gateway.models import BotMessage
 from gateway.relay import Batch, RelayRole, TargetGone
-from protocols.telegram import render
-from protocols.telegram.server import Sent, TelegramServer
+from protocols.telegram import reactions, render
+from protocols.telegram.calls import Call, Delete, EditText, React, SendText
+from protocols.telegram.server import Answer, Sent, TelegramServer
 
 logger = logging.getLogger(__name__)
 
 PLATFORM = "telegram"
 WIRE_FORMAT = "telegram-html"
+STATES_KEPT = 1000  # messages' current states read for edits and reactions, shared by chats
 
 
 def _pieces(event: events.RoomMessage) -> list[str]:
     return render.messages(formatting.room_message(event))
 
 
+@dataclass
+class _Chat:
+    """The chat an entry is carried to; its id changes if it becomes a supergroup."""
+
+    room: str
+    id: str
+    moved: bool = False
+
+    @property
+    def log(self) -> dict[str, str]:
+        return {"protocol": PLATFORM, "room": self.room, "chat": self.id}
+
+
 class TelegramChats(RelayRole):
     name = PLATFORM  # chats are targets of the relay role named after their platform
     protocol = PLATFORM
     batch_size = 1
-    save_interval = 0.0  # each message recorded before the chat's next
+    save_interval = 0.0  # each entry recorded before the chat's next
 
     def __init__(self, server: TelegramServer, *, backlog: int) -> None:
         self.server = server
         self.backlog = backlog
+        # (room, cursor of an edit or reaction) -> its message as it is now (None: deleted)
+        self._states: dict[tuple[str, int], events.RoomMessage | None] = {}
 
     def targets(self) -> QuerySet:
         return selectors.relay_targets_bot_chats(platform=PLATFORM)
 
     async def deliver(self, batch: Batch) -> None:
-        room, target = batch.room, batch.target
-        origin = selectors.bot_chat_origin(PLATFORM, target)
+        chat = _Chat(batch.room, batch.target)
+        origin = selectors.bot_chat_origin(PLATFORM, batch.target)
         for delivery in batch.entries:
-            event = delivery.event
-            if event["type"] != events.ROOM_MESSAGE or event["origin"] == origin:
+            if delivery.event["origin"] == origin:
                 continue
-            for piece in delivery.frame(WIRE_FORMAT, _pieces):
-                if not await self._send(room, target, piece):
-                    break  # refused for good: the rest of this message would not help
+            if delivery.event["type"] == events.ROOM_MESSAGE:
+                await self._message(chat, delivery)
+            else:
+                await self._change(chat, cast(events.RoomEntry, delivery.event),
+                                   delivery.cursor)
+            if chat.moved:
+                await self._moved(chat, batch.target, delivery.cursor)
 
     async def skipped(self, room: str, target: str, *, after: int, upto: int) -> None:
         count = await database_sync_to_async(selectors.room_messages_count)(
@@ -70,18 +112,114 @@ class TelegramChats(RelayRole):
             origin_not=selectors.bot_chat_origin(PLATFORM, target),
         )
         if count:
+            chat = _Chat(room, target)
             for piece in render.messages(formatting.messages_skipped(count)):
-                await self._send(room, target, piece)
+                await self._call(chat, SendText(piece))
 
-    async def _send(self, room: str, chat_id: str, text: str) -> bool:
-        """Send one piece; False if Telegram refused it for good. ``TargetGone`` once the
-        chat is unreachable (it has then left the room)."""
-        sent = await self.server.send(chat_id, text)
-        if sent is Sent.GONE:
-            await database_sync_to_async(chats.bot_chat_leave_unreachable)(
-                platform=PLATFORM, chat_id=chat_id, room=room
+    # --- what each entry takes -------------------------------------------------------------
+
+    async def _message(self, chat: _Chat, delivery: Delivery) -> None:
+        """Send a message, piece by piece (a reply as one), and record where they are."""
+        event = cast(events.RoomMessage, delivery.event)
+        answered = event["reply_to"]
+        reply_to = None if answered is None else await self._copy(chat, answered["id"])
+        sent: list[int] = []
+        for piece in delivery.frame(WIRE_FORMAT, _pieces):
+            answer = await self._call(chat, SendText(piece, None if sent else reply_to))
+            if answer.sent is not Sent.SENT or answer.message_id is None:
+                break  # refused for good: the rest of this message would not help
+            sent.append(answer.message_id)
+        if sent:
+            await database_sync_to_async(chats.bot_messages_record)(
+                platform=PLATFORM, chat_id=chat.id, room=chat.room, seq=event["id"],
+                message_ids=sent, own=True,
             )
-            logger.warning("chat unreachable: it left the room",
-                           extra={"protocol": PLATFORM, "room": room, "chat": chat_id})
-            raise TargetGone(chat_id)
-        return sent is Sent.SENT
+
+    async def _change(self, chat: _Chat, entry: events.RoomEntry, cursor: int) -> None:
+        """An edit, a delete or a reaction, to the chat's copy of its message (if it has
+        one); the room's own entries are passed over."""
+        if entry["kind"] not in events.MESSAGE_ENTRY_KINDS or entry["id"] is None:
+            return
+        copies = await database_sync_to_async(chats.bot_message_copies)(
+            platform=PLATFORM, chat_id=chat.id, room=chat.room, seq=entry["id"]
+        )
+        if not copies:
+            return  # the chat never had it (it joined later, or it was skipped)
+        if entry["kind"] == events.ENTRY_DELETE:
+            await self._delete(chat, entry["id"], copies)
+        elif entry["kind"] == events.ENTRY_EDIT:
+            await self._edit(chat, copies, await self._state(chat.room, entry["id"], cursor))
+        else:
+            await self._react(chat, entry, copies[0],
+                              await self._state(chat.room, entry["id"], cursor))
+
+    async def _edit(self, chat: _Chat, copies: list[BotMessage],
+                    message: events.RoomMessage | None) -> None:
+        own = [copy for copy in copies if copy.own]
+        if message is None or not own:
+            return  # deleted since (its delete follows), or the chat's original
+        pieces = _pieces(message)
+        for copy, piece in zip(own, pieces, strict=False):
+            await self._call(chat, EditText(copy.message_id, piece))
+        for copy in own[len(pieces):]:
+            await self._call(chat, Delete(copy.message_id))
+
+    async def _delete(self, chat: _Chat, seq: int, copies: list[BotMessage]) -> None:
+        for copy in copies:
+            await self._call(chat, Delete(copy.message_id))
+        await database_sync_to_async(chats.bot_messages_forget)(
+            platform=PLATFORM, chat_id=chat.id, room=chat.room, seq=seq
+        )
+
+    async def _react(self, chat: _Chat, entry: events.RoomEntry, copy: BotMessage,
+                     message: events.RoomMessage | None) -> None:
+        if message is None:
+            return
+        counts = message["reactions"]
+        if reactions.may_change(cast(str, entry["emoji"]), bool(entry["added"]), counts):
+            await self._call(chat, React(copy.message_id, reactions.shown(counts)))
+
+    # --- reads and calls ---------------------------------------------------------------------
+
+    async def _copy(self, chat: _Chat, seq: int) -> int | None:
+        """The chat's message for room message ``seq`` (its copy's first piece, or the
+        original), to reply to."""
+        copies = await database_sync_to_async(chats.bot_message_copies)(
+            platform=PLATFORM, chat_id=chat.id, room=chat.room, seq=seq
+        )
+        return copies[0].message_id if copies else None
+
+    async def _state(self, room: str, seq: int, cursor: int) -> events.RoomMessage | None:
+        """Message ``seq`` as it is now (None: deleted), read once for every chat that is
+        carried the entry at ``cursor``."""
+        key = (room, cursor)
+        if key not in self._states:
+            self._states[key] = await database_sync_to_async(selectors.room_message_now)(
+                room=room, id=seq)
+            while len(self._states) > STATES_KEPT:
+                del self._states[next(iter(self._states))]
+        return self._states[key]
+
+    async def _call(self, chat: _Chat, call: Call) -> Answer:
+        """Make one call; its answer. ``TargetGone`` once the chat is unreachable (it has
+        then left the room). A chat that moved is called at its new id from then on."""
+        answer = await self.server.send(chat.id, call)
+        if answer.moved_to is not None:
+            chat.id, chat.moved = answer.moved_to, True
+        if answer.sent is Sent.GONE:
+            await database_sync_to_async(chats.bot_chat_leave_unreachable)(
+                platform=PLATFORM, chat_id=chat.id, room=chat.room
+            )
+            logger.warning("chat unreachable: it left the room", extra=chat.log)
+            raise TargetGone(chat.id)
+        return answer
+
+    async def _moved(self, chat: _Chat, old: str, cursor: int) -> None:
+        """The chat became a supergroup while this entry was carried: its new id goes on
+        after the entry (the server moved its place in the room); the old id is done."""
+        await database_sync_to_async(services.relay_positions_save)(
+            relay=PLATFORM, positions={(chat.room, chat.id): cursor}
+        )
+        logger.info("chat moved to its supergroup: it goes on there",
+                    extra={**chat.log, "from": old})
+        raise TargetGone(old)

@@ -1,27 +1,34 @@
 """The Telegram protocol server: owns the Bot API connection and the ``telegram`` scopes.
 
 Like daphne for WebSockets, it knows nothing of rooms or commands. It turns Telegram
-updates into scopes and events for the root ASGI application, and carries text to chats:
-the application's replies (``chat.send_message``) and the relay's room messages (``send``,
-from protocols/telegram/relay.py). The events are written down in
-protocols/telegram/events.py.
+updates into scopes and events for the root ASGI application, and makes the calls to chats:
+the application's replies (``chat.send_message``) and what the relay asks (``send``, from
+protocols/telegram/relay.py: messages, and edits, deletes and reactions of them). The events
+are written down in protocols/telegram/events.py, the calls in calls.py.
 
 - A chat scope per chat, ``{"type": "telegram", "role": "chat", "chat": {...}, "user": {...}}``
-  (the user who opened it), fed ``chat.received_message`` events; closed after
-  ``TELEGRAM_IDLE_TIMEOUT`` without a message, and at shutdown. An update is confirmed to
-  Telegram (by the next ``getUpdates`` offset, or the webhook's answer) only once the
-  application reports it handled (``chat.handled``); a repeated update is recognised by
-  its ``update_id`` in the application, so nothing is lost or posted twice.
+  (the user who opened it), fed ``chat.received_message`` events: a message, an edit of one,
+  a user's reactions changed, a group that became a supergroup (updates.py reads them from
+  the update); closed after ``TELEGRAM_IDLE_TIMEOUT`` without an update, and at shutdown.
+  An update is confirmed to Telegram (by the next ``getUpdates`` offset, or the webhook's
+  answer) only once the application reports it handled (``chat.handled``); a repeated
+  update is recognised by its ``update_id`` in the application, so nothing is lost or
+  done twice.
 - Updates come by long polling (``getUpdates``), or, with ``TELEGRAM_WEBHOOK_URL``, by
   Telegram posting them to the web server's webhook route (webhook.py, which checks the
   secret and hands them here through handoff.py): ``Ingress`` (ingress.py). With several
   gateway processes, the one holding the ``telegram-poll`` lease polls (and registers the
   webhook, and forgets old handled updates); another takes over within ``LEASE_TTL``.
-- Sending: one ordered queue per chat, each paced by the chat's limit (private chats,
+- Calling: one ordered queue per chat, each paced by the chat's limit (private chats,
   groups) and all by the bot's overall limit; ``RetryAfter`` pauses only that chat, network
   errors are retried with backoff, keeping the order. The queues and the pace are the pure
-  ``Outbox`` (outbox.py); here a task per chat drains it, sends and retries. A room's
-  backlog never waits here: the relay hands over one message at a time and awaits it.
+  ``Outbox`` (outbox.py); here a task per chat drains it, calls and retries. A room's
+  backlog never waits here: the relay hands over one entry at a time and awaits it.
+  ``send`` answers with Telegram's id of the message sent, which the relay records.
+- A group that became a supergroup (``ChatMigrated`` in answer to a call) is moved to its
+  new id (gateway/chats.py: its room, its place in the room) and the message is sent there
+  (not as a reply: what it answered stayed in the old group); a change to one of its old
+  messages is not made (they stayed in the old group, which takes no more calls).
 - Privacy mode (Telegram's default, from ``getMe``): in a group where the bot is not an
   admin, only commands reach it. A group's command then says (``"reads_all": false``, from
   ``getChatMember`` of the bot itself) that the group's plain text does not, so the
@@ -38,6 +45,7 @@ import logging
 import os
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 # Opt in to python-telegram-bot's v23 time periods (RetryAfter.retry_after as a timedelta)
 # rather than be warned about the change on every flood-control answer.
@@ -45,10 +53,10 @@ os.environ.setdefault("PTB_TIMEDELTA", "true")
 
 from channels.db import database_sync_to_async  # noqa: E402
 from django.db import DatabaseError  # noqa: E402
-from telegram import Bot, LinkPreviewOptions, Update  # noqa: E402
-from telegram.constants import ParseMode  # noqa: E402
+from telegram import Bot, Update  # noqa: E402
 from telegram.error import (  # noqa: E402
     BadRequest,
+    ChatMigrated,
     Forbidden,
     InvalidToken,
     NetworkError,
@@ -60,22 +68,25 @@ from telegram.request import HTTPXRequest  # noqa: E402
 from gateway import chats, metrics, status  # noqa: E402
 from gateway.lease import Lease, jitter  # noqa: E402
 from protocols.scopes import Scope, ScopeRegistry, scope_open, scopes_close  # noqa: E402
-from protocols.telegram import handoff  # noqa: E402
+from protocols.telegram import calls, handoff  # noqa: E402
+from protocols.telegram.calls import Call, SendText  # noqa: E402
 from protocols.telegram.events import (  # noqa: E402
     ChatDisconnect,
     ChatReceive,
+    ChatReceivedMessage,
     ChatSend,
-    ChatUser,
     chat_connect,
     chat_disconnect,
 )
 from protocols.telegram.ingress import LOG, Ingress, seconds  # noqa: E402
 from protocols.telegram.outbox import Outbox, Outgoing, SendLimits  # noqa: E402
+from protocols.telegram.updates import Received, received  # noqa: E402
 
 __all__ = ["SendLimits", "TelegramServer", "telegram_bot"]  # SendLimits: for gateway run
 
 logger = logging.getLogger(__name__)
 
+PLATFORM = "telegram"
 LEASE = "telegram-poll"  # held by the process that polls (rooms reach chats by the relay)
 LEASE_TTL = 10.0  # another process takes over within this after the holder dies
 TICK = 1.0  # lease renewal, idle scopes
@@ -93,9 +104,18 @@ PRIVACY_HINT = ("in groups where the bot is not an admin only commands reach it:
 class Sent(enum.Enum):
     """How a ``send`` ended."""
 
-    SENT = "sent"
-    REFUSED = "refused"  # Telegram refused this message for good (invalid): not sent
+    SENT = "sent"  # done (a change Telegram found already made counts too)
+    REFUSED = "refused"  # Telegram refused this call for good (invalid, too old): not made
     GONE = "gone"  # the chat blocked the bot, left, or does not exist
+
+
+@dataclass(frozen=True)
+class Answer:
+    """Telegram's answer to a ``send``, for good."""
+
+    sent: Sent
+    message_id: int | None = None  # a message sent: Telegram's id of it in the chat
+    moved_to: str | None = None  # the chat's new id: it became a supergroup meanwhile
 
 
 class ServerStopped(Exception):
@@ -154,7 +174,8 @@ class TelegramServer:
                  "last_update": self.last_update, "chats_open": len(self.chats),
                  "retry_after_waits": self.stats["retry_after"],
                  "received": self.stats["received"], "sent": self.stats["sent"],
-                 "refused": self.stats["refused"], "group_privacy": self.group_privacy,
+                 "changed": self.stats["changed"], "refused": self.stats["refused"],
+                 "group_privacy": self.group_privacy,
                  "updates_refused": self.stats["updates_refused"]}
         if self.group_privacy:
             state["group_privacy_hint"] = PRIVACY_HINT
@@ -289,7 +310,7 @@ class TelegramServer:
         """Forget handled updates older than Telegram redelivers."""
         try:
             await database_sync_to_async(chats.bot_updates_prune)(
-                platform="telegram", older_than=UPDATES_KEPT
+                platform=PLATFORM, older_than=UPDATES_KEPT
             )
         except DatabaseError:
             logger.warning("could not forget old handled updates; will retry", exc_info=True,
@@ -298,32 +319,25 @@ class TelegramServer:
     # --- inbound (from Ingress) --------------------------------------------------------
 
     async def _dispatch(self, update: Update) -> asyncio.Future | None:
-        """Feed a message update to its chat's scope. The future's result is True once the
-        update is handled, False if that failed."""
-        message = update.message
-        if message is None:
-            return None  # another kind of update (not asked for)
+        """Feed an update about a chat's messages to the chat's scope. The future's result is
+        True once the update is handled, False if that failed."""
+        found = received(update)
+        if found is None:
+            return None  # another kind of update (not asked for), or not one to take
         pending = self.handling.get(update.update_id)
         if pending is not None:
             return pending[0]  # delivered again while still being handled
-        reads_all = await self._reads_all(message)
+        reads_all = await self._reads_all(found) if found.kind == "message" else None
         pending = self.handling.get(update.update_id)
         if pending is not None:
             return pending[0]  # delivered again while the bot's status was asked
         self.stats["received"] += 1
         self.last_update = time.time()
-        chat_id = str(message.chat.id)
-        user = message.from_user
-        person: ChatUser = {
-            "id": str(user.id) if user else chat_id,
-            "username": (user.username or "") if user else "",
-            "name": user.full_name if user else (message.chat.title or chat_id),
-        }
-        chat = {"id": chat_id, "kind": message.chat.type,
-                "title": message.chat.title or message.chat.full_name or person["name"]}
+        chat = found.scope_chat()
+        chat_id = chat["id"]
         scope = self.chats.open(chat_id, lambda: scope_open(
             self.application,
-            {"type": "telegram", "role": "chat", "chat": chat, "user": person,
+            {"type": "telegram", "role": "chat", "chat": chat, "user": found.user,
              "bot_username": self.bot.username},
             self._send, first=chat_connect(), name=f"telegram-chat-{chat_id}",
             on_exit=self._exited,
@@ -332,16 +346,15 @@ class TelegramServer:
         self.handling[update.update_id] = (handled, scope)
         scope.last_seen = time.monotonic()
         scope.pending += 1  # until handled: an idle close waits for it
-        scope.put({"type": "chat.received_message", "update_id": update.update_id,
-                   "text": message.text or "", "user": person, "reads_all": reads_all})
+        scope.put(_event(update.update_id, found, reads_all))
         return handled
 
-    async def _reads_all(self, message) -> bool | None:
+    async def _reads_all(self, message: Received) -> bool | None:
         """Whether the chat's plain text reaches the bot; asked only for a group's commands
         under privacy mode (plain text arriving there shows it does). None: not known."""
         chat_id = str(message.chat.id)
         if (message.chat.type not in GROUP_KINDS or not self.group_privacy
-                or not (message.text or "").startswith("/")):
+                or not message.text.startswith("/")):
             return True
         known = self.members.get(chat_id)
         if known is not None and time.monotonic() - known[0] < MEMBER_TTL:
@@ -381,7 +394,7 @@ class TelegramServer:
 
     async def _send(self, message: ChatSend) -> None:
         if message["type"] == "chat.send_message":
-            self._queue(str(message["chat_id"]), Outgoing(message["text"]))
+            self._queue(str(message["chat_id"]), Outgoing(SendText(message["text"])))
         elif message["type"] == "chat.handled" or message["type"] == "chat.failed":
             self._handled(message["update_id"], message["type"] == "chat.handled")
         else:
@@ -389,10 +402,10 @@ class TelegramServer:
 
     # --- outbound ----------------------------------------------------------------------
 
-    async def send(self, chat_id: str, text: str) -> Sent:
-        """Send ``text`` (Telegram HTML, within one message) to the chat, after what it has
-        queued and at its pace; return once Telegram has answered for good (a flood limit
-        or an outage is waited out). ``ServerStopped`` if the server stops first."""
+    async def send(self, chat_id: str, call: Call) -> Answer:
+        """Make ``call`` (a message, or a change to one: calls.py) to the chat, after what it
+        has queued and at its pace; return once Telegram has answered for good (a flood
+        limit or an outage is waited out). ``ServerStopped`` if the server stops first."""
         while not self.ready.is_set():  # until the bot has reached Telegram (getMe answered)
             if self._stopping:
                 break
@@ -403,9 +416,9 @@ class TelegramServer:
                 pass
         if self._stopping:
             raise ServerStopped("the Telegram server has stopped")
-        waiter: asyncio.Future[Sent] = asyncio.get_running_loop().create_future()
-        self._queue(chat_id, Outgoing(text, waiter=waiter))
-        return await waiter  # cancelled: the message is not sent, unless already under way
+        waiter: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        self._queue(chat_id, Outgoing(call, waiter=waiter))
+        return await waiter  # cancelled: the call is not made, unless already under way
 
     def _queue(self, chat_id: str, item: Outgoing) -> None:
         self.outbox.queue(chat_id, item)
@@ -420,14 +433,14 @@ class TelegramServer:
                 if item.waiter is not None and item.waiter.cancelled():
                     continue  # whoever asked gave up (a stopping relay): not sent
                 try:
-                    outcome = await self._deliver(chat_id, item.text)
+                    answer = await self._deliver(chat_id, item.call)
                 except BaseException as exc:
                     if item.waiter is not None and not item.waiter.done():
                         item.waiter.set_exception(ServerStopped(str(exc) or "stopped"))
                     raise
                 if item.waiter is not None and not item.waiter.done():
-                    item.waiter.set_result(outcome)
-                if outcome is Sent.GONE:
+                    item.waiter.set_result(answer)
+                if answer.sent is Sent.GONE:
                     self._fail_waiting(chat_id, None)
         finally:
             if self.drains.get(chat_id) is asyncio.current_task():
@@ -440,7 +453,7 @@ class TelegramServer:
             if item.waiter is None or item.waiter.done():
                 continue
             if error is None:
-                item.waiter.set_result(Sent.GONE)
+                item.waiter.set_result(Answer(Sent.GONE))
             else:
                 item.waiter.set_exception(error)
 
@@ -451,41 +464,66 @@ class TelegramServer:
         if (wait := self.outbox.turn(chat_id)) > 0:
             await asyncio.sleep(wait)
 
-    async def _deliver(self, chat_id: str, text: str) -> Sent:
-        """Send one message, waiting out flood limits and outages; how Telegram answered for
-        good."""
+    async def _deliver(self, chat_id: str, call: Call) -> Answer:
+        """Make one call, waiting out flood limits and outages; how Telegram answered for
+        good. A chat that became a supergroup is moved, and sent the message there."""
         backoff = 1.0
+        moved_to: str | None = None
         while True:
             try:
                 await self._paced(chat_id)
-                await self.bot.send_message(
-                    chat_id=int(chat_id), text=text, parse_mode=ParseMode.HTML,
-                    link_preview_options=LinkPreviewOptions(is_disabled=True),
-                )
-                self.stats["sent"] += 1
-                return Sent.SENT
+                message_id = await calls.perform(self.bot, int(moved_to or chat_id), call)
+                self.stats["sent" if isinstance(call, SendText) else "changed"] += 1
+                return Answer(Sent.SENT, message_id, moved_to)
             except RetryAfter as exc:
                 wait = seconds(exc.retry_after)
                 self.stats["retry_after"] += 1
                 logger.warning("Telegram flood control: chat waits %.0fs", wait,
                                extra={**LOG, "chat": chat_id})
                 await asyncio.sleep(wait)
+            except ChatMigrated as exc:
+                if moved_to is not None:  # moved twice in one call: not followed further
+                    return self._refused(chat_id, call, exc, moved_to)
+                moved_to = str(exc.new_chat_id)
+                await self._migrated(chat_id, moved_to)
+                if not isinstance(call, SendText):  # its message stayed in the old group
+                    return self._refused(chat_id, call, exc, moved_to)
+                call = SendText(call.text)  # not as a reply: what it answers stayed there
             except (Forbidden, BadRequest) as exc:
-                self.stats["refused"] += 1
-                gone = isinstance(exc, Forbidden) or "chat not found" in str(exc).lower()
-                logger.warning("Telegram refused a message to the chat: %s", exc,
-                               extra={**LOG, "chat": chat_id, "gone": gone})
-                return Sent.GONE if gone else Sent.REFUSED
+                if isinstance(exc, BadRequest) and calls.unchanged(exc):
+                    return Answer(Sent.SENT, None, moved_to)
+                return self._refused(chat_id, call, exc, moved_to)
             except NetworkError as exc:  # includes TimedOut: kept, in order, and tried again
                 delay = jitter(backoff)
-                logger.warning("sending to Telegram failed (%s); retrying in %.1fs", exc, delay,
+                logger.warning("calling Telegram failed (%s); retrying in %.1fs", exc, delay,
                                extra={**LOG, "chat": chat_id})
                 await asyncio.sleep(delay)
                 backoff = min(backoff * 2, 30.0)
             except TelegramError:
                 self.stats["refused"] += 1
-                logger.exception("Telegram refused a message", extra={**LOG, "chat": chat_id})
-                return Sent.REFUSED
+                logger.exception("Telegram refused %s", calls.WHAT[type(call)],
+                                 extra={**LOG, "chat": chat_id})
+                return Answer(Sent.REFUSED, None, moved_to)
+
+    def _refused(self, chat_id: str, call: Call, error: TelegramError,
+                 moved_to: str | None) -> Answer:
+        self.stats["refused"] += 1
+        gone = calls.gone(call, error)
+        logger.warning("Telegram refused %s to the chat: %s", calls.WHAT[type(call)], error,
+                       extra={**LOG, "chat": chat_id, "gone": gone})
+        return Answer(Sent.GONE if gone else Sent.REFUSED, None, moved_to)
+
+    async def _migrated(self, chat_id: str, to: str) -> None:
+        """Telegram says the group became the supergroup ``to``: the chat moves there."""
+        logger.info("the group became a supergroup: the chat moves to its new id",
+                    extra={**LOG, "chat": chat_id, "to": to})
+        try:
+            await database_sync_to_async(chats.bot_chat_migrate)(
+                platform=PLATFORM, chat_id=chat_id, to=to
+            )
+        except DatabaseError:
+            logger.warning("could not move the chat to its new id; will retry on its next "
+                           "call", exc_info=True, extra={**LOG, "chat": chat_id, "to": to})
 
     def _close_idle(self) -> None:
         for chat_id, scope in self.chats.idle(self.idle_timeout):
@@ -503,3 +541,11 @@ def telegram_bot(token: str, *, api_url: str) -> Bot:
         # (Polls have their own connection; PTB adds the poll timeout to their read timeout.)
         request=HTTPXRequest(connection_pool_size=16),
     )
+
+
+def _event(update_id: int, found: Received, reads_all: bool | None) -> ChatReceivedMessage:
+    return {"type": "chat.received_message", "update_id": update_id, "kind": found.kind,
+            "message_id": found.message_id, "text": found.text,
+            "reply_to_message_id": found.reply_to, "added": found.added,
+            "removed": found.removed, "migrate_to": found.migrate_to, "user": found.user,
+            "reads_all": reads_all}
