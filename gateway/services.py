@@ -5,13 +5,13 @@ from __future__ import annotations
 import re
 import threading
 import time
-import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import cast
 
+import emoji as emoji_data
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import (
@@ -949,45 +949,17 @@ def message_delete(
 
 
 def emoji_validate(emoji: object) -> str:
-    """A reaction: one emoji (a single pictograph with its modifiers, joiners and variation
-    selectors, a flag, a keycap) or a short token (``[A-Za-z0-9_+-]``, 1-32 characters, for
-    platforms without emoji); ``invalid_emoji`` otherwise."""
-    if not isinstance(emoji, str) or not emoji:
-        raise GatewayError("invalid_emoji", "'emoji' must be one emoji or a short token")
-    if _TOKEN_RE.fullmatch(emoji) or _is_one_emoji(emoji):
+    """A reaction: one emoji (as Unicode's emoji data has it: a pictograph with its
+    modifiers, a ZWJ sequence, a flag, a keycap; the ``emoji`` library knows them) or a
+    short token (``[A-Za-z0-9_+-]``, 1-32 characters, for platforms without emoji);
+    ``invalid_emoji`` otherwise."""
+    if isinstance(emoji, str) and (_TOKEN_RE.fullmatch(emoji) or emoji_data.is_emoji(emoji)):
         return emoji
     raise GatewayError("invalid_emoji", "'emoji' must be one emoji or a short token "
                        "(letters, digits, _ + -, at most 32)")
 
 
 _TOKEN_RE = re.compile(r"[A-Za-z0-9_+\-]{1,32}")
-_EMOJI_JOINERS = {"\u200d", "\ufe0f", "\ufe0e", "\u20e3"}
-
-
-def _is_one_emoji(text: str) -> bool:
-    """At most 16 code points, all pictographs, their modifiers and joiners (ZWJ, variation
-    selectors, keycap, tag characters), with at most one pictograph between joiners and at
-    least one symbol: no letters, spaces or controls. A flag is two regional indicators."""
-    if len(text) > 16:
-        return False
-    pictographs, joined, regional = 0, True, 0
-    for char in text:
-        point = ord(char)
-        if 0x1F1E6 <= point <= 0x1F1FF:
-            regional += 1
-            continue
-        if char in _EMOJI_JOINERS or 0xE0020 <= point <= 0xE007F or 0x1F3FB <= point <= 0x1F3FF:
-            joined = joined or char == "\u200d"
-            continue
-        if unicodedata.category(char) != "So" and char not in "#*0123456789":
-            return False
-        if not joined:
-            return False  # two pictographs side by side: two emoji
-        pictographs, joined = pictographs + 1, False
-    if regional:
-        return regional == 2 and pictographs == 0
-    return pictographs >= 1 and ("\u20e3" in text
-                                 or any(unicodedata.category(c) == "So" for c in text))
 
 
 def message_react(

@@ -143,7 +143,7 @@ def test_an_emoji_or_a_short_token_is_a_reaction(emoji):
 
 
 @pytest.mark.parametrize("emoji", ["", "👍👍", "a b", "<b>", "x" * 33, "👍 ", "\u200d", "🇫", 7,
-                                   None, "a\x00"])
+                                   None, "a\x00", "\u2800", "─", "👍\u200d"])
 def test_anything_else_is_an_invalid_emoji(emoji):
     assert refused(services.emoji_validate, emoji) == "invalid_emoji"
 
