@@ -481,6 +481,8 @@ def _messages_store(valid: list[tuple[int, Post]], results: list[PostResult | No
                 first_of[key] = index
             by_room.setdefault(post.room, []).append((index, post))
     taken = _rooms_cursors_take({room: len(items) for room, items in by_room.items()}, now)
+    if answered:  # read again under the rooms' locks: as they are now
+        replies = _replies_now(replies)
     rows: list[tuple] = []
     ts, stamp = now.timestamp(), connection.ops.adapt_datetimefield_value(now)
     for room in sorted(by_room):  # one lock order for every process: no deadlock
@@ -522,6 +524,24 @@ def _messages_store(valid: list[tuple[int, Post]], results: list[PostResult | No
             results[index] = _message_post_one(posts[index])
         except GatewayError as exc:
             results[index] = exc
+
+
+def _replies_now(
+    checked: dict[tuple[str, int], events.ReplyRef | GatewayError],
+) -> dict[tuple[str, int], events.ReplyRef | GatewayError]:
+    """The replies' targets read again once the rooms' cursors are taken (no edit or delete
+    of them can commit meanwhile): their text now; one deleted since its check is still
+    answered, with no excerpt (its reply already holds a cursor)."""
+    wanted = [key for key, ref in checked.items() if not isinstance(ref, GatewayError)]
+    now = _reply_targets(wanted) if wanted else {}
+    fresh: dict[tuple[str, int], events.ReplyRef | GatewayError] = dict(checked)
+    for key in wanted:
+        ref = now[key]
+        if isinstance(ref, GatewayError):
+            before = cast(events.ReplyRef, checked[key])
+            ref = events.reply_ref(id=before["id"], sender=before["sender"], text="")
+        fresh[key] = ref
+    return fresh
 
 
 def _answered(post: Post) -> tuple[str, int]:
@@ -753,6 +773,12 @@ def _message_insert(
         if advanced is None:  # closed or blocked between the two statements
             raise GatewayError("room_closed", f"room {room} is closed")
     room_pk, seq = advanced
+    if reply is not None:  # read again under the room's lock: as it is now (edited, deleted)
+        answered = (room, reply["id"])
+        found = _reply_targets([answered])[answered]
+        if isinstance(found, GatewayError):
+            raise found
+        reply = found
     name = sender["name"][:128]
     _messages_insert([(room_pk, seq, text, sender["protocol"], sender["id"], name, origin,
                        client_id, connection.ops.adapt_datetimefield_value(now),

@@ -497,3 +497,18 @@ def test_concurrent_changes_to_one_message_keep_its_counts_and_the_log_consisten
     assert Reaction.objects.filter(room__name="race").count() == 8
     cursors = sorted(RoomEvent.objects.filter(room__name="race").values_list("seq", flat=True))
     assert cursors == list(range(2, 2 + 24))  # one entry each, gap-free
+
+
+@pytest.mark.django_db
+def test_a_reply_shows_what_it_answers_as_it_is_once_the_room_is_locked():
+    """A reply checks its target first, then reads it again once it holds the room's cursor,
+    so an edit or delete committed in between is what it carries (here the in-between
+    changes are made before the second read, as another process would)."""
+    post("late", "first text", sender=BOB)
+    checked = services._reply_targets([("late", 1)])
+    services.message_edit(room="late", id=1, text="second text", sender=BOB, staff=False,
+                          origin="o")
+    assert services._replies_now(checked)[("late", 1)]["excerpt"] == "second text"  # type: ignore[index]
+    services.message_delete(room="late", id=1, sender=BOB, staff=False, origin="o")
+    assert services._replies_now(checked)[("late", 1)] == {
+        "id": 1, "sender": dict(BOB), "excerpt": ""}  # still answered: it holds a cursor
