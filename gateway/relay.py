@@ -37,7 +37,7 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from channels.db import database_sync_to_async
 from django.db.models import QuerySet
@@ -180,8 +180,8 @@ class _Feed:
         self.head = delivery.cursor
         self.active_at = time.monotonic()
         event = delivery.event
-        if event["type"] == events.ROOM_ENTRY and event["kind"] == events.ENTRY_DELETE:  # type: ignore[typeddict-item]
-            self._drop(event["id"])  # not delivered to a target that has not had it yet
+        if event["type"] == events.ROOM_ENTRY:
+            self._current(cast(events.RoomEntry, event))
         self.tail.append(delivery)
         while len(self.tail) > TAIL_LIMIT:
             self.tail_from = self.tail.popleft().cursor
@@ -192,11 +192,39 @@ class _Feed:
         """The hub stops serving the room (this process is shutting down)."""
         self.relay._feed_ended(self)
 
-    def _drop(self, message_id: int | None) -> None:
+    def _current(self, entry: events.RoomEntry) -> None:
+        """Keep the tail in its messages' current state, as the log is read, for the targets
+        that have not had it yet: after an edit, the message and the replies quoting it have
+        its new text and its earlier edits are gone; after a delete, the message, its edits
+        and its reactions are gone and the replies quoting it have no excerpt. (What a
+        target was sent already, it had live.)"""
+        kind, message_id = entry["kind"], entry["id"]
+        if kind not in (events.ENTRY_EDIT, events.ENTRY_DELETE) or message_id is None:
+            return
+        kept: deque[Delivery] = deque()
         for delivery in self.tail:
-            if delivery.cursor == message_id and delivery.event["type"] == events.ROOM_MESSAGE:
-                self.tail.remove(delivery)
-                return
+            event = delivery.event
+            if event["type"] == events.ROOM_ENTRY:
+                about = cast(events.RoomEntry, event)
+                if about["id"] == message_id and (kind == events.ENTRY_DELETE
+                                                  or about["kind"] == events.ENTRY_EDIT):
+                    continue  # superseded by this entry
+                kept.append(delivery)
+                continue
+            message = cast(events.RoomMessage, event)
+            if message["id"] == message_id:
+                if kind == events.ENTRY_DELETE:
+                    continue  # not delivered to a target that has not had it yet
+                edited: events.RoomMessage = {**message, "text": cast(str, entry["text"]),
+                                              "edited_at": entry["ts"]}
+                delivery = Delivery(edited)
+            elif (reply := message["reply_to"]) is not None and reply["id"] == message_id:
+                excerpt = "" if kind == events.ENTRY_DELETE else cast(str, entry["text"])
+                quoting: events.RoomMessage = {**message, "reply_to": events.reply_ref(
+                    id=message_id, sender=reply["sender"], text=excerpt)}
+                delivery = Delivery(quoting)
+            kept.append(delivery)
+        self.tail = kept
 
     # --- the targets' reads ---------------------------------------------------------------
 

@@ -305,6 +305,45 @@ async def test_the_relay_resumes_after_its_position_without_the_deleted_text():
     await relay.stop()
 
 
+async def test_a_lagging_out_topic_gets_its_messages_as_they_are_now_not_their_past():
+    gate = asyncio.Event()
+    gate.set()
+
+    class Stuck(Broker):  # the broker holds publishes while the gate is shut
+        async def publish(self, topic: str, payload: bytes) -> None:
+            await gate.wait()
+            await super().publish(topic, payload)
+
+    broker = Stuck()
+    relay = Relay(MqttOut(broker, prefix=PREFIX, idle_timeout=60), tick=0.05)  # type: ignore
+    await relay.start()
+    await database_sync_to_async(post)("lag", "hello")  # 1
+    assert (await broker.next("lag"))["message"] == "hello"  # the relay follows the room
+    gate.clear()
+
+    def meanwhile() -> None:
+        post("lag", "blocker")  # 2: in flight while the broker is stuck
+        post("lag", "oops, a secret")  # 3: deleted below, before out has it
+        for text in ("hello v2", "hello v3"):  # 4, 5: only the text now is published
+            services.message_edit(room="lag", id=1, text=text, sender=ALICE, staff=False,
+                                  origin="o")
+        services.room_message_post(room="lag", text="re", sender=ALICE, origin="o",
+                                   reply_to=3)  # 6: quotes the secret, deleted next
+        services.message_delete(room="lag", id=3, sender=ALICE, staff=False, origin="o")  # 7
+
+    await database_sync_to_async(meanwhile)()
+    await asyncio.sleep(0.3)  # all of it in the relay's tail
+    gate.set()
+    out = [await broker.next("lag") for _ in range(4)]
+    assert [(o["type"], o["id"], o.get("cursor")) for o in out] == [
+        ("message", 2, None), ("edit", 1, 5), ("message", 6, None), ("delete", 3, 7)]
+    assert out[1]["message"] == "hello v3" and out[2]["reply_to"]["excerpt"] == ""
+    assert "secret" not in json.dumps(out) and "hello v2" not in json.dumps(out)
+    await asyncio.sleep(0.2)
+    assert broker.published.empty()
+    await relay.stop()
+
+
 async def test_a_device_message_reaches_the_rooms_out_topic():
     relay, broker = await out_relay()
     dev = await device("greenhouse", "sensor-7")
