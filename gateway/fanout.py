@@ -240,7 +240,8 @@ class RoomHub:
         else:  # this process's own members as it holds them now (the newcomer among them)
             own = {self.process_id: (-1, self.local_members(room))}
             await self._tell(state, *state.roster.replace(own, complete=False))
-        state.watchers.add(watcher)
+        if watcher in state.subscribers:  # not gone while the roster was read
+            state.watchers.add(watcher)
         return state.roster.snapshot()
 
     async def _on_presence(self, message: dict[str, Any]) -> None:

@@ -22,6 +22,7 @@ import asyncio
 import logging
 import os
 import socket
+from collections import deque
 from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from typing import Any
@@ -203,9 +204,13 @@ class RoomRoster:
     went), which is what clients are told: a change heard twice, or both from an event and
     a row, is told once."""
 
+    KEPT = 64  # changes kept per process, to apply again over a row older than them
+
     def __init__(self) -> None:
         self.members: dict[str, dict[str, events.PresenceMember]] = {}  # process -> scope -> m
         self.seqs: dict[str, int] = {}  # process -> the newest change applied
+        self.recent: dict[str, deque[events.RoomPresence]] = {}  # process -> its last changes
+        self.forgot: dict[str, int] = {}  # process -> the newest change no longer kept
 
     def apply(self, event: events.RoomPresence) -> tuple[list[events.PresenceMember],
                                                        list[events.PresenceMember]]:
@@ -214,6 +219,10 @@ class RoomRoster:
         if event["seq"] <= self.seqs.get(process, -1):
             return [], []
         self.seqs[process] = event["seq"]
+        kept = self.recent.setdefault(process, deque())
+        kept.append(event)
+        if len(kept) > self.KEPT:
+            self.forgot[process] = kept.popleft()["seq"]
         mine = self.members.setdefault(process, {})
         joined = [m for m in event["joined"] if mine.get(m["scope"]) != m]
         left = [m for m in event["left"] if m["scope"] in mine]
@@ -227,20 +236,28 @@ class RoomRoster:
                 complete: bool = True,
                 ) -> tuple[list[events.PresenceMember], list[events.PresenceMember]]:
         """The processes' members as read (``{process: (seq, members)}``; with ``complete``
-        a process missing is gone): each replaces what was heard from it unless changes
-        newer than its row were. ``seq`` -1 always replaces (this process's own, as it holds
-        them, and the chats)."""
+        a process missing is gone): each replaces what was heard from it, with the changes
+        heard since its row was written applied again over it (what a lost change left
+        wrong is mended, and a row that lags the changes brings back nobody who left).
+        ``seq`` -1 always replaces (this process's own, as it holds them, and the chats)."""
         joined: list[events.PresenceMember] = []
         left: list[events.PresenceMember] = []
         for process in set(self.members) - rows.keys() if complete else ():
             left.extend(self.members.pop(process).values())
-            self.seqs.pop(process, None)
+            for kept in (self.seqs, self.recent, self.forgot):
+                kept.pop(process, None)
         for process, (seq, members) in rows.items():
-            if 0 <= seq < self.seqs.get(process, -1):
-                continue  # it has changed since it wrote its row: what was heard is newer
-            if seq >= 0:
-                self.seqs[process] = seq
             now = {member["scope"]: member for member in members}
+            if 0 <= seq < self.seqs.get(process, -1):  # changes were heard since the row
+                if self.forgot.get(process, -1) > seq:
+                    continue  # some are no longer kept: the next row will do
+                for event in self.recent.get(process, ()):
+                    if event["seq"] > seq:
+                        now.update((m["scope"], m) for m in event["joined"])
+                        for member in event["left"]:
+                            now.pop(member["scope"], None)
+            elif seq >= 0:
+                self.seqs[process] = seq
             before = self.members.get(process, {})
             joined.extend(m for scope, m in now.items() if before.get(scope) != m)
             left.extend(m for scope, m in before.items() if scope not in now)

@@ -349,13 +349,29 @@ def test_a_row_replaces_what_was_heard_only_if_it_is_as_new():
     roster = RoomRoster()
     roster.apply(change("p1", 5, joined=[member("s1")]))
     roster.apply(change("p1", 6, left=[member("s1")]))
-    # A row written before the leave (seq 5) would bring s1 back: it is not taken.
+    # A row written before the leave (seq 5) would bring s1 back: the leave heard since is
+    # applied again over it.
     assert roster.replace({"p1": (5, [member("s1")])}) == ([], [])
     # One written after it is the truth: it carries a change the events lost.
     assert roster.replace({"p1": (7, [member("s3")])}) == ([member("s3")], [])
     # A process whose row is gone (dead) takes its members with it.
     assert roster.replace({}) == ([], [member("s3")])
     assert roster.snapshot() == []
+
+
+def test_a_lost_change_is_mended_by_the_next_row_however_busy_the_room():
+    roster = RoomRoster()
+    roster.apply(change("p1", 5, joined=[member("s1")]))
+    # seq 6, s1 leaving, is lost on the way; seq 7 arrives: the room is never quiet.
+    roster.apply(change("p1", 7, joined=[member("s2")]))
+    # The row written at 6 is older than what was heard, yet it mends the lost leave.
+    assert roster.replace({"p1": (6, [])}) == ([], [member("s1")])
+    assert [m["id"] for m in roster.snapshot()] == ["anon:x"] and roster.members["p1"].keys() == {
+        "s2"}
+    # Changes no longer kept (more than KEPT since the row): that row is passed over.
+    for seq in range(8, 8 + RoomRoster.KEPT + 1):
+        roster.apply(change("p1", seq, joined=[member(f"t{seq}")]))
+    assert roster.replace({"p1": (7, [])}) == ([], [])
 
 
 @pytest.mark.django_db
