@@ -24,8 +24,9 @@ server -> client  {"type": "message", "message": "hi", "id": 7, "cursor": 7, "ro
                   {"type": "presence", "members": [...], "you": {sender}} on joining, then
                   {"type": "presence", "joined": [...]} / {"type": "presence", "left": [...]}
 
-A client written for the tutorial prints ``data.message`` of every frame, so only message
-frames (and the replies to its own frames) go to it: the extended frames go to clients that
+A client written for the tutorial prints ``data.message`` of every frame, so it gets what
+it always got: message frames, the replies to its own frames, and a staff or author delete
+as ``{"type": "deleted", "room", "id", "cursor"}``. The extended frames go to clients that
 ask for them, with ``v=2`` in the query or the subprotocol ``rt-gateway.v2`` (the gateway's
 page does). Every client may send every kind of frame.
 
@@ -261,9 +262,13 @@ class ChatConsumer(RoomConsumer):
         if entry["kind"] == events.ENTRY_CLOSE:
             if self.live:
                 await self.room_closed()
-        elif self.extended and delivery.frame(ENTRY_FORMAT, entry_frame) is not None:
-            await self._send_frame(delivery, ENTRY_FORMAT, entry_frame,
-                                   PREPARED_ENTRY_FORMAT, entry["cursor"])
+        elif self.extended:
+            if delivery.frame(ENTRY_FORMAT, entry_frame) is not None:
+                await self._send_frame(delivery, ENTRY_FORMAT, entry_frame,
+                                       PREPARED_ENTRY_FORMAT, entry["cursor"])
+        elif entry["kind"] == events.ENTRY_DELETE:  # what such clients have always had
+            await self.send_json({"type": "deleted", "room": entry["room"], "id": entry["id"],
+                                  "cursor": entry["cursor"]})
 
     async def room_closed(self) -> None:
         logger.info("room closed by staff", extra=self.log_extra(code=CLOSE_ROOM_CLOSED))

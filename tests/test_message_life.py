@@ -257,8 +257,10 @@ async def test_changes_reach_extended_clients_and_a_tutorial_client_sees_message
     assert reply["reply_to"]["id"] == 1 and reply["reply_to"]["excerpt"] == "hi all"
     await alice.send_json_to({"type": "delete", "id": 1})
     assert (await frame(bob, "delete"))["cursor"] == 5
-    # The tutorial's client got the two messages, nothing else: no frame it cannot print.
+    # The tutorial's client got the two messages and the delete as it always had it, no
+    # edit, reaction or presence frame.
     assert (await frame(tutorial))["message"] == "yes"
+    assert await frame(tutorial) == {"type": "deleted", "room": "mixed", "id": 1, "cursor": 5}
     assert await tutorial.receive_nothing(timeout=0.3)
     for comm in (alice, bob, tutorial):
         await comm.disconnect()

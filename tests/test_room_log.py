@@ -159,9 +159,10 @@ async def test_a_client_that_resumes_gets_the_deletes_made_while_it_was_away():
     assert (await frame_of(comm))["type"] == "presence"
     assert await comm.receive_nothing(timeout=0.2)
     await comm.disconnect()
-    # A client of the tutorial's kind (no v=2) gets messages only.
+    # A client that did not ask for the extended frames gets the delete as it always did.
     comm = await ws("/ws/chat/away/?after=1")
     assert (await frame_of(comm))["id"] == 3
+    assert await frame_of(comm) == {"type": "deleted", "room": "away", "id": 2, "cursor": 4}
     assert await comm.receive_nothing(timeout=0.2)
     await comm.disconnect()
 
