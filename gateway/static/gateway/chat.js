@@ -68,7 +68,9 @@
   }
 
   function learnSender(frame) {
-    if (!frame.client_id || !sent.has(frame.client_id) || !frame.sender) return;
+    // Only while the page does not know yet: client_ids are seen by every member, so another
+    // sender could reuse one of ours (the server's "you" is what settles it).
+    if (me || !frame.client_id || !sent.has(frame.client_id) || !frame.sender) return;
     iAm(frame.sender);
   }
 
