@@ -143,6 +143,10 @@ class TelegramChats(RelayRole):
         copies = await database_sync_to_async(chats.bot_message_copies)(
             platform=PLATFORM, chat_id=chat.id, room=chat.room, seq=entry["id"]
         )
+        if entry["kind"] == events.ENTRY_DELETE:  # no chat behind is to be edited to its text
+            gone = (entry["room"], entry["id"])
+            self._states = {key: state for key, state in self._states.items()
+                            if state is None or (state["room"], state["id"]) != gone}
         if not copies:
             return  # the chat never had it (it joined later, or it was skipped)
         if entry["kind"] == events.ENTRY_DELETE:
