@@ -7,6 +7,7 @@ client -> server  {"message": "hi"}                     tutorial form
                   {"type": "edit", "id": 7, "message": "new text"}     its author, or staff
                   {"type": "delete", "id": 7}                           its author, or staff
                   {"type": "react", "id": 7, "emoji": "👍"}   toggles the sender's reaction
+                  ... "added": true | false                 sets it so instead
                   {"type": "ping"}
 server -> client  {"type": "message", "message": "hi", "id": 7, "cursor": 7, "room": "lobby",
                    "sender": {"protocol": "web", "id": "anon:...", "name": "alice"},
@@ -341,7 +342,7 @@ class ChatConsumer(RoomConsumer):
             entry, created = await database_sync_to_async(services.message_change)(
                 kind, room=room, id=data["id"], sender=self.sender, origin=self.scope_id,
                 staff=self.staff, client_id=client_id, text=data.get("message"),
-                emoji=data.get("emoji"))
+                emoji=data.get("emoji"), added=data.get("added"))
         except GatewayError as exc:
             return await self.send_error(exc.code, exc.detail, echo)
         except DatabaseError:

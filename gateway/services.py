@@ -1037,10 +1037,11 @@ MESSAGE_CHANGES: dict[str, tuple[str, ...]] = {
 
 def message_change(
     kind: str, *, room: str, id: object, sender: events.Sender, origin: str, staff: bool,
-    client_id: object = None, text: object = None, emoji: object = None,
+    client_id: object = None, text: object = None, emoji: object = None, added: object = None,
 ) -> tuple[events.RoomEntry | None, bool]:
     """The change ``kind`` (one of ``MESSAGE_CHANGES``) as a client asked for it: edit,
-    delete or react."""
+    delete or react (toggled, or with ``added`` set so: a client that does not know whether
+    its sender has that reaction says what it wants)."""
     if kind == "edit":
         return message_edit(room=room, id=id, text=text, sender=sender, staff=staff,
                             origin=origin, client_id=client_id)
@@ -1048,8 +1049,10 @@ def message_change(
         return message_delete(room=room, id=id, sender=sender, staff=staff, origin=origin,
                               client_id=client_id)
     if kind == "react":
+        if added is not None and not isinstance(added, bool):
+            raise GatewayError("invalid_added", "'added' must be true or false")
         return message_react(room=room, id=id, emoji=emoji, sender=sender, origin=origin,
-                             client_id=client_id)
+                             client_id=client_id, added=added)
     raise GatewayError("unknown_type", f"unknown change {kind[:32]!r}")
 
 

@@ -530,3 +530,26 @@ def test_a_reply_shows_what_it_answers_as_it_is_once_the_room_is_locked():
     services.message_delete(room="late", id=1, sender=BOB, staff=False, origin="o")
     assert services._replies_now(checked)[("late", 1)] == {
         "id": 1, "sender": dict(BOB), "excerpt": ""}  # still answered: it holds a cursor
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("runtime_stopped")
+async def test_a_client_may_say_what_it_wants_of_a_reaction_rather_than_toggle_it():
+    page = await ws("/ws/chat/want/?v=2&uid=page-uid-01")
+    await page.send_json_to({"message": "like me"})
+    await frame(page, "message")
+    await page.send_json_to({"type": "react", "id": 1, "emoji": "👍", "added": True,
+                             "client_id": "r1"})
+    got = {f["type"]: f for f in [await frame(page), await frame(page)]}  # in either order
+    assert got["reaction"]["added"] is True and got["ack"]["cursor"] == 2
+    # Again, as a page that reloaded and does not know it reacted: nothing changes, and the
+    # ack says so (no cursor), so the page learns the reaction is its own.
+    await page.send_json_to({"type": "react", "id": 1, "emoji": "👍", "added": True,
+                             "client_id": "r2"})
+    assert await frame(page, "ack") == {"type": "ack", "client_id": "r2", "id": 1,
+                                        "cursor": None, "duplicate": True}
+    await page.send_json_to({"type": "react", "id": 1, "emoji": "👍", "added": "yes"})
+    assert (await frame(page, "error"))["code"] == "invalid_added"
+    await page.send_json_to({"type": "react", "id": 1, "emoji": "👍", "added": False})
+    assert (await frame(page, "reaction"))["count"] == 0
+    await page.disconnect()

@@ -99,7 +99,7 @@ class MqttDeviceConsumer(RoomConsumer):
         _, created = await self._stored(lambda: change(
             payload.kind, room=self.scope["room"], id=payload.id, sender=sender,
             origin=self.scope_id, staff=False, client_id=payload.client_id, text=payload.text,
-            emoji=payload.emoji))
+            emoji=payload.emoji, added=payload.added))
         return created
 
     async def _post(self, text: object, sender: events.Sender, client_id: object,

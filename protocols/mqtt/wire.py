@@ -65,6 +65,7 @@ class DevicePayload:
     id: object = None  # the message a change concerns
     emoji: object = None
     reply_to: object = None
+    added: object = None  # a reaction set so (else toggled)
 
 
 _MESSAGE_FIELDS = {"type", "message", "name", "client_id", "reply_to"}
@@ -91,6 +92,8 @@ def payload_decode(payload: bytes) -> DevicePayload:
         raise GatewayError("unknown_type", f"unknown type {str(kind)[:32]!r}")
     needed = MESSAGE_CHANGES.get(kind, ("message",))
     allowed = _MESSAGE_FIELDS if kind == "message" else {"type", "name", "client_id", *needed}
+    if kind == "react":
+        allowed |= {"added"}
     unknown = data.keys() - allowed
     if unknown:
         raise GatewayError("unknown_field", f"unknown field(s): {sorted(unknown)}")
@@ -102,7 +105,7 @@ def payload_decode(payload: bytes) -> DevicePayload:
         raise GatewayError("invalid_name", "'name' must be a string")
     return DevicePayload(text=data.get("message"), name=name, client_id=data.get("client_id"),
                          kind=kind, id=data.get("id"), emoji=data.get("emoji"),
-                         reply_to=data.get("reply_to"))
+                         reply_to=data.get("reply_to"), added=data.get("added"))
 
 
 def out_payload(event: events.RoomMessage) -> bytes:

@@ -238,7 +238,9 @@
       if (!(count > 0)) continue;
       let chip = chips.get(emoji);
       if (!chip) {
-        chip = button("chip", "", null, () => sendChange({ type: "react", id: rec.msg.id, emoji }));
+        // Said as wanted, not toggled: after a reload the page may not know it is ours.
+        chip = button("chip", "", null, () => sendChange(
+          { type: "react", id: rec.msg.id, emoji, added: !rec.mine.has(emoji) }));
         chip.dataset.emoji = emoji;
         chip.append(el("span", "emoji", emoji), el("span", "count"));
         rec.chips.append(chip);
@@ -488,6 +490,16 @@
   function onAck(frame) {
     const payload = outbox.get(frame.client_id);
     outbox.delete(frame.client_id);
+    if (payload && payload.type === "react" && frame.cursor === null) {
+      // It was so already (a reaction of ours from before a reload): now the page knows.
+      const rec = shown.get(payload.id);
+      if (rec) {
+        if (payload.added) rec.mine.add(payload.emoji);
+        else rec.mine.delete(payload.emoji);
+        paintReactions(rec);
+      }
+      return;
+    }
     if (!payload || (payload.type !== "edit" && payload.type !== "delete")) return;
     // Its frame carries the change; an ack without a new cursor (nothing changed, or a change
     // this page already has) has none to wait for.
@@ -643,7 +655,7 @@
     picker.setAttribute("aria-label", "Reactions");
     REACTIONS.forEach((emoji) => picker.append(
       button("pick", emoji, `React with ${emoji}`, () => {
-        sendChange({ type: "react", id: rec.msg.id, emoji });
+        sendChange({ type: "react", id: rec.msg.id, emoji, added: true });
         closePicker(true);
       })));
     picker.addEventListener("keydown", (e) => {
