@@ -79,7 +79,13 @@ from django.db import DatabaseError
 from consumers.base import RoomConsumer
 from gateway import events, metrics, selectors, services
 from gateway.errors import GatewayError
-from gateway.fanout import END_DISCONNECTED, END_SHUTDOWN, FRAME_WRITER_EXTENSION, Delivery
+from gateway.fanout import (
+    END_DISCONNECTED,
+    END_SHUTDOWN,
+    FRAME_WRITER_EXTENSION,
+    Delivery,
+    PresenceChange,
+)
 from gateway.ingest import message_post
 from gateway.logging import LogSampler
 from gateway.names import ROOM_NAME_RULE, display_name_clean, room_name_is_valid
@@ -109,6 +115,7 @@ SERVER_ERRORS = frozenset({"unavailable"})
 WIRE_FORMAT = "ws-json"
 PREPARED_FORMAT = "ws-prepared"
 ENTRY_FORMAT = "ws-entry"
+PRESENCE_FORMAT = "ws-presence"
 PREPARED_ENTRY_FORMAT = "ws-entry-prepared"
 UID_RE = re.compile(r"[A-Za-z0-9_\-]{8,64}")
 SUBPROTOCOL_V2 = "rt-gateway.v2"  # or ?v=2: the extended frames
@@ -121,6 +128,15 @@ def message_frame(event: events.RoomMessage) -> str:
         ensure_ascii=False,
         separators=(",", ":"),
     )
+
+
+def presence_frames(change: PresenceChange) -> list[str]:
+    """The one WebSocket encoding of who came and went: a ``joined`` frame and a ``left``
+    frame, each when it has members (one per connection)."""
+    return [json.dumps({"type": "presence", "room": change.room, key: [
+        {"protocol": m["protocol"], "id": m["id"], "name": m["name"]} for m in members]},
+        ensure_ascii=False, separators=(",", ":"))
+        for key, members in (("joined", change.joined), ("left", change.left)) if members]
 
 
 def entry_frame(entry: events.RoomEntry) -> str | None:
@@ -225,13 +241,9 @@ class ChatConsumer(RoomConsumer):
         await self.send_json({"type": "presence", "room": self.room, "members": members,
                               "you": self.sender})
 
-    async def presence_changed(self, joined: list[events.PresenceMember],
-                               left: list[events.PresenceMember]) -> None:
-        for key, members in (("joined", joined), ("left", left)):
-            if members:
-                await self.send_json({"type": "presence", "room": self.room, key: [
-                    {"protocol": m["protocol"], "id": m["id"], "name": m["name"]}
-                    for m in members]})
+    async def presence_changed(self, change: PresenceChange) -> None:
+        for text in change.frame(PRESENCE_FORMAT, presence_frames):
+            await self.send_text(text)
 
     async def _accept(self) -> None:
         accept: dict[str, object] = {"type": "websocket.accept"}
@@ -393,6 +405,10 @@ class ChatConsumer(RoomConsumer):
 
     async def send_json(self, payload: dict) -> None:
         """A reply (error, pong, ack): held to the backlog limit of room messages."""
+        await self.send_text(json.dumps(payload))
+
+    async def send_text(self, text: str) -> None:
+        """A frame of this socket's own (a reply, presence), held to the backlog limit."""
         if self.closed:
             return
         writer = self.writer
@@ -401,7 +417,7 @@ class ChatConsumer(RoomConsumer):
                 return
             if writer.buffered() > self.send_buffer_limit:
                 return await self._fell_behind(dropped_from=None)
-        await self.base_send({"type": "websocket.send", "text": json.dumps(payload)})
+        await self.base_send({"type": "websocket.send", "text": text})
 
     async def send_error(self, code: str, detail: str, client_id: str | None = None) -> None:
         """Refuse a frame: an error frame, unless refusals are over budget (close 1008)."""

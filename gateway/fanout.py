@@ -93,11 +93,29 @@ class Subscriber(Protocol):
     async def end(self, reason: str) -> None: ...
 
 
+class PresenceChange:
+    """Who came and went in a room, on its way to the local watchers, with its encodings
+    cached (as ``Delivery`` for log entries): a change is encoded once per process."""
+
+    __slots__ = ("room", "joined", "left", "_frames")
+
+    def __init__(self, room: str, joined: list[PresenceMember],
+                 left: list[PresenceMember]) -> None:
+        self.room, self.joined, self.left = room, joined, left
+        self._frames: dict[str, Any] = {}
+
+    def frame(self, wire_format: str, encode: Callable[[PresenceChange], Any]) -> Any:
+        try:
+            return self._frames[wire_format]
+        except KeyError:
+            frame = self._frames[wire_format] = encode(self)
+            return frame
+
+
 class PresenceSubscriber(Subscriber, Protocol):
     """A subscriber that is told who comes and goes (it has asked ``RoomHub.roster``)."""
 
-    async def presence_changed(self, joined: list[PresenceMember],
-                               left: list[PresenceMember]) -> None: ...
+    async def presence_changed(self, change: PresenceChange) -> None: ...
 
 
 class _RoomState:
@@ -124,10 +142,12 @@ class RoomHub:
     """The process's single receiver of room events."""
 
     def __init__(self, layer, *, process_id: str = "",
-                 local_members: Callable[[str], list[PresenceMember]] | None = None) -> None:
+                 local_members: Callable[[str], list[PresenceMember]] | None = None,
+                 local_member: Callable[[str], PresenceMember | None] | None = None) -> None:
         self.layer = layer
         self.process_id = process_id  # whose members local_members gives (for rosters)
-        self.local_members = local_members or (lambda room: [])
+        self.local_members = local_members or (lambda room: [])  # a room's, in this process
+        self.local_member = local_member or (lambda scope: None)  # a scope's, in this process
         self.channel = ""
         self.rooms: dict[str, _RoomState] = {}
         self._lock = asyncio.Lock()  # serialises delivery, gap fill and resync
@@ -237,9 +257,9 @@ class RoomHub:
             finally:
                 state.roster_loading = None
                 state.roster_read.set()
-        else:  # this process's own members as it holds them now (the newcomer among them)
-            own = {self.process_id: (-1, self.local_members(room))}
-            await self._tell(state, *state.roster.replace(own, complete=False))
+        elif (newcomer := self.local_member(watcher.scope_id)) is not None:
+            # In the list it is given (its own join reaches the roster a moment later).
+            await self._tell(room, state, *state.roster.add(self.process_id, newcomer))
         if watcher in state.subscribers:  # not gone while the roster was read
             state.watchers.add(watcher)
         return state.roster.snapshot()
@@ -256,15 +276,16 @@ class RoomHub:
         if state.roster_loading is not None:
             state.roster_loading.append(event)
         elif state.roster is not None:
-            await self._tell(state, *state.roster.apply(event))
+            await self._tell(event["room"], state, *state.roster.apply(event))
 
-    async def _tell(self, state: _RoomState, joined: list[PresenceMember],
+    async def _tell(self, room: str, state: _RoomState, joined: list[PresenceMember],
                     left: list[PresenceMember]) -> None:
         if not (joined or left):
             return
+        change = PresenceChange(room, joined, left)
         for watcher in tuple(state.watchers):
             try:
-                await watcher.presence_changed(joined, left)
+                await watcher.presence_changed(change)
             except Exception:
                 logger.exception("presence not delivered", extra={"scope": watcher.scope_id})
 
@@ -281,7 +302,7 @@ class RoomHub:
             if state is None or state.roster is None:
                 continue
             found = {**rows[room], self.process_id: (-1, self.local_members(room))}
-            await self._tell(state, *state.roster.replace(found))
+            await self._tell(room, state, *state.roster.replace(found))
 
     def subscribers(self) -> list[Subscriber]:
         return [sub for state in self.rooms.values() for sub in state.subscribers]

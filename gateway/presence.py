@@ -85,6 +85,11 @@ class PresenceTracker:
             left[scope] = _member(entry)
         self._delta_due.set()
 
+    def member(self, scope: str) -> events.PresenceMember | None:
+        """This process's member ``scope``, if it is one."""
+        entry = self.entries.get(scope)
+        return None if entry is None else _member(entry)
+
     def room_members(self, room: str) -> list[events.PresenceMember]:
         """This process's members in ``room`` now."""
         return [_member(self.entries[scope]) for scope in self._rooms.get(room, ())]
@@ -232,17 +237,16 @@ class RoomRoster:
             del mine[member["scope"]]
         return joined, left
 
-    def replace(self, rows: dict[str, tuple[int, list[events.PresenceMember]]], *,
-                complete: bool = True,
+    def replace(self, rows: dict[str, tuple[int, list[events.PresenceMember]]]
                 ) -> tuple[list[events.PresenceMember], list[events.PresenceMember]]:
-        """The processes' members as read (``{process: (seq, members)}``; with ``complete``
-        a process missing is gone): each replaces what was heard from it, with the changes
+        """The processes' members as read (``{process: (seq, members)}``; a process missing
+        is gone): each replaces what was heard from it, with the changes
         heard since its row was written applied again over it (what a lost change left
         wrong is mended, and a row that lags the changes brings back nobody who left).
         ``seq`` -1 always replaces (this process's own, as it holds them, and the chats)."""
         joined: list[events.PresenceMember] = []
         left: list[events.PresenceMember] = []
-        for process in set(self.members) - rows.keys() if complete else ():
+        for process in set(self.members) - rows.keys():
             left.extend(self.members.pop(process).values())
             for kept in (self.seqs, self.recent, self.forgot):
                 kept.pop(process, None)
@@ -263,6 +267,15 @@ class RoomRoster:
             left.extend(m for scope, m in before.items() if scope not in now)
             self.members[process] = now
         return joined, left
+
+    def add(self, process: str, member: events.PresenceMember
+            ) -> tuple[list[events.PresenceMember], list[events.PresenceMember]]:
+        """One member of ``process`` known to be here (this process's newcomer)."""
+        mine = self.members.setdefault(process, {})
+        if mine.get(member["scope"]) == member:
+            return [], []
+        mine[member["scope"]] = member
+        return [member], []
 
     def snapshot(self) -> list[dict[str, object]]:
         """The room's members, one per sender per protocol with their connection count."""

@@ -28,7 +28,8 @@ class Runtime:
             self.process_id, single_process=isinstance(layer, InMemoryChannelLayer)
         )
         self.hub = RoomHub(layer, process_id=self.process_id,
-                           local_members=self.presence.room_members)
+                           local_members=self.presence.room_members,
+                           local_member=self.presence.member)
 
     async def start(self) -> None:
         self.publisher = Publisher(asyncio.get_running_loop())

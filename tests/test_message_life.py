@@ -553,3 +553,24 @@ async def test_a_client_may_say_what_it_wants_of_a_reaction_rather_than_toggle_i
     await page.send_json_to({"type": "react", "id": 1, "emoji": "👍", "added": False})
     assert (await frame(page, "reaction"))["count"] == 0
     await page.disconnect()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("runtime_stopped")
+async def test_a_presence_change_is_encoded_once_for_all_the_sockets_it_goes_to(monkeypatch):
+    from consumers import websocket
+
+    encoded = []
+    real = websocket.presence_frames
+    monkeypatch.setattr(websocket, "presence_frames",
+                        lambda change: encoded.append(change) or real(change))
+    watchers = [await ws(f"/ws/chat/once/?v=2&name=w{n}") for n in range(3)]
+    for comm in watchers:
+        await frame(comm, "presence")  # the list
+    encoded.clear()
+    newcomer = await ws("/ws/chat/once/?name=new")
+    for comm in watchers:
+        assert [m["name"] for m in (await frame(comm, "presence"))["joined"]] == ["new"]
+    assert len(encoded) == 1
+    for comm in (*watchers, newcomer):
+        await comm.disconnect()
