@@ -69,17 +69,6 @@ def _message_states(room: str, ids: set[int | None]) -> dict[int, tuple[str, dic
             rows.values_list("seq", "text", "reactions")}
 
 
-def room_messages_after(
-    *, room: str, after: int, limit: int, upto: int | None = None
-) -> list[events.RoomMessage]:
-    """Stored messages of a room with ``after < id <= upto``, oldest first, at most ``limit``
-    (deleted ones are gone), in their current state."""
-    query = Message.objects.filter(room__name=room, seq__gt=after, deleted_at__isnull=True)
-    if upto is not None:
-        query = query.filter(seq__lte=upto)
-    return message_events(list(query.order_by("seq")[:limit]), room=room)
-
-
 def room_message_now(*, room: str, id: int) -> events.RoomMessage | None:
     """Message ``id`` of ``room`` in its current state (None: deleted, or never stored)."""
     rows = list(Message.objects.filter(room__name=room, seq=id, deleted_at__isnull=True))
@@ -104,20 +93,14 @@ def room_history(
         rows = list(reversed(query.order_by("-seq")[:limit]))
     else:
         rows = list(query.filter(seq__gt=after).order_by("seq")[:limit])
-    shown = {e["id"]: e for e in message_events([r for r in rows if r.deleted_at is None],
-                                                 room=room)}
     page: list[dict[str, object]] = []
-    for row in rows:
-        if row.seq in shown:
-            page.append({**events.message_public(shown[row.seq]), "deleted": False})
-        else:
-            page.append({
-                "id": row.seq, "room": room, "message": "", "ts": row.created_at.timestamp(),
-                "sender": {"protocol": row.sender_protocol, "id": row.sender_id,
-                           "name": row.sender_name},
-                "client_id": None, "reply_to": None, "edited_at": None, "reactions": {},
-                "deleted": True,
-            })
+    for row, event in zip(rows, message_events(rows, room=room), strict=True):
+        if row.deleted_at is None:
+            page.append({**events.message_public(event), "deleted": False})
+        else:  # its text and reactions are erased already; its key, reply and edit go too
+            page.append({**events.message_public(event), "client_id": None, "reply_to": None,
+                         "edited_at": None,
+                         "deleted": True})
     return page
 
 
