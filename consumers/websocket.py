@@ -116,6 +116,8 @@ WIRE_FORMAT = "ws-json"
 PREPARED_FORMAT = "ws-prepared"
 ENTRY_FORMAT = "ws-entry"
 PRESENCE_FORMAT = "ws-presence"
+DELETED_FORMAT = "ws-deleted"
+PREPARED_DELETED_FORMAT = "ws-deleted-prepared"
 PREPARED_ENTRY_FORMAT = "ws-entry-prepared"
 UID_RE = re.compile(r"[A-Za-z0-9_\-]{8,64}")
 SUBPROTOCOL_V2 = "rt-gateway.v2"  # or ?v=2: the extended frames
@@ -128,6 +130,11 @@ def message_frame(event: events.RoomMessage) -> str:
         ensure_ascii=False,
         separators=(",", ":"),
     )
+
+
+def deleted_frame(entry: events.RoomEntry) -> str:
+    """A delete as clients that did not ask for the extended frames have always had it."""
+    return json.dumps(events.entry_brief(entry, "deleted"), separators=(",", ":"))
 
 
 def presence_frames(change: PresenceChange) -> list[str]:
@@ -280,8 +287,8 @@ class ChatConsumer(RoomConsumer):
                 await self._send_frame(delivery, ENTRY_FORMAT, entry_frame,
                                        PREPARED_ENTRY_FORMAT, entry["cursor"])
         elif entry["kind"] == events.ENTRY_DELETE:  # what such clients have always had
-            await self.send_json({"type": "deleted", "room": entry["room"], "id": entry["id"],
-                                  "cursor": entry["cursor"]})
+            await self._send_frame(delivery, DELETED_FORMAT, deleted_frame,
+                                   PREPARED_DELETED_FORMAT, entry["cursor"])
 
     async def room_closed(self) -> None:
         logger.info("room closed by staff", extra=self.log_extra(code=CLOSE_ROOM_CLOSED))

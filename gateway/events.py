@@ -230,6 +230,12 @@ def message_public(event: RoomMessage) -> dict[str, Any]:
     }
 
 
+def entry_brief(entry: RoomEntry, name: str) -> dict[str, Any]:
+    """The short shape of a log entry that clients had before the extended frames, under
+    ``name`` (``deleted``, ``closed``, ``reopened``): what it is about and its cursor."""
+    return {"type": name, "room": entry["room"], "id": entry["id"], "cursor": entry["cursor"]}
+
+
 def entry_public(entry: RoomEntry) -> dict[str, Any] | None:
     """What clients see of a message's log entry (WebSocket ``v=2``, SSE, MQTT ``out``):
     ``{"type": "edit" | "delete" | "reaction", "id", "room", "cursor", "sender", ...}``.

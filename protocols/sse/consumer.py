@@ -80,8 +80,7 @@ def entry_event(entry: events.RoomEntry) -> bytes:
     kind = entry["kind"]
     if kind in ENTRY_EVENTS:
         name = ENTRY_EVENTS[kind]
-        data = {"type": name, "room": entry["room"], "id": entry["id"],
-                "cursor": entry["cursor"]}
+        data = events.entry_brief(entry, name)
     else:
         name, data = kind, events.entry_public(entry) or {}
     text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
