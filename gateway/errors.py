@@ -19,3 +19,12 @@ class InvalidRoomName(GatewayError, ValueError):
 
     def __init__(self, detail: str):
         super().__init__("invalid_room", detail)
+
+
+class RateLimited(GatewayError):
+    """Past a rate limit (code ``rate_limited``): ``retry_after`` seconds until it allows
+    one more (an HTTP answer's ``Retry-After``)."""
+
+    def __init__(self, detail: str, retry_after: float):
+        super().__init__("rate_limited", detail)
+        self.retry_after = retry_after

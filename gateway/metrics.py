@@ -38,6 +38,18 @@ RELAY_RETRIES = Counter(
     "gateway_relay_retries_total", "Relay deliveries that failed and are retried, by role",
     ["role"],
 )
+WEBHOOK_DELIVERIES = Counter(
+    "gateway_webhook_deliveries_total",
+    "Webhook delivery attempts, by result (ok, error_status, timeout, unreachable)",
+    ["result"],
+)
+WEBHOOK_LATENCY = Histogram(
+    "gateway_webhook_latency_seconds", "How long webhook receivers took to answer",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+RETENTION_PRUNED = Counter(
+    "gateway_retention_pruned_total", "Log entries (messages and others) removed by retention",
+)
 CONNECTIONS = Gauge(
     "gateway_connections", "Open scopes of this process, by protocol", ["protocol"]
 )

@@ -10,6 +10,8 @@ cursor reads both, merged by cursor (gateway/selectors.py ``room_log_after``).""
 
 from __future__ import annotations
 
+import uuid
+
 from django.db import models
 from django.db.models import Q
 
@@ -23,6 +25,25 @@ class Room(models.Model):
     last_activity = models.DateTimeField(null=True, blank=True)
     # Closed by staff: refuses new messages and members until reopened.
     closed = models.BooleanField(default=False)
+    # Its policy (gateway/policy.py), written only by services.room_policy_set. What the
+    # statement that takes a cursor checks is kept in columns (the sender protocols that may
+    # post, the rate limit and its bucket); the rest is ``policy`` (how senders are shown to
+    # other protocols, join/leave notices). "" = every protocol; else ",web,api," (","
+    # alone: none).
+    post_allowed = models.CharField(max_length=200, blank=True, default="")
+    receive_allowed = models.CharField(max_length=200, blank=True, default="")
+    policy = models.JSONField(default=dict, blank=True)
+    # The room's message rate limit (None: none), a token bucket kept in the row and spent by
+    # the same UPDATE that takes the cursors, so every replica shares it.
+    rate_per_second = models.FloatField(null=True, blank=True)
+    rate_burst = models.PositiveIntegerField(null=True, blank=True)
+    rate_tokens = models.FloatField(default=0.0)
+    rate_at = models.FloatField(default=0.0, help_text="Epoch seconds of the bucket's last spend")
+    # Retention (None: the gateway's default, GATEWAY_RETENTION_*; 0: forever).
+    retention_days = models.PositiveIntegerField(null=True, blank=True)
+    retention_messages = models.PositiveIntegerField(null=True, blank=True)
+    # Entries with a cursor up to the horizon were pruned: the first available is horizon + 1.
+    horizon = models.BigIntegerField(default=0)
 
     class Meta:
         ordering = ["name"]
@@ -78,9 +99,10 @@ class RoomEvent(models.Model):
     KIND_REOPEN = "reopen"
     KIND_EDIT = "edit"
     KIND_REACTION = "reaction"
+    KIND_POLICY = "policy"
     KINDS = [(KIND_DELETE, "message deleted"), (KIND_CLOSE, "room closed"),
              (KIND_REOPEN, "room reopened"), (KIND_EDIT, "message edited"),
-             (KIND_REACTION, "reaction")]
+             (KIND_REACTION, "reaction"), (KIND_POLICY, "policy changed")]
 
     room = models.ForeignKey(Room, on_delete=models.CASCADE, related_name="log_events")
     seq = models.BigIntegerField(help_text="Cursor in the room's log")
@@ -97,6 +119,8 @@ class RoomEvent(models.Model):
     origin = models.CharField(max_length=128, blank=True, default="",
                               help_text="The scope it came from ('' for staff)")
     client_id = models.CharField(max_length=64, null=True, blank=True)  # noqa: DJ001
+    # A policy entry: the room's policy from then on (its public form, gateway/policy.py).
+    data = models.JSONField(null=True, blank=True)
 
     class Meta:
         ordering = ["room", "seq"]
@@ -318,3 +342,79 @@ class SenderBlock(models.Model):
 
     def __str__(self) -> str:
         return f"{self.protocol} {self.kind}: {self.value}"
+
+
+class ApiKey(models.Model):
+    """A key another program uses on the HTTP API (``Authorization: Bearer <key>``), as a
+    sender of protocol ``api`` under its name. Only a digest of the key is kept: it is shown
+    once, when it is made (gateway/access.py)."""
+
+    SCOPE_READ = "read"
+    SCOPE_POST = "post"
+    SCOPE_MANAGE = "manage"
+    SCOPES = (SCOPE_READ, SCOPE_POST, SCOPE_MANAGE)
+
+    name = models.CharField(max_length=64, help_text="Shown as the sender of what it posts")
+    prefix = models.CharField(max_length=16, unique=True,
+                              help_text="The key's public part: how lists and logs name it")
+    digest = models.CharField(max_length=64, help_text="SHA-256 of the whole key")
+    rooms = models.JSONField(default=list, blank=True,
+                             help_text="Room names or patterns (* and ?) it may use; none: all")
+    scopes = models.JSONField(default=list, help_text="read, post, manage")
+    created_at = models.DateTimeField(auto_now_add=True)
+    created_by = models.CharField(max_length=150, blank=True, default="")
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["name", "prefix"]
+        verbose_name = "API key"
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix})"
+
+
+class Webhook(models.Model):
+    """An HTTP endpoint that is POSTed the events of the rooms it follows, in room order,
+    signed with its secret (protocols/webhook/). Delivered by the relay's ``webhook`` role:
+    its position per room is a RelayCursor (target: the webhook's id)."""
+
+    name = models.CharField(max_length=64)
+    url = models.URLField(max_length=2000)
+    rooms = models.JSONField(default=list, help_text="Room names or patterns (* and ?)")
+    events = models.JSONField(default=list, blank=True, help_text="Event kinds; none: all")
+    secret = models.CharField(max_length=128, help_text="whsec_...: shown once")
+    # Delivery ids are made from it, so they never repeat across webhooks.
+    uid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    created_by = models.CharField(max_length=150, blank=True, default="")
+    # How delivery goes (written by the relay role): failing since the first failure after
+    # the last success; paused (and no longer enabled) once failing longer than allowed.
+    failing_since = models.DateTimeField(null=True, blank=True)
+    last_error = models.CharField(max_length=500, blank=True, default="")
+    last_success_at = models.DateTimeField(null=True, blank=True)
+    paused_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["name", "id"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class WebhookRoom(models.Model):
+    """A room a webhook follows (its patterns matched the room's name): the relay's target
+    rows for the ``webhook`` role, kept when webhooks change and rooms are created."""
+
+    webhook = models.ForeignKey(Webhook, on_delete=models.CASCADE, related_name="subscriptions")
+    room = models.CharField(max_length=64)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["webhook", "room"], name="webhook_room_unique"),
+        ]
+        indexes = [models.Index(fields=["room"], name="webhook_room_room")]
+
+    def __str__(self) -> str:
+        return f"{self.webhook_id}:{self.room}"

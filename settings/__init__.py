@@ -235,6 +235,7 @@ GATEWAY_ADAPTERS = {
     "sse": "protocols.sse.adapter.SseAdapter",  # GET /sse/rooms/<room>/, an event stream
     "mqtt": "protocols.mqtt.adapter.MqttAdapter",  # devices, through a broker
     "telegram": "protocols.telegram.adapter.TelegramAdapter",  # the bot, with a token
+    "webhook": "protocols.webhook.adapter.WebhookAdapter",  # room events POSTed to registered URLs
 }
 PROTOCOL_NAMES = tuple(GATEWAY_ADAPTERS)
 # The ones this process runs (`gateway run --protocols` sets it; default all). Without web,
@@ -285,6 +286,56 @@ GATEWAY = {
     # sockets cost CPU in proportion (docs: README "Performance").
     "WS_PING_INTERVAL": env_float("GATEWAY_WS_PING_INTERVAL", 20.0, minimum=1.0),
     "WS_PING_TIMEOUT": env_float("GATEWAY_WS_PING_TIMEOUT", 30.0, minimum=1.0),
+    # The HTTP API: each key's flood limit (a token bucket per key and process), and the
+    # largest JSON body it takes (413 beyond).
+    "API_RATE_LIMIT_PER_SECOND": env_float("GATEWAY_API_RATE_LIMIT_PER_SECOND", 50.0,
+                                           minimum=0.01),
+    "API_RATE_LIMIT_BURST": env_int("GATEWAY_API_RATE_LIMIT_BURST", 100, minimum=1),
+    "API_MAX_BODY_BYTES": env_int("GATEWAY_API_MAX_BODY_BYTES", 65_536, minimum=1024),
+    # Retention, for rooms whose policy does not say (empty: forever): messages older than
+    # this many days, and beyond the newest this many per room, are pruned by a periodic job
+    # (one replica at a time), every RETENTION_INTERVAL seconds.
+    "RETENTION_DAYS": env_int("GATEWAY_RETENTION_DAYS", 0, minimum=0) or None,
+    "RETENTION_MESSAGES": env_int("GATEWAY_RETENTION_MESSAGES", 0, minimum=0) or None,
+    "RETENTION_INTERVAL": env_float("GATEWAY_RETENTION_INTERVAL", 300.0, minimum=0.1),
+}
+
+# --- Connect tokens (JWT) -----------------------------------------------------------------
+
+# Another backend's users join rooms under their own names with a token it mints: a JWT
+# with ``sub``, ``name``, ``exp`` and optionally ``rooms`` (names or patterns). Off until one
+# of the keys is set: an HS256 secret, or a public key (PEM, inline or a file's path) or a
+# JWKS URL for RS256/ES256. Secrets: never in the repository.
+_JWT_SECRET = env_str("GATEWAY_JWT_SECRET")
+_JWT_PUBLIC_KEY = env_str("GATEWAY_JWT_PUBLIC_KEY")
+if _JWT_SECRET and len(_JWT_SECRET) < 32:
+    raise ImproperlyConfigured("GATEWAY_JWT_SECRET must be at least 32 characters (RFC 7518 "
+                               "asks HS256 keys as long as the hash: 256 bits)")
+if _JWT_PUBLIC_KEY and not _JWT_PUBLIC_KEY.startswith("-----BEGIN"):
+    try:
+        _JWT_PUBLIC_KEY = Path(_JWT_PUBLIC_KEY).read_text()
+    except OSError as exc:
+        raise ImproperlyConfigured(f"GATEWAY_JWT_PUBLIC_KEY: cannot read {exc.filename}: "
+                                   f"{exc.strerror}") from None
+JWT = {
+    "SECRET": _JWT_SECRET,
+    "PUBLIC_KEY": _JWT_PUBLIC_KEY,
+    "JWKS_URL": env_str("GATEWAY_JWT_JWKS_URL"),
+    # Checked when set: the token's ``iss`` and ``aud`` must be these.
+    "ISSUER": env_str("GATEWAY_JWT_ISSUER"),
+    "AUDIENCE": env_str("GATEWAY_JWT_AUDIENCE"),
+    # Seconds of clock difference allowed on ``exp`` (and ``nbf``, ``iat``).
+    "LEEWAY": env_float("GATEWAY_JWT_LEEWAY", 10.0, minimum=0.0),
+}
+
+# --- Webhooks -----------------------------------------------------------------------------
+
+WEBHOOK = {
+    # Seconds a receiver has to answer a delivery (then it is retried, with backoff).
+    "TIMEOUT": env_float("GATEWAY_WEBHOOK_TIMEOUT", 10.0, minimum=0.1),
+    # A webhook failing for longer than this (seconds) is paused, and shown as failing in the
+    # dashboard and the admin; enabled again, it resumes where it stopped.
+    "PAUSE_AFTER": env_float("GATEWAY_WEBHOOK_PAUSE_AFTER", 86_400.0, minimum=1.0),
 }
 
 # --- MQTT --------------------------------------------------------------------------------
@@ -376,7 +427,7 @@ LOGGING = {
         # contain the bot token.
         "structured": {
             "()": "gateway.logging.StructuredFormatter",
-            "secrets": [TELEGRAM_BOT_TOKEN, TELEGRAM["WEBHOOK_SECRET"]],
+            "secrets": [TELEGRAM_BOT_TOKEN, TELEGRAM["WEBHOOK_SECRET"], JWT["SECRET"]],
         },
     },
     "handlers": {
