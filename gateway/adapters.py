@@ -60,6 +60,9 @@ class Adapter:
     # Its members are connections (a socket each: two tabs are two), rather than members
     # counted once per room however many scopes replicas hold for them (a device, a chat).
     members_are_connections = False
+    # The relay roles that carry rooms to its targets (gateway/relay.py), by name: a room's
+    # policy that reaches the protocol again places them at that point of the room's log.
+    relay_roles: tuple[str, ...] = ()
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -105,6 +108,12 @@ def protocols_counted_by_connection() -> set[str]:
     ``Adapter.members_are_connections``)."""
     return {protocol for adapter in adapters_all().values() if adapter.members_are_connections
             for protocol in adapter.sender_protocols}
+
+
+def adapters_relay_roles() -> dict[str, tuple[str, ...]]:
+    """Each protocol's relay roles (``Adapter.relay_roles``), for every configured adapter."""
+    return {name: adapter.relay_roles for name, adapter in adapters_all().items()
+            if adapter.relay_roles}
 
 
 def adapters_enabled() -> list[Adapter]:

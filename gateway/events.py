@@ -2,8 +2,8 @@
 
 A room's log has two kinds of entry, each with its cursor (its place in the room's one
 sequence): ``room.message`` (its ``id`` is its cursor) and ``room.entry``, every other change
-(``kind`` delete, edit, reaction, close or reopen; ``id`` the message it concerns, ``cursor``
-its own place).
+(``kind`` delete, edit, reaction, close, reopen or policy; ``id`` the message it concerns,
+``cursor`` its own place).
 Both go to the room's group, in cursor order; ``entry_cursor`` reads either's place.
 
 Every consumer and protocol server builds and reads room events only through this module.
@@ -23,7 +23,9 @@ ENTRY_CLOSE = "close"  # staff closed the room: its members are disconnected
 ENTRY_REOPEN = "reopen"  # staff reopened it
 ENTRY_EDIT = "edit"  # message ``id`` has the text ``text`` now
 ENTRY_REACTION = "reaction"  # ``sender`` added (or took back) ``emoji`` on message ``id``
-ENTRY_KINDS = (ENTRY_DELETE, ENTRY_CLOSE, ENTRY_REOPEN, ENTRY_EDIT, ENTRY_REACTION)
+ENTRY_POLICY = "policy"  # staff changed the room's policy: ``policy`` from now on
+ENTRY_KINDS = (ENTRY_DELETE, ENTRY_CLOSE, ENTRY_REOPEN, ENTRY_EDIT, ENTRY_REACTION,
+               ENTRY_POLICY)
 # What a message's own entries are (the room's are close and reopen).
 MESSAGE_ENTRY_KINDS = (ENTRY_DELETE, ENTRY_EDIT, ENTRY_REACTION)
 EXCERPT_LENGTH = 100  # characters of a replied-to message shown with the reply
@@ -85,6 +87,7 @@ class RoomEntry(TypedDict):
     emoji: str | None  # reaction: which
     added: bool | None  # reaction: added, or taken back
     count: int | None  # reaction: how many senders have that emoji on the message now
+    policy: dict[str, Any] | None  # policy: the room's policy, public form (gateway/policy.py)
 
 
 LogEntry = RoomMessage | RoomEntry
@@ -236,10 +239,18 @@ def entry_brief(entry: RoomEntry, name: str) -> dict[str, Any]:
     return {"type": name, "room": entry["room"], "id": entry["id"], "cursor": entry["cursor"]}
 
 
+def policy_public(entry: RoomEntry) -> dict[str, Any]:
+    """What clients that asked for the extended frames see of a policy entry: the room's
+    policy from this cursor on (who may post, which protocols it reaches...)."""
+    return {"type": "policy", "room": entry["room"], "cursor": entry["cursor"],
+            "ts": entry["ts"], "policy": entry["policy"]}
+
+
 def entry_public(entry: RoomEntry) -> dict[str, Any] | None:
     """What clients see of a message's log entry (WebSocket ``v=2``, SSE, MQTT ``out``):
     ``{"type": "edit" | "delete" | "reaction", "id", "room", "cursor", "sender", ...}``.
-    None for the room's own entries (close, reopen), which each protocol says its own way."""
+    None for the room's own entries (close, reopen, policy), which each protocol says its own
+    way."""
     kind = entry["kind"]
     if kind not in MESSAGE_ENTRY_KINDS:
         return None
@@ -270,6 +281,7 @@ _ENTRY_KEYS: dict[str, type | tuple[type, ...]] = {
     "emoji": (str, type(None)),
     "added": (bool, type(None)),
     "count": (int, type(None)),
+    "policy": (dict, type(None)),
 }
 
 
@@ -277,6 +289,7 @@ def room_entry(
     *, cursor: int, room: str, kind: str, id: int | None, sender: Sender, ts: float,
     origin: str = "", client_id: str | None = None, text: str | None = None,
     emoji: str | None = None, added: bool | None = None, count: int | None = None,
+    policy: dict[str, Any] | None = None,
 ) -> RoomEntry:
     """Build a ``room.entry`` event."""
     if kind not in ENTRY_KINDS:
@@ -295,6 +308,7 @@ def room_entry(
         "emoji": emoji,
         "added": added,
         "count": count,
+        "policy": policy,
     }
 
 

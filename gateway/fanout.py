@@ -25,10 +25,11 @@ from typing import Any, Protocol
 from channels.db import database_sync_to_async
 from django.conf import settings
 
-from gateway import metrics, selectors, services
+from gateway import metrics, policy, selectors, services
 from gateway.events import (
     CONTROL_GROUP,
     ENTRY_CLOSE,
+    ENTRY_POLICY,
     ENTRY_REOPEN,
     ROOM_ENTRY,
     ROOM_MESSAGE,
@@ -43,6 +44,7 @@ from gateway.events import (
     room_presence_decode,
 )
 from gateway.names import room_group_name
+from gateway.policy import Policy
 from gateway.presence import RoomRoster
 
 logger = logging.getLogger(__name__)
@@ -119,8 +121,8 @@ class PresenceSubscriber(Subscriber, Protocol):
 
 
 class _RoomState:
-    __slots__ = ("subscribers", "last_seq", "closed", "pending", "ready", "error", "roster",
-                 "roster_loading", "roster_read", "watchers")
+    __slots__ = ("subscribers", "last_seq", "closed", "policy", "pending", "ready", "error",
+                 "roster", "roster_loading", "roster_read", "watchers")
 
     def __init__(self) -> None:
         self.subscribers: set[Subscriber] = set()
@@ -128,6 +130,7 @@ class _RoomState:
         # As of last_seq: read with it, then kept by the log's entries (None: the room did
         # not exist when it was read, until an entry shows it does).
         self.closed: bool | None = None
+        self.policy: Policy = policy.DEFAULT  # as of last_seq, kept by its policy entries
         self.pending: list[LogEntry] = []
         self.ready = asyncio.Event()
         self.error: BaseException | None = None
@@ -229,6 +232,12 @@ class RoomHub:
         state = self.rooms.get(room)
         return None if state is None else state.last_seq
 
+    def room_policy(self, room: str) -> Policy:
+        """The room's policy as of the newest entry delivered here (the default for a room
+        this process does not follow)."""
+        state = self.rooms.get(room)
+        return policy.DEFAULT if state is None else state.policy
+
     def room_closed(self, room: str) -> bool | None:
         """Whether the room was closed as of the newest entry delivered here; None if this
         process does not follow the room, or it did not exist when it was read (then only
@@ -313,9 +322,11 @@ class RoomHub:
             async with self._membership:
                 await self.layer.group_add(room_group_name(room), self.channel)
                 added = True
-            last_seq, closed = await database_sync_to_async(services.room_position)(room=room)
+            last_seq, closed, current = await database_sync_to_async(services.room_position)(
+                room=room)
             async with self._lock:
                 state.last_seq, state.closed = last_seq, closed
+                state.policy = current or policy.DEFAULT
                 pending, state.pending = state.pending, []
                 for event in pending:
                     await self._advance(room, state, event)
@@ -421,6 +432,8 @@ class RoomHub:
         kind = event.get("kind")  # a room.entry's (a message has none)
         if kind in (ENTRY_CLOSE, ENTRY_REOPEN):
             state.closed = kind == ENTRY_CLOSE
+        elif kind == ENTRY_POLICY:
+            state.policy = policy.policy_from_public(event["policy"] or {})  # type: ignore[typeddict-item]
         elif state.closed is None:
             state.closed = False  # stored in it, so it exists (and was open then)
         by_protocol: dict[str, int] = {}

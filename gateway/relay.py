@@ -45,6 +45,8 @@ from django.db.models import QuerySet
 from gateway import broadcast, events, metrics, selectors, services, status
 from gateway.fanout import Delivery, RoomHub
 from gateway.lease import Lease, jitter
+from gateway.policy import DEFAULT as DEFAULT_POLICY
+from gateway.policy import Policy, policy_from_public
 from gateway.runtime import get_runtime
 
 logger = logging.getLogger(__name__)
@@ -72,12 +74,14 @@ class Batch:
     """Entries for one target, in cursor order, all after its position. A role that carries
     them one by one says how far it got with ``done`` (then a delivery cut short, by an error
     or a stop, keeps what it delivered); otherwise the batch counts as a whole once
-    ``deliver`` returns."""
+    ``deliver`` returns. ``policy`` is the room's (how senders are shown to the role's
+    protocol: ``policy.name_shown``)."""
 
     room: str
     target: str
     entries: list[Delivery]
     done_upto: int | None = None
+    policy: Policy = DEFAULT_POLICY
 
     def done(self, cursor: int) -> None:
         """The entries up to ``cursor`` are delivered."""
@@ -126,6 +130,18 @@ class RelayRole:
     def status(self) -> dict[str, Any]:
         """What the role adds to the relay's status; by default nothing."""
         return {}
+
+
+def _policy_cut(entries: list[Delivery], protocol: str) -> int | None:
+    """The index of the first policy entry after which the room no longer reaches
+    ``protocol``; None if there is none."""
+    for index, delivery in enumerate(entries):
+        event = delivery.event
+        if event["type"] == events.ROOM_ENTRY and event["kind"] == events.ENTRY_POLICY:  # type: ignore[typeddict-item]
+            policy = policy_from_public(event["policy"] or {})  # type: ignore[typeddict-item]
+            if not policy.receives(protocol):
+                return index
+    return None
 
 
 class _Target:
@@ -255,6 +271,10 @@ class _Feed:
 
     def caught_up(self) -> bool:
         return all(t.position >= self.head for t in self.targets.values())
+
+    def policy(self) -> Policy:
+        """The room's policy as the hub knows it (as of the newest entry it delivered)."""
+        return self.hub.room_policy(self.room) if self.hub is not None else DEFAULT_POLICY
 
 
 class Relay:
@@ -564,11 +584,17 @@ class Relay:
                     await self._skip(feed, target, upto=feed.head - role.backlog)
                     continue
                 entries, reached = await feed.read(target.position, role.batch_size)
+                cut = _policy_cut(entries, role.protocol)
+                if cut is not None:
+                    reached, entries = entries[cut].cursor, entries[:cut]
                 if entries:
-                    batch = Batch(feed.room, target.key, entries)
+                    batch = Batch(feed.room, target.key, entries, policy=feed.policy())
                     await role.deliver(batch)
                     self.stats["delivered"] += len(entries)
                     metrics.RELAY_DELIVERED.labels(role.name).inc(len(entries))
+                if cut is not None:
+                    await self._leave_at(feed, target, reached)
+                    return
                 await self._advance(feed, target, reached)
             except TargetGone:
                 self._gone(feed, target, "it is gone")
@@ -609,6 +635,24 @@ class Relay:
             target.position = stored
             feed.trim()
         return True
+
+    async def _leave_at(self, feed: _Feed, target: _Target, cursor: int) -> None:
+        """The room no longer reaches this role's protocol from the policy entry at
+        ``cursor`` on: the target's position is that entry (saved now), and it is no longer
+        served (the role's targets leave it out; when the room reaches the protocol again,
+        the services place it at that later entry)."""
+        logger.info("a relay target stops: the room's policy no longer reaches it",
+                    extra={**self._log, "room": feed.room, "target": target.key,
+                           "cursor": cursor})
+        await self._advance(feed, target, cursor)
+        if (dirty := self._dirty.pop((feed.room, target.key), None)) is not None:
+            await self._guarded(functools.partial(
+                self._save_now, {(feed.room, target.key): dirty}))
+        self._target_remove(feed, target.key)
+
+    async def _save_now(self, positions: dict[tuple[str, str], int]) -> None:
+        await database_sync_to_async(services.relay_positions_save)(
+            relay=self.role.name, positions=positions)
 
     def _gone(self, feed: _Feed, target: _Target, why: str) -> None:
         self.stats["gone"] += 1

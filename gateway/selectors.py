@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from django.conf import settings
-from django.db.models import F, OuterRef, QuerySet, Subquery, Value
+from django.db.models import F, OuterRef, Q, QuerySet, Subquery, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -110,16 +110,30 @@ def room_last_seqs(*, rooms: list[str]) -> dict[str, int]:
     return {room: found.get(room, 0) for room in rooms}
 
 
-def relay_targets_rooms() -> QuerySet:
-    """Every room as a relay target of its own (``target`` ""), for a role that serves every
-    room (an MQTT room's ``out`` topic)."""
-    return Room.objects.values(room=F("name"), target=Value(""), head=F("last_seq"))
+def rooms_reaching(protocol: str) -> Q:
+    """The rooms whose policy reaches ``protocol`` (a condition on ``Room``)."""
+    return Q(receive_allowed="") | Q(receive_allowed__contains=f",{protocol},")
+
+
+def rooms_not_reaching(protocol: str) -> QuerySet:
+    """The names of the rooms whose policy does not reach ``protocol``: a role's targets
+    leave them out."""
+    return Room.objects.exclude(rooms_reaching(protocol)).values("name")
+
+
+def relay_targets_rooms(*, protocol: str) -> QuerySet:
+    """Every room the policy lets ``protocol`` reach as a relay target of its own (``target``
+    ""), for a role that serves every room (an MQTT room's ``out`` topic)."""
+    rooms = Room.objects.filter(rooms_reaching(protocol))
+    return rooms.values(room=F("name"), target=Value(""), head=F("last_seq"))
 
 
 def relay_targets_bot_chats(*, platform: str) -> QuerySet:
     """The bot's chats of ``platform`` as relay targets of the rooms they joined (``target``
-    the chat id; blocked chats are sent nothing)."""
+    the chat id; blocked chats, and rooms whose policy does not reach the platform, are sent
+    nothing)."""
     chats = BotChat.objects.filter(platform=platform, blocked=False).exclude(room="")
+    chats = chats.exclude(room__in=rooms_not_reaching(platform))
     return chats.values("room", target=F("chat_id"))
 
 

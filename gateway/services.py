@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
 import time
@@ -25,9 +26,11 @@ from django.db import (
 from django.db.models import Exists, F, OuterRef, Q, QuerySet, Subquery
 
 from gateway import events, metrics
+from gateway.adapters import adapters_relay_roles
 from gateway.broadcast import room_event_broadcast_on_commit, room_events_broadcast_on_commit
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, RateLimited
 from gateway.models import (
+    BotMessage,
     Device,
     Lease,
     Message,
@@ -39,6 +42,7 @@ from gateway.models import (
     SenderBlock,
 )
 from gateway.names import room_name_validate
+from gateway.policy import POLICY_FIELDS, Policy, policy_columns, policy_from_columns
 from gateway.ratelimit import TokenBucket
 
 
@@ -130,6 +134,7 @@ def entry_event(
         emoji=entry.emoji or None,
         added=entry.added,
         count=count,
+        policy=entry.data if entry.kind == RoomEvent.KIND_POLICY else None,
     )
 
 
@@ -163,12 +168,15 @@ def room_open(*, room: str) -> int:
     return last.first() or 0
 
 
-def room_position(*, room: str) -> tuple[int, bool | None]:
-    """The room's newest cursor and whether it is closed, read together (``(0, None)`` for
-    a room that does not exist yet: listening to a room does not create it)."""
+def room_position(*, room: str) -> tuple[int, bool | None, Policy | None]:
+    """The room's newest cursor, whether it is closed and its policy, read together
+    (``(0, None, None)`` for a room that does not exist yet: listening to a room does not
+    create it)."""
     found = (Room.objects.filter(name=room_name_validate(room))
-             .values_list("last_seq", "closed").first())
-    return (0, None) if found is None else found
+             .values("last_seq", "closed", *POLICY_FIELDS).first())
+    if found is None:
+        return 0, None, None
+    return found.pop("last_seq"), found.pop("closed"), policy_from_columns(**found)
 
 
 def room_enter(
@@ -490,8 +498,8 @@ def _messages_store(valid: list[tuple[int, Post]], results: list[PostResult | No
         if room in taken:
             room_pk, last = taken[room]
             first_seq = last - len(items) + 1
-        else:  # new or closed: as one at a time would
-            found = _room_cursors_take(room, items, now, results)
+        else:  # new, closed or with a policy to apply: admitted one by one
+            found = _room_admit(room, items, now, results)
             if found is None:
                 continue
             room_pk, first_seq, items = found
@@ -585,7 +593,7 @@ def _rooms_cursors_take(counts: dict[str, int], now: datetime) -> dict[str, tupl
         if not counts:
             return {}
         ((room, count),) = counts.items()
-        one = _cursor_take(room, count=count, activity=now, where=" AND NOT closed")
+        one = _cursor_take(room, count=count, activity=now, where=_OPEN_UNRESTRICTED)
         return {} if one is None else {room: one}
     quote = connection.ops.quote_name
     table = quote(Room._meta.db_table)
@@ -597,8 +605,8 @@ def _rooms_cursors_take(counts: dict[str, int], now: datetime) -> dict[str, tupl
     if connection.vendor == "postgresql":
         # COLLATE "C": the byte order Python's sorted() uses for these ASCII names (the
         # database's own collation may put "general" before "Lobby").
-        sql = (f"WITH locked AS (SELECT id FROM {table} WHERE name IN ({marks}) AND NOT closed"  # noqa: S608
-               ' ORDER BY name COLLATE "C" FOR UPDATE)'
+        sql = (f"WITH locked AS (SELECT id FROM {table} WHERE name IN ({marks})"  # noqa: S608
+               f'{_OPEN_UNRESTRICTED} ORDER BY name COLLATE "C" FOR UPDATE)'
                f" UPDATE {table} SET last_seq = last_seq + CASE name {case} END,"
                f" last_activity = %s FROM locked WHERE {table}.id = locked.id"
                f" RETURNING {table}.name, {table}.id, {table}.last_seq")
@@ -606,7 +614,7 @@ def _rooms_cursors_take(counts: dict[str, int], now: datetime) -> dict[str, tupl
         savepoint = transaction.savepoint()
     else:  # SQLite: one writer at a time, no order to keep
         sql = (f"UPDATE {table} SET last_seq = last_seq + CASE name {case} END,"  # noqa: S608
-               f" last_activity = %s WHERE name IN ({marks}) AND NOT closed"
+               f" last_activity = %s WHERE name IN ({marks}){_OPEN_UNRESTRICTED}"
                " RETURNING name, id, last_seq")
         params = [*case_params, stamp, *names]
         savepoint = None
@@ -622,15 +630,66 @@ def _rooms_cursors_take(counts: dict[str, int], now: datetime) -> dict[str, tupl
     return taken
 
 
-def _room_cursors_take(
+# What the statements that take many cursors at once require of a room: open, and no policy
+# to apply per message (every protocol may post, no rate limit). Other rooms are admitted
+# one by one under their lock (``_room_admit``).
+_OPEN_UNRESTRICTED = " AND NOT closed AND post_allowed = '' AND rate_per_second IS NULL"
+
+
+@dataclass(frozen=True, slots=True)
+class _Admission:
+    """What a room's row says of who may post now, read under the room's lock."""
+
+    closed: bool
+    post_allowed: str
+    rate_per_second: float | None
+    rate_burst: int | None
+    rate_tokens: float
+    rate_at: float
+
+    def may_post(self, protocol: str) -> bool:
+        return (protocol == "system" or self.post_allowed == ""
+                or f",{protocol}," in self.post_allowed)
+
+    def tokens(self, now: float) -> float:
+        """The rate limit's tokens at ``now`` (epoch seconds)."""
+        assert self.rate_per_second is not None and self.rate_burst is not None
+        refill = max(0.0, now - self.rate_at) * self.rate_per_second
+        return min(float(self.rate_burst), self.rate_tokens + refill)
+
+
+def _room_locked(room: str) -> _Admission | None:
+    """The room's admission state, its row locked until the transaction ends (PostgreSQL;
+    SQLite's transaction holds the write lock already); None if there is no such room."""
+    table = connection.ops.quote_name(Room._meta.db_table)
+    lock = " FOR UPDATE" if connection.vendor == "postgresql" else ""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT closed, post_allowed, rate_per_second, rate_burst, rate_tokens, rate_at"  # noqa: S608
+            f" FROM {table} WHERE name = %s{lock}", [room])
+        row = cursor.fetchone()
+    return None if row is None else _Admission(bool(row[0]), *row[1:])
+
+
+def read_only_error(room: str, protocol: str) -> GatewayError:
+    return GatewayError("read_only", f"room {room} does not take messages from {protocol}")
+
+
+def _room_admit(
     room: str, items: list[tuple[int, Post]], now: datetime, results: list[PostResult | None]
 ) -> tuple[int, int, list[tuple[int, Post]]] | None:
-    """Take the room's next cursors for ``items``: ``(room pk, first cursor, the items
-    admitted)``; None when none is (each then has its error in ``results``). A room that
-    does not exist yet is created within the room policy, for each sender in turn, as one
-    message at a time would be; a closed room admits none."""
-    taken = _cursor_take(room, count=len(items), activity=now, where=" AND NOT closed")
-    if taken is None:
+    """Take the room's next cursors for those of ``items`` it admits: ``(room pk, first
+    cursor, the items admitted)``; None when none is (each then has its error in
+    ``results``). Under the room's lock:
+
+    - a room that does not exist yet is created within the room creation rules, for each
+      sender in turn, as one message at a time would be;
+    - a closed room admits none (``room_closed``);
+    - its policy refuses the senders of protocols that may not post (``read_only``), and
+      past its rate limit the rest (``rate_limited``), in order; staff are never refused.
+    """
+    state = _room_locked(room)
+    if state is None:
         for position, (index, post) in enumerate(items):
             try:
                 room_get_or_create(room=room, creator=post.sender["id"],
@@ -639,16 +698,41 @@ def _room_cursors_take(
                 results[index] = exc
                 continue
             items = items[position:]
-            taken = _cursor_take(room, count=len(items), activity=now, where=" AND NOT closed")
             break
         else:
             return None
-    if taken is None:
+        state = _room_locked(room)
+    if state is None or state.closed:
         for index, _ in items:
             results[index] = GatewayError("room_closed", f"room {room} is closed")
         return None
+    stamp = now.timestamp()
+    limited = state.rate_per_second is not None
+    tokens = state.tokens(stamp) if limited else 0.0
+    admitted: list[tuple[int, Post]] = []
+    for index, post in items:
+        protocol = post.sender["protocol"]
+        if not state.may_post(protocol):
+            results[index] = read_only_error(room, protocol)
+        elif limited and protocol != "system" and tokens < 1.0:
+            rate = cast(float, state.rate_per_second)
+            wait = (1.0 - tokens) / rate
+            results[index] = RateLimited(f"room {room} takes {rate:g} messages a second; "
+                                         f"retry in {wait:.1f}s", wait)
+        else:
+            if limited and protocol != "system":
+                tokens -= 1.0
+            admitted.append((index, post))
+    if not admitted:
+        return None
+    taken = _cursor_take(room, count=len(admitted), activity=now, where=" AND NOT closed",
+                         bucket=(tokens, stamp) if limited else None)
+    if taken is None:  # cannot happen under the lock; refuse rather than guess
+        for index, _ in admitted:
+            results[index] = GatewayError("room_closed", f"room {room} is closed")
+        return None
     room_pk, last = taken
-    return room_pk, last - len(items) + 1, items
+    return room_pk, last - len(admitted) + 1, admitted
 
 
 def _messages_by_client_ids(posts: list[Post]) -> dict[tuple[str, str, object], Message]:
@@ -708,7 +792,7 @@ def _message_by_client_id(room: str, sender_id: str, client_id: str) -> Message 
 
 def _room_advance(room: str, now: datetime, sender: events.Sender) -> tuple[int, int] | None:
     """Take the room's next message id: ``(room pk, id)``, or None if the room is new, closed,
-    or the sender is blocked.
+    has a policy to apply (``_room_admit`` then), or the sender is blocked.
 
     One ``UPDATE ... RETURNING`` (SQLite 3.35+, PostgreSQL): it takes the room's row lock
     (PostgreSQL) or the write lock (SQLite) until commit, so ids are assigned and committed
@@ -716,21 +800,26 @@ def _room_advance(room: str, now: datetime, sender: events.Sender) -> tuple[int,
     message costs no extra round trip for them.
     """
     unblocked, params = _unblocked_condition(sender)
-    return _cursor_take(room, activity=now, where=f" AND NOT closed{unblocked}", params=params)
+    return _cursor_take(room, activity=now, where=f"{_OPEN_UNRESTRICTED}{unblocked}",
+                        params=params)
 
 
 def _cursor_take(
     room: str, *, count: int = 1, activity: datetime | None = None, where: str = "",
-    params: Sequence[str] = (),
+    params: Sequence[str] = (), bucket: tuple[float, float] | None = None,
 ) -> tuple[int, int] | None:
     """Take the room's next ``count`` log cursors: ``(room pk, the last of them)``, or None if
     no row matched (the room is new, or ``where`` excluded it). Also records ``activity``
-    when given."""
+    and the rate limit's ``bucket`` (tokens left, when) when given."""
     table = connection.ops.quote_name(Room._meta.db_table)
-    sets, values = "last_seq = last_seq + %s", [count]
+    sets = "last_seq = last_seq + %s"
+    values: list[object] = [count]
     if activity is not None:
         sets += ", last_activity = %s"
         values.append(connection.ops.adapt_datetimefield_value(activity))
+    if bucket is not None:
+        sets += ", rate_tokens = %s, rate_at = %s"
+        values.extend(bucket)
     with connection.cursor() as cursor:
         cursor.execute(
             f"UPDATE {table} SET {sets} WHERE name = %s{where} "  # noqa: S608
@@ -738,6 +827,13 @@ def _cursor_take(
             [*values, room, *params],
         )
         return cursor.fetchone()
+
+
+def _post_allowed_condition(sender: events.Sender) -> tuple[str, list[str]]:
+    """SQL (and its parameter) that holds when the room's policy lets the sender's protocol
+    post (``Room.post_allowed``: "" for every protocol, else ",web,api,")."""
+    escaped = sender["protocol"].replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return " AND (post_allowed = '' OR post_allowed LIKE %s ESCAPE '\\')", [f"%,{escaped},%"]
 
 
 def _unblocked_condition(sender: events.Sender) -> tuple[str, list[str]]:
@@ -766,12 +862,12 @@ def _message_insert(
     if advanced is None:  # why not: only now is it worth a query
         if sender_blocked(sender):
             raise GatewayError("blocked", "staff blocked this sender; the message was dropped")
-        staff = sender["protocol"] == "system"
-        if room_get_or_create(room=room, creator=sender["id"], staff=staff).closed:
-            raise GatewayError("room_closed", f"room {room} is closed")
-        advanced = _room_advance(room, now, sender)
-        if advanced is None:  # closed or blocked between the two statements
-            raise GatewayError("room_closed", f"room {room} is closed")
+        results: list[PostResult | None] = [None]
+        post = Post(room=room, text=text, sender=sender, origin=origin, client_id=client_id)
+        admitted = _room_admit(room, [(0, post)], now, results)
+        if admitted is None:
+            raise cast(GatewayError, results[0])
+        advanced = (admitted[0], admitted[1])
     room_pk, seq = advanced
     if reply is not None:  # read again under the room's lock: as it is now (edited, deleted)
         answered = (room, reply["id"])
@@ -1076,14 +1172,19 @@ def _message_change(
     try:
         with transaction.atomic():
             unblocked, params = _unblocked_condition(by)
+            allowed, allowed_params = ("", []) if staff else _post_allowed_condition(by)
             closed = "" if staff else " AND NOT closed"
-            taken = _cursor_take(room, where=closed + unblocked, params=params)
+            taken = _cursor_take(room, where=closed + unblocked + allowed,
+                                 params=[*params, *allowed_params])
             message = Message.objects.filter(room__name=room, seq=seq).first()
             if message is None:
                 raise GatewayError("not_found", f"no message {seq} in room {room}")
             if taken is None:
                 if sender_blocked(by):
                     raise GatewayError("blocked", "staff blocked this sender")
+                state = _room_locked(room)
+                if state is not None and not state.closed:
+                    raise read_only_error(room, by["protocol"])
                 raise GatewayError("room_closed", f"room {room} is closed")
             if message.deleted_at is not None:
                 raise GatewayError("deleted", f"message {seq} was deleted")
@@ -1154,9 +1255,10 @@ def room_reopen(*, room: str, by: events.Sender = SYSTEM_SENDER) -> None:
             _log_append(room, RoomEvent.KIND_REOPEN, by)
 
 
-def _log_append(room: str, kind: str, by: events.Sender) -> events.RoomEntry:
-    """Append an entry of the room itself (close, reopen) to its log, at its next cursor, and
-    broadcast it once committed. Call it inside a transaction."""
+def _log_append(room: str, kind: str, by: events.Sender,
+                data: dict | None = None) -> events.RoomEntry:
+    """Append an entry of the room itself (close, reopen, policy) to its log, at its next
+    cursor, and broadcast it once committed. Call it inside a transaction."""
     now = datetime.fromtimestamp(time.time(), tz=UTC)
     taken = _cursor_take(room)
     if taken is None:  # callers hold the room's row: it exists
@@ -1164,11 +1266,78 @@ def _log_append(room: str, kind: str, by: events.Sender) -> events.RoomEntry:
     room_pk, seq = taken
     entry = RoomEvent.objects.create(
         room_id=room_pk, seq=seq, kind=kind, sender_protocol=by["protocol"],
-        sender_id=by["id"], sender_name=by["name"][:128], created_at=now,
+        sender_id=by["id"], sender_name=by["name"][:128], created_at=now, data=data,
     )
     event = entry_event(entry, room=room)
     room_event_broadcast_on_commit(event)
     return event
+
+
+NOTICE_LABELS = {"telegram": "Telegram chat", "mqtt": "device"}
+
+
+def room_member_notice(
+    *, room: str, member: events.Sender, joined: bool, origin: str
+) -> events.RoomMessage | None:
+    """Announce in the room that a chat or a device came or went, when the room's policy
+    asks (``notices``): a message from the system, from ``origin`` (the member's own scope
+    or chat is not sent it). Said once per change, however many replicas see it: each
+    notice's ``client_id`` names the member, what it says and the notice before it, so
+    two processes announcing the same arrival store one message, and a member is not
+    announced as gone unless it was as come. Returns the notice, or None."""
+    policy = room_policy_get(room=room)
+    if policy is None or not policy.notices:
+        return None
+    key = hashlib.sha256(f"{member['protocol']}:{member['id']}".encode()).hexdigest()[:16]
+    prefix = f"notice:{key}:"
+    last = (Message.objects.filter(room__name=room, sender_id=SYSTEM_SENDER["id"],
+                                   client_id__startswith=prefix)
+            .order_by("-seq").values_list("seq", "client_id").first())
+    said = "joined" if joined else "left"
+    if (last[1].split(":")[2] if last else "left") == said:
+        return None  # said already (by another process, or nothing to say)
+    label = NOTICE_LABELS.get(member["protocol"], member["protocol"])
+    text = f"{label} {member['name']} {'joined' if joined else 'left'} the room"
+    client_id = f"{prefix}{said}:{last[0] if last else 0}"
+    event, created = room_message_post(room=room, text=text, sender=SYSTEM_SENDER,
+                                       origin=origin, client_id=client_id)
+    return event if created else None
+
+
+def room_policy_get(*, room: str) -> Policy | None:
+    """The room's policy (None: no such room)."""
+    found = Room.objects.filter(name=room_name_validate(room)).values(*POLICY_FIELDS).first()
+    return None if found is None else policy_from_columns(**found)
+
+
+def room_policy_set(
+    *, room: str, policy: Policy, by: events.Sender = SYSTEM_SENDER,
+) -> tuple[Policy, events.RoomEntry | None]:
+    """Give the room (created if new: staff may) this policy, applied live: a ``policy``
+    entry in its log from which every process applies it, in room order. A protocol it now
+    reaches again starts from now (its relay roles' targets in the room are placed at the
+    entry), not with what it missed. Returns the policy and its entry (None: it was that
+    already)."""
+    relay_roles = adapters_relay_roles()
+    room = room_name_validate(room)
+    with transaction.atomic():
+        room_get_or_create(room=room)
+        row = Room.objects.select_for_update().get(name=room)
+        before = policy_from_columns(**{name: getattr(row, name) for name in POLICY_FIELDS})
+        if before == policy:
+            return before, None
+        fields = policy_columns(policy)
+        if (policy.rate_per_second, policy.rate_burst) != (before.rate_per_second,
+                                                          before.rate_burst):
+            fields.update(rate_tokens=float(policy.rate_burst or 0), rate_at=time.time())
+        Room.objects.filter(pk=row.pk).update(**fields)
+        entry = _log_append(room, RoomEvent.KIND_POLICY, by, data=policy.public())
+        roles = [role for protocol, names in relay_roles.items() for role in names
+                 if policy.receives(protocol) and not before.receives(protocol)]
+        if roles:
+            RelayCursor.objects.filter(relay__in=roles, room=room).update(
+                last_seq=entry["cursor"])
+    return policy, entry
 
 
 def device_seen(*, device_id: str, protocol: str, room: str) -> None:

@@ -82,7 +82,7 @@ def test_rooms_pending_for_out_are_those_with_entries_beyond_their_position():
                                   ("other", "new", 2)]:
         services.relay_target_place(relay=relay, room=room, target="", position=position)
     pending = selectors.relay_rooms_pending(relay="mqtt-out",
-                                            targets=selectors.relay_targets_rooms())
+                                            targets=selectors.relay_targets_rooms(protocol="mqtt"))
     assert pending == [("busy", 9), ("new", 2)]
 
 

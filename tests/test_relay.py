@@ -43,8 +43,10 @@ class FakeRole(RelayRole):
 
     def targets(self):
         if self.every_room:
-            return Room.objects.values(room=F("name"), target=Value(""))
+            return Room.objects.filter(selectors.rooms_reaching(self.protocol)).values(
+                room=F("name"), target=Value(""))
         chats = BotChat.objects.filter(platform="fake", blocked=False).exclude(room="")
+        chats = chats.exclude(room__in=selectors.rooms_not_reaching(self.protocol))
         return chats.values("room", target=F("chat_id"))
 
     async def deliver(self, batch) -> None:

@@ -11,6 +11,7 @@ from gateway.adapters import Adapter, RunContext, RunRefused, ScopeRoleRouter, i
 
 class MqttAdapter(Adapter):
     scope_type = "mqtt"  # one scope per device and room
+    relay_roles = ("mqtt-out",)  # protocols/mqtt/relay.py ROLE
 
     def scope_application(self) -> ScopeRoleRouter:
         from protocols.mqtt.consumers import MqttDeviceConsumer

@@ -7,6 +7,7 @@ from gateway.adapters import Adapter, RunContext, ScopeRoleRouter
 
 class TelegramAdapter(Adapter):
     scope_type = "telegram"  # one scope per chat
+    relay_roles = ("telegram",)  # protocols/telegram/relay.py: the platform's name
 
     def scope_application(self) -> ScopeRoleRouter:
         from protocols.telegram.consumers import TelegramChatConsumer
