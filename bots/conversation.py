@@ -289,6 +289,11 @@ def _join(chat: BotChat, incoming: Incoming, argument: str) -> list[Reply]:
         return [reply(line(exc.detail))]
     if selectors.room_is_closed(room=argument):
         return [reply(line("Room ", bold(argument), " is closed."))]
+    policy = services.room_policy_get(room=argument)
+    platform = incoming.platform
+    if policy is not None and not policy.receives(platform) and not policy.may_post(platform):
+        metrics.refused(platform, "not_reached")
+        return [reply(line("Room ", bold(argument), " is not open to this chat app."))]
     try:
         chats.bot_chat_join(chat=chat, room=argument)
     except GatewayError as exc:  # the room policy refused a new room
@@ -305,6 +310,12 @@ def _join(chat: BotChat, incoming: Incoming, argument: str) -> list[Reply]:
             "But plain text in this group does not reach me, so it is not passed on. "
             f"{incoming.text_withheld}"
         ))]
+    if policy is not None and not policy.may_post(platform):
+        return [reply(line("You joined ", bold(chat.room), ": its messages come here, but "
+                           "it takes no messages from here (read-only). /leave stops."))]
+    if policy is not None and not policy.receives(platform):
+        return [reply(line("You joined ", bold(chat.room), ": what you write goes there, "
+                           "but its messages do not come here. /leave stops."))]
     return [reply(line(
         "You joined ", bold(chat.room), ": its messages come here, and what you write goes "
         "there. /history shows what was said; /leave stops."

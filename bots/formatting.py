@@ -19,15 +19,18 @@ def protocol_label(protocol: str) -> str:
     return PROTOCOL_LABELS.get(protocol, protocol)
 
 
-def sender_label(sender: events.Sender) -> tuple[Span, ...]:
-    """``name (protocol): `` with the name in bold."""
+def sender_label(sender: events.Sender, shown: str | None = None) -> tuple[Span, ...]:
+    """``name (protocol): `` with the name in bold; ``shown: `` instead when the room's
+    name format says how this sender is shown here (gateway/policy.py)."""
+    if shown is not None:
+        return (bold(shown), Span(": "))
     name = sender["name"] or sender["id"]
     return (bold(name), Span(f" ({protocol_label(sender['protocol'])}): "))
 
 
-def room_message(event: events.RoomMessage) -> Reply:
+def room_message(event: events.RoomMessage, *, shown: str | None = None) -> Reply:
     """A room message, who said it and from where first (a platform splits a long one)."""
-    return Reply((line(*sender_label(event["sender"]), event["text"]),))
+    return Reply((line(*sender_label(event["sender"], shown), event["text"]),))
 
 
 def messages_skipped(count: int) -> Reply:

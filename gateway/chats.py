@@ -14,16 +14,26 @@ is shared by replicas. A message deleted in the room is forgotten from it."""
 
 from __future__ import annotations
 
+import logging
 import time
 from datetime import UTC, datetime
 
 from django.db import IntegrityError, transaction
 from django.db.models import Max
 
+from gateway import events
+from gateway.errors import GatewayError
 from gateway.models import BotChat, BotMessage, BotUpdate
 from gateway.names import room_name_validate
-from gateway.selectors import relay_position
-from gateway.services import relay_target_place, relay_target_remove, room_get_or_create
+from gateway.selectors import bot_chat_origin, relay_position
+from gateway.services import (
+    relay_target_place,
+    relay_target_remove,
+    room_get_or_create,
+    room_member_notice,
+)
+
+logger = logging.getLogger(__name__)
 
 
 def bot_update_claim(*, platform: str, update_id: int) -> bool:
@@ -65,28 +75,51 @@ def bot_chat_join(*, chat: BotChat, room: str) -> None:
     creator = f"{chat.platform}-chat-{chat.chat_id}"
     head = room_get_or_create(room=name, creator=creator).last_seq
     with transaction.atomic():
-        if chat.room and chat.room != name:
-            relay_target_remove(relay=chat.platform, room=chat.room, target=chat.chat_id)
+        left = chat.room if chat.room and chat.room != name else None
+        if left is not None:
+            relay_target_remove(relay=chat.platform, room=left, target=chat.chat_id)
         chat.room = name
         chat.save(update_fields=["room"])
         if not chat.blocked:
             relay_target_place(relay=chat.platform, room=name, target=chat.chat_id,
                                position=head)
+    if left is not None:
+        _notice(chat, left, joined=False)
+    _notice(chat, name, joined=True)
+
+
+def _notice(chat: BotChat, room: str, *, joined: bool) -> None:
+    """Tell the room the chat came or went, if its policy asks (never in the way of the
+    chat's own command: a refusal, a closed room, only logs)."""
+    origin = bot_chat_origin(chat.platform, chat.chat_id)
+    member = events.sender(protocol=chat.platform, id=origin, name=chat.title or origin)
+    try:
+        room_member_notice(room=room, member=member, joined=joined, origin=origin)
+    except GatewayError as exc:
+        logger.warning("no notice of a chat in its room: %s", exc.detail,
+                       extra={"protocol": chat.platform, "room": room, "chat": chat.chat_id})
 
 
 def bot_chat_leave(*, chat: BotChat) -> None:
+    left = chat.room
     with transaction.atomic():
         if chat.room:
             relay_target_remove(relay=chat.platform, room=chat.room, target=chat.chat_id)
         chat.room = ""
         chat.save(update_fields=["room"])
+    if left:
+        _notice(chat, left, joined=False)
 
 
 def bot_chat_leave_unreachable(*, platform: str, chat_id: str, room: str) -> None:
     """A chat that can no longer be sent to (it blocked the bot) leaves ``room``."""
     with transaction.atomic():
-        BotChat.objects.filter(platform=platform, chat_id=chat_id, room=room).update(room="")
+        left = BotChat.objects.filter(platform=platform, chat_id=chat_id, room=room).update(
+            room="")
         relay_target_remove(relay=platform, room=room, target=chat_id)
+    chat = BotChat.objects.filter(platform=platform, chat_id=chat_id).first()
+    if left and chat is not None:
+        _notice(chat, room, joined=False)
 
 
 def bot_chat_block(*, chat: BotChat, blocked: bool) -> None:
@@ -103,6 +136,7 @@ def bot_chat_block(*, chat: BotChat, blocked: bool) -> None:
             head = room_get_or_create(room=chat.room).last_seq
             relay_target_place(relay=chat.platform, room=chat.room, target=chat.chat_id,
                                position=head)
+    _notice(chat, chat.room, joined=not blocked)
 
 
 def bot_chat_name_set(*, chat: BotChat, user_id: str, name: str) -> None:

@@ -45,7 +45,7 @@ async def device(room: str, device_id: str) -> ApplicationCommunicator:
 
 
 async def disconnect(comm: ApplicationCommunicator) -> None:
-    await comm.send_input({"type": "mqtt.disconnect"})
+    await comm.send_input({"type": "mqtt.disconnect", "reason": "shutdown"})
     await comm.wait(timeout=5)
 
 

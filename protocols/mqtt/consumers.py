@@ -53,6 +53,7 @@ class MqttDeviceConsumer(RoomConsumer):
         self.replies = TokenBucket(rate=1.0, burst=ERROR_REPLY_BURST)
         self.log_sample = LogSampler(LOGGED_PER_CODE)
         self.seen_at = 0.0
+        self.posted = False  # it has said something: it is in the room (notices)
         try:
             shown = await database_sync_to_async(services.display_name_for)(
                 sender_id=self.device_id, protocol=self.protocol, name=self.device_id
@@ -79,6 +80,9 @@ class MqttDeviceConsumer(RoomConsumer):
             await self._seen()
             name = display_name_clean(payload.name or "") or self.device_id
             sender = events.sender(protocol=self.protocol, id=self.device_id, name=name)
+            if not self.posted:
+                self.posted = True  # in the room now: announced if its policy asks
+                await self._notice(joined=True)
             if payload.kind == "message":
                 _, stored = await self._post(payload.text, sender, client_id, payload.reply_to)
             else:
@@ -175,4 +179,17 @@ class MqttDeviceConsumer(RoomConsumer):
         await super().finish()
 
     async def mqtt_disconnect(self, message: MqttDisconnect) -> None:
+        if message["reason"] == "idle" and self.posted:
+            await self._notice(joined=False)
         raise StopConsumer()
+
+    async def _notice(self, *, joined: bool) -> None:
+        """Tell the room the device came or went, if its policy asks (a failure only
+        logs: the device's messages matter more)."""
+        sender = events.sender(protocol=self.protocol, id=self.device_id, name=self.device_id)
+        try:
+            await database_sync_to_async(services.room_member_notice)(
+                room=self.scope["room"], member=sender, joined=joined, origin=self.scope_id)
+        except (GatewayError, DatabaseError) as exc:
+            logger.warning("could not post the device's notice: %s", exc,
+                           extra=self.log_extra(joined=joined))

@@ -15,7 +15,8 @@ The server sends a scope:
   ``<prefix>/<room>/in/<device>``. ``payload``: its bytes as received; ``ack``: the server's
   token for it, to be reported in ``mqtt.handled``; ``received_at``: when it reached the
   gateway (``time.monotonic()``), from which the device's rate limit counts.
-- ``mqtt.disconnect``: the scope ends (idle, shutdown); no fields.
+- ``mqtt.disconnect``: the scope ends; ``reason``: ``idle`` (the device went quiet: it
+  has left the room) or ``shutdown`` (this process stops: it has not).
 
 A scope sends the server:
 
@@ -50,6 +51,7 @@ class MqttMessage(TypedDict):
 @final
 class MqttDisconnect(TypedDict):
     type: Literal["mqtt.disconnect"]
+    reason: Literal["idle", "shutdown"]
 
 
 @final
@@ -75,5 +77,5 @@ def mqtt_connect() -> MqttConnect:
     return {"type": "mqtt.connect"}
 
 
-def mqtt_disconnect() -> MqttDisconnect:
-    return {"type": "mqtt.disconnect"}
+def mqtt_disconnect(reason: Literal["idle", "shutdown"]) -> MqttDisconnect:
+    return {"type": "mqtt.disconnect", "reason": reason}

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from django.db.models import QuerySet
 
 from gateway import events, selectors
+from gateway.policy import message_shown
 from gateway.relay import Batch, RelayRole
 from protocols.mqtt import wire
 
@@ -49,13 +50,22 @@ class MqttOut(RelayRole):
         self.idle_timeout = idle_timeout
 
     def targets(self) -> QuerySet:
-        return selectors.relay_targets_rooms()
+        return selectors.relay_targets_rooms(protocol=self.protocol)
 
     async def deliver(self, batch: Batch) -> None:
         topic = wire.out_topic(self.prefix, batch.room)
+        policy = batch.policy
+        template = policy.name_format.get(self.protocol)
+        if template is None:
+            wire_format, encode = WIRE_FORMAT, wire.out_payload
+        else:  # the room's name format for MQTT: encoded once per format
+            wire_format = f"{WIRE_FORMAT}:{template}"
+
+            def encode(event: events.RoomMessage) -> bytes:
+                return wire.out_payload(message_shown(event, policy, target=self.protocol))
         for delivery in batch.entries:
             if delivery.event["type"] == events.ROOM_MESSAGE:
-                await self.server.publish(topic, delivery.frame(WIRE_FORMAT, wire.out_payload))
+                await self.server.publish(topic, delivery.frame(wire_format, encode))
             elif (payload := delivery.frame(ENTRY_FORMAT, wire.entry_payload)) is not None:
                 await self.server.publish(topic, payload)
             batch.done(delivery.cursor)  # a batch cut short (a stop) keeps what went out

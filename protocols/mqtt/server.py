@@ -173,7 +173,7 @@ class MqttServer:
         self._housekeeping.cancel()
         await asyncio.gather(self._housekeeping, return_exceptions=True)
         scopes = self.devices.values()
-        await scopes_close(scopes, mqtt_disconnect(), wait=SCOPE_STOP_WAIT)
+        await scopes_close(scopes, mqtt_disconnect("shutdown"), wait=SCOPE_STOP_WAIT)
         await scopes_cancel(scopes)
         self.devices.take_all()
         if self.connected.is_set():
@@ -385,4 +385,4 @@ class MqttServer:
         received."""
         for key, scope in self.devices.idle(self.idle_timeout):
             self.devices.ended(key, scope)  # a new message opens a new scope at once
-            scope.close(mqtt_disconnect())
+            scope.close(mqtt_disconnect("idle"))

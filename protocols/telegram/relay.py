@@ -48,6 +48,8 @@ from bots import formatting
 from gateway import chats, events, selectors, services
 from gateway.fanout import Delivery
 from gateway.models import BotMessage
+from gateway.policy import DEFAULT as DEFAULT_POLICY
+from gateway.policy import Policy
 from gateway.relay import Batch, RelayRole, TargetGone
 from protocols.telegram import reactions, render
 from protocols.telegram.calls import Call, Delete, EditText, React, SendText
@@ -60,8 +62,14 @@ WIRE_FORMAT = "telegram-html"
 STATES_KEPT = 1000  # messages' current states read for edits and reactions, shared by chats
 
 
-def _pieces(event: events.RoomMessage) -> list[str]:
-    return render.messages(formatting.room_message(event))
+def _pieces(event: events.RoomMessage, policy: Policy = DEFAULT_POLICY) -> list[str]:
+    """A room message as Telegram messages: ``alice (web): hi``, or with the name the room's
+    name format for Telegram gives a sender of another protocol."""
+    sender = event["sender"]
+    template = policy.name_format.get(PLATFORM)
+    shown = None if template is None or sender["protocol"] == PLATFORM else (
+        policy.name_shown(sender, target=PLATFORM, room=event["room"]))
+    return render.messages(formatting.room_message(event, shown=shown))
 
 
 @dataclass
@@ -71,6 +79,15 @@ class _Chat:
     room: str
     id: str
     moved: bool = False
+    policy: Policy = DEFAULT_POLICY  # the room's (its name format for Telegram)
+
+    def pieces(self, delivery: Delivery) -> list[str]:
+        """The message's rendering, made once for every chat of the room."""
+        template = self.policy.name_format.get(PLATFORM)
+        if template is None:
+            return delivery.frame(WIRE_FORMAT, _pieces)
+        policy = self.policy
+        return delivery.frame(f"{WIRE_FORMAT}:{template}", lambda e: _pieces(e, policy))
 
     @property
     def log(self) -> dict[str, str]:
@@ -93,7 +110,7 @@ class TelegramChats(RelayRole):
         return selectors.relay_targets_bot_chats(platform=PLATFORM)
 
     async def deliver(self, batch: Batch) -> None:
-        chat = _Chat(batch.room, batch.target)
+        chat = _Chat(batch.room, batch.target, policy=batch.policy)
         origin = selectors.bot_chat_origin(PLATFORM, batch.target)
         for delivery in batch.entries:
             if delivery.event["origin"] == origin:
@@ -124,7 +141,7 @@ class TelegramChats(RelayRole):
         answered = event["reply_to"]
         reply_to = None if answered is None else await self._copy(chat, answered["id"])
         sent: list[int] = []
-        for piece in delivery.frame(WIRE_FORMAT, _pieces):
+        for piece in chat.pieces(delivery):
             answer = await self._call(chat, SendText(piece, None if sent else reply_to))
             if answer.sent is not Sent.SENT or answer.message_id is None:
                 break  # refused for good: the rest of this message would not help
@@ -162,7 +179,7 @@ class TelegramChats(RelayRole):
         own = [copy for copy in copies if copy.own]
         if message is None or not own:
             return  # deleted since (its delete follows), or the chat's original
-        pieces = _pieces(message)
+        pieces = _pieces(message, chat.policy)
         for copy, piece in zip(own, pieces, strict=False):
             await self._call(chat, EditText(copy.message_id, piece))
         for copy in own[len(pieces):]:
