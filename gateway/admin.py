@@ -14,8 +14,19 @@ from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from gateway import chats, events, selectors, services
-from gateway.models import BotChat, Device, Message, MessageRevision, Room, SenderBlock
+from gateway import access, chats, events, selectors, services
+from gateway.adapters import adapters_all
+from gateway.errors import GatewayError
+from gateway.models import (
+    ApiKey,
+    BotChat,
+    Device,
+    Message,
+    MessageRevision,
+    Room,
+    SenderBlock,
+)
+from gateway.policy import policy_update
 
 admin.site.site_header = "Gateway administration"
 admin.site.site_title = "Gateway admin"
@@ -36,14 +47,135 @@ def _members_by_room() -> dict[str, int]:
     return counts
 
 
+def _choices(names) -> list[tuple[str, str]]:
+    return [(name, name) for name in sorted(names)]
+
+
+class RoomPolicyForm(forms.ModelForm):
+    """A room's policy as staff edit it; saved through ``services.room_policy_set``, so it
+    applies live (gateway/policy.py)."""
+
+    post_all = forms.BooleanField(required=False, initial=True,
+                                  label="Every protocol may post")
+    post = forms.MultipleChoiceField(required=False, widget=forms.CheckboxSelectMultiple,
+                                     label="Else, the protocols that may post")
+    receive_all = forms.BooleanField(required=False, initial=True,
+                                     label="The room reaches every protocol")
+    receive = forms.MultipleChoiceField(required=False, widget=forms.CheckboxSelectMultiple,
+                                        label="Else, the protocols it reaches")
+    name_format = forms.JSONField(
+        required=False, initial=dict, label="How senders are shown to other protocols",
+        help_text='{"telegram": "{name} via {protocol}"}: placeholders {name}, {protocol}, '
+                  "{room}, {id}; a protocol left out shows names as they are")
+    rate_per_second = forms.FloatField(required=False, min_value=0.001,
+                                       label="Message rate limit (per second; empty: none)")
+    rate_burst = forms.IntegerField(required=False, min_value=1, label="Burst")
+    retention_days = forms.IntegerField(
+        required=False, min_value=0,
+        help_text="Empty: the gateway's default (GATEWAY_RETENTION_DAYS); 0: forever")
+    retention_messages = forms.IntegerField(
+        required=False, min_value=0,
+        help_text="Keep the newest this many. Empty: the gateway's default; 0: all")
+    notices = forms.BooleanField(required=False,
+                                 label="Announce Telegram chats and devices that come and go")
+
+    class Meta:
+        model = Room
+        fields: list[str] = []
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        senders = {p for adapter in adapters_all().values() for p in adapter.sender_protocols}
+        self.fields["post"].choices = _choices(senders)
+        self.fields["receive"].choices = _choices(adapters_all())
+        if self.instance.pk is not None:
+            current = services.room_policy_get(room=self.instance.name)
+            public = current.public() if current is not None else {}
+            self.initial.update(
+                post_all=public.get("post") is None, post=public.get("post") or [],
+                receive_all=public.get("receive") is None,
+                receive=public.get("receive") or [],
+                name_format=public.get("name_format") or {},
+                rate_per_second=(public.get("rate_limit") or {}).get("per_second"),
+                rate_burst=(public.get("rate_limit") or {}).get("burst"),
+                retention_days=public["retention"]["days"] if public else None,
+                retention_messages=public["retention"]["messages"] if public else None,
+                notices=public.get("notices", False))
+
+    def policy_data(self) -> dict:
+        data = self.cleaned_data
+        rate = None if data.get("rate_per_second") is None else {
+            "per_second": data["rate_per_second"],
+            **({"burst": data["rate_burst"]} if data.get("rate_burst") else {})}
+        return {
+            "post": None if data.get("post_all") else list(data.get("post") or []),
+            "receive": None if data.get("receive_all") else list(data.get("receive") or []),
+            "name_format": data.get("name_format") or {},
+            "rate_limit": rate,
+            "retention": {"days": data.get("retention_days"),
+                          "messages": data.get("retention_messages")},
+            "notices": bool(data.get("notices")),
+        }
+
+    def clean(self):
+        cleaned = super().clean()
+        if self.instance.pk is not None and not self.errors:
+            current = services.room_policy_get(room=self.instance.name)
+            senders = {p for a in adapters_all().values() for p in a.sender_protocols}
+            try:
+                self.policy = policy_update(current or services.Policy(), self.policy_data(),
+                                            senders=senders, targets=set(adapters_all()))
+            except GatewayError as exc:
+                raise forms.ValidationError(exc.detail) from None
+        return cleaned
+
+
 @admin.register(Room)
 class RoomAdmin(admin.ModelAdmin):
-    list_display = ["name", "members_now", "last_seq", "last_activity", "closed"]
+    list_display = ["name", "members_now", "last_seq", "last_activity", "closed", "policy_summary"]
     list_filter = ["closed"]
     search_fields = ["name"]
     ordering = ["-last_activity"]
-    readonly_fields = ["name", "last_seq", "last_activity", "created_at", "closed"]
+    form = RoomPolicyForm
+    readonly_fields = ["name", "last_seq", "last_activity", "created_at", "closed",
+                       "first_available"]
+    fieldsets = [
+        (None, {"fields": ["name", "last_seq", "first_available", "last_activity",
+                           "created_at", "closed"]}),
+        ("Policy (applied live to every protocol)", {"fields": [
+            "post_all", "post", "receive_all", "receive", "name_format", "rate_per_second",
+            "rate_burst", "retention_days", "retention_messages", "notices"]}),
+    ]
     actions = ["close_rooms", "reopen_rooms"]
+
+    @admin.display(description="first available cursor (retention)")
+    def first_available(self, room: Room) -> int:
+        return room.horizon + 1
+
+    @admin.display(description="policy")
+    def policy_summary(self, room: Room) -> str:
+        public = services.room_policy_get(room=room.name)
+        if public is None:
+            return ""
+        shown = public.public()
+        parts = []
+        if shown["post"] is not None:
+            parts.append("posts: " + (", ".join(shown["post"]) or "staff only"))
+        if shown["receive"] is not None:
+            parts.append("reaches: " + (", ".join(shown["receive"]) or "nobody"))
+        if shown["rate_limit"]:
+            parts.append(f"{shown['rate_limit']['per_second']:g}/s")
+        retention = shown["retention"]
+        if retention["days"] or retention["messages"]:
+            parts.append(f"keeps {retention['days'] or '∞'} days / "
+                         f"{retention['messages'] or '∞'} messages")
+        if shown["notices"]:
+            parts.append("notices")
+        return "; ".join(parts)
+
+    def save_model(self, request: HttpRequest, obj: Room, form, change: bool) -> None:
+        services.room_policy_set(room=obj.name, policy=form.policy,
+                                 by=services.staff_sender(request.user))
 
     @admin.display(description="members now")
     def members_now(self, room: Room) -> int:
@@ -156,6 +288,77 @@ class BotChatAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # chats appear when they write to the bot
+
+
+class ApiKeyForm(forms.ModelForm):
+    scopes = forms.MultipleChoiceField(choices=_choices(ApiKey.SCOPES),
+                                       widget=forms.CheckboxSelectMultiple, initial=["read"])
+    rooms = forms.CharField(required=False, help_text="Room names or patterns (* and ?), "
+                            "comma-separated; empty: every room")
+
+    class Meta:
+        model = ApiKey
+        fields = ["name"]
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(admin.ModelAdmin):
+    """Keys for the HTTP API: made here (the key is shown once, in the message that
+    follows), revoked here; never shown again (only its digest is kept)."""
+
+    list_display = ["name", "prefix", "scope_list", "room_list", "created_at", "last_used_at",
+                    "revoked_at"]
+    list_filter = [("revoked_at", admin.EmptyFieldListFilter)]
+    search_fields = ["name", "prefix"]
+    actions = ["revoke"]
+
+    def get_form(self, request, obj=None, change=False, **kwargs):
+        if obj is None:
+            kwargs["form"] = ApiKeyForm
+        return super().get_form(request, obj, change=change, **kwargs)
+
+    def get_fields(self, request, obj=None):
+        if obj is None:
+            return ["name", "scopes", "rooms"]
+        return ["name", "prefix", "scopes", "rooms", "created_at", "created_by",
+                "last_used_at", "revoked_at"]
+
+    def get_readonly_fields(self, request, obj=None):
+        return [] if obj is None else self.get_fields(request, obj)
+
+    @admin.display(description="scopes")
+    def scope_list(self, key: ApiKey) -> str:
+        return ", ".join(key.scopes)
+
+    @admin.display(description="rooms")
+    def room_list(self, key: ApiKey) -> str:
+        return ", ".join(key.rooms) or "all"
+
+    def save_model(self, request: HttpRequest, obj: ApiKey, form, change: bool) -> None:
+        if change:
+            return  # a key does not change: revoke it and make another
+        try:
+            record, key = access.api_key_create(
+                name=form.cleaned_data["name"], scopes=form.cleaned_data["scopes"],
+                rooms=form.cleaned_data["rooms"], created_by=request.user.get_username())
+        except GatewayError as exc:
+            self.message_user(request, f"No key made: {exc.detail}", messages.ERROR)
+            return
+        obj.pk = record.pk
+        self.message_user(request, f"API key {record.prefix} for {record.name}: {key} — copy "
+                          "it now, it is not shown again.", messages.WARNING)
+
+    def response_add(self, request, obj, post_url_continue=None):
+        return self.response_post_save_add(request, obj)
+
+    @admin.action(description="Revoke the selected keys (refused from now on)")
+    def revoke(self, request: HttpRequest, queryset: QuerySet) -> None:
+        count = sum(access.api_key_revoke(prefix=prefix)
+                    for prefix in queryset.values_list("prefix", flat=True))
+        self.message_user(request, f"Revoked {count} key(s).", messages.SUCCESS)
+
+    def has_delete_permission(self, request: HttpRequest, obj: ApiKey | None = None) -> bool:
+        return False  # revoked, not deleted: what it did keeps its sender
 
 
 @admin.register(SenderBlock)
