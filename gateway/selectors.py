@@ -11,6 +11,8 @@ from django.utils import timezone
 
 from gateway import events
 from gateway.models import BotChat, GatewayProcess, Message, RelayCursor, Room, RoomEvent
+from gateway.names import room_patterns_regex
+from gateway.policy import POLICY_FIELDS, policy_from_columns
 from gateway.presence import CHATS, members_counted
 from gateway.services import entry_event, message_events
 
@@ -239,13 +241,18 @@ def room_member_list(*, room: str) -> list[dict[str, object]]:
     return members_counted(member_entries(room=room))
 
 
-def room_list(*, limit: int = 200) -> list[dict[str, object]]:
-    """The ``limit`` most recently active rooms with their members by protocol."""
+def room_list(
+    *, limit: int = 200, patterns: tuple[str, ...] | None = None
+) -> list[dict[str, object]]:
+    """The ``limit`` most recently active rooms with their members by protocol (only those
+    matching ``patterns``, when given)."""
     counts: dict[str, dict[str, set[str]]] = {}
     for entry in member_entries():
         counts.setdefault(entry["room"], {}).setdefault(entry["protocol"], set()).add(entry["id"])
     rooms = []
     recent = Room.objects.order_by(F("last_activity").desc(nulls_last=True), "name")
+    if patterns is not None:
+        recent = recent.filter(name__regex=room_patterns_regex(patterns))
     for room in recent[:limit]:
         by_protocol = {p: len(ids) for p, ids in sorted(counts.get(room.name, {}).items())}
         rooms.append(
@@ -264,6 +271,43 @@ def bot_chat_origin(platform: str, chat_id: str) -> str:
     """The origin of the messages a bot chat posts, and its member id: a chat is never sent
     what came from it."""
     return f"{platform}-chat-{chat_id}"
+
+
+def room_detail(*, room: str) -> dict[str, object] | None:
+    """What the API shows of a room besides its members: its cursor, whether it is closed,
+    its first available cursor (retention prunes what is before), its policy; None if there
+    is no such room."""
+    row = Room.objects.filter(name=room).values(
+        "last_seq", "closed", "horizon", "last_activity", *POLICY_FIELDS).first()
+    if row is None:
+        return None
+    activity = row.pop("last_activity")
+    return {"name": room, "last_id": row.pop("last_seq"), "closed": row.pop("closed"),
+            "first_available": row.pop("horizon") + 1,
+            "last_activity": activity.timestamp() if activity else None,
+            "policy": policy_from_columns(**row).public()}
+
+
+def room_cursor_and_horizon(*, room: str) -> tuple[int, int]:
+    """The room's newest cursor and its retention horizon (what is at or before it was
+    pruned); ``(0, 0)`` for a room that does not exist."""
+    found = Room.objects.filter(name=room).values_list("last_seq", "horizon").first()
+    return found or (0, 0)
+
+
+def room_horizon(*, room: str) -> int:
+    """The cursor up to which retention pruned the room's log (0: nothing)."""
+    return Room.objects.filter(name=room).values_list("horizon", flat=True).first() or 0
+
+
+def rooms_with_retention() -> list[str]:
+    """The rooms whose log may have something to prune: those with a retention of their
+    own, or every room when the gateway has a default retention."""
+    defaults = settings.GATEWAY
+    rooms = Room.objects.all()
+    if not (defaults["RETENTION_DAYS"] or defaults["RETENTION_MESSAGES"]):
+        rooms = rooms.filter(Q(retention_days__gt=0) | Q(retention_messages__gt=0))
+    return list(rooms.order_by("name").values_list("name", flat=True))
 
 
 def room_closed(*, room: str) -> bool | None:

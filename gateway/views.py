@@ -1,17 +1,14 @@
-"""Web pages and the JSON history API."""
+"""Web pages, the probes and the metrics (the JSON API is gateway/api.py)."""
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Callable
 
 from django.conf import settings
 from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
-from django.views.decorators.http import require_GET
 
 from gateway import selectors, status
 from gateway.adapters import adapters_enabled
@@ -63,74 +60,6 @@ def chat(request: HttpRequest, room: str) -> HttpResponse:
         request, "gateway/chat.html",
         {"room": room, "max_length": settings.GATEWAY["MAX_MESSAGE_LENGTH"],
          "history": settings.GATEWAY["HISTORY_PAGE_SIZE"]},
-    )
-
-
-def api(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
-    """A JSON API view: GET only, the login rule, and a valid ``room`` when the URL has one."""
-
-    @require_GET
-    @functools.wraps(view)
-    def wrapper(request: HttpRequest, **kwargs: str) -> HttpResponse:
-        if settings.GATEWAY["REQUIRE_LOGIN"] and not request.user.is_authenticated:
-            return error_response(401, "login_required", "log in first")
-        if "room" in kwargs and not room_name_is_valid(kwargs["room"]):
-            return error_response(400, "invalid_room", f"invalid room name: {ROOM_NAME_RULE}")
-        return view(request, **kwargs)
-
-    return wrapper
-
-
-@api
-def api_rooms(request: HttpRequest) -> HttpResponse:
-    """``?limit=<n>`` (default 200): the most recently active rooms first."""
-    maximum = max(settings.GATEWAY["HISTORY_MAX_PAGE_SIZE"], 200)
-    try:
-        limit = int(request.GET.get("limit", 200))
-    except ValueError:
-        return error_response(400, "invalid_query", "'limit' must be an integer")
-    if not 1 <= limit <= maximum:
-        return error_response(400, "invalid_query", f"'limit' must be 1-{maximum}")
-    return JsonResponse({"rooms": selectors.room_list(limit=limit)})
-
-
-@api
-def api_room(request: HttpRequest, room: str) -> HttpResponse:
-    last = selectors.room_last_seqs(rooms=[room])[room]
-    return JsonResponse(
-        {"name": room, "last_id": last, "members": selectors.room_member_list(room=room)}
-    )
-
-
-@api
-def api_messages(request: HttpRequest, room: str) -> HttpResponse:
-    """``?after=<id>&limit=<n>``: messages after an id, oldest first; ``next_after`` pages on.
-    Without ``after``, the newest ``limit`` messages. Each in its current state: its text
-    after edits (``edited_at``), ``reply_to``, ``reactions`` (senders per emoji), and
-    ``deleted`` (true: its text is gone).
-    """
-    maximum = settings.GATEWAY["HISTORY_MAX_PAGE_SIZE"]
-    try:
-        limit = int(request.GET.get("limit", settings.GATEWAY["HISTORY_PAGE_SIZE"]))
-        after = request.GET.get("after")
-        after_id = None if after is None else int(after)
-    except ValueError:
-        return error_response(400, "invalid_query", "'after' and 'limit' must be integers")
-    if not 1 <= limit <= maximum or (after_id is not None and after_id < 0):
-        return error_response(400, "invalid_query", f"'limit' must be 1-{maximum}; 'after' >= 0")
-    more = False
-    # The cursor first: what is stored after it was read is after it too, so a client that
-    # resumes from it misses nothing the page did not show.
-    last = selectors.room_last_seqs(rooms=[room])[room]
-    if after_id is None:
-        messages = selectors.room_history(room=room, limit=limit)
-    else:
-        # One more than the page, to know whether another follows.
-        messages = selectors.room_history(room=room, after=after_id, limit=limit + 1)
-        more, messages = len(messages) > limit, messages[:limit]
-    return JsonResponse(
-        {"room": room, "messages": messages, "last_id": last,
-         "next_after": messages[-1]["id"] if more else None}
     )
 
 

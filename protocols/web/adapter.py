@@ -16,22 +16,27 @@ class WebAdapter(Adapter):
 
     @property
     def sender_protocols(self) -> tuple[str, ...]:
-        return ("web",)
+        return ("web", "api")  # pages, and programs with an API key (gateway/api.py)
 
     def http_routes(self) -> list:
         from django.contrib import admin
         from django.contrib.auth import views as auth_views
         from django.urls import path, re_path
 
-        from gateway import views
+        from gateway import api, openapi, views
 
         return [
             path("", views.index, name="index"),
             re_path(r"^chat/(?P<room>[^/]*)/$", views.chat, name="chat"),
-            path("api/rooms/", views.api_rooms, name="api-rooms"),
-            re_path(r"^api/rooms/(?P<room>[^/]*)/$", views.api_room, name="api-room"),
-            re_path(r"^api/rooms/(?P<room>[^/]*)/messages$", views.api_messages,
+            path("api/rooms/", api.api_rooms, name="api-rooms"),
+            re_path(r"^api/rooms/(?P<room>[^/]*)/$", api.api_room, name="api-room"),
+            re_path(r"^api/rooms/(?P<room>[^/]*)/messages$", api.api_messages,
                     name="api-messages"),
+            re_path(r"^api/rooms/(?P<room>[^/]*)/messages/(?P<id>[1-9][0-9]{0,17})$",
+                    api.api_message, name="api-message"),
+            re_path(r"^api/rooms/(?P<room>[^/]*)/messages/(?P<id>[1-9][0-9]{0,17})/reactions$",
+                    api.api_reactions, name="api-reactions"),
+            path("api/openapi.json", openapi.openapi_json, name="api-openapi"),
             path("dashboard/", views.dashboard, name="dashboard"),
             path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
             path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),

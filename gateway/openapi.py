@@ -1,0 +1,310 @@
+"""The HTTP API's OpenAPI 3.1 description, served at ``/api/openapi.json``.
+
+Written by hand next to the views (gateway/api.py) rather than
+generated: the API is small, its refusals matter as much as its answers, and
+tests/test_openapi.py holds the two together (every route is described, the document is
+valid, and what the views answer follows its schemas).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.http import HttpRequest, JsonResponse
+
+REF = "#/components/schemas/"
+
+
+def ref(name: str) -> dict[str, str]:
+    return {"$ref": REF + name}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return _json(ref("Error"), description)
+
+
+ROOM = {"name": "room", "in": "path", "required": True,
+        "description": "1 to 64 of A-Z a-z 0-9 - _ .",
+        "schema": {"type": "string", "pattern": "^[A-Za-z0-9_.\\-]{1,64}$"}}
+MESSAGE_ID = {"name": "id", "in": "path", "required": True,
+              "schema": {"type": "integer", "minimum": 1}}
+NULLABLE_STRING = {"type": ["string", "null"]}
+NULLABLE_TIME = {"type": ["number", "null"], "description": "epoch seconds"}
+
+COMMON = {
+    "401": _error("No credentials where they are needed, or a bad key or token "
+                  "(`unauthorized`, `invalid_key`, `token_invalid`, `token_expired`, "
+                  "`login_required`)"),
+    "403": _error("Not allowed: the key's scopes or rooms (`forbidden`), the room's policy "
+                  "(`read_only`), a blocked sender (`blocked`), a session without its CSRF "
+                  "token (`csrf_failed`)"),
+    "429": {**_error("Too many requests from this key (or messages into this room)"),
+            "headers": {"Retry-After": {"schema": {"type": "integer"},
+                                        "description": "seconds"}}},
+    "503": _error("The database could not be reached: try again"),
+}
+
+
+def _sender() -> dict[str, Any]:
+    return {"type": "object", "required": ["protocol", "id", "name"],
+            "properties": {"protocol": {"type": "string", "examples": ["api"]},
+                           "id": {"type": "string", "examples": ["key:3f2a9c0e"]},
+                           "name": {"type": "string"}},
+            "additionalProperties": False}
+
+
+def schemas() -> dict[str, Any]:
+    return {
+        "Error": {"type": "object", "required": ["type", "code", "detail"],
+                  "properties": {"type": {"const": "error"}, "code": {"type": "string"},
+                                 "detail": {"type": "string"}},
+                  "additionalProperties": False},
+        "Sender": _sender(),
+        "ReplyRef": {"type": "object", "required": ["id", "sender", "excerpt"],
+                     "properties": {"id": {"type": "integer"}, "sender": ref("Sender"),
+                                    "excerpt": {"type": "string"}},
+                     "additionalProperties": False},
+        "Message": {
+            "type": "object",
+            "required": ["id", "room", "message", "sender", "ts", "client_id", "reply_to",
+                         "edited_at", "reactions"],
+            "properties": {
+                "type": {"const": "message"},
+                "id": {"type": "integer", "description": "its cursor in the room's log"},
+                "room": {"type": "string"},
+                "message": {"type": "string", "description": "its text now (after edits)"},
+                "sender": ref("Sender"),
+                "ts": {"type": "number", "description": "epoch seconds, when stored"},
+                "client_id": NULLABLE_STRING,
+                "reply_to": {"oneOf": [ref("ReplyRef"), {"type": "null"}]},
+                "edited_at": NULLABLE_TIME,
+                "reactions": {"type": "object", "additionalProperties": {"type": "integer"},
+                              "description": "senders per emoji"},
+                "deleted": {"type": "boolean"},
+                "cursor": {"type": "integer"},
+                "duplicate": {"type": "boolean",
+                              "description": "its client_id was stored before: this is "
+                                             "that message"},
+            },
+            "additionalProperties": False,
+        },
+        "MessagePost": {
+            "type": "object", "required": ["message"],
+            "properties": {
+                "message": {"type": "string", "minLength": 1,
+                            "maxLength": settings.GATEWAY["MAX_MESSAGE_LENGTH"]},
+                "name": {"type": "string", "description": "the sender name shown for this "
+                         "message (default: the key's name)"},
+                "client_id": {"type": "string", "minLength": 1, "maxLength": 64,
+                              "description": "the same again: stored once"},
+                "reply_to": {"type": "integer", "minimum": 1},
+            },
+        },
+        "Change": {
+            "type": "object", "required": ["type", "id", "room", "cursor", "duplicate"],
+            "description": "an entry of the room's log about one message (its public shape "
+                           "on every protocol); `cursor` null: nothing changed",
+            "properties": {
+                "type": {"enum": ["edit", "delete", "reaction"]},
+                "id": {"type": "integer"}, "room": {"type": "string"},
+                "cursor": {"type": ["integer", "null"]}, "sender": ref("Sender"),
+                "message": {"type": "string"}, "edited_at": {"type": "number"},
+                "ts": {"type": "number"}, "emoji": {"type": "string"},
+                "added": {"type": "boolean"}, "count": {"type": "integer"},
+                "client_id": NULLABLE_STRING, "duplicate": {"type": "boolean"},
+            },
+            "additionalProperties": False,
+        },
+        "History": {
+            "type": "object",
+            "required": ["room", "messages", "last_id", "next_after", "first_available"],
+            "properties": {
+                "room": {"type": "string"},
+                "messages": {"type": "array", "items": ref("Message")},
+                "last_id": {"type": "integer", "description": "the room's newest cursor"},
+                "next_after": {"type": ["integer", "null"]},
+                "first_available": {"type": "integer",
+                                    "description": "retention pruned the cursors before it"},
+                "pruned": {"type": "boolean",
+                           "description": "`after` asked for entries retention pruned"},
+            },
+            "additionalProperties": False,
+        },
+        "Policy": {
+            "type": "object",
+            "properties": {
+                "post": {"type": ["array", "null"], "items": {"type": "string"},
+                         "description": "sender protocols that may post (null: all)"},
+                "receive": {"type": ["array", "null"], "items": {"type": "string"},
+                            "description": "protocols the room reaches (null: all)"},
+                "name_format": {"type": "object", "additionalProperties": {"type": "string"},
+                                "description": "per target protocol: {name}, {protocol}, "
+                                               "{room}, {id}"},
+                "rate_limit": {"oneOf": [{"type": "null"}, {
+                    "type": "object", "required": ["per_second"],
+                    "properties": {"per_second": {"type": "number", "exclusiveMinimum": 0},
+                                   "burst": {"type": "integer", "minimum": 1}},
+                    "additionalProperties": False}]},
+                "retention": {"type": "object", "properties": {
+                    "days": {"type": ["integer", "null"], "minimum": 0},
+                    "messages": {"type": ["integer", "null"], "minimum": 0}},
+                    "additionalProperties": False,
+                    "description": "null: the gateway's default; 0: forever"},
+                "notices": {"type": "boolean"},
+            },
+            "additionalProperties": False,
+        },
+        "Member": {"type": "object", "required": ["protocol", "id", "name", "connections"],
+                   "properties": {"protocol": {"type": "string"}, "id": {"type": "string"},
+                                  "name": {"type": "string"},
+                                  "connections": {"type": "integer"}}},
+        "Room": {
+            "type": "object", "required": ["name", "last_id", "members", "exists"],
+            "properties": {
+                "name": {"type": "string"}, "last_id": {"type": "integer"},
+                "exists": {"type": "boolean"}, "closed": {"type": "boolean"},
+                "first_available": {"type": "integer"}, "last_activity": NULLABLE_TIME,
+                "policy": ref("Policy"),
+                "members": {"type": "array", "items": ref("Member")},
+            },
+            "additionalProperties": False,
+        },
+        "RoomSummary": {
+            "type": "object",
+            "required": ["name", "members", "members_by_protocol", "last_id", "last_activity"],
+            "properties": {"name": {"type": "string"}, "members": {"type": "integer"},
+                           "members_by_protocol": {"type": "object",
+                                                   "additionalProperties": {"type": "integer"}},
+                           "last_id": {"type": "integer"}, "last_activity": NULLABLE_TIME},
+            "additionalProperties": False,
+        },
+    }
+
+
+def _op(summary: str, responses: dict[str, Any], *, scope: str | None = None,
+        body: str | None = None, parameters: list[dict[str, Any]] | None = None,
+        description: str = "") -> dict[str, Any]:
+    operation: dict[str, Any] = {"summary": summary, "responses": {**responses, **COMMON}}
+    if description:
+        operation["description"] = description
+    if scope is not None:
+        operation["description"] = (operation.get("description", "") + f" Needs `{scope}`.")
+    if body is not None:
+        operation["requestBody"] = {"required": True, "content": {
+            "application/json": {"schema": ref(body)}}}
+    if parameters:
+        operation["parameters"] = parameters
+    return operation
+
+
+def paths() -> dict[str, Any]:
+    after = {"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0}}
+    limit = {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}}
+    client_id = {"name": "client_id", "in": "query", "schema": {"type": "string"}}
+    bad = _error("A bad body or query (`invalid_json`, `missing_message`, ...)")
+    return {
+        "/api/rooms/": {"get": _op("The most recently active rooms (those the key may use)", {
+            "200": _json({"type": "object", "required": ["rooms"], "properties": {
+                "rooms": {"type": "array", "items": ref("RoomSummary")}}}, "the rooms"),
+            "400": bad}, scope="read", parameters=[limit])},
+        "/api/rooms/{room}/": {
+            "parameters": [ROOM],
+            "get": _op("A room: its cursor, members, policy, first available cursor",
+                       {"200": _json(ref("Room"), "the room"), "400": bad}, scope="read"),
+            "put": {**_op("Create the room (and give it a policy)", {
+                "200": _json(ref("Room"), "it existed"), "201": _json(ref("Room"), "created"),
+                "400": bad, "404": _error("a bad room name")}, scope="manage"),
+                "requestBody": {"required": False, "content": {"application/json": {
+                    "schema": {"type": "object", "properties": {"policy": ref("Policy")}}}}}},
+            "patch": {**_op("Close or reopen the room, change its policy (applied live)", {
+                "200": _json(ref("Room"), "changed"), "400": bad,
+                "404": _error("no such room, or a bad name")}, scope="manage"),
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"type": "object", "properties": {
+                        "closed": {"type": "boolean"}, "policy": ref("Policy")},
+                        "additionalProperties": False}}}}},
+        },
+        "/api/rooms/{room}/messages": {
+            "parameters": [ROOM],
+            "get": _op("History: messages after a cursor, oldest first, each as it is now", {
+                "200": _json(ref("History"), "a page"), "400": bad}, scope="read",
+                parameters=[after, limit]),
+            "post": _op("Post a message", {
+                "201": _json(ref("Message"), "stored"),
+                "200": _json(ref("Message"), "its client_id was stored before"),
+                "400": bad, "404": _error("a bad room name; a new room only staff may open"),
+                "409": _error("the room is closed"),
+                "413": _error("over the length limit, or the body over its limit"),
+                "415": _error("not JSON")}, scope="post", body="MessagePost"),
+        },
+        "/api/rooms/{room}/messages/{id}": {
+            "parameters": [ROOM, MESSAGE_ID],
+            "get": _op("One message as it is now", {
+                "200": _json(ref("Message"), "the message"),
+                "404": _error("no such message")}, scope="read"),
+            "patch": _op("Edit a message (the key's own; any with manage)", {
+                "200": _json(ref("Change"), "the edit"), "400": bad,
+                "404": _error("no such message"), "409": _error("deleted, or room closed")},
+                scope="post", body="MessagePost"),
+            "delete": _op("Delete a message (the key's own; any with manage)", {
+                "200": _json(ref("Change"), "the delete"),
+                "404": _error("no such message"), "409": _error("deleted already")},
+                scope="post", parameters=[client_id]),
+        },
+        "/api/rooms/{room}/messages/{id}/reactions": {
+            "parameters": [ROOM, MESSAGE_ID],
+            "post": {**_op("React (toggle, or `added` true/false to set)", {
+                "200": _json(ref("Change"), "the reaction"), "400": bad,
+                "404": _error("no such message")}, scope="post"),
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"type": "object", "required": ["emoji"], "properties": {
+                        "emoji": {"type": "string"}, "added": {"type": "boolean"},
+                        "client_id": {"type": "string"}}}}}}},
+        },
+        "/sse/rooms/{room}/": {
+            "parameters": [ROOM],
+            "get": {"summary": "The room's log as Server-Sent Events (`id` is the cursor; "
+                               "`Last-Event-ID` or `after` resumes)",
+                    "parameters": [after, {"name": "token", "in": "query",
+                                           "schema": {"type": "string"},
+                                           "description": "a connect token (JWT)"}],
+                    "responses": {"200": {"description": "the stream", "content": {
+                        "text/event-stream": {"schema": {"type": "string"}}}},
+                        "404": _error("no such room"), "410": _error("the room is closed"),
+                        **COMMON}},
+        },
+    }
+
+
+def document() -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "rt-gateway", "version": "1",
+                 "description": "Rooms shared by browsers, MQTT devices, Telegram chats and "
+                                "other programs. Errors are `{type, code, detail}`."},
+        "paths": paths(),
+        "components": {
+            "schemas": schemas(),
+            "securitySchemes": {
+                "apiKey": {"type": "http", "scheme": "bearer",
+                           "description": "an API key, gwk_...: `gateway manage apikey "
+                                          "create` or the admin"},
+                "connectToken": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+                                 "description": "a connect token from another backend "
+                                                "(reads the rooms it may join)"},
+                "session": {"type": "apiKey", "in": "cookie", "name": "sessionid",
+                            "description": "a logged-in user (writes need the CSRF token)"},
+            },
+        },
+        "security": [{"apiKey": []}, {"connectToken": []}, {"session": []}, {}],
+    }
+
+
+def openapi_json(request: HttpRequest) -> JsonResponse:
+    """``GET /api/openapi.json``."""
+    return JsonResponse(document(), json_dumps_params={"indent": 1})
