@@ -136,6 +136,10 @@ class RoomConsumer(ScopeConsumer):
         page = settings.GATEWAY["HISTORY_MAX_PAGE_SIZE"]
         target = hub.last_seq(room)
         position = self.joined_at if after is None else min(after, target or 0)
+        if after is not None and target is not None and after < target:
+            horizon = await database_sync_to_async(selectors.room_horizon)(room=room)
+            if after < horizon:  # retention removed some of what it asks for: say so
+                await self.send_pruned(after=after, first_available=horizon + 1)
         while target is not None and position < target and self.is_open():
             entries, reached = await database_sync_to_async(selectors.room_log_after)(
                 room=room, after=position, upto=target, limit=page
@@ -199,6 +203,10 @@ class RoomConsumer(ScopeConsumer):
     async def send_room_event(self, event: RoomMessage, delivery: Delivery) -> None:
         """Translate a room message into this protocol; implemented per protocol."""
         raise NotImplementedError
+
+    async def send_pruned(self, *, after: int, first_available: int) -> None:
+        """The client resumes from ``after``, but retention pruned the log before
+        ``first_available``: say so, once, before the replay; by default nothing."""
 
     async def send_room_entry(self, entry: RoomEntry, delivery: Delivery) -> None:
         """Any other log entry (a delete, a close, a reopen); by default nothing (a relay

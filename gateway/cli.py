@@ -68,7 +68,11 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"debug pages, is reachable from other machines. Use DJANGO_DEBUG=0 for that.")
     try:
         context = RunContext(application=application, options=args)
-        services = [server for adapter in adapters_enabled() for server in adapter.servers(context)]
+        from gateway.retention import Pruner
+
+        # The core's own periodic work first, then each protocol's servers.
+        services = [Pruner(), *(server for adapter in adapters_enabled()
+                                for server in adapter.servers(context))]
     except RunRefused as exc:
         print(f"gateway run refused: {exc}", file=sys.stderr, flush=True)
         return 2

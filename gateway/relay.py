@@ -272,6 +272,10 @@ class _Feed:
     def caught_up(self) -> bool:
         return all(t.position >= self.head for t in self.targets.values())
 
+    async def horizon(self) -> int:
+        """The cursor up to which retention pruned the room's log (read now)."""
+        return await database_sync_to_async(selectors.room_horizon)(room=self.room)
+
     def policy(self) -> Policy:
         """The room's policy as the hub knows it (as of the newest entry it delivered)."""
         return self.hub.room_policy(self.room) if self.hub is not None else DEFAULT_POLICY
@@ -583,6 +587,11 @@ class Relay:
                 if role.backlog is not None and feed.head - target.position > role.backlog:
                     await self._skip(feed, target, upto=feed.head - role.backlog)
                     continue
+                if target.position < feed.tail_from and (
+                        horizon := await feed.horizon()) > target.position:
+                    # Retention pruned what it has not had: skipped, and told.
+                    await self._skip(feed, target, upto=horizon, why="pruned")
+                    continue
                 entries, reached = await feed.read(target.position, role.batch_size)
                 cut = _policy_cut(entries, role.protocol)
                 if cut is not None:
@@ -668,7 +677,8 @@ class Relay:
             self._dirty[(feed.room, target.key)] = batch.done_upto
             feed.trim()
 
-    async def _skip(self, feed: _Feed, target: _Target, *, upto: int) -> None:
+    async def _skip(self, feed: _Feed, target: _Target, *, upto: int,
+                    why: str = "backlog") -> None:
         after = target.position
         await self.role.skipped(feed.room, target.key, after=after, upto=upto)
         count = upto - after
@@ -676,11 +686,13 @@ class Relay:
         metrics.RELAY_SKIPPED.labels(self.role.name).inc(count)
         if time.monotonic() - self._skip_logged_at >= SKIP_LOG_INTERVAL:
             self._skip_logged_at = time.monotonic()
-            logger.warning("a relay target fell behind: its oldest entries are skipped "
-                           "(%d in all so far; logged at most every %.0fs)",
-                           self.stats["skipped"], SKIP_LOG_INTERVAL,
+            cause = ("retention pruned them" if why == "pruned"
+                     else "it fell behind its backlog")
+            logger.warning("a relay target skips entries: %s (%d in all so far; logged at "
+                           "most every %.0fs)", cause, self.stats["skipped"], SKIP_LOG_INTERVAL,
                            extra={**self._log, "room": feed.room, "target": target.key,
-                                  "after": after, "upto": upto, "backlog": self.role.backlog})
+                                  "after": after, "upto": upto, "backlog": self.role.backlog,
+                                  "why": why})
         await self._advance(feed, target, upto)
 
     async def _advance(self, feed: _Feed, target: _Target, reached: int) -> None:

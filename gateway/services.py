@@ -1340,6 +1340,69 @@ def room_policy_set(
     return policy, entry
 
 
+# --- retention: the log's horizon ---------------------------------------------------------------
+
+PRUNE_CHUNK = 1000  # cursors pruned by one transaction
+
+
+def room_retention(*, days: int | None, messages: int | None) -> tuple[int | None, int | None]:
+    """The retention that applies to a room with this policy: its own, else the gateway's
+    (``GATEWAY_RETENTION_*``); None for each rule that keeps everything (0 in the policy)."""
+    default = settings.GATEWAY
+    days = default["RETENTION_DAYS"] if days is None else days
+    messages = default["RETENTION_MESSAGES"] if messages is None else messages
+    return days or None, messages or None
+
+
+def room_horizon_due(*, room: str, now: float) -> int:
+    """The cursor the room's log may be pruned up to now (its current horizon if nothing
+    more): the last message older than its retention's days, or the one before its newest
+    ``messages``, whichever is later."""
+    row = Room.objects.filter(name=room).values_list(
+        "pk", "horizon", "retention_days", "retention_messages").first()
+    if row is None:
+        return 0
+    room_pk, horizon, days, messages = row
+    days, messages = room_retention(days=days, messages=messages)
+    due = horizon
+    if messages is not None:
+        beyond = (Message.objects.filter(room_id=room_pk).order_by("-seq")
+                  .values_list("seq", flat=True)[messages:messages + 1])
+        due = max(due, next(iter(beyond), 0))
+    if days is not None:
+        cutoff = datetime.fromtimestamp(now - days * 86_400, tz=UTC)
+        # Forward from the horizon on the (room, seq) index, reading only what goes (and
+        # one more): cursors are taken in time order.
+        older = (Message.objects.filter(room_id=room_pk, seq__gt=due, created_at__lt=cutoff)
+                 .order_by("-seq").values_list("seq", flat=True)[:1])
+        due = max(due, next(iter(older), 0))
+    return due
+
+
+def room_prune(*, room: str, upto: int) -> tuple[int, int]:
+    """Remove the room's log after its horizon up to the cursor ``upto``, at most
+    ``PRUNE_CHUNK`` cursors of it in one transaction (messages with their reactions, edit
+    histories and places in bot chats; the other entries), and move its horizon there, only
+    forward. Returns how many entries went and the horizon now: call again until it is
+    ``upto``."""
+    with transaction.atomic():
+        room_pk, horizon = Room.objects.filter(name=room).values_list("pk", "horizon").get()
+        if horizon >= upto:
+            return 0, horizon
+        step = min(upto, horizon + PRUNE_CHUNK)
+        window = {"room_id": room_pk, "seq__gt": horizon, "seq__lte": step}
+        Reaction.objects.filter(**window).delete()
+        MessageRevision.objects.filter(message__room_id=room_pk, message__seq__gt=horizon,
+                                       message__seq__lte=step).delete()
+        BotMessage.objects.filter(room=room, seq__gt=horizon, seq__lte=step).delete()
+        removed = (Message.objects.filter(**window).delete()[0]
+                   + RoomEvent.objects.filter(**window).delete()[0])
+        Room.objects.filter(pk=room_pk, horizon__lt=step).update(horizon=step)
+    if removed:
+        metrics.RETENTION_PRUNED.inc(removed)
+    return removed, step
+
+
 def device_seen(*, device_id: str, protocol: str, room: str) -> None:
     """Record that a device (a sender of ``protocol``) was active in a room."""
     now = datetime.fromtimestamp(time.time(), tz=UTC)
