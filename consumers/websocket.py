@@ -61,12 +61,14 @@ Replies (errors, pongs, acks) share the send-backlog limit of room messages
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
 import logging
 import re
 import secrets
+import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs
@@ -77,7 +79,7 @@ from django.conf import settings
 from django.db import DatabaseError
 
 from consumers.base import RoomConsumer
-from gateway import events, metrics, selectors, services
+from gateway import access, events, metrics, selectors, services
 from gateway.errors import GatewayError
 from gateway.fanout import (
     END_DISCONNECTED,
@@ -89,6 +91,8 @@ from gateway.fanout import (
 from gateway.ingest import message_post
 from gateway.logging import LogSampler
 from gateway.names import ROOM_NAME_RULE, display_name_clean, room_name_is_valid
+from gateway.policy import DEFAULT as DEFAULT_POLICY
+from gateway.policy import Policy, message_shown
 from gateway.ratelimit import TokenBucket, flood_limit
 from gateway.services import Post
 
@@ -106,7 +110,14 @@ CLOSE_POLICY = 1008
 # send (only 1000 and 3000-4999): clients reconnect, to another replica if any, and resume.
 CLOSE_RESTARTING = 4012
 CLOSE_DISCONNECTED = 4403  # by staff: the page does not reconnect by itself
+CLOSE_NOT_REACHED = 4403  # the room's policy does not reach the web (do not reconnect)
+CLOSE_TOKEN_EXPIRED = 4419  # the connect token expired: reconnect with a new one
 END_CODES = {END_SHUTDOWN: CLOSE_RESTARTING, END_DISCONNECTED: CLOSE_DISCONNECTED}
+# Connect tokens refused (gateway/access.py): before accept with ?token= (the client sees
+# HTTP 403, the log the code), or after it with an auth frame (the client sees the code).
+TOKEN_CLOSE_CODES = {"token_invalid": CLOSE_LOGIN_REQUIRED, "token_expired": CLOSE_TOKEN_EXPIRED,
+                     "token_room": CLOSE_DISCONNECTED}
+AUTH_FRAME = "frame"  # ?auth=frame: the token comes in the first frame
 
 LOGGED_PER_CODE = 5
 # Error codes that are the server's fault: they cost the client nothing.
@@ -119,6 +130,8 @@ PRESENCE_FORMAT = "ws-presence"
 DELETED_FORMAT = "ws-deleted"
 PREPARED_DELETED_FORMAT = "ws-deleted-prepared"
 PREPARED_ENTRY_FORMAT = "ws-entry-prepared"
+POLICY_FORMAT = "ws-policy"
+PREPARED_POLICY_FORMAT = "ws-policy-prepared"
 UID_RE = re.compile(r"[A-Za-z0-9_\-]{8,64}")
 SUBPROTOCOL_V2 = "rt-gateway.v2"  # or ?v=2: the extended frames
 
@@ -146,6 +159,11 @@ def presence_frames(change: PresenceChange) -> list[str]:
         for key, members in (("joined", change.joined), ("left", change.left)) if members]
 
 
+def policy_frame(entry: events.RoomEntry) -> str:
+    """A policy entry, for extended clients: the room's policy from this cursor on."""
+    return json.dumps(events.policy_public(entry), ensure_ascii=False, separators=(",", ":"))
+
+
 def entry_frame(entry: events.RoomEntry) -> str | None:
     """The one WebSocket encoding of another log entry (extended clients only); None for
     the room's own entries (a close is a close code)."""
@@ -165,8 +183,13 @@ class ChatConsumer(RoomConsumer):
         self.subprotocol: str | None = None
         self.extended = False  # the client asked for the extended frames (v2)
         self.staff = False
+        self.awaiting_auth: tuple[str, int | None] | None = None  # (room, after) until then
+        self.timer: asyncio.TimerHandle | None = None  # the auth frame's deadline, or expiry
+        self.closing: asyncio.Future[None] | None = None
 
     async def finish(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
         counted = self.log_sample.counted()
         if counted:
             logger.warning("client errors counted but not logged on this connection: %s",
@@ -179,10 +202,6 @@ class ChatConsumer(RoomConsumer):
         room = self.scope["url_route"]["kwargs"]["room"]
         if not room_name_is_valid(room):
             return await self._refuse(CLOSE_INVALID, f"invalid room name: {ROOM_NAME_RULE}")
-        user = self.scope.get("user")
-        authenticated = bool(user is not None and user.is_authenticated)
-        if settings.GATEWAY["REQUIRE_LOGIN"] and not authenticated:
-            return await self._refuse(CLOSE_LOGIN_REQUIRED, "login required")
         query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
         try:
             after = _int_param(query, "after")
@@ -191,50 +210,136 @@ class ChatConsumer(RoomConsumer):
             return await self._refuse(CLOSE_INVALID, str(exc))
         if version not in (None, 1, 2):
             return await self._refuse(CLOSE_INVALID, "'v' must be 1 or 2")
+        auth = (query.get("auth") or [None])[-1]
+        if auth not in (None, AUTH_FRAME):
+            return await self._refuse(CLOSE_INVALID, f"'auth' must be {AUTH_FRAME}")
         offered = self.scope.get("subprotocols") or []
         self.subprotocol = SUBPROTOCOL_V2 if SUBPROTOCOL_V2 in offered else None
         self.extended = version == 2 or self.subprotocol is not None
-        if authenticated:
-            member_id, name = f"user:{user.pk}", user.get_username()[:128]
-        else:
-            member_id, name = _anonymous_identity(query)
-        self.sender = events.sender(protocol=self.protocol, id=member_id, name=name)
         self.writer = self.scope.get("extensions", {}).get(FRAME_WRITER_EXTENSION)
         self.send_buffer_limit = settings.GATEWAY["WS_SEND_BUFFER_LIMIT"]
         self.bucket = flood_limit()
         self.refusals = TokenBucket(rate=1.0, burst=settings.GATEWAY["WS_ERROR_LIMIT"])
-        self.staff = staff = bool(authenticated and user.is_staff)
+        token = (query.get("token") or [None])[-1]
+        if token is not None:
+            identity = await self._token_identity(token, room)
+            if identity is not None:
+                await self._enter(room, after, identity=identity)
+            return
+        if auth == AUTH_FRAME:
+            # Accepted; the first frame must be {"type": "auth", "token": ...} (a token kept
+            # out of URLs, and so out of proxies' logs), in time.
+            self.awaiting_auth = (room, after)
+            await self._accept()
+            self.timer = asyncio.get_running_loop().call_later(
+                settings.GATEWAY["WS_HANDSHAKE_TIMEOUT"], self._close_soon,
+                CLOSE_LOGIN_REQUIRED, "no auth frame in time")
+            return
+        user = self.scope.get("user")
+        authenticated = bool(user is not None and user.is_authenticated)
+        if settings.GATEWAY["REQUIRE_LOGIN"] and not authenticated:
+            return await self._refuse(CLOSE_LOGIN_REQUIRED, "login required")
+        await self._enter(room, after, user=user if authenticated else None, query=query)
+
+    async def _token_identity(
+        self, token: str, room: str, *, accepted: bool = False
+    ) -> access.TokenIdentity | None:
+        """The identity of a connect token that allows ``room``; None once the socket is
+        refused (before accept with ``?token=``, after it with an auth frame)."""
+        try:
+            identity = await access.connect_token_verify_async(token)
+            access.token_room_check(identity, room)
+        except GatewayError as exc:
+            if exc.code == "unavailable":  # the issuer's keys cannot be fetched: try again
+                code = CLOSE_RESTARTING if accepted else CLOSE_JOIN_FAILED
+            else:
+                code = TOKEN_CLOSE_CODES.get(exc.code, CLOSE_LOGIN_REQUIRED)
+            self.closed = accepted
+            await self._refuse(code, f"{exc.code}: {exc.detail}")
+            return None
+        return identity
+
+    async def _enter(
+        self, room: str, after: int | None, *, identity: access.TokenIdentity | None = None,
+        user=None, query: dict[str, list[str]] | None = None, accepted: bool = False,
+    ) -> None:
+        """Join the room as the token's holder, the logged-in user or an anonymous visitor,
+        catch up and go live (``accepted``: the socket is open already: refusals are
+        closes the client sees)."""
+        if identity is not None:
+            self.sender, creator = identity.sender, identity.sender["id"]
+        elif user is not None:
+            self.sender = events.sender(protocol=self.protocol, id=f"user:{user.pk}",
+                                        name=user.get_username()[:128])
+            creator = None
+        else:
+            member_id, name = _anonymous_identity(query or {})
+            self.sender = events.sender(protocol=self.protocol, id=member_id, name=name)
+            creator = _client_address(self.scope)
+        self.staff = staff = bool(user is not None and user.is_staff)
         try:
             try:
-                closed, self.sender = await self.room_enter(
-                    room, staff=staff,
-                    creator=None if authenticated else _client_address(self.scope),
-                )
-            except GatewayError as exc:  # the room policy: new rooms are limited
+                closed, self.sender = await self.room_enter(room, staff=staff, creator=creator)
+            except GatewayError as exc:  # the creation rules: new rooms are limited
                 # Accepted, then closed, so the page can say why (a refused handshake would
                 # only show it 1006).
-                await self._accept()
+                await self._accept_once(accepted)
                 code = CLOSE_NO_SUCH_ROOM if exc.code == "room_not_found" else CLOSE_TRY_LATER
                 return await self._refuse(code, exc.detail)
             if closed:
                 # Accepted, then closed: the page sees 4410 and does not retry.
-                await self._accept()
+                await self._accept_once(accepted)
                 return await self._refuse(CLOSE_ROOM_CLOSED, "the room is closed")
-            await self.room_join(room, member_id=member_id, name=self.sender["name"])
+            await self.room_join(room, member_id=self.sender["id"], name=self.sender["name"])
             if (self.runtime is not None and self.runtime.hub.room_closed(room)
                     and await database_sync_to_async(selectors.room_is_closed)(room=room)):
                 # Closed just before this scope's subscription (its catch-up would not see
                 # it), and not reopened since: the hub may not have heard of a reopen yet.
-                await self._accept()
+                await self._accept_once(accepted)
                 return await self._refuse(CLOSE_ROOM_CLOSED, "the room is closed")
         except Exception:
             # Before accept: the client sees the handshake refused and retries.
             logger.exception("could not join room", extra=self.log_extra(joining=room))
-            return await self.base_send({"type": "websocket.close", "code": CLOSE_JOIN_FAILED})
-        await self._accept()
+            return await self.base_send({"type": "websocket.close", "code": (
+                CLOSE_RESTARTING if accepted else CLOSE_JOIN_FAILED)})
+        await self._accept_once(accepted)
+        if not self._policy().receives(self.protocol):
+            return await self.close_with(CLOSE_NOT_REACHED, "the room does not reach the web")
+        if identity is not None:
+            self._expire_at(identity)
+            if accepted:
+                await self.send_json({"type": "auth", "you": self.sender,
+                                      "expires": identity.expires})
         await self.room_catch_up(after)
         if self.extended and self.live and self.runtime is not None:
             await self._presence_start()
+
+    async def _accept_once(self, accepted: bool) -> None:
+        if not accepted:
+            await self._accept()
+
+    def _expire_at(self, identity: access.TokenIdentity) -> None:
+        """Close the socket when its token expires: the client reconnects with a new one
+        (and ``after``) to go on."""
+        delay = max(0.0, identity.expires - time.time())
+        self.timer = asyncio.get_running_loop().call_later(
+            delay, self._close_soon, CLOSE_TOKEN_EXPIRED, "the token expired")
+
+    def _close_soon(self, code: int, why: str) -> None:
+        if not self.closed:
+            self.closing = asyncio.ensure_future(self.close_with(code, why))
+
+    async def close_with(self, code: int, why: str) -> None:
+        """Close the open socket with ``code``, saying why in the log."""
+        if self.closed:
+            return
+        logger.info("closing: %s", why, extra=self.log_extra(code=code))
+        await self.close(code)
+
+    def _policy(self) -> Policy:
+        if self.runtime is None or self.room is None:
+            return DEFAULT_POLICY
+        return self.runtime.hub.room_policy(self.room)
 
     async def _presence_start(self) -> None:
         """Tell the client who is here, and from now on who comes and goes."""
@@ -282,6 +387,12 @@ class ChatConsumer(RoomConsumer):
         if entry["kind"] == events.ENTRY_CLOSE:
             if self.live:
                 await self.room_closed()
+        elif entry["kind"] == events.ENTRY_POLICY:
+            if not self._policy().receives(self.protocol):
+                await self.close_with(CLOSE_NOT_REACHED, "the room no longer reaches the web")
+            elif self.extended:
+                await self._send_frame(delivery, POLICY_FORMAT, policy_frame,
+                                       PREPARED_POLICY_FORMAT, entry["cursor"])
         elif self.extended:
             if delivery.frame(ENTRY_FORMAT, entry_frame) is not None:
                 await self._send_frame(delivery, ENTRY_FORMAT, entry_frame,
@@ -290,6 +401,10 @@ class ChatConsumer(RoomConsumer):
             await self._send_frame(delivery, DELETED_FORMAT, deleted_frame,
                                    PREPARED_DELETED_FORMAT, entry["cursor"])
 
+    async def send_pruned(self, *, after: int, first_available: int) -> None:
+        await self.send_json({"type": "pruned", "room": self.room, "after": after,
+                              "first_available": first_available})
+
     async def room_closed(self) -> None:
         logger.info("room closed by staff", extra=self.log_extra(code=CLOSE_ROOM_CLOSED))
         await self.close(CLOSE_ROOM_CLOSED)
@@ -297,6 +412,8 @@ class ChatConsumer(RoomConsumer):
     # --- client -> room ----------------------------------------------------------------
 
     async def websocket_receive(self, message) -> None:
+        if self.awaiting_auth is not None and not self.closed:
+            return await self._authenticate(message)
         if self.room is None or self.closed:
             return  # not joined, or closing: frames still arriving are dropped unread
         within_rate = self.bucket.allow()  # every frame spends a token, whatever it holds
@@ -324,6 +441,27 @@ class ChatConsumer(RoomConsumer):
         if kind in services.MESSAGE_CHANGES:
             return await self._change(kind, data, client_id, echo)
         return await self.send_error("unknown_type", f"unknown type {str(kind)[:32]!r}")
+
+    async def _authenticate(self, message) -> None:
+        """The first frame of an ``?auth=frame`` socket: ``{"type": "auth", "token"}``."""
+        assert self.awaiting_auth is not None
+        room, after = self.awaiting_auth
+        self.awaiting_auth = None
+        if self.timer is not None:
+            self.timer.cancel()
+        try:
+            data = json.loads(message.get("text") or "")
+        except (ValueError, RecursionError):
+            data = None
+        token = data.get("token") if isinstance(data, dict) else None
+        if not isinstance(data, dict) or data.get("type") != "auth" or not isinstance(token, str):
+            metrics.refused(self.protocol, "auth_expected")
+            self.closed = True
+            return await self._refuse(CLOSE_LOGIN_REQUIRED,
+                                      'the first frame must be {"type": "auth", "token": ...}')
+        identity = await self._token_identity(token, room, accepted=True)
+        if identity is not None:
+            await self._enter(room, after, identity=identity, accepted=True)
 
     async def _post(self, data: dict, client_id: object, echo: str | None) -> None:
         if "message" not in data:
@@ -378,8 +516,17 @@ class ChatConsumer(RoomConsumer):
     # --- room -> client ----------------------------------------------------------------
 
     async def send_room_event(self, event: events.RoomMessage, delivery: Delivery) -> None:
-        await self._send_frame(delivery, WIRE_FORMAT, message_frame, PREPARED_FORMAT,
-                               event["id"])
+        policy = self._policy()
+        template = policy.name_format.get(self.protocol)
+        if template is None:
+            return await self._send_frame(delivery, WIRE_FORMAT, message_frame,
+                                          PREPARED_FORMAT, event["id"])
+        # The room shows other protocols' senders its own way here: encoded once per
+        # process and format.
+        await self._send_frame(
+            delivery, f"{WIRE_FORMAT}:{template}",
+            lambda shown: message_frame(message_shown(shown, policy, target=self.protocol)),
+            f"{PREPARED_FORMAT}:{template}", event["id"])
 
     async def _send_frame(
         self, delivery: Delivery, wire_format: str, encode: Callable[[Any], str | None],

@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
@@ -49,10 +50,14 @@ from django.conf import settings
 
 from consumers.base import RoomConsumer
 from consumers.websocket import message_frame
-from gateway import events, selectors
+from gateway import access, events, selectors
+from gateway.api import STATUS
 from gateway.crosssite import host_allowed, scope_header, scope_origin_allowed
+from gateway.errors import GatewayError
 from gateway.fanout import CONNECTION_OPEN_EXTENSION, SEND_BUFFER_EXTENSION, Delivery
 from gateway.names import ROOM_NAME_RULE, room_name_is_valid
+from gateway.policy import DEFAULT as DEFAULT_POLICY
+from gateway.policy import Policy, message_shown
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +86,8 @@ def entry_event(entry: events.RoomEntry) -> bytes:
     if kind in ENTRY_EVENTS:
         name = ENTRY_EVENTS[kind]
         data = events.entry_brief(entry, name)
+    elif kind == events.ENTRY_POLICY:
+        name, data = kind, events.policy_public(entry)
     else:
         name, data = kind, events.entry_public(entry) or {}
     text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
@@ -97,6 +104,8 @@ class RoomStreamConsumer(RoomConsumer):
         extensions = self.scope.get("extensions", {})
         self.buffered = extensions.get(SEND_BUFFER_EXTENSION)
         self.connected = extensions.get(CONNECTION_OPEN_EXTENSION)
+        self.expires: float | None = None  # a connect token's expiry
+        self.timer: asyncio.TimerHandle | None = None
 
     async def http_request(self, message) -> None:
         if message.get("more_body") or self.started:
@@ -117,6 +126,10 @@ class RoomStreamConsumer(RoomConsumer):
         self.started = True
         await self._write(f"retry: {RETRY_MS}\n\n".encode())
         self.keepalive = asyncio.create_task(self._keep_alive(), name=self.scope_id)
+        if self.expires is not None:  # a token's stream ends with it: EventSource is refused
+            self.timer = asyncio.get_running_loop().call_later(
+                max(0.0, self.expires - time.time()),
+                lambda: asyncio.ensure_future(self.close(0)))
         await self.room_catch_up(after)
 
     async def _refusal(self) -> tuple[int, str, str] | None:
@@ -134,20 +147,54 @@ class RoomStreamConsumer(RoomConsumer):
             return 400, "invalid_cursor", str(exc)
         if not scope_origin_allowed(self.scope) and scope_header(self.scope, b"origin") is not None:
             return 403, "forbidden_origin", "the Origin is not this site's"
+        try:
+            credential = await self._credential(room)
+        except GatewayError as exc:
+            return STATUS.get(exc.code, 401), exc.code, exc.detail
         user = self.scope.get("user")
-        if settings.GATEWAY["REQUIRE_LOGIN"] and not (user and user.is_authenticated):
+        if (settings.GATEWAY["REQUIRE_LOGIN"] and credential is None
+                and not (user and user.is_authenticated)):
             return 401, "login_required", "log in first"
         try:
-            closed = await database_sync_to_async(selectors.room_closed)(room=room)
+            found = await database_sync_to_async(selectors.room_detail)(room=room)
         except Exception:
             logger.exception("could not read the room", extra=self.log_extra(joining=room))
             return 503, "unavailable", "try again later"
-        if closed is None:
+        if found is None:
             return 404, "room_not_found", f"no room {room}"
-        if closed:
+        if found["closed"]:
             return 410, "room_closed", f"room {room} is closed"
+        receive = found["policy"]["receive"]
+        if receive is not None and self.protocol not in receive:
+            return 403, "not_reached", f"room {room} is not open to event streams"
         self._room = room
         return None
+
+    async def _credential(self, room: str) -> access.Principal | None:
+        """Who the reader says it is, if it says: a connect token (``?token=``, or
+        ``Authorization: Bearer <JWT>``: what EventSource cannot send, curl can) or an API
+        key with ``read``, either allowing ``room``; GatewayError if it does not hold."""
+        header = scope_header(self.scope, b"authorization")
+        query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
+        token = (query.get("token") or [None])[-1]
+        if header is not None:
+            scheme, _, value = header.strip().partition(" ")
+            if scheme.lower() != "bearer" or not value.strip():
+                raise GatewayError("invalid_key", "use Authorization: Bearer <key or token>")
+            value = value.strip()
+            if not access.looks_like_token(value):
+                key = await database_sync_to_async(access.api_key_authenticate)(value)
+                principal = access.key_principal(key)
+                if not principal.may("read") or not principal.may_use(room):
+                    raise GatewayError("forbidden", f"this key may not read room {room}")
+                return principal
+            token = value
+        if token is None:
+            return None
+        identity = await access.connect_token_verify_async(token)
+        access.token_room_check(identity, room)
+        self.expires = identity.expires
+        return identity.principal()
 
     async def _respond_error(self, status: int, code: str, detail: str) -> None:
         body = json.dumps({"type": "error", "code": code, "detail": detail}).encode()
@@ -160,6 +207,8 @@ class RoomStreamConsumer(RoomConsumer):
         raise StopConsumer()
 
     async def finish(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
         if self.keepalive is not None:
             self.keepalive.cancel()
             await asyncio.gather(self.keepalive, return_exceptions=True)
@@ -177,12 +226,30 @@ class RoomStreamConsumer(RoomConsumer):
     # --- room -> stream ---------------------------------------------------------------
 
     async def send_room_event(self, event: events.RoomMessage, delivery: Delivery) -> None:
-        await self._write(delivery.frame(WIRE_FORMAT, message_event))
+        policy = self._policy()
+        template = policy.name_format.get(self.protocol)
+        if template is None:
+            return await self._write(delivery.frame(WIRE_FORMAT, message_event))
+        await self._write(delivery.frame(f"{WIRE_FORMAT}:{template}", lambda shown: message_event(
+            message_shown(shown, policy, target=self.protocol))))
 
     async def send_room_entry(self, entry: events.RoomEntry, delivery: Delivery) -> None:
         await self._write(entry_event(entry))
         if entry["kind"] == events.ENTRY_CLOSE and self.live:
             await self.room_closed()
+        elif entry["kind"] == events.ENTRY_POLICY and not self._policy().receives(
+                self.protocol):
+            await self.close(0)  # EventSource comes back, and is answered 403
+
+    async def send_pruned(self, *, after: int, first_available: int) -> None:
+        data = json.dumps({"type": "pruned", "room": self.room, "after": after,
+                           "first_available": first_available}, separators=(",", ":"))
+        await self._write(f"event: pruned\ndata: {data}\n\n".encode())
+
+    def _policy(self) -> Policy:
+        if self.runtime is None or self.room is None:
+            return DEFAULT_POLICY
+        return self.runtime.hub.room_policy(self.room)
 
     async def room_closed(self) -> None:
         await self.close(0)  # EventSource comes back, and is answered 410

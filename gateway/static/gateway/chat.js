@@ -415,9 +415,18 @@
     delete: (frame) => onEntry(frame, onDelete),
     reaction: (frame) => onEntry(frame, onReaction),
     presence: onPresence,
+    policy: onPolicy,
+    pruned: (frame) => showNotice(
+      `Older messages of this room were removed (its retention): it now starts at #${frame.first_available}.`),
     ack: onAck,
     error: onError,
   };
+
+  // Staff changed the room's policy: say what it means for this page (staff may still post).
+  function onPolicy(frame) {
+    const post = frame.policy.post;
+    if (post !== null && !post.includes("web")) showNotice("This room takes no messages from web pages now.");
+  }
 
   async function connect() {
     clearTimeout(reconnectTimer);
@@ -479,7 +488,7 @@
   const STOPPED = {
     4400: "This room name is not valid.",
     4401: "Log in to chat.",
-    4403: "Staff disconnected this page. Reload to join again.",
+    4403: "This page was disconnected (by staff, or the room is no longer open to web pages). Reload to join again.",
     4404: "There is no such room, and only staff create rooms.",
     4410: "Staff closed this room.",
     4429: "No new rooms can be opened now. Try again later, or join an existing room.",
