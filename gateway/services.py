@@ -44,6 +44,7 @@ from gateway.models import (
 from gateway.names import room_name_validate
 from gateway.policy import POLICY_FIELDS, Policy, policy_columns, policy_from_columns
 from gateway.ratelimit import TokenBucket
+from gateway.webhooks import webhook_rooms_add_room
 
 
 def message_text_validate(text: object) -> str:
@@ -157,7 +158,10 @@ def room_get_or_create(
         return existing
     if creator is not None and not staff:
         room_create_check(creator=creator)
-    obj, _ = Room.objects.get_or_create(name=name)
+    with transaction.atomic():
+        obj, created = Room.objects.get_or_create(name=name)
+        if created:
+            webhook_rooms_add_room(room=name)
     return obj
 
 
