@@ -371,3 +371,6 @@ class SenderBlockAdmin(admin.ModelAdmin):
         if db_field.name == "protocol":  # the sender protocols of the configured adapters
             kwargs["widget"] = forms.Select(choices=[(p, p) for p in sorted(events.PROTOCOLS)])
         return super().formfield_for_dbfield(db_field, request, **kwargs)
+
+
+from gateway import admin_webhooks  # noqa: E402, F401  (registers the webhook admin)

@@ -1,7 +1,8 @@
 """What the staff dashboard shows, read from the database, so every replica counts.
 
 Connections come from every live process's presence (and the bot's joined chats), the
-state of each protocol server from the status its heartbeat stores, and messages from the
+state of each protocol server from the status its heartbeat stores, webhooks and how their
+delivery goes from their rows (failing and paused first), and messages from the
 messages table: the chart's first hour once, then each poll only what is newer than the
 newest message already seen (by primary key), so a poll costs the same at any volume.
 """
@@ -18,7 +19,7 @@ from django.db.models.functions import TruncMinute
 from django.utils import timezone
 from django.utils.crypto import constant_time_compare
 
-from gateway import selectors
+from gateway import selectors, webhooks
 from gateway.adapters import protocols_counted_by_connection
 from gateway.models import GatewayProcess, Message
 
@@ -110,6 +111,7 @@ def snapshot(*, after_pk: int, first: bool) -> dict[str, object]:
         "type": "snapshot",
         "connections": connections(),
         "processes": processes(),
+        "webhooks": webhooks.webhooks_dashboard(),
         "feed": items,
         "chart": messages_per_minute(after_pk=0 if first else after_pk, upto_pk=newest),
         "chart_reset": first,

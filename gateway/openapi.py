@@ -1,6 +1,6 @@
 """The HTTP API's OpenAPI 3.1 description, served at ``/api/openapi.json``.
 
-Written by hand next to the views (gateway/api.py) rather than
+Written by hand next to the views (gateway/api.py, gateway/api_webhooks.py) rather than
 generated: the API is small, its refusals matter as much as its answers, and
 tests/test_openapi.py holds the two together (every route is described, the document is
 valid, and what the views answer follows its schemas).
@@ -32,6 +32,8 @@ ROOM = {"name": "room", "in": "path", "required": True,
         "description": "1 to 64 of A-Z a-z 0-9 - _ .",
         "schema": {"type": "string", "pattern": "^[A-Za-z0-9_.\\-]{1,64}$"}}
 MESSAGE_ID = {"name": "id", "in": "path", "required": True,
+              "schema": {"type": "integer", "minimum": 1}}
+WEBHOOK_ID = {"name": "id", "in": "path", "required": True,
               "schema": {"type": "integer", "minimum": 1}}
 NULLABLE_STRING = {"type": ["string", "null"]}
 NULLABLE_TIME = {"type": ["number", "null"], "description": "epoch seconds"}
@@ -183,6 +185,34 @@ def schemas() -> dict[str, Any]:
                            "last_id": {"type": "integer"}, "last_activity": NULLABLE_TIME},
             "additionalProperties": False,
         },
+        "Webhook": {
+            "type": "object",
+            "required": ["id", "name", "url", "rooms", "events", "enabled", "state"],
+            "properties": {
+                "id": {"type": "integer"}, "name": {"type": "string"},
+                "url": {"type": "string", "format": "uri"},
+                "rooms": {"type": "array", "items": {"type": "string"}},
+                "events": {"type": "array", "items": {"enum": [
+                    "message", "edit", "delete", "reaction", "closed", "reopened", "policy"]}},
+                "enabled": {"type": "boolean"},
+                "state": {"enum": ["active", "failing", "paused", "disabled"]},
+                "failing_since": NULLABLE_TIME, "paused_at": NULLABLE_TIME,
+                "last_error": {"type": "string"}, "last_success_at": NULLABLE_TIME,
+                "created_at": NULLABLE_TIME,
+                "secret": {"type": "string", "description": "only when it is created"},
+            },
+        },
+        "WebhookWrite": {
+            "type": "object",
+            "properties": {"name": {"type": "string"}, "url": {"type": "string"},
+                           "rooms": {"type": "array", "items": {"type": "string"}},
+                           "events": {"type": "array", "items": {"type": "string"}},
+                           "secret": {"type": "string", "description":
+                                      "only when creating: your own secret, whsec_ and the "
+                                      "base64 of 24 to 64 bytes; without it the gateway "
+                                      "makes one"},
+                           "enabled": {"type": "boolean"}},
+        },
     }
 
 
@@ -265,6 +295,27 @@ def paths() -> dict[str, Any]:
                     "schema": {"type": "object", "required": ["emoji"], "properties": {
                         "emoji": {"type": "string"}, "added": {"type": "boolean"},
                         "client_id": {"type": "string"}}}}}}},
+        },
+        "/api/webhooks": {
+            "get": _op("The webhooks", {"200": _json({"type": "object", "properties": {
+                "webhooks": {"type": "array", "items": ref("Webhook")}}}, "the webhooks")},
+                scope="manage"),
+            "post": _op("Register a webhook (its secret is in this answer only)", {
+                "201": _json(ref("Webhook"), "registered"), "400": bad},
+                scope="manage", body="WebhookWrite"),
+        },
+        "/api/webhooks/{id}": {
+            "parameters": [WEBHOOK_ID],
+            "get": _op("A webhook", {"200": _json(ref("Webhook"), "it"),
+                                     "404": _error("no such webhook")}, scope="manage"),
+            "patch": _op("Change a webhook; `enabled: true` resumes a paused one from where it "
+                         "stopped", {"200": _json(ref("Webhook"), "changed"), "400": bad,
+                                     "404": _error("no such webhook")},
+                         scope="manage", body="WebhookWrite"),
+            "delete": _op("Delete a webhook", {"200": {"description": "deleted"},
+                                               "204": {"description": "deleted"},
+                                               "404": _error("no such webhook")},
+                          scope="manage"),
         },
         "/sse/rooms/{room}/": {
             "parameters": [ROOM],

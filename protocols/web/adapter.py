@@ -23,7 +23,7 @@ class WebAdapter(Adapter):
         from django.contrib.auth import views as auth_views
         from django.urls import path, re_path
 
-        from gateway import api, openapi, views
+        from gateway import api, api_webhooks, openapi, views
 
         return [
             path("", views.index, name="index"),
@@ -37,6 +37,9 @@ class WebAdapter(Adapter):
             re_path(r"^api/rooms/(?P<room>[^/]*)/messages/(?P<id>[1-9][0-9]{0,17})/reactions$",
                     api.api_reactions, name="api-reactions"),
             path("api/openapi.json", openapi.openapi_json, name="api-openapi"),
+            re_path(r"^api/webhooks$", api_webhooks.api_webhooks, name="api-webhooks"),
+            re_path(r"^api/webhooks/(?P<id>[1-9][0-9]{0,17})$", api_webhooks.api_webhook,
+                    name="api-webhook"),
             path("dashboard/", views.dashboard, name="dashboard"),
             path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
             path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),

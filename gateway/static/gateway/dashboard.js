@@ -86,6 +86,29 @@
     body.replaceChildren(...rows);
   }
 
+  function when(ts) {
+    return ts === null || ts === undefined ? "never" : new Date(ts * 1000).toLocaleString();
+  }
+
+  // Failing and paused webhooks are marked (the server sends them first).
+  function drawWebhooks(webhooks) {
+    const body = document.querySelector("#webhooks tbody");
+    document.getElementById("webhooks-none").hidden = webhooks.length > 0;
+    body.replaceChildren(...webhooks.map((hook) => {
+      const row = el("tr");
+      row.dataset.webhook = String(hook.id);
+      row.dataset.state = hook.state;
+      let state = hook.state;
+      if (hook.state === "failing") state = `FAILING since ${when(hook.failing_since)}`;
+      if (hook.state === "paused") state = `PAUSED since ${when(hook.paused_at)}`;
+      const bad = hook.state === "failing" || hook.state === "paused";
+      row.append(el("td", hook.name), el("td", hook.rooms.join(", ")),
+        el("td", state, bad ? "not-ready" : hook.state === "active" ? "ready" : "muted"),
+        el("td", hook.last_error || "", "muted"), el("td", when(hook.last_success_at)));
+      return row;
+    }));
+  }
+
   function addFeed(items) {
     const feed = document.getElementById("feed");
     for (const m of items) {
@@ -178,6 +201,7 @@
       drawTiles(frame.connections);
       drawRooms(frame.connections);
       drawServers(frame.processes);
+      drawWebhooks(frame.webhooks || []);
       addFeed(frame.feed);
       drawChart(frame.chart, frame.chart_reset, frame.now);
     } else if (frame.type === "done") {
