@@ -12,10 +12,11 @@ the last success, ``last_error`` the newest failure, ``last_success_at`` the new
 ``settings.WEBHOOK["PAUSE_AFTER"]`` is paused (no longer enabled, ``paused_at`` set); its
 positions stay, so enabled again it resumes where it stopped.
 
-Staff and ``manage`` keys register webhooks: the gateway then POSTs to any address it can
-reach. URLs are checked for their shape and refuse link-local addresses given as IP
-literals (169.254.0.0/16, fe80::/10: cloud metadata services); host names are not resolved
-here (put an egress proxy or firewall in front of the gateway to restrict more).
+Staff and ``manage`` keys register webhooks. URLs are checked here for their shape and
+refuse link-local addresses given as IP literals (169.254.0.0/16, fe80::/10: cloud
+metadata services); the addresses a host name resolves to are checked at each connection
+(protocols/webhook/sender.py ``AddressGuard``: no private network unless
+``settings.WEBHOOK["ALLOW_PRIVATE"]``).
 """
 
 from __future__ import annotations

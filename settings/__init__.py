@@ -336,6 +336,10 @@ WEBHOOK = {
     # A webhook failing for longer than this (seconds) is paused, and shown as failing in the
     # dashboard and the admin; enabled again, it resumes where it stopped.
     "PAUSE_AFTER": env_float("GATEWAY_WEBHOOK_PAUSE_AFTER", 86_400.0, minimum=1.0),
+    # Deliver to receivers on this machine or a private network (loopback, 10/8, 172.16/12,
+    # 192.168/16, 100.64/10, fc00::/7): off, so that a webhook cannot reach what only the
+    # gateway can (link-local addresses, the cloud's metadata service, are never allowed).
+    "ALLOW_PRIVATE": env_bool("GATEWAY_WEBHOOK_ALLOW_PRIVATE", False),
 }
 
 # --- MQTT --------------------------------------------------------------------------------

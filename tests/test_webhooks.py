@@ -29,7 +29,7 @@ from gateway.policy import Policy
 from gateway.relay import Relay
 from protocols.webhook import signing, wire
 from protocols.webhook.relay import WebhookRole, delivery_id
-from protocols.webhook.sender import USER_AGENT, WebhookSender
+from protocols.webhook.sender import USER_AGENT, WebhookSender, address_refused
 from tests.webhook_receiver import Receiver
 
 ALICE = events.sender(protocol="web", id="anon:alice", name="alice")
@@ -43,9 +43,11 @@ def fast_retries(monkeypatch):
 
 
 @contextlib.asynccontextmanager
-async def delivering(timeout: float = 5.0) -> AsyncIterator[Relay]:
-    """The webhook role's relay, leading, with its sender, as ``gateway run`` starts them."""
-    sender = WebhookSender(timeout=timeout)
+async def delivering(timeout: float = 5.0, allow_private: bool = True
+                     ) -> AsyncIterator[Relay]:
+    """The webhook role's relay, leading, with its sender, as ``gateway run`` starts them
+    (allowed to reach the receivers of these tests, on this machine)."""
+    sender = WebhookSender(timeout=timeout, allow_private=allow_private)
     await sender.start()
     r = Relay(WebhookRole(sender), tick=TICK)
     await r.start()
@@ -86,6 +88,42 @@ def stored(webhook: Webhook) -> Webhook:
 def deliveries(result: str) -> float:
     return REGISTRY.get_sample_value("gateway_webhook_deliveries_total",
                                      {"result": result}) or 0.0
+
+
+# --- where receivers may be --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("address", "private_ok", "public_ok"), [
+    ("127.0.0.1", False, True), ("::1", False, True), ("10.1.2.3", False, True),
+    ("192.168.0.10", False, True), ("172.20.0.1", False, True), ("100.100.100.200", False, True),
+    ("fd00:ec2::254", False, True), ("0.0.0.0", False, True), ("::ffff:10.0.0.1", False, True),
+    ("169.254.169.254", False, False), ("fe80::1", False, False),
+    ("::ffff:169.254.169.254", False, False), ("93.184.215.14", True, True),
+    ("2606:2800:21f:cb07:6820:80da:af6b:8b2c", True, True),
+])
+def test_which_addresses_a_receiver_may_have(address, private_ok, public_ok):
+    import ipaddress
+
+    ip = ipaddress.ip_address(address)
+    assert (address_refused(ip, allow_private=False) is None) is private_ok
+    assert (address_refused(ip, allow_private=True) is None) is public_ok
+
+
+@pytest.mark.usefixtures("runtime_stopped")
+@pytest.mark.django_db(transaction=True)
+async def test_a_name_that_resolves_to_this_machine_is_refused_at_connect_time(fast_retries):
+    unreachable_before = deliveries("unreachable")
+    async with Receiver() as receiver, delivering(allow_private=False):
+        # "localhost" passes the check at registration (a name); the connection is refused.
+        webhook, _ = await register(receiver.url().replace("127.0.0.1", "localhost"),
+                                    ["lobby"])
+        await post("lobby")
+        await until(lambda: deliveries("unreachable") > unreachable_before)
+        await asyncio.sleep(0.2)
+    assert receiver.requests == []
+    row = await stored(webhook)
+    assert "address is refused: this machine" in row.last_error
+    assert row.failing_since is not None
 
 
 # --- delivery ---------------------------------------------------------------------------------

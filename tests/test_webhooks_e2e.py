@@ -30,7 +30,8 @@ async def api(gw, method: str, path: str, key: str, body: dict | None = None) ->
 async def test_a_replica_killed_while_the_receiver_is_down_is_taken_over_from_its_cursor(
     redis_server, tmp_path, gateway_factory
 ):
-    env = {**FAST, "REDIS_URL": redis_server.url, "GATEWAY_WEBHOOK_TIMEOUT": "2"}
+    env = {**FAST, "REDIS_URL": redis_server.url, "GATEWAY_WEBHOOK_TIMEOUT": "2",
+           "GATEWAY_WEBHOOK_ALLOW_PRIVATE": "1"}  # the receiver is on this machine
     a = gateway_factory(env=env, datadir=tmp_path / "shared")
     b = gateway_factory(env=env, datadir=tmp_path / "shared")
     await asyncio.to_thread(a.start)

@@ -24,7 +24,8 @@ class WebhookAdapter(Adapter):
         from protocols.webhook.relay import WebhookRole
         from protocols.webhook.sender import WebhookSender
 
-        sender = WebhookSender(timeout=settings.WEBHOOK["TIMEOUT"])
+        sender = WebhookSender(timeout=settings.WEBHOOK["TIMEOUT"],
+                               allow_private=settings.WEBHOOK["ALLOW_PRIVATE"])
         # The relay after the sender, so it stops first: deliveries in flight end (or are
         # cut short and kept) and the positions are saved before the client closes.
         return [sender, Relay(WebhookRole(sender))]

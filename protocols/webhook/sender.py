@@ -9,17 +9,28 @@
   an endless answer costs the timeout, no more).
 - Redirects are not followed (the Standard Webhooks specification: update the URL
   instead); a 3xx is a failure.
+- Where a receiver may be: the host is resolved at connect time and the connection made to
+  an address that was checked (``AddressGuard``), so a name that points (or is re-pointed,
+  DNS rebinding) at the machine itself, a private network or the cloud's metadata service
+  is refused: loopback, private, shared (CGNAT), unique-local, unspecified, multicast and
+  reserved addresses unless ``settings.WEBHOOK["ALLOW_PRIVATE"]``; link-local always.
 - ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY`` are honoured, as httpx does by default: an
-  egress proxy is how a deployment limits where webhooks may go.
+  egress proxy is how a deployment limits where webhooks may go (the guard then leaves the
+  proxy's address alone: the proxy decides).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import socket
 import time
 from dataclasses import dataclass
+from typing import Any
 
+import httpcore
 import httpx
+from httpcore._backends.auto import AutoBackend
 
 from gateway.debug import url_credentials_mask
 
@@ -46,18 +57,82 @@ class Answer:
         return self.result == OK
 
 
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def address_refused(address: Address, *, allow_private: bool) -> str | None:
+    """Why a receiver may not be at ``address`` (None: it may)."""
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:10.0.0.1 is 10.0.0.1
+    if mapped is not None:
+        address = mapped
+    if address.is_link_local:
+        return "a link-local address (the machine's metadata service)"
+    if allow_private:
+        return None
+    if address.is_loopback or address.is_unspecified:
+        return "this machine"
+    if address.is_multicast or address.is_reserved:
+        return "a multicast or reserved address"
+    if address.is_private or address in SHARED:
+        return "a private network (GATEWAY_WEBHOOK_ALLOW_PRIVATE=1 allows it)"
+    return None
+
+
+SHARED = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT: not is_private
+
+
+class AddressGuard(httpcore.AsyncNetworkBackend):
+    """httpcore's own backend, connecting only to addresses ``address_refused`` allows: the
+    name is resolved here and the connection made to the address checked (TLS still checks
+    the certificate against the name)."""
+
+    def __init__(self, *, allow_private: bool) -> None:
+        self.allow_private = allow_private
+        self._backend = AutoBackend()
+
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,  # noqa: ASYNC109 (httpcore's signature)
+                          local_address: str | None = None,
+                          socket_options: Any = None) -> httpcore.AsyncNetworkStream:
+        try:
+            found = await asyncio.get_running_loop().getaddrinfo(
+                host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise httpcore.ConnectError(f"cannot resolve the host: {exc}") from None
+        refused = ""
+        for *_, sockaddr in found:
+            address = ipaddress.ip_address(str(sockaddr[0]).split("%")[0])
+            why = address_refused(address, allow_private=self.allow_private)
+            if why is None:
+                return await self._backend.connect_tcp(
+                    str(address), port, timeout=timeout, local_address=local_address,
+                    socket_options=socket_options)
+            refused = why
+        raise httpcore.ConnectError(f"the receiver's address is refused: {refused}")
+
+    async def connect_unix_socket(self, *args: Any, **kwargs: Any) -> httpcore.AsyncNetworkStream:
+        raise httpcore.ConnectError("webhooks do not go to unix sockets")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._backend.sleep(seconds)
+
+
 class WebhookSender:
     """POSTs webhook deliveries over one connection pool."""
 
-    def __init__(self, *, timeout: float) -> None:
+    def __init__(self, *, timeout: float, allow_private: bool = False) -> None:
         self.timeout = timeout
+        self.allow_private = allow_private
         self._client: httpx.AsyncClient | None = None
 
     async def start(self) -> None:
+        transport = httpx.AsyncHTTPTransport(
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=KEEPALIVE))
+        # httpx's transport does not take a network backend; the httpcore pool under it does.
+        transport._pool._network_backend = AddressGuard(allow_private=self.allow_private)
         self._client = httpx.AsyncClient(
+            transport=transport,
             timeout=httpx.Timeout(self.timeout),
             follow_redirects=False,
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=KEEPALIVE),
             headers={"user-agent": USER_AGENT},
         )
 
