@@ -163,7 +163,9 @@ class TokenIdentity:
         return self.rooms is None or room_matches(self.rooms, room)
 
     def principal(self) -> Principal:
-        return Principal(kind="token", scopes=frozenset({"read", "post"}), rooms=self.rooms,
+        """On the HTTP API and SSE a token reads; it posts over the WebSocket it opens, under
+        that socket's flood limit (a program that posts over HTTP uses an API key)."""
+        return Principal(kind="token", scopes=frozenset({"read"}), rooms=self.rooms,
                          sender=self.sender)
 
 

@@ -52,7 +52,8 @@ STATUS = {
     "room_closed": 409, "deleted": 409,
     "message_too_long": 413, "body_too_large": 413,
     "unsupported_media_type": 415,
-    "rate_limited": 429, "too_many_rooms": 429,
+    "rate_limited": 429,
+    "too_many_rooms": 409,  # the gateway's cap on rooms: no wait makes room
     "unavailable": 503,
 }
 
@@ -145,10 +146,12 @@ def _check(http: HttpRequest, principal: access.Principal, scope: str | None,
 
 def _principal(http: HttpRequest) -> access.Principal:
     header = http.headers.get("Authorization")
-    if header is not None:
-        scheme, _, credential = header.strip().partition(" ")
+    scheme, _, credential = (header or "").strip().partition(" ")
+    # Only a Bearer header is ours: another scheme (a proxy's Basic login, sent by the
+    # browser on every request) leaves the session to say who it is.
+    if scheme.lower() == "bearer":
         credential = credential.strip()
-        if scheme.lower() != "bearer" or not credential:
+        if not credential:
             raise GatewayError("invalid_key", "use Authorization: Bearer <key or token>")
         if access.looks_like_token(credential):
             return access.connect_token_verify(credential).principal()
@@ -273,12 +276,12 @@ def room_patch(request: Request, room: str) -> HttpResponse:
         raise GatewayError("invalid_request", f"unknown keys {unknown}: closed, policy")
     if selectors.room_detail(room=room) is None:
         raise GatewayError("room_not_found", f"no room {room}")
+    if "closed" in data and not isinstance(data["closed"], bool):  # before anything changes
+        raise GatewayError("invalid_request", "'closed' must be true or false")
     by = _staff_sender(request)
     if "policy" in data:
         _policy_apply(room, data["policy"], by)
     if "closed" in data:
-        if not isinstance(data["closed"], bool):
-            raise GatewayError("invalid_request", "'closed' must be true or false")
         (services.room_close if data["closed"] else services.room_reopen)(room=room, by=by)
     logger.info("room changed through the API", extra={
         "protocol": "api", "room": room, "scope": request.principal.log_id,

@@ -243,7 +243,7 @@ def room_create_check(*, creator: str) -> None:
         raise GatewayError("room_not_found", "no such room (rooms are created by staff)")
     wait = _room_creations.allow(creator)
     if wait is not None:
-        raise GatewayError("rate_limited", f"too many new rooms; retry in {wait:.0f}s")
+        raise RateLimited(f"too many new rooms; retry in {wait:.0f}s", wait)
     if policy["MAX_ROOMS"] and Room.objects.count() >= policy["MAX_ROOMS"]:
         raise GatewayError("too_many_rooms", f"the gateway holds {policy['MAX_ROOMS']} rooms")
 

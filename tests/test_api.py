@@ -380,3 +380,52 @@ def test_the_admin_edits_a_rooms_policy_through_the_services(staff_client):
     bad = staff_client.post(url, {**form, "name_format": '{"telegram": "{name.__class__}"}'})
     assert bad.status_code == 200 and "placeholders" in bad.content.decode()
     assert RoomEvent.objects.filter(kind="policy").count() == 1
+
+
+def test_too_many_new_rooms_is_429_with_retry_after_and_the_room_cap_409(
+        client, settings, monkeypatch):
+    monkeypatch.setattr(services, "_room_creations", services._CreationLimits())
+    settings.GATEWAY = {**settings.GATEWAY, "ROOM_CREATE_PER_MINUTE": 2.0}
+    key = make_key()
+    assert [post(client, key, room=f"new-{n}", message="x").status_code
+            for n in range(2)] == [201, 201]
+    paced = post(client, key, room="new-2", message="x")
+    assert (paced.status_code, paced.json()["code"]) == (429, "rate_limited")
+    assert int(paced["Retry-After"]) >= 1
+    settings.GATEWAY = {**settings.GATEWAY, "ROOM_CREATE_PER_MINUTE": 1000.0, "MAX_ROOMS": 2}
+    monkeypatch.setattr(services, "_room_creations", services._CreationLimits())
+    capped = post(client, key, room="new-3", message="x")
+    assert (capped.status_code, capped.json()["code"]) == (409, "too_many_rooms")
+
+
+def test_a_bad_closed_changes_nothing_not_even_the_policy_given_with_it(client):
+    manager = make_key("manage")
+    call(client, "PUT", "/api/rooms/ops/", manager)
+    answer = call(client, "PATCH", "/api/rooms/ops/", manager,
+                  {"policy": {"post": ["web"]}, "closed": "yes"})
+    assert (answer.status_code, answer.json()["code"]) == (400, "invalid_request")
+    assert not RoomEvent.objects.filter(kind="policy").exists()
+
+
+def test_another_authorization_scheme_leaves_the_session_to_say_who_it_is(
+        client, django_user_model):
+    # Behind a proxy's Basic login the browser sends its header on every request.
+    user = django_user_model.objects.create_user("carol", password="pw-for-carol")
+    client.force_login(user)
+    answer = client.get("/api/rooms/", HTTP_AUTHORIZATION="Basic Y2Fyb2w6cHc=")
+    assert answer.status_code == 200
+    empty = client.get("/api/rooms/", HTTP_AUTHORIZATION="Bearer ")
+    assert (empty.status_code, empty.json()["code"]) == (401, "invalid_key")
+
+
+def test_a_connect_token_reads_but_does_not_post_over_http(client, settings):
+    import jwt
+
+    settings.JWT = {**settings.JWT, "SECRET": "a-connect-token-secret-of-at-least-32-chars"}
+    token = jwt.encode({"sub": "u-1", "name": "Ada", "exp": 4_000_000_000, "rooms": ["lobby"]},
+                       settings.JWT["SECRET"], algorithm="HS256")
+    services.room_message_post(room="lobby", text="hi", sender=WEB, origin="x")
+    assert call(client, "GET", "/api/rooms/lobby/messages", token).status_code == 200
+    refused = post(client, token, message="from a token")
+    assert (refused.status_code, refused.json()["code"]) == (403, "forbidden")
+    assert Message.objects.count() == 1

@@ -177,11 +177,11 @@ class RoomStreamConsumer(RoomConsumer):
         header = scope_header(self.scope, b"authorization")
         query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
         token = (query.get("token") or [None])[-1]
-        if header is not None:
-            scheme, _, value = header.strip().partition(" ")
-            if scheme.lower() != "bearer" or not value.strip():
-                raise GatewayError("invalid_key", "use Authorization: Bearer <key or token>")
+        scheme, _, value = (header or "").strip().partition(" ")
+        if scheme.lower() == "bearer":  # another scheme (a proxy's Basic login) is not ours
             value = value.strip()
+            if not value:
+                raise GatewayError("invalid_key", "use Authorization: Bearer <key or token>")
             if not access.looks_like_token(value):
                 key = await database_sync_to_async(access.api_key_authenticate)(value)
                 principal = access.key_principal(key)
