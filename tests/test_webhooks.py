@@ -90,6 +90,27 @@ def deliveries(result: str) -> float:
                                      {"result": result}) or 0.0
 
 
+@pytest.mark.usefixtures("runtime_stopped")
+@pytest.mark.django_db(transaction=True)
+async def test_a_webhook_failing_in_one_room_pauses_even_while_its_other_rooms_go_through(
+        fast_retries, settings):
+    settings.WEBHOOK = {**settings.WEBHOOK, "PAUSE_AFTER": 0.6}
+    async with Receiver(refuse_room="broken") as receiver, delivering():
+        webhook, _ = await register(receiver.url(), ["broken", "fine"])
+        await post("broken", "refused")
+        row = await stored(webhook)
+        for i in range(200):  # the other room keeps succeeding meanwhile
+            await post("fine", f"m{i}")
+            row = await stored(webhook)
+            if webhooks.webhook_state(row) == "paused":
+                break
+            assert i < 5 or row.failing_since is not None, "a success in another room cleared it"
+            await asyncio.sleep(0.03)
+    assert webhooks.webhook_state(row) == "paused"
+    assert row.last_error.startswith("HTTP 400")
+    assert {r.payload["room"] for r in receiver.accepted()} == {"fine"}
+
+
 # --- where receivers may be --------------------------------------------------------------------
 
 

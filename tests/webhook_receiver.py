@@ -43,9 +43,10 @@ class Received:
 
 class Receiver:
     def __init__(self, *, port: int | None = None, fail_first: int = 0, status: int = 200,
-                 hang: bool = False) -> None:
+                 hang: bool = False, refuse_room: str | None = None) -> None:
         self.port = port or free_port()
         self.fail_first, self.status, self.hang = fail_first, status, hang
+        self.refuse_room = refuse_room  # events of this room get a 400 (the others are taken)
         self.requests: list[Received] = []
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task] = set()
@@ -94,9 +95,11 @@ class Receiver:
 
     # --- serving -----------------------------------------------------------------------------
 
-    def _answer(self) -> int:
+    def _answer(self, body: bytes) -> int:
         if self.hang:
             return 0
+        if self.refuse_room is not None and json.loads(body).get("room") == self.refuse_room:
+            return 400
         if self.fail_first > 0:
             self.fail_first -= 1
             return 500
@@ -119,7 +122,7 @@ class Receiver:
                         name, value = line.split(":", 1)
                         headers[name.strip().lower()] = value.strip()
                 body = await reader.readexactly(int(headers.get("content-length", "0")))
-                status = self._answer()
+                status = self._answer(body)
                 self.requests.append(Received(time.monotonic(), path, headers, body, status))
                 if status == 0:
                     await self._stopping.wait()  # never answers (until the test stops it)

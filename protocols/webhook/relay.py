@@ -15,7 +15,8 @@ positions, so ``from_start`` is off) in rooms whose policy reaches ``webhook``.
 - **Failures.** A non-2xx answer (3xx included: redirects are not followed), a timeout
   or a refused connection raises; the relay retries the same entry with backoff and
   jitter (1 s doubling to 60 s), never skipping. Each failure is recorded on the webhook
-  (``failing_since``, ``last_error``); the first success clears it. Failing longer than
+  (``failing_since``, ``last_error``); a success clears it once none of the webhook's
+  rooms is failing (kept per webhook and room in the role). Failing longer than
   ``settings.WEBHOOK["PAUSE_AFTER"]`` (or answered ``410 Gone``, which the Standard
   Webhooks specification reads as "stop"), the webhook is paused and the relay drops it
   (``TargetGone``), its position saved first; enabled again it resumes where it stopped.
@@ -101,6 +102,10 @@ class WebhookRole(RelayRole):
     def __init__(self, sender: WebhookSender) -> None:
         self.sender = sender
         self._hooks: dict[str, _Hook] = {}
+        # Since when (monotonic) each webhook has been failing in each room: a webhook stays
+        # failing while any of its rooms is, and pauses when one has failed too long, even if
+        # its other rooms go through.
+        self._failing: dict[tuple[int, str], float] = {}
         self._read_at = float("-inf")
         self._reading = asyncio.Lock()
 
@@ -152,7 +157,11 @@ class WebhookRole(RelayRole):
             await self._failed(hook, room, delivery.cursor, answer)
 
     async def _succeeded(self, hook: _Hook, room: str) -> None:
-        """Record the success: at once if the webhook was failing, else now and then."""
+        """Record the success: at once if the webhook was failing (and no other room of it
+        still is), else now and then."""
+        self._failing.pop((hook.pk, room), None)
+        if any(pk == hook.pk for pk, _ in self._failing):
+            return  # another room of this webhook still fails: it is still failing
         if hook.failing_since is None and (
                 time.monotonic() - hook.success_written < webhooks.SUCCESS_WRITE_EVERY):
             return
@@ -175,8 +184,11 @@ class WebhookRole(RelayRole):
             logger.info("webhook delivery failed again: %s", answer.detail, extra=log)
         hook.failing_since = since
         if not enabled:
+            self._forget_failing(hook.pk)
             raise TargetGone(str(hook.pk))  # paused or disabled meanwhile
-        failing_for = (datetime.now(UTC) - since).total_seconds() if since else 0.0
+        started = self._failing.setdefault((hook.pk, room), time.monotonic())
+        failing_for = max((datetime.now(UTC) - since).total_seconds() if since else 0.0,
+                          time.monotonic() - started)
         pause_after = settings.WEBHOOK["PAUSE_AFTER"]
         if failing_for > pause_after or answer.status == GONE:
             await self._pause(hook, room, failing_for, answer)
@@ -186,12 +198,18 @@ class WebhookRole(RelayRole):
                      answer: Answer) -> NoReturn:
         paused = await database_sync_to_async(webhooks.webhook_pause)(pk=hook.pk)
         self._hooks.pop(str(hook.pk), None)
+        self._forget_failing(hook.pk)
         if paused:
             why = ("the receiver answered 410 Gone" if answer.status == GONE else
                    f"failing for {failing_for:.0f}s, over GATEWAY_WEBHOOK_PAUSE_AFTER")
             logger.warning("webhook paused: %s; enable it again to resume where it stopped",
                            why, extra=hook.log(room, failing_for=round(failing_for)))
         raise TargetGone(str(hook.pk))
+
+    def _forget_failing(self, pk: int) -> None:
+        """The webhook stops (paused, disabled): enabled again, its rooms start afresh."""
+        for key in [key for key in self._failing if key[0] == pk]:
+            del self._failing[key]
 
     # --- the webhooks' rows -----------------------------------------------------------------
 
