@@ -79,7 +79,7 @@ from django.conf import settings
 from django.db import DatabaseError
 
 from consumers.base import RoomConsumer
-from gateway import access, events, metrics, selectors, services
+from gateway import access, events, files, metrics, selectors, services
 from gateway.errors import GatewayError
 from gateway.fanout import (
     END_DISCONNECTED,
@@ -139,7 +139,7 @@ SUBPROTOCOL_V2 = "rt-gateway.v2"  # or ?v=2: the extended frames
 def message_frame(event: events.RoomMessage) -> str:
     """The one WebSocket encoding of a room message."""
     return json.dumps(
-        {"type": "message", **events.message_public(event), "cursor": event["id"]},
+        {"type": "message", **files.message_public(event, absolute=False), "cursor": event["id"]},
         ensure_ascii=False,
         separators=(",", ":"),
     )

@@ -59,6 +59,19 @@ class ReplyRef(TypedDict):
     excerpt: str  # its first EXCERPT_LENGTH characters
 
 
+class Attachment(TypedDict):
+    """A file a message carries, as the log keeps it (the bytes are in the storage; clients
+    get signed URLs to them: gateway/files.py)."""
+
+    id: str  # its key: URLs and the storage's name are made from it
+    name: str  # its file name, sanitised
+    type: str  # its content type, read from its bytes
+    size: int  # bytes
+    width: int | None  # an image's size in pixels (else None)
+    height: int | None
+    thumbnail: bool  # a thumbnail was made (images)
+
+
 class RoomMessage(TypedDict):
     type: str
     id: int  # monotonic per room, assigned when the message is stored
@@ -71,6 +84,7 @@ class RoomMessage(TypedDict):
     reply_to: ReplyRef | None  # the message it answers
     edited_at: float | None  # when its text was last replaced (read from the log: current)
     reactions: dict[str, int]  # senders per emoji (read from the log: current)
+    attachments: list[Attachment]  # the files it carries (none: [])
 
 
 class RoomEntry(TypedDict):
@@ -138,6 +152,11 @@ _MESSAGE_KEYS: dict[str, type | tuple[type, ...]] = {
     "reply_to": (dict, type(None)),
     "edited_at": (float, type(None)),
     "reactions": dict,
+    "attachments": list,
+}
+_ATTACHMENT_KEYS: dict[str, type | tuple[type, ...]] = {
+    "id": str, "name": str, "type": str, "size": int, "width": (int, type(None)),
+    "height": (int, type(None)), "thumbnail": bool,
 }
 _REPLY_KEYS = {"id": int, "sender": dict, "excerpt": str}
 
@@ -160,6 +179,7 @@ def room_message(
     reply_to: ReplyRef | None = None,
     edited_at: float | None = None,
     reactions: dict[str, int] | None = None,
+    attachments: list[Attachment] | None = None,
 ) -> RoomMessage:
     """Build a ``room.message`` event."""
     return {
@@ -174,7 +194,14 @@ def room_message(
         "reply_to": reply_to,
         "edited_at": None if edited_at is None else float(edited_at),
         "reactions": reactions or {},
+        "attachments": attachments or [],
     }
+
+
+def attachment(*, id: str, name: str, type: str, size: int, width: int | None = None,
+               height: int | None = None, thumbnail: bool = False) -> Attachment:
+    return {"id": id, "name": name, "type": type, "size": size, "width": width,
+            "height": height, "thumbnail": thumbnail}
 
 
 def reply_ref(*, id: int, sender: Sender, text: str) -> ReplyRef:
@@ -213,13 +240,18 @@ def room_message_decode(data: object) -> RoomMessage:
     for emoji, count in data["reactions"].items():
         if not isinstance(emoji, str) or not isinstance(count, int) or isinstance(count, bool):
             raise EventError("reactions: counts of emoji only")
+    for item in data["attachments"]:
+        if not isinstance(item, dict):
+            raise EventError("attachments: objects only")
+        _check_keys(item, _ATTACHMENT_KEYS, "attachment")
     return data  # type: ignore[return-value]
 
 
 def message_public(event: RoomMessage) -> dict[str, Any]:
     """What clients see of a room message (API, WebSocket, SSE, MQTT): the contract less its
     internal ``type`` and ``origin``, with the text under the Channels tutorial's key
-    ``message``, and its current state (reply, edit, reactions)."""
+    ``message``, and its current state (reply, edit, reactions). Its ``attachments`` are
+    as the log keeps them: gateway/files.py ``message_public`` gives them their URLs."""
     return {
         "id": event["id"],
         "room": event["room"],
@@ -230,6 +262,7 @@ def message_public(event: RoomMessage) -> dict[str, Any]:
         "reply_to": event["reply_to"],
         "edited_at": event["edited_at"],
         "reactions": event["reactions"],
+        "attachments": event["attachments"],
     }
 
 

@@ -74,6 +74,10 @@ class Message(models.Model):
     # reacted is in Reaction). None: never edited, no reaction yet.
     edited_at = models.DateTimeField(null=True, blank=True)
     reactions = models.JSONField(null=True, blank=True)
+    # The files it carries, as the log shows them (events.Attachment: id, name, type, size,
+    # image size, thumbnail), so history reads no other table; the files and where they are
+    # kept are its Attachments. None: none (or deleted).
+    attachments = models.JSONField(null=True, blank=True)
 
     class Meta:
         ordering = ["room", "seq"]
@@ -418,3 +422,45 @@ class WebhookRoom(models.Model):
 
     def __str__(self) -> str:
         return f"{self.webhook_id}:{self.room}"
+
+
+class Attachment(models.Model):
+    """A file a message carries, kept in the ``attachments`` storage (gateway/files.py).
+
+    Made ``pending`` when it is received and checked, before its message is stored; the
+    transaction that stores the message makes it ``attached`` (its room and message id). A
+    deleted or pruned message makes its files ``gone``; the sweep (gateway/files.py) removes
+    gone files, and pending ones whose message never came, from the storage, then their
+    rows. A file is served only while attached."""
+
+    PENDING = "pending"
+    ATTACHED = "attached"
+    GONE = "gone"
+    STATES = [(PENDING, "pending"), (ATTACHED, "attached"), (GONE, "gone")]
+
+    key = models.CharField(max_length=32, unique=True, help_text="Its id in URLs and events")
+    state = models.CharField(max_length=8, choices=STATES, default=PENDING)
+    room = models.CharField(max_length=64)
+    seq = models.BigIntegerField(null=True, blank=True, help_text="Its message's id")
+    name = models.CharField(max_length=255, help_text="The file name shown (sanitised)")
+    content_type = models.CharField(max_length=100, help_text="Read from its bytes")
+    size = models.BigIntegerField()
+    width = models.PositiveIntegerField(null=True, blank=True)
+    height = models.PositiveIntegerField(null=True, blank=True)
+    file = models.CharField(max_length=255, blank=True, help_text="Its name in the storage")
+    thumbnail = models.CharField(max_length=255, blank=True,
+                                 help_text="Its thumbnail's name in the storage, if any")
+    sender_protocol = models.CharField(max_length=16)
+    sender_id = models.CharField(max_length=128)
+    created_at = models.DateTimeField()
+    changed_at = models.DateTimeField(help_text="When it last changed state")
+
+    class Meta:
+        ordering = ["room", "seq", "id"]
+        indexes = [
+            models.Index(fields=["room", "seq"], name="attachment_room_seq"),
+            models.Index(fields=["state", "changed_at"], name="attachment_state"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.room}#{self.seq} {self.name}"

@@ -9,7 +9,7 @@ from django.db.models import F, OuterRef, Q, QuerySet, Subquery, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from gateway import events
+from gateway import events, files
 from gateway.models import BotChat, GatewayProcess, Message, RelayCursor, Room, RoomEvent
 from gateway.names import room_patterns_regex
 from gateway.policy import POLICY_FIELDS, policy_from_columns
@@ -98,9 +98,9 @@ def room_history(
     page: list[dict[str, object]] = []
     for row, event in zip(rows, message_events(rows, room=room), strict=True):
         if row.deleted_at is None:
-            page.append({**events.message_public(event), "deleted": False})
+            page.append({**files.message_public(event), "deleted": False})
         else:  # its text and reactions are erased already; its key, reply and edit go too
-            page.append({**events.message_public(event), "client_id": None, "reply_to": None,
+            page.append({**files.message_public(event), "client_id": None, "reply_to": None,
                          "edited_at": None,
                          "deleted": True})
     return page

@@ -25,7 +25,7 @@ from django.db import (
 )
 from django.db.models import Exists, F, OuterRef, Q, QuerySet, Subquery
 
-from gateway import events, metrics
+from gateway import events, files, metrics
 from gateway.adapters import adapters_relay_roles
 from gateway.broadcast import room_event_broadcast_on_commit, room_events_broadcast_on_commit
 from gateway.errors import GatewayError, RateLimited
@@ -47,13 +47,14 @@ from gateway.ratelimit import TokenBucket
 from gateway.webhooks import webhook_rooms_add_room
 
 
-def message_text_validate(text: object) -> str:
-    """The one message-text rule of every protocol: a non-empty string within the limit."""
+def message_text_validate(text: object, *, empty_ok: bool = False) -> str:
+    """The one message-text rule of every protocol: a non-empty string within the limit
+    (empty allowed, with ``empty_ok``, for a message that carries files)."""
     limit = settings.GATEWAY["MAX_MESSAGE_LENGTH"]
     if not isinstance(text, str):
         raise GatewayError("invalid_message", "'message' must be a string")
     _unicode_check(text, "message")
-    if not text.strip():
+    if not text.strip() and not empty_ok:
         raise GatewayError("empty_message", "'message' is empty")
     if len(text) > limit:
         raise GatewayError("message_too_long", f"message has {len(text)} characters; limit {limit}")
@@ -103,6 +104,7 @@ def message_events(messages: Sequence[Message], *, room: str) -> list[events.Roo
         reply_to=None if message.reply_to is None else refs.get(message.reply_to),
         edited_at=None if message.edited_at is None else message.edited_at.timestamp(),
         reactions=message.reactions,
+        attachments=message.attachments,
     ) for message in messages]
 
 
@@ -307,17 +309,32 @@ def room_message_post(
     origin: str,
     client_id: str | None = None,
     reply_to: int | None = None,
+    attachments: Sequence[events.Attachment] = (),
 ) -> tuple[events.RoomMessage, bool]:
-    """Store a message (an answer to message ``reply_to`` of the room, if given), then
-    broadcast it once committed.
+    """Store a message (an answer to message ``reply_to`` of the room, if given; carrying
+    ``attachments``, files kept by ``files.attachments_store``), then broadcast it once
+    committed.
 
     Returns the event and whether it was created; a repeated ``client_id`` from the same
-    sender returns the message stored the first time and broadcasts nothing.
+    sender returns the message stored the first time and broadcasts nothing. Files of a
+    message not stored (refused, or a repeat) are discarded.
     """
-    return _message_post_one(_post_checked(
-        Post(room=room, text=text, sender=sender, origin=origin, client_id=client_id,
-             reply_to=reply_to)
-    ))
+    post = Post(room=room, text=text, sender=sender, origin=origin, client_id=client_id,
+                reply_to=reply_to, attachments=tuple(attachments))
+    try:
+        result = _message_post_one(_post_checked(post))
+    except BaseException:
+        _files_discard(post)
+        raise
+    if not result[1]:
+        _files_discard(post)
+    return result
+
+
+def _files_discard(post: Post) -> None:
+    """The files of a post that was not stored: not kept."""
+    if post.attachments:
+        files.attachments_discard([item["id"] for item in post.attachments])
 
 
 def _message_post_one(post: Post) -> tuple[events.RoomMessage, bool]:
@@ -337,7 +354,8 @@ def _message_post_one(post: Post) -> tuple[events.RoomMessage, bool]:
         reply = found
     try:
         with transaction.atomic():
-            event = _message_insert(room, text, sender, post.origin, client_id, reply)
+            event = _message_insert(room, text, sender, post.origin, client_id, reply,
+                                    list(post.attachments))
             room_event_broadcast_on_commit(event)
     except IntegrityError:
         # The same client_id won a race in another process; answer with its message.
@@ -359,6 +377,7 @@ class Post:
     origin: str
     client_id: object = None
     reply_to: object = None  # the id of the room's message it answers
+    attachments: tuple[events.Attachment, ...] = ()  # kept already (files.attachments_store)
 
 
 # What storing a Post came to: the event and whether it was created (False: its client_id
@@ -410,8 +429,12 @@ def room_messages_post(*, posts: Sequence[Post]) -> list[PostResult]:
                 result = results[index]
                 if isinstance(result, tuple) and result[1]:
                     metrics.MESSAGES_IN.labels(result[0]["sender"]["protocol"]).inc()
-    return [result if result is not None else GatewayError("unavailable", "not stored")
-            for result in results]
+    answers = [result if result is not None else GatewayError("unavailable", "not stored")
+               for result in results]
+    for post, answer in zip(posts, answers, strict=True):
+        if post.attachments and not (isinstance(answer, tuple) and answer[1]):
+            _files_discard(post)
+    return answers
 
 
 def _message_post_alone(post: Post) -> PostResult:
@@ -430,9 +453,10 @@ def _post_checked(post: Post) -> Post:
     if name != sender["name"]:
         sender = events.sender(protocol=sender["protocol"], id=sender["id"], name=name)
     reply_to = None if post.reply_to is None else message_id_validate(post.reply_to, "reply_to")
-    return Post(room=room_name_validate(post.room), text=message_text_validate(post.text),
+    return Post(room=room_name_validate(post.room),
+                text=message_text_validate(post.text, empty_ok=bool(post.attachments)),
                 sender=sender, origin=post.origin, client_id=client_id_validate(post.client_id),
-                reply_to=reply_to)
+                reply_to=reply_to, attachments=post.attachments)
 
 
 def message_id_validate(value: object, field: str = "id") -> int:
@@ -496,6 +520,7 @@ def _messages_store(valid: list[tuple[int, Post]], results: list[PostResult | No
     if answered:  # read again under the rooms' locks: as they are now
         replies = _replies_now(replies)
     rows: list[tuple] = []
+    links: list[tuple[str, int, str]] = []
     ts, stamp = now.timestamp(), connection.ops.adapt_datetimefield_value(now)
     for room in sorted(by_room):  # one lock order for every process: no deadlock
         items = by_room[room]
@@ -511,13 +536,16 @@ def _messages_store(valid: list[tuple[int, Post]], results: list[PostResult | No
             sender, seq = post.sender, first_seq + offset
             name, text, client_id = sender["name"][:128], cast(str, post.text), post.client_id
             rows.append((room_pk, seq, text, sender["protocol"], sender["id"], name,
-                         post.origin, client_id, stamp, post.reply_to))
+                         post.origin, client_id, stamp, post.reply_to,
+                         _attachments_column(post.attachments)))
+            links.extend((room, seq, item["id"]) for item in post.attachments)
             results[index] = (events.room_message(
                 id=seq, room=room, text=text, ts=ts, origin=post.origin,
                 sender=events.sender(protocol=sender["protocol"], id=sender["id"], name=name),
                 client_id=cast(str | None, client_id),
                 reply_to=None if post.reply_to is None
                 else cast(events.ReplyRef, replies[_answered(post)]),
+                attachments=list(post.attachments),
             ), True)
     alone = []  # repeats whose first was refused: stored as if they came after the batch
     for index, first in repeats:
@@ -527,6 +555,7 @@ def _messages_store(valid: list[tuple[int, Post]], results: list[PostResult | No
         else:
             alone.append(index)
     _messages_insert(rows)
+    files.attachments_link(links)
     room_events_broadcast_on_commit([result[0] for index, _ in valid
                                      if isinstance(result := results[index], tuple)
                                      and result[1]])
@@ -565,7 +594,16 @@ def _answered(post: Post) -> tuple[str, int]:
 # (tests/test_group_commit.py checks they are every column but the key and the state a message
 # gains later: its tombstone, edit and reactions).
 MESSAGE_INSERT_COLUMNS = ("room_id", "seq", "text", "sender_protocol", "sender_id",
-                          "sender_name", "origin", "client_id", "created_at", "reply_to")
+                          "sender_name", "origin", "client_id", "created_at", "reply_to",
+                          "attachments")
+
+
+def _attachments_column(attachments: Sequence[events.Attachment]) -> object:
+    """A new message's ``attachments`` as the database takes it (NULL: none)."""
+    if not attachments:
+        return None
+    return Message._meta.get_field("attachments").get_db_prep_save(list(attachments),
+                                                                   connection)
 
 
 def _messages_insert(rows: list[tuple]) -> None:
@@ -858,7 +896,7 @@ def _unblocked_condition(sender: events.Sender) -> tuple[str, list[str]]:
 
 def _message_insert(
     room: str, text: str, sender: events.Sender, origin: str, client_id: str | None,
-    reply: events.ReplyRef | None = None,
+    reply: events.ReplyRef | None = None, attachments: list[events.Attachment] | None = None,
 ) -> events.RoomMessage:
     """Take the room's next id and insert the message (the single path): its event."""
     now = datetime.fromtimestamp(time.time(), tz=UTC)
@@ -882,11 +920,14 @@ def _message_insert(
     name = sender["name"][:128]
     _messages_insert([(room_pk, seq, text, sender["protocol"], sender["id"], name, origin,
                        client_id, connection.ops.adapt_datetimefield_value(now),
-                       None if reply is None else reply["id"])])
+                       None if reply is None else reply["id"],
+                       _attachments_column(attachments or ()))])
+    if attachments:
+        files.attachments_link([(room, seq, item["id"]) for item in attachments])
     return events.room_message(
         id=seq, room=room, text=text, ts=now.timestamp(), origin=origin, client_id=client_id,
         sender=events.sender(protocol=sender["protocol"], id=sender["id"], name=name),
-        reply_to=reply,
+        reply_to=reply, attachments=attachments,
     )
 
 
@@ -1059,12 +1100,14 @@ def message_delete(
     client_id: object = None,
 ) -> tuple[events.RoomEntry | None, bool]:
     """Delete message ``id`` (its author, or staff): it becomes a tombstone (its text, edit
-    history and reactions erased; its place in the log kept) and the room's log gets a delete
+    history, reactions and files erased; its place in the log kept) and the room's log gets a delete
     entry, which reaches every member, now or when it resumes. GatewayError as for
     ``message_edit``."""
 
     def change(message: Message, now: datetime, by: events.Sender) -> object:
-        Message.objects.filter(pk=message.pk).update(text="", deleted_at=now, reactions=None)
+        Message.objects.filter(pk=message.pk).update(text="", deleted_at=now, reactions=None,
+                                                     attachments=None)
+        files.attachments_gone(room=room, seqs=[message.seq])
         MessageRevision.objects.filter(message=message).delete()
         Reaction.objects.filter(room_id=message.room_id, seq=message.seq).delete()
         return {}
@@ -1399,6 +1442,7 @@ def room_prune(*, room: str, upto: int) -> tuple[int, int]:
         MessageRevision.objects.filter(message__room_id=room_pk, message__seq__gt=horizon,
                                        message__seq__lte=step).delete()
         BotMessage.objects.filter(room=room, seq__gt=horizon, seq__lte=step).delete()
+        files.attachments_gone(room=room, after=horizon, upto=step)
         removed = (Message.objects.filter(**window).delete()[0]
                    + RoomEvent.objects.filter(**window).delete()[0])
         Room.objects.filter(pk=room_pk, horizon__lt=step).update(horizon=step)

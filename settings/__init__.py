@@ -8,6 +8,7 @@ Every variable is documented with its default in ``env.example``. Development mo
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -298,6 +299,51 @@ GATEWAY = {
     "RETENTION_DAYS": env_int("GATEWAY_RETENTION_DAYS", 0, minimum=0) or None,
     "RETENTION_MESSAGES": env_int("GATEWAY_RETENTION_MESSAGES", 0, minimum=0) or None,
     "RETENTION_INTERVAL": env_float("GATEWAY_RETENTION_INTERVAL", 300.0, minimum=0.1),
+    # Attachments (gateway/files.py): the largest file, the most bytes and files in one
+    # message, the content types taken (read from the bytes; patterns like image/*), the
+    # most pixels an image may have (a decompression bomb is refused before it is decoded),
+    # and how long a file's signed URL stays valid, in seconds.
+    "FILE_MAX_BYTES": env_int("GATEWAY_FILE_MAX_BYTES", 25 * 1024 * 1024, minimum=1024),
+    "FILE_MAX_MESSAGE_BYTES": env_int("GATEWAY_FILE_MAX_MESSAGE_BYTES", 50 * 1024 * 1024,
+                                      minimum=1024),
+    "FILE_MAX_COUNT": env_int("GATEWAY_FILE_MAX_COUNT", 10, minimum=1),
+    "FILE_TYPES": env_list(
+        "GATEWAY_FILE_TYPES",
+        "image/jpeg,image/png,image/gif,image/webp,application/pdf,text/plain,"
+        "audio/mpeg,audio/ogg,audio/mp4,audio/aac,audio/x-wav,audio/x-flac,"
+        "video/mp4,video/webm,video/quicktime",
+    ),
+    "FILE_MAX_PIXELS": env_int("GATEWAY_FILE_MAX_PIXELS", 50_000_000, minimum=1),
+    "FILE_URL_TTL": env_int("GATEWAY_FILE_URL_TTL", 86_400, minimum=60),
+    # The gateway's address as others reach it (https://chat.example.com): file URLs given
+    # to devices, webhooks and chats are absolute with it. Empty: paths only (/files/...).
+    "PUBLIC_URL": env_str("GATEWAY_PUBLIC_URL").rstrip("/"),
+}
+
+# Where attachments are kept: any Django storage. Default: files under the data dir
+# (GATEWAY_FILE_STORAGE_DIR); GATEWAY_FILE_STORAGE_BACKEND names another class (for example
+# storages.backends.s3.S3Storage from django-storages) and GATEWAY_FILE_STORAGE_OPTIONS its
+# options as a JSON object. The gateway always serves the files itself (/files/...), behind
+# its own signed, expiring URLs, so the storage need not be public.
+_FILE_STORAGE_OPTIONS = env_str("GATEWAY_FILE_STORAGE_OPTIONS")
+try:
+    _file_storage_options = json.loads(_FILE_STORAGE_OPTIONS) if _FILE_STORAGE_OPTIONS else {}
+except ValueError:
+    raise ImproperlyConfigured("GATEWAY_FILE_STORAGE_OPTIONS must be a JSON object") from None
+if not isinstance(_file_storage_options, dict):
+    raise ImproperlyConfigured("GATEWAY_FILE_STORAGE_OPTIONS must be a JSON object")
+_FILE_STORAGE_BACKEND = (env_str("GATEWAY_FILE_STORAGE_BACKEND")
+                         or "django.core.files.storage.FileSystemStorage")
+if _FILE_STORAGE_BACKEND == "django.core.files.storage.FileSystemStorage":
+    _file_storage_options = {
+        "location": env_str("GATEWAY_FILE_STORAGE_DIR") or str(DATA_DIR / "attachments"),
+        "base_url": None, "file_permissions_mode": 0o640, "directory_permissions_mode": 0o750,
+        **_file_storage_options,
+    }
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    "attachments": {"BACKEND": _FILE_STORAGE_BACKEND, "OPTIONS": _file_storage_options},
 }
 
 # --- Connect tokens (JWT) -----------------------------------------------------------------

@@ -102,3 +102,13 @@ def room_events(monkeypatch) -> list[dict]:
 
     monkeypatch.setattr(broadcast, "_publish", capture)
     return captured
+
+
+@pytest.fixture(autouse=True)
+def attachment_storage(tmp_path, settings):
+    """Each test keeps attachments in a folder of its own (never the checkout's)."""
+    folder = tmp_path / "attachments"
+    settings.STORAGES = {**settings.STORAGES, "attachments": {
+        "BACKEND": "django.core.files.storage.FileSystemStorage",
+        "OPTIONS": {"location": str(folder), "base_url": None}}}
+    return folder

@@ -32,7 +32,7 @@ def test_history_pages_by_id(client):
         "id": 6, "room": "lobby", "message": "<img src=x onerror=alert(5)>",
         "sender": {"protocol": "web", "id": "anon:abc", "name": "<b>alice</b>"},
         "ts": newest["messages"][0]["ts"], "client_id": None,
-        "reply_to": None, "edited_at": None, "reactions": {}, "deleted": False,
+        "reply_to": None, "edited_at": None, "reactions": {}, "attachments": [], "deleted": False,
     }
 
 

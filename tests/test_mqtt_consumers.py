@@ -268,7 +268,7 @@ async def test_the_relay_publishes_each_message_and_its_changes_and_moves_past_t
     assert await broker.next("plant") == {
         "type": "message", "id": 1, "room": "plant", "message": "hello", "sender": ALICE,
         "ts": event["ts"], "client_id": "c-1", "reply_to": None, "edited_at": None,
-        "reactions": {}}  # no origin
+        "reactions": {}, "attachments": []}  # no origin
     await database_sync_to_async(post)("plant", "second")
     assert (await broker.next("plant"))["message"] == "second"
     # A staff delete is published in the public shape; a close is the room's own entry:

@@ -189,7 +189,7 @@ async def test_a_receiver_failing_three_times_gets_every_event_once_in_order_sig
     assert body == {"type": "message", "id": 1, "room": "lobby", "message": "m0",
                     "sender": {"protocol": "web", "id": "anon:alice", "name": "alice"},
                     "ts": body["ts"], "client_id": None, "reply_to": None, "edited_at": None,
-                    "reactions": {}, "cursor": 1}
+                    "reactions": {}, "attachments": [], "cursor": 1}
     row = await stored(webhook)
     assert row.failing_since is None and row.last_success_at is not None
     assert row.last_error.startswith("HTTP 500 Internal Server Error")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from gateway import events
+from gateway import events, files
 from gateway.errors import GatewayError
 from gateway.names import room_name_is_valid
 from gateway.services import MESSAGE_CHANGES
@@ -111,7 +111,7 @@ def payload_decode(payload: bytes) -> DevicePayload:
 def out_payload(event: events.RoomMessage) -> bytes:
     """The one MQTT encoding of a room message: its public shape (as the WebSocket frame and
     the history API show it; nothing internal such as the scope it came from)."""
-    frame = {"type": "message", **events.message_public(event)}
+    frame = {"type": "message", **files.message_public(event)}
     return json.dumps(frame, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 from typing import Any, cast
 
-from gateway import events
+from gateway import events, files
 from gateway.policy import Policy
 from gateway.webhooks import PROTOCOL
 
@@ -65,7 +65,7 @@ def body(event: events.LogEntry, *, policy: Policy, room: str) -> bytes | None:
 def _payload(event: events.LogEntry, *, policy: Policy, room: str) -> dict[str, Any] | None:
     if event["type"] == events.ROOM_MESSAGE:
         message = cast(events.RoomMessage, event)
-        return {"type": MESSAGE, **events.message_public(message),
+        return {"type": MESSAGE, **files.message_public(message),
                 "sender": _shown(message["sender"], policy, room), "cursor": message["id"]}
     entry = cast(events.RoomEntry, event)
     name = _ENTRY_KINDS.get(entry["kind"])
