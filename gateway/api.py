@@ -24,12 +24,14 @@ from collections.abc import Callable
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import RequestDataTooBig, TooManyFieldsSent, TooManyFilesSent
 from django.db import DatabaseError
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http.multipartparser import MultiPartParserError
 from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.csrf import csrf_exempt
 
-from gateway import access, events, metrics, selectors, services
+from gateway import access, events, files, metrics, selectors, services
 from gateway.adapters import adapters_all
 from gateway.errors import GatewayError, RateLimited
 from gateway.models import ApiKey
@@ -51,7 +53,8 @@ STATUS = {
     "method_not_allowed": 405,
     "room_closed": 409, "deleted": 409,
     "message_too_long": 413, "body_too_large": 413,
-    "unsupported_media_type": 415,
+    "file_too_large": 413, "too_many_files": 413, "image_too_large": 413,
+    "unsupported_media_type": 415, "unsupported_type": 415, "unsafe_content": 415,
     "rate_limited": 429,
     "too_many_rooms": 409,  # the gateway's cap on rooms: no wait makes room
     "unavailable": 503,
@@ -69,18 +72,27 @@ class ApiError(GatewayError):
 
 
 class Request:
-    """What a handler gets: the request, who makes it, and its JSON body (for writes)."""
+    """What a handler gets: the request, who makes it, and its body (for writes): JSON, or
+    where a handler takes files, a multipart form (its fields in ``body``, its ``file``
+    parts in ``uploads``)."""
 
     def __init__(self, http: HttpRequest, principal: access.Principal) -> None:
         self.http = http
         self.principal = principal
         self._body: dict[str, Any] | None = None
+        self.uploads: list[files.Upload] = []
 
     @property
     def body(self) -> dict[str, Any]:
         if self._body is None:
             self._body = _json_body(self.http)
         return self._body
+
+    def body_or_form(self) -> dict[str, Any]:
+        """The JSON body, or a ``multipart/form-data`` one's fields (``uploads`` set)."""
+        if self._body is None and self.http.content_type == "multipart/form-data":
+            self._body, self.uploads = _form_body(self.http)
+        return self.body
 
 
 Handler = Callable[..., HttpResponse]
@@ -135,13 +147,24 @@ def _check(http: HttpRequest, principal: access.Principal, scope: str | None,
     if principal.kind == "user" and http.method not in ("GET", "HEAD", "OPTIONS"):
         # A session is sent by the browser whatever page asks: Django's CSRF check, as
         # for a form.
-        if CsrfViewMiddleware(lambda request: HttpResponse()).process_view(
-                http, None, (), {}) is not None:
+        try:
+            refused = CsrfViewMiddleware(lambda request: HttpResponse()).process_view(
+                http, None, (), {})
+        except (MultiPartParserError, RequestDataTooBig, TooManyFieldsSent,
+                TooManyFilesSent) as exc:  # it reads a form's token from the body
+            raise GatewayError("invalid_form", f"the body cannot be read: {exc}") from None
+        if refused is not None:
             raise GatewayError("csrf_failed", "the CSRF token is missing or wrong")
     limited = principal.key.prefix if principal.key is not None else (
         principal.sender["id"] if principal.kind == "user" and principal.sender else None)
     if limited is not None and (wait := _key_limits.allow(limited)) is not None:
         raise RateLimited(f"too many requests; retry in {wait:.1f}s", wait)
+
+
+def principal_of(http: HttpRequest) -> access.Principal:
+    """Who makes a request: a key, a connect token, the session, or nobody (GatewayError
+    for a bad Bearer credential)."""
+    return _principal(http)
 
 
 def _principal(http: HttpRequest) -> access.Principal:
@@ -169,7 +192,7 @@ def _principal(http: HttpRequest) -> access.Principal:
 
 def _refusal(http: HttpRequest, principal: access.Principal | None, room: str | None,
              exc: GatewayError) -> HttpResponse:
-    status = exc.status if isinstance(exc, ApiError) and exc.status else STATUS.get(exc.code, 400)
+    status = getattr(exc, "status", None) or STATUS.get(exc.code, 400)
     metrics.refused("api", exc.code)
     logger.warning("API refused: %s %s", exc.code, exc.detail,
                    extra={"protocol": "api", "room": room, "path": http.path,
@@ -207,6 +230,33 @@ def _json_body(http: HttpRequest) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise GatewayError("not_an_object", "send a JSON object")
     return data
+
+
+def _form_body(http: HttpRequest) -> tuple[dict[str, Any], list[files.Upload]]:
+    """A multipart form: its fields (one value each; ``reply_to`` as a number) and its
+    ``file`` parts, within the files' limits plus the JSON body's for the fields."""
+    limit = settings.GATEWAY["FILE_MAX_MESSAGE_BYTES"] + settings.GATEWAY["API_MAX_BODY_BYTES"]
+    try:
+        declared = int(http.headers.get("Content-Length") or 0)
+    except ValueError:
+        declared = 0
+    if declared > limit:
+        raise GatewayError("body_too_large", f"the body is over {limit} bytes")
+    try:
+        form, parts = http.POST, http.FILES
+    except (MultiPartParserError, RequestDataTooBig, TooManyFieldsSent, TooManyFilesSent) as exc:
+        raise GatewayError("invalid_form", f"the multipart body cannot be read: {exc}") from None
+    unknown = set(parts) - {"file"}
+    if unknown:
+        raise GatewayError("invalid_form", f"files go in 'file' parts, not {sorted(unknown)}")
+    data: dict[str, Any] = {key: form.get(key) for key in form}
+    if isinstance(data.get("reply_to"), str):
+        reply_to = data["reply_to"]
+        data["reply_to"] = int(reply_to) if reply_to.isdigit() and len(reply_to) < 19 else (
+            reply_to or None)
+    uploads = [files.Upload(file=part, size=part.size or 0, name=part.name,
+                            declared_type=part.content_type) for part in parts.getlist("file")]
+    return data, uploads
 
 
 def _optional_str(data: dict[str, Any], key: str) -> str | None:
@@ -340,24 +390,30 @@ def messages_list(request: Request, room: str) -> HttpResponse:
 
 def message_post(request: Request, room: str) -> HttpResponse:
     """``{"message", "name"?, "client_id"?, "reply_to"?}``: 201 with the stored message;
-    the same ``client_id`` again: 200 with that message and ``"duplicate": true``."""
-    data = request.body
-    if "message" not in data:
+    the same ``client_id`` again: 200 with that message and ``"duplicate": true``. As a
+    multipart form, the same fields and one or more ``file`` parts (``message`` may then be
+    left out): the files are checked and kept, then carried by the message."""
+    data = request.body_or_form()
+    uploads = request.uploads
+    if "message" not in data and not uploads:
         raise GatewayError("missing_message", "'message' is required")
     sender = _sender(request)
     if request.principal.staff:  # staff open rooms whatever the creation rules
         services.room_get_or_create(room=room)
+    attachments = files.attachments_store(room=room, sender=sender, uploads=uploads) if (
+        uploads) else []
     try:
         event, created = services.room_message_post(
-            room=room, text=data["message"], sender=sender, origin=f"api-{sender['id']}",
-            client_id=data.get("client_id"), reply_to=data.get("reply_to"))
+            room=room, text=data.get("message", ""), sender=sender,
+            origin=f"api-{sender['id']}", client_id=data.get("client_id"),
+            reply_to=data.get("reply_to"), attachments=attachments)
     except GatewayError as exc:
         if exc.code in ("not_found", "deleted"):  # what reply_to names: the body is wrong
             raise ApiError(exc.code, f"'reply_to': {exc.detail}", 400) from None
         if exc.code == "room_not_found":
             raise ApiError(exc.code, exc.detail, 404) from None
         raise
-    body = {"type": "message", **events.message_public(event), "cursor": event["id"],
+    body = {"type": "message", **files.message_public(event), "cursor": event["id"],
             "duplicate": not created}
     return JsonResponse(body, status=201 if created else 200)
 
