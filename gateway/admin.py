@@ -19,6 +19,7 @@ from gateway.adapters import adapters_all
 from gateway.errors import GatewayError
 from gateway.models import (
     ApiKey,
+    Attachment,
     BotChat,
     Device,
     Message,
@@ -218,8 +219,8 @@ class MessageRevisionInline(admin.TabularInline):
 
 @admin.register(Message)
 class MessageAdmin(admin.ModelAdmin):
-    list_display = ["room", "seq", "sender_name", "sender_protocol", "excerpt", "created_at",
-                    "edited_at", "deleted_at"]
+    list_display = ["room", "seq", "sender_name", "sender_protocol", "excerpt", "files",
+                    "created_at", "edited_at", "deleted_at"]
     list_filter = ["sender_protocol", "created_at", ("deleted_at", admin.EmptyFieldListFilter),
                    ("edited_at", admin.EmptyFieldListFilter),
                    ("room", admin.RelatedOnlyFieldListFilter)]
@@ -232,6 +233,10 @@ class MessageAdmin(admin.ModelAdmin):
     @admin.display(description="text")
     def excerpt(self, message: Message) -> str:
         return message.text if len(message.text) <= 80 else message.text[:79] + "…"
+
+    @admin.display(description="files")
+    def files(self, message: Message) -> str:
+        return ", ".join(item["name"] for item in message.attachments or []) or "-"
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -374,3 +379,25 @@ class SenderBlockAdmin(admin.ModelAdmin):
 
 
 from gateway import admin_webhooks  # noqa: E402, F401  (registers the webhook admin)
+
+
+@admin.register(Attachment)
+class AttachmentAdmin(admin.ModelAdmin):
+    """Files as the gateway keeps them (read only: they go with their message; delete the
+    message to remove them)."""
+
+    list_display = ["name", "room", "seq", "content_type", "size", "state", "sender_protocol",
+                    "created_at"]
+    list_filter = ["state", "content_type", "sender_protocol"]
+    search_fields = ["name", "room", "key"]
+    date_hierarchy = "created_at"
+    readonly_fields = [f.name for f in Attachment._meta.fields]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Attachment | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Attachment | None = None) -> bool:
+        return False

@@ -92,6 +92,9 @@ class Request:
         """The JSON body, or a ``multipart/form-data`` one's fields (``uploads`` set)."""
         if self._body is None and self.http.content_type == "multipart/form-data":
             self._body, self.uploads = _form_body(self.http)
+        elif self.http.content_type != "application/json":
+            raise GatewayError("unsupported_media_type", "send JSON (Content-Type: "
+                               "application/json), or files as multipart/form-data")
         return self.body
 
 

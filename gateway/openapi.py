@@ -74,7 +74,7 @@ def schemas() -> dict[str, Any]:
         "Message": {
             "type": "object",
             "required": ["id", "room", "message", "sender", "ts", "client_id", "reply_to",
-                         "edited_at", "reactions"],
+                         "edited_at", "reactions", "attachments"],
             "properties": {
                 "type": {"const": "message"},
                 "id": {"type": "integer", "description": "its cursor in the room's log"},
@@ -87,6 +87,8 @@ def schemas() -> dict[str, Any]:
                 "edited_at": NULLABLE_TIME,
                 "reactions": {"type": "object", "additionalProperties": {"type": "integer"},
                               "description": "senders per emoji"},
+                "attachments": {"type": "array", "items": ref("Attachment"),
+                                "description": "the files it carries (none after a delete)"},
                 "deleted": {"type": "boolean"},
                 "cursor": {"type": "integer"},
                 "duplicate": {"type": "boolean",
@@ -94,6 +96,40 @@ def schemas() -> dict[str, Any]:
                                              "that message"},
             },
             "additionalProperties": False,
+        },
+        "Attachment": {
+            "type": "object",
+            "required": ["id", "name", "type", "size", "width", "height", "url",
+                         "thumbnail_url"],
+            "properties": {
+                "id": {"type": "string"},
+                "name": {"type": "string", "description": "its file name, sanitised"},
+                "type": {"type": "string", "description": "its content type, read from its "
+                         "bytes"},
+                "size": {"type": "integer", "description": "bytes"},
+                "width": {"type": ["integer", "null"], "description": "an image's pixels"},
+                "height": {"type": ["integer", "null"]},
+                "url": {"type": "string", "description": "signed; expires "
+                        "(GATEWAY_FILE_URL_TTL): read the message again for a new one"},
+                "thumbnail_url": {"type": ["string", "null"],
+                                  "description": "an image's thumbnail, signed"},
+            },
+            "additionalProperties": False,
+        },
+        "MessageUpload": {
+            "type": "object",
+            "description": "a message with files: `MessagePost`'s fields as form fields, and "
+                           "one `file` part per file (`message` may be left out)",
+            "required": ["file"],
+            "properties": {
+                "message": {"type": "string",
+                            "maxLength": settings.GATEWAY["MAX_MESSAGE_LENGTH"]},
+                "name": {"type": "string"},
+                "client_id": {"type": "string", "minLength": 1, "maxLength": 64},
+                "reply_to": {"type": "integer", "minimum": 1},
+                "file": {"type": "array", "maxItems": settings.GATEWAY["FILE_MAX_COUNT"],
+                         "items": {"type": "string", "format": "binary"}},
+            },
         },
         "MessagePost": {
             "type": "object", "required": ["message"],
@@ -264,13 +300,22 @@ def paths() -> dict[str, Any]:
             "get": _op("History: messages after a cursor, oldest first, each as it is now", {
                 "200": _json(ref("History"), "a page"), "400": bad}, scope="read",
                 parameters=[after, limit]),
-            "post": _op("Post a message", {
+            "post": {**_op("Post a message, with files or without", {
                 "201": _json(ref("Message"), "stored"),
                 "200": _json(ref("Message"), "its client_id was stored before"),
-                "400": bad, "404": _error("a bad room name; a new room only staff may open"),
+                "400": _error("a bad body or query (`invalid_json`, `missing_message`, "
+                              "`invalid_form`, `invalid_image`, `empty_file`, ...)"),
+                "404": _error("a bad room name; a new room only staff may open"),
                 "409": _error("the room is closed"),
-                "413": _error("over the length limit, or the body over its limit"),
-                "415": _error("not JSON")}, scope="post", body="MessagePost"),
+                "413": _error("over the length limit, or the body over its limit; a file "
+                              "too large, too many, or an image with too many pixels"),
+                "415": _error("neither JSON nor a multipart form; a file of a type not "
+                              "taken (`unsupported_type`), or markup beside an image "
+                              "(`unsafe_content`)")}, scope="post"),
+                "requestBody": {"required": True, "content": {
+                    "application/json": {"schema": ref("MessagePost")},
+                    "multipart/form-data": {"schema": ref("MessageUpload"), "encoding": {
+                        "file": {"contentType": "*/*"}}}}}},
         },
         "/api/rooms/{room}/messages/{id}": {
             "parameters": [ROOM, MESSAGE_ID],

@@ -3,6 +3,10 @@
 unset: forever). A periodic job prunes what is due, in every process, but only the one
 holding the ``retention`` lease works, so replicas never prune the same room at once.
 
+Its files (attachments) go with the messages: made ``gone`` in the transaction that prunes
+them, removed from the storage once it commits, and by every round's sweep otherwise, with the
+files whose message never came (gateway/files.py).
+
 Pruning moves the room's **horizon**: the cursor up to which its log is gone (messages with
 their reactions, edit histories and places in bot chats, and the other entries), in small
 transactions, in a thread of its own so the message path keeps the database thread. What
@@ -24,7 +28,7 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 from django.db import connections
 
-from gateway import selectors, services, status
+from gateway import files, selectors, services, status
 from gateway.lease import Lease
 
 logger = logging.getLogger(__name__)
@@ -42,6 +46,7 @@ class Pruner:
         # Renewed each round: another process takes over within two rounds of a death.
         self.lease = Lease(LEASE, ttl=2 * self.interval + 10.0)
         self.pruned = 0
+        self.swept = 0
         self.rounds = 0
         self.last_round: float | None = None
         self._task: asyncio.Task[None] | None = None
@@ -51,7 +56,7 @@ class Pruner:
 
     def status(self) -> dict[str, Any]:
         return {"ready": True, "leader": self.lease.held, "pruned": self.pruned,
-                "last_round": self.last_round}
+                "files_swept": self.swept, "last_round": self.last_round}
 
     async def start(self) -> None:
         status.register(STATUS, self.status)
@@ -83,11 +88,18 @@ class Pruner:
             await asyncio.sleep(self.interval)
 
     async def round(self) -> int:
-        """Prune every room with something due; how many entries went."""
+        """Prune every room with something due; how many entries went. Then sweep the
+        storage: files of deleted or pruned messages (removed as they go, unless the
+        storage failed then), and files whose message never came."""
         rooms = await self._db(selectors.rooms_with_retention)()
         removed = 0
         for room in rooms:
             removed += await self.prune(room)
+        swept = await self._db(files.attachments_sweep)()
+        if swept:
+            self.swept += swept
+            logger.info("retention swept files from the storage",
+                        extra={"protocol": "retention", "files": swept})
         self.rounds += 1
         self.last_round = time.time()
         return removed

@@ -104,7 +104,7 @@ def test_an_image_with_a_caption_is_stored_with_its_size_and_a_thumbnail(client)
 def test_a_file_without_a_message_and_several_files_in_one(client):
     key = make_key()
     answer = upload(client, key, ("a.png", png(), "image/png"),
-                    ("notes.txt", "line one\nline two\n".encode(), "text/plain"),
+                    ("notes.txt", b"line one\nline two\n", "text/plain"),
                     ("report.pdf", b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj<<>>endobj\n%%EOF\n",
                      "application/pdf"))
     assert answer.status_code == 201, answer.content

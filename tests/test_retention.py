@@ -233,6 +233,49 @@ async def test_only_the_lease_holder_prunes_and_another_takes_over_when_it_stops
     assert (await database_sync_to_async(Room.objects.get)(name="lab")).horizon == 7
 
 
+async def test_the_job_removes_pruned_messages_files_from_the_storage(attachment_storage):
+    """Files go with their messages, from the storage too; a file whose message never came
+    stays until it is old enough, then the sweep removes it."""
+    from gateway import files
+    from gateway.models import Attachment
+
+    def post_file(text: str) -> events.RoomMessage:
+        kept_files = files.attachments_store(room="lab", sender=WEB, uploads=[
+            files.Upload.of_bytes(f"{text}\n".encode(), name=f"{text}.txt")])
+        event, _ = services.room_message_post(room="lab", text=text, sender=WEB, origin="w",
+                                              attachments=kept_files)
+        return event
+
+    def on_disk() -> list[str]:
+        return sorted(path.name for path in attachment_storage.rglob("*") if path.is_file())
+
+    old = [await database_sync_to_async(post_file)(f"old{i}") for i in range(2)]
+    new = await database_sync_to_async(post_file)("new")
+    orphan = await database_sync_to_async(files.attachments_store)(
+        room="lab", sender=WEB, uploads=[files.Upload.of_bytes(b"never posted\n")])
+    await database_sync_to_async(retain)("lab", messages=1)
+    pruner = retention.Pruner(interval=0.05)
+    await pruner.start()
+    try:
+        await until(lambda: pruner.pruned >= 2)
+        expected = sorted([f"{new['attachments'][0]['id']}.txt",
+                           f"{orphan[0]['id']}.txt"])
+        await until(lambda: on_disk() == expected)
+    finally:
+        await pruner.stop()
+    for event in old:
+        assert await database_sync_to_async(files.attachment_row)(
+            event["attachments"][0]["id"]) is None
+    states = await database_sync_to_async(
+        lambda: sorted(Attachment.objects.values_list("key", "state")))()
+    assert states == sorted([(new["attachments"][0]["id"], Attachment.ATTACHED),
+                             (orphan[0]["id"], Attachment.PENDING)])
+    # The orphan goes once it has waited long enough for its message.
+    swept = await database_sync_to_async(files.attachments_sweep)(
+        now=time.time() + files.PENDING_TTL + 1)
+    assert swept == 1 and on_disk() == [f"{new['attachments'][0]['id']}.txt"]
+
+
 def test_a_day_is_what_it_says():
     """The cut is the creation time: a message a minute younger than the days stays."""
     post("lab", "just old enough", days_ago=2 + 1 / 1440)
