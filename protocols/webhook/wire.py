@@ -5,7 +5,8 @@ protocol gets.
 kind        body
 =========== ============================================================================
 message     ``{"type": "message", "id", "room", "message", "sender", "ts", "client_id",
-            "reply_to", "edited_at", "reactions", "cursor"}`` (events.message_public)
+            "reply_to", "edited_at", "reactions", "attachments", "cursor"}``
+            (files.message_public: the files with their signed URLs)
 edit        ``{"type": "edit", "id", "room", "cursor", "sender", "message", "edited_at",
             "client_id"}`` (events.entry_public, as for the deletes and reactions)
 delete      ``{"type": "delete", "id", "room", "cursor", "sender", "ts", "client_id"}``
