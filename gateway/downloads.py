@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator
 from typing import IO
 
 from asgiref.sync import sync_to_async
-from channels.db import database_sync_to_async
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.utils.http import content_disposition_header
@@ -45,7 +44,9 @@ async def file_view(http: HttpRequest, key: str, name: str) -> HttpResponse:
             raise GatewayError("method_not_allowed", "use GET")
         files.signature_check(variant=variant, key=key, expires=http.GET.get("expires"),
                               signature=http.GET.get("signature"))
-        row = await database_sync_to_async(_row_for)(http, key)
+        # Django's own hop (the request's connection is managed by its signals, as for a
+        # synchronous view), not Channels' (which closes old connections around it).
+        row = await sync_to_async(_row_for)(http, key)
     except GatewayError as exc:
         status = STATUS.get(exc.code, 400)
         metrics.refused("files", exc.code)

@@ -77,11 +77,14 @@ _EXTENSIONS = {
 _TYPE_EXTENSION = {kind.mime: kind.extension for kind in filetype.types}
 _TYPE_EXTENSION.update({"text/plain": "txt", "text/html": "html", "image/svg+xml": "svg",
                         "application/xml": "xml", "application/octet-stream": "bin"})
-# Markup a browser could run: in a text file it makes it HTML/SVG/XML (refused unless
-# allowed); anywhere in an image file it makes it a polyglot (refused).
+# Markup: in a text file it makes it HTML/SVG/XML (refused unless allowed).
 _MARKUP = re.compile(
     rb"<\s*(?:script|html|svg|iframe|body|head|object|embed|meta|!doctype\s+html|\?xml)"
     rb"[\s>/]", re.IGNORECASE)
+# Markup a browser would run, anywhere in an image file: a polyglot (refused). Not XML as
+# such: photos carry XMP metadata (<?xpacket, <x:xmpmeta, <rdf:RDF), which is harmless.
+_ACTIVE_MARKUP = re.compile(rb"<\s*(?:script|html|svg|iframe|body|object|embed)[\s>/]",
+                            re.IGNORECASE)
 _SIGNER_SALT = "gateway.files"
 _NAME_LIMIT = 120  # characters of a file name
 
@@ -193,7 +196,7 @@ def inspect(upload: Upload) -> Inspected:
     if content_type not in RASTER_TYPES:
         return Inspected(content_type=content_type, extension=extension)
     upload.file.seek(0)
-    if _MARKUP.search(upload.file.read()):
+    if _ACTIVE_MARKUP.search(upload.file.read()):
         raise FileRefused("unsafe_content", f"{_shown(upload.name)} holds markup beside its "
                           "image (a polyglot file)", 415)
     return _image_inspect(upload, content_type, extension)
