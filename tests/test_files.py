@@ -411,3 +411,15 @@ def test_group_commit_stores_and_links_files():
                                                       event["id"])
     stored = Message.objects.get(room__name="room-1", seq=1)
     assert stored.attachments == list(posts[1].attachments)
+
+
+def test_a_photo_with_xmp_metadata_is_not_a_polyglot(client):
+    xmp = (b'<?xpacket begin="" id="W5M0MpCehiHzreSzNTczkc9d"?><?xml version="1.0"?>'
+           b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/'
+           b'02/22-rdf-syntax-ns#"><rdf:Description/></rdf:RDF></x:xmpmeta><?xpacket end="w"?>')
+    out = io.BytesIO()
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(out, "JPEG", xmp=xmp)
+    assert b"x:xmpmeta" in out.getvalue()
+    answer = upload(client, make_key(), ("edited.jpg", out.getvalue(), "image/jpeg"))
+    assert answer.status_code == 201, answer.content
+    assert answer.json()["attachments"][0]["type"] == "image/jpeg"
