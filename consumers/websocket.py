@@ -62,12 +62,8 @@ Replies (errors, pongs, acks) share the send-backlog limit of room messages
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import logging
-import re
-import secrets
 import time
 from collections.abc import Callable
 from typing import Any
@@ -90,7 +86,7 @@ from gateway.fanout import (
 )
 from gateway.ingest import message_post
 from gateway.logging import LogSampler
-from gateway.names import ROOM_NAME_RULE, display_name_clean, room_name_is_valid
+from gateway.names import ROOM_NAME_RULE, room_name_is_valid
 from gateway.policy import DEFAULT as DEFAULT_POLICY
 from gateway.policy import Policy, message_shown
 from gateway.ratelimit import TokenBucket, flood_limit
@@ -132,7 +128,6 @@ PREPARED_DELETED_FORMAT = "ws-deleted-prepared"
 PREPARED_ENTRY_FORMAT = "ws-entry-prepared"
 POLICY_FORMAT = "ws-policy"
 PREPARED_POLICY_FORMAT = "ws-policy-prepared"
-UID_RE = re.compile(r"[A-Za-z0-9_\-]{8,64}")
 SUBPROTOCOL_V2 = "rt-gateway.v2"  # or ?v=2: the extended frames
 
 
@@ -627,20 +622,9 @@ def _int_param(query: dict[str, list[str]], name: str) -> int | None:
 
 
 def _anonymous_identity(query: dict[str, list[str]]) -> tuple[str, str]:
-    """``(sender id, display name)`` of an anonymous visitor.
-
-    The browser's ``uid`` is its secret; others only ever see a keyed hash of it, so nobody
-    can take over an anonymous identity from what the room shows.
-    """
-    uid = (query.get("uid") or [""])[-1]
-    if not UID_RE.fullmatch(uid):
-        uid = secrets.token_hex(8)
-    public = anonymous_id(uid)
-    name = display_name_clean((query.get("name") or [""])[-1])
-    return public, name or f"guest-{public[5:9]}"
+    """``(sender id, display name)`` of an anonymous visitor (access.visitor_identity)."""
+    return access.visitor_identity((query.get("uid") or [""])[-1],
+                                   (query.get("name") or [""])[-1])
 
 
-def anonymous_id(uid: str) -> str:
-    """The public sender id of the browser whose secret ``uid`` this is."""
-    digest = hmac.new(settings.SECRET_KEY.encode(), uid.encode(), hashlib.sha256).hexdigest()
-    return f"anon:{digest[:16]}"
+anonymous_id = access.anonymous_id  # the public id of a browser's secret uid

@@ -21,6 +21,7 @@ import functools
 import hashlib
 import hmac
 import logging
+import re
 import secrets
 import threading
 from collections import OrderedDict
@@ -299,3 +300,28 @@ class KeyLimits:
             while len(self._buckets) > self.KEEP:
                 self._buckets.popitem(last=False)
             return None if bucket.allow() else max(bucket.retry_after(), 0.001)
+
+
+# --- anonymous visitors -------------------------------------------------------------------------
+
+# A browser's secret id for itself (kept in its storage, sent on connect or with a post).
+UID_RE = re.compile(r"[A-Za-z0-9_\-]{8,64}")
+
+
+def anonymous_id(uid: str) -> str:
+    """The public sender id of the browser whose secret ``uid`` this is."""
+    digest = hmac.new(settings.SECRET_KEY.encode(), uid.encode(), hashlib.sha256).hexdigest()
+    return f"anon:{digest[:16]}"
+
+
+def visitor_identity(uid: str, name: str) -> tuple[str, str]:
+    """``(sender id, display name)`` of an anonymous visitor.
+
+    The browser's ``uid`` is its secret; others only ever see a keyed hash of it, so nobody
+    can take over an anonymous identity from what the room shows. Without a valid one the
+    visitor is a new guest.
+    """
+    if not UID_RE.fullmatch(uid):
+        uid = secrets.token_hex(8)
+    public = anonymous_id(uid)
+    return public, display_name_clean(name) or f"guest-{public[5:9]}"

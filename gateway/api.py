@@ -90,22 +90,26 @@ class Request:
 
     def body_or_form(self) -> dict[str, Any]:
         """The JSON body, or a ``multipart/form-data`` one's fields (``uploads`` set)."""
-        if self._body is None and self.http.content_type == "multipart/form-data":
-            self._body, self.uploads = _form_body(self.http)
-        elif self.http.content_type != "application/json":
-            raise GatewayError("unsupported_media_type", "send JSON (Content-Type: "
-                               "application/json), or files as multipart/form-data")
+        if self._body is None:
+            if self.http.content_type == "multipart/form-data":
+                self._body, self.uploads = _form_body(self.http)
+            elif self.http.content_type != "application/json":
+                raise GatewayError("unsupported_media_type", "send JSON (Content-Type: "
+                                   "application/json), or files as multipart/form-data")
         return self.body
 
 
 Handler = Callable[..., HttpResponse]
 
 
-def endpoint(methods: dict[str, tuple[str | None, Handler]]):
+def endpoint(methods: dict[str, tuple[str | None, Handler]], *, visitors: tuple[str, ...] = ()):
     """A view of the API: for each method the scope it needs (None: none) and its handler,
     called as ``handler(request, **url_kwargs)``. It authenticates, checks the scope, the
     room's name and the principal's rooms, the key's flood limit, and turns every
-    GatewayError into its JSON refusal."""
+    GatewayError into its JSON refusal. ``visitors``: the methods an anonymous visitor's
+    page (it has the CSRF cookie) may also call unless login is required, as the chat page
+    posts files: with the CSRF token, limited by its address, as the visitor its form names
+    (``uid``, ``name``)."""
 
     @csrf_exempt  # keys and tokens are not ambient credentials; sessions are checked below
     def view(http: HttpRequest, **kwargs: str) -> HttpResponse:
@@ -116,6 +120,11 @@ def endpoint(methods: dict[str, tuple[str | None, Handler]]):
                 raise ApiError("method_not_allowed", f"use {', '.join(methods)}")
             scope, handler = methods[http.method]
             principal = _principal(http)
+            if (principal.kind == "anonymous" and http.method in visitors
+                    and not settings.GATEWAY["REQUIRE_LOGIN"]
+                    and settings.CSRF_COOKIE_NAME in http.COOKIES):  # a page of ours
+                # (a program without credentials is still told to send a key)
+                principal = access.Principal(kind="visitor", scopes=frozenset({READ, POST}))
             _check(http, principal, scope, room)
             response = handler(Request(http, principal), **kwargs)
         except GatewayError as exc:
@@ -147,7 +156,7 @@ def _check(http: HttpRequest, principal: access.Principal, scope: str | None,
             raise ApiError("invalid_room", f"invalid room name: {ROOM_NAME_RULE}", status)
         if not principal.may_use(room):
             raise GatewayError("forbidden", f"this {principal.kind} may not use room {room}")
-    if principal.kind == "user" and http.method not in ("GET", "HEAD", "OPTIONS"):
+    if principal.kind in ("user", "visitor") and http.method not in ("GET", "HEAD", "OPTIONS"):
         # A session is sent by the browser whatever page asks: Django's CSRF check, as
         # for a form.
         try:
@@ -160,6 +169,8 @@ def _check(http: HttpRequest, principal: access.Principal, scope: str | None,
             raise GatewayError("csrf_failed", "the CSRF token is missing or wrong")
     limited = principal.key.prefix if principal.key is not None else (
         principal.sender["id"] if principal.kind == "user" and principal.sender else None)
+    if principal.kind == "visitor":  # its id is whatever its page sends: its address
+        limited = f"ip:{http.META.get('REMOTE_ADDR') or 'unknown'}"
     if limited is not None and (wait := _key_limits.allow(limited)) is not None:
         raise RateLimited(f"too many requests; retry in {wait:.1f}s", wait)
 
@@ -271,6 +282,11 @@ def _optional_str(data: dict[str, Any], key: str) -> str | None:
 
 def _sender(request: Request) -> events.Sender:
     principal = request.principal
+    if principal.kind == "visitor":
+        uid, name = request.body.get("uid"), request.body.get("name")
+        member_id, shown = access.visitor_identity(uid if isinstance(uid, str) else "",
+                                                   name if isinstance(name, str) else "")
+        return events.sender(protocol="web", id=member_id, name=shown)
     if principal.sender is None:
         raise GatewayError("unauthorized", "send an API key: Authorization: Bearer <key>")
     name = _optional_str(request.body, "name")
@@ -378,10 +394,12 @@ def messages_list(request: Request, room: str) -> HttpResponse:
     # resumes from it misses nothing the page did not show.
     last, horizon = selectors.room_cursor_and_horizon(room=room)
     if after is None:
-        messages = selectors.room_history(room=room, limit=limit)
+        messages = selectors.room_history(room=room, limit=limit,
+                                          absolute=_absolute(request))
     else:
         # One more than the page, to know whether another follows.
-        messages = selectors.room_history(room=room, after=after, limit=limit + 1)
+        messages = selectors.room_history(room=room, after=after, limit=limit + 1,
+                                          absolute=_absolute(request))
         more, messages = len(messages) > limit, messages[:limit]
     page: dict[str, Any] = {"room": room, "messages": messages, "last_id": last,
                             "next_after": messages[-1]["id"] if more else None,
@@ -389,6 +407,12 @@ def messages_list(request: Request, room: str) -> HttpResponse:
     if after is not None:
         page["pruned"] = after < horizon
     return JsonResponse(page)
+
+
+def _absolute(request: Request) -> bool:
+    """Whether file URLs are absolute (with GATEWAY_PUBLIC_URL) for this reader: for other
+    programs; a page (a session, a visitor) gets paths on the origin it was loaded from."""
+    return request.principal.kind in ("key", "token")
 
 
 def message_post(request: Request, room: str) -> HttpResponse:
@@ -403,6 +427,9 @@ def message_post(request: Request, room: str) -> HttpResponse:
     sender = _sender(request)
     if request.principal.staff:  # staff open rooms whatever the creation rules
         services.room_get_or_create(room=room)
+    elif request.principal.kind == "visitor" and selectors.room_closed(room=room) is None:
+        # A visitor posts in the room its page is in: it opens none (its id is its own).
+        raise ApiError("room_not_found", f"no room {room}", 404)
     attachments = files.attachments_store(room=room, sender=sender, uploads=uploads) if (
         uploads) else []
     try:
@@ -416,7 +443,8 @@ def message_post(request: Request, room: str) -> HttpResponse:
         if exc.code == "room_not_found":
             raise ApiError(exc.code, exc.detail, 404) from None
         raise
-    body = {"type": "message", **files.message_public(event), "cursor": event["id"],
+    body = {"type": "message", **files.message_public(event, absolute=_absolute(request)),
+            "cursor": event["id"],
             "duplicate": not created}
     return JsonResponse(body, status=201 if created else 200)
 
@@ -424,7 +452,8 @@ def message_post(request: Request, room: str) -> HttpResponse:
 def message_get(request: Request, room: str, id: str) -> HttpResponse:
     """One message in its current state (as in the history, with ``deleted``)."""
     seq = int(id)
-    page = selectors.room_history(room=room, after=seq - 1, limit=1)
+    page = selectors.room_history(room=room, after=seq - 1, limit=1,
+                                  absolute=_absolute(request))
     if not page or page[0]["id"] != seq:
         raise GatewayError("not_found", f"no message {seq} in room {room}")
     return JsonResponse(page[0])
@@ -485,7 +514,8 @@ def _int_query(http: HttpRequest, name: str, default: int | None) -> int | None:
 api_rooms = endpoint({"GET": (READ, rooms_list)})
 api_room = endpoint({"GET": (READ, room_detail), "PUT": (MANAGE, room_put),
                      "PATCH": (MANAGE, room_patch)})
-api_messages = endpoint({"GET": (READ, messages_list), "POST": (POST, message_post)})
+api_messages = endpoint({"GET": (READ, messages_list), "POST": (POST, message_post)},
+                        visitors=("POST",))
 api_message = endpoint({"GET": (READ, message_get), "PATCH": (POST, message_patch),
                         "DELETE": (POST, message_delete)})
 api_reactions = endpoint({"POST": (POST, reaction_post)})

@@ -85,7 +85,7 @@ def room_messages_last(*, room: str, limit: int) -> list[events.RoomMessage]:
 
 
 def room_history(
-    *, room: str, limit: int, after: int | None = None
+    *, room: str, limit: int, after: int | None = None, absolute: bool = True
 ) -> list[dict[str, object]]:
     """The history API's page: messages in their current state, in the public shape, with
     ``deleted`` (a deleted one keeps its place, id, sender and time; its text, reply and
@@ -98,9 +98,10 @@ def room_history(
     page: list[dict[str, object]] = []
     for row, event in zip(rows, message_events(rows, room=room), strict=True):
         if row.deleted_at is None:
-            page.append({**files.message_public(event), "deleted": False})
+            page.append({**files.message_public(event, absolute=absolute), "deleted": False})
         else:  # its text and reactions are erased already; its key, reply and edit go too
-            page.append({**files.message_public(event), "client_id": None, "reply_to": None,
+            page.append({**files.message_public(event, absolute=absolute), "client_id": None,
+                         "reply_to": None,
                          "edited_at": None,
                          "deleted": True})
     return page

@@ -423,3 +423,47 @@ def test_a_photo_with_xmp_metadata_is_not_a_polyglot(client):
     answer = upload(client, make_key(), ("edited.jpg", out.getvalue(), "image/jpeg"))
     assert answer.status_code == 201, answer.content
     assert answer.json()["attachments"][0]["type"] == "image/jpeg"
+
+
+# --- an anonymous visitor's page -----------------------------------------------------------------
+
+
+def test_a_visitors_page_posts_files_as_the_visitor_its_socket_is(settings):
+    from django.test import Client
+
+    services.room_get_or_create(room="lobby")
+    page = Client(enforce_csrf_checks=True)
+    page.get("/chat/lobby/")  # the page sets the CSRF cookie
+    token = page.cookies["csrftoken"].value
+    form = {"message": "look", "uid": "browser-secret-1", "name": "alice",
+            "file": SimpleUploadedFile("a.png", png(), "image/png")}
+    answer = page.post("/api/rooms/lobby/messages", data=form, HTTP_X_CSRFTOKEN=token)
+    assert answer.status_code == 201, answer.content
+    assert answer.json()["sender"] == {"protocol": "web",
+                                       "id": access.anonymous_id("browser-secret-1"),
+                                       "name": "alice"}
+    # Not without the page's CSRF token (another site's form could post as the visitor).
+    form["file"] = SimpleUploadedFile("a.png", png(), "image/png")
+    refused(page.post("/api/rooms/lobby/messages", data=form), 403, "csrf_failed")
+    # Only in a room that exists: a visitor's id is its own to choose.
+    form["file"] = SimpleUploadedFile("a.png", png(), "image/png")
+    refused(page.post("/api/rooms/new-room/messages", data=form, HTTP_X_CSRFTOKEN=token),
+            404, "room_not_found")
+    # Nor when login is required, nor anything but posting.
+    settings.GATEWAY = {**settings.GATEWAY, "REQUIRE_LOGIN": True}
+    form["file"] = SimpleUploadedFile("a.png", png(), "image/png")
+    refused(page.post("/api/rooms/lobby/messages", data=form, HTTP_X_CSRFTOKEN=token),
+            401, "unauthorized")
+    assert Attachment.objects.count() == 1
+
+
+def test_programs_get_absolute_urls_and_pages_paths(client, settings, django_user_model):
+    settings.GATEWAY = {**settings.GATEWAY, "PUBLIC_URL": "https://chat.example.com"}
+    key = make_key()
+    posted = upload(client, key, ("a.png", png(), "image/png")).json()
+    assert posted["attachments"][0]["url"].startswith("https://chat.example.com/files/")
+    by_key = client.get("/api/rooms/lobby/messages", HTTP_AUTHORIZATION=f"Bearer {key}")
+    assert by_key.json()["messages"][0]["attachments"][0]["url"].startswith("https://")
+    client.force_login(django_user_model.objects.create_user("bob", password="pw-bob-123"))
+    by_page = client.get("/api/rooms/lobby/messages").json()["messages"][0]["attachments"][0]
+    assert by_page["url"].startswith("/files/") and by_page["thumbnail_url"].startswith("/files/")
