@@ -1,6 +1,7 @@
 // The chat page: history, live messages and their changes (edits, deletes, replies and
-// reactions), live presence, and reconnect-and-resume. The wire format is described at the
-// top of consumers/websocket.py; the page asks for the extended frames (v=2).
+// reactions), their files, live presence, and reconnect-and-resume. The wire format is
+// described at the top of consumers/websocket.py; the page asks for the extended frames (v=2).
+// Files are posted over HTTP (the API, gateway/api.py), and come back as the socket's frames.
 // Every user-supplied string is set with textContent, never as markup.
 (() => {
   "use strict";
@@ -22,9 +23,14 @@
   const replyName = document.getElementById("replying-to");
   const replyExcerpt = document.getElementById("replying-text");
   const replyCancel = document.getElementById("replying-cancel");
+  const attachInput = document.getElementById("attach");
+  const stagedEl = document.getElementById("staged");
+  const uploadsEl = document.getElementById("uploads");
+  const dropZone = root.querySelector(".conversation");
 
   const REACTIONS = ["\u{1F44D}", "\u2764\uFE0F", "\u{1F602}", "\u{1F62E}", "\u{1F622}", "\u{1F389}"];
   const EXCERPT_LENGTH = 100; // characters of a replied-to message a reply shows (the server's)
+  const THUMBNAIL_SIZE = 320; // pixels, the longer side of an image's thumbnail (the server's)
 
   let lastId = 0;          // newest log cursor seen (a message's id is its cursor); resumed after
   let historyLoaded = false;
@@ -37,6 +43,8 @@
   const sent = new Set();   // client_ids this page sent: a frame with one of them is ours
   const shown = new Map();  // message id -> its record on the page (see messageItem)
   const members = new Map(); // "protocol:id" -> {protocol, id, name, connections}
+  const staged = [];         // files chosen for the next message
+  const uploads = new Map(); // client_id -> an upload on its way (see startUpload)
 
   function randomId() {
     const bytes = new Uint8Array(12);
@@ -150,16 +158,26 @@
     const atBottom = list.scrollTop + list.clientHeight >= list.scrollHeight - 40;
     list.append(rec.li);
     if (atBottom) list.scrollTop = list.scrollHeight;
+    uploadArrived(msg.client_id);
     if (live && !msg.deleted && !sameSender(me, msg.sender)) {
-      announcer.textContent = `${msg.sender.name}: ${msg.message}`;
+      announcer.textContent = `${msg.sender.name}: ${summary(rec.msg)}`;
     }
+  }
+
+  // What a message says in one line: its text, else the names of its files.
+  function summary(msg) {
+    if (msg.message) return msg.message;
+    const names = (msg.attachments || []).map((item) => String(item.name));
+    return names.length ? "\u{1F4CE} " + names.join(", ") : "";
   }
 
   function messageItem(msg) {
     const li = el("li", "message");
     li.dataset.id = String(msg.id);
     li.tabIndex = -1; // where a jump from a reply's quote moves the focus
-    const rec = { li, msg: { ...msg, reactions: { ...(msg.reactions || {}) } }, mine: new Set() };
+    const rec = { li, msg: { ...msg, reactions: { ...(msg.reactions || {}) },
+                             attachments: Array.isArray(msg.attachments) ? msg.attachments : [] },
+                  mine: new Set() };
     const meta = el("div", "meta");
     const name = el("span", "sender", msg.sender.name);
     const badge = el("span", "badge badge-" + msg.sender.protocol, msg.sender.protocol);
@@ -178,7 +196,10 @@
       rec.quote = quoteButton(msg.reply_to);
       li.append(rec.quote);
     }
-    li.append(meta, rec.body, rec.chips);
+    rec.files = msg.deleted ? null : attachmentList(rec.msg.attachments);
+    li.append(meta, rec.body);
+    if (rec.files) li.append(rec.files);
+    li.append(rec.chips);
     if (msg.deleted) markRemoved(rec);
     else { paintMessage(rec); paintActions(rec); }
     return rec;
@@ -198,6 +219,8 @@
     rec.msg.deleted = true;
     rec.msg.message = "";
     rec.msg.reactions = {};
+    rec.msg.attachments = []; // its files are gone with it (the server no longer serves them)
+    if (rec.files) { rec.files.remove(); rec.files = null; }
     rec.pending = null;
     closeEditor(rec);
     if (openPicker && openPicker.rec === rec) closePicker();
@@ -258,9 +281,12 @@
   function quoteButton(ref) {
     const quote = el("button", "quote");
     quote.type = "button";
-    const excerpt = ref.excerpt || "message removed";
+    // An empty excerpt: a removed message, or one with files and no text (if the page has it).
+    const answered = shown.get(ref.id);
+    const files = !ref.excerpt && answered && !answered.msg.deleted ? summary(answered.msg) : "";
+    const excerpt = ref.excerpt || files || "message removed";
     quote.append(el("span", "quote-sender", ref.sender.name),
-                 el("span", "quote-text" + (ref.excerpt ? "" : " gone"), excerpt));
+                 el("span", "quote-text" + (ref.excerpt || files ? "" : " gone"), excerpt));
     quote.setAttribute("aria-label", `In reply to ${ref.sender.name}: ${excerpt}. Show it`);
     quote.title = "Show the message this answers";
     quote.addEventListener("click", () => jumpTo(ref.id));
@@ -292,6 +318,95 @@
     rec.li.classList.add("flash");
     clearTimeout(rec.flashTimer);
     rec.flashTimer = setTimeout(() => rec.li.classList.remove("flash"), 2000);
+  }
+
+  // --- a message's files -----------------------------------------------------------------
+  // Each is an element .attachment with data-attachment-id: an image with a thumbnail is
+  // shown as it (img.attachment-thumb) in a link to the full size; any other file by its
+  // name (a.attachment-link, to download it) and size. Names come from senders: text only.
+
+  function attachmentList(items) {
+    const nodes = (items || []).map(attachmentItem).filter(Boolean);
+    if (!nodes.length) return null;
+    const box = el("div", "attachments");
+    box.append(...nodes);
+    return box;
+  }
+
+  function attachmentItem(item) {
+    if (!item || typeof item !== "object") return null;
+    const name = String(item.name || "file");
+    const size = humanSize(item.size);
+    const url = fileUrl(item.url);
+    const thumb = fileUrl(item.thumbnail_url);
+    const node = el("div", "attachment");
+    node.dataset.attachmentId = String(item.id);
+    if (url && thumb) {
+      node.classList.add("attachment-image");
+      const open = el("a", "attachment-open");
+      open.setAttribute("href", url);
+      open.setAttribute("target", "_blank");
+      open.setAttribute("rel", "noopener noreferrer");
+      open.setAttribute("title", `${name} (${size}): open the full size`);
+      const img = el("img", "attachment-thumb");
+      const [width, height] = thumbnailSize(item.width, item.height);
+      if (width) {  // its box is known before it loads: no jump when it does
+        img.setAttribute("width", String(width));
+        img.setAttribute("height", String(height));
+      }
+      img.setAttribute("alt", name);
+      img.setAttribute("loading", "lazy");
+      img.setAttribute("src", thumb);
+      open.append(img);
+      node.append(open);
+      return node;
+    }
+    node.classList.add("attachment-file");
+    node.append(el("span", "attachment-kind", kindOf(name)));
+    if (url) {
+      const link = el("a", "attachment-link", name);
+      link.setAttribute("href", url);
+      link.setAttribute("download", name);
+      link.setAttribute("rel", "noopener noreferrer");
+      link.setAttribute("title", `Download ${name}` + (item.type ? ` (${item.type})` : ""));
+      node.append(link);
+    } else {
+      node.append(el("span", "attachment-name", name)); // no URL this page would follow
+    }
+    node.append(el("span", "attachment-size", size));
+    return node;
+  }
+
+  // A file's URL as the server signed it: this page's own origin, under /files/. Nothing else
+  // goes into an href or a src (the server makes these URLs; still, a frame is data).
+  function fileUrl(raw) {
+    if (typeof raw !== "string") return null;
+    if (!raw.startsWith("/files/") && !raw.startsWith(location.origin + "/files/")) return null;
+    let url;
+    try { url = new URL(raw, location.origin); } catch (err) { return null; }
+    if (url.origin !== location.origin || !url.pathname.startsWith("/files/")) return null;
+    return url.href;
+  }
+
+  function kindOf(name) {  // what a file is, in a word: its extension (the server's, by type)
+    const dot = name.lastIndexOf(".");
+    return dot > 0 ? name.slice(dot + 1, dot + 5).toUpperCase() : "FILE";
+  }
+
+  function thumbnailSize(width, height) {  // as the server scales it: the longer side at most
+    if (!(width > 0 && height > 0)) return [0, 0];
+    const scale = Math.min(1, THUMBNAIL_SIZE / Math.max(width, height));
+    return [Math.max(1, Math.round(width * scale)), Math.max(1, Math.round(height * scale))];
+  }
+
+  function humanSize(bytes) {
+    if (typeof bytes !== "number" || !(bytes >= 0)) return "";
+    if (bytes < 1024) return bytes === 1 ? "1 byte" : `${bytes} bytes`;
+    const units = ["KB", "MB", "GB", "TB"];
+    let value = bytes / 1024;
+    let unit = 0;
+    while (value >= 1024 && unit < units.length - 1) { value /= 1024; unit += 1; }
+    return `${value < 10 ? value.toFixed(1) : Math.round(value)} ${units[unit]}`;
   }
 
   // --- changes from the room ------------------------------------------------------------
@@ -551,7 +666,7 @@
     replyBar.hidden = !rec;
     if (!rec) return;
     replyName.textContent = rec.msg.sender.name;
-    replyExcerpt.textContent = excerptOf(rec.msg.message);
+    replyExcerpt.textContent = excerptOf(summary(rec.msg));
     textInput.focus();
   }
 
@@ -563,10 +678,15 @@
   form.addEventListener("submit", (e) => {
     e.preventDefault();
     const text = textInput.value;
-    if (!text.trim()) return;
-    const payload = { type: "message", message: text, client_id: randomId() };
-    if (replyTo) payload.reply_to = replyTo.id;
-    transmit(payload);
+    if (staged.length) {  // files (and the text as their caption) go over HTTP
+      startUpload(staged.splice(0), text, replyTo ? replyTo.id : null);
+      paintStaged();
+    } else {
+      if (!text.trim()) return;
+      const payload = { type: "message", message: text, client_id: randomId() };
+      if (replyTo) payload.reply_to = replyTo.id;
+      transmit(payload);
+    }
     setReply(null);
     textInput.value = "";
     textInput.focus();
@@ -690,6 +810,217 @@
       closePicker();
     }
   });
+
+  // --- files: attaching and uploading ------------------------------------------------------
+  // Chosen (the attach button), dropped on the conversation or pasted, files wait beside the
+  // composer; Send posts them with the text as their caption over HTTP (multipart, with the
+  // session and its CSRF token), not the socket. The upload shows its progress, or the API's
+  // refusal, until the message it made arrives as a frame like any other (by its client_id).
+
+  function stage(files) {
+    const added = Array.from(files || []).filter((file) => file instanceof File);
+    if (!added.length) return;
+    staged.push(...added);
+    paintStaged();
+    textInput.focus();
+  }
+
+  function paintStaged() {
+    stagedEl.hidden = !staged.length;
+    textInput.placeholder = staged.length ? "Add a caption (optional)" : "Type a message";
+    stagedEl.replaceChildren(...staged.map((file, i) => {
+      const li = el("li", "staged-file");
+      li.append(el("span", "file-name", file.name), el("span", "file-size", humanSize(file.size)),
+        button("act unstage", "\u2715", `Remove ${file.name}`, () => {
+          staged.splice(i, 1);
+          paintStaged();
+          textInput.focus();
+        }));
+      return li;
+    }));
+  }
+
+  // Django's CSRF token: the cookie (current, if another tab logged in meanwhile), else the
+  // one the page was rendered with.
+  function csrfToken() {
+    const cookie = document.cookie.split("; ").find((c) => c.startsWith("csrftoken="));
+    if (cookie) return decodeURIComponent(cookie.slice("csrftoken=".length));
+    const field = form.querySelector("input[name=csrfmiddlewaretoken]");
+    return field ? field.value : "";
+  }
+
+  function startUpload(files, text, replyId) {
+    const job = { clientId: randomId(), files, text, replyId, xhr: null };
+    sent.add(job.clientId);
+    job.li = uploadItem(job);
+    uploads.set(job.clientId, job);
+    uploadsEl.append(job.li);
+    sendUpload(job);
+  }
+
+  function uploadForm(job) {
+    const data = new FormData();
+    if (job.text.trim()) data.append("message", job.text);
+    data.append("client_id", job.clientId); // the same again (a retry) is stored once
+    if (job.replyId) data.append("reply_to", String(job.replyId));
+    if (!loggedInAs) {  // who an anonymous visitor is, as on the socket
+      const name = nameInput ? nameInput.value.trim() : "";
+      if (name) data.append("name", name);
+      data.append("uid", uid);
+    }
+    job.files.forEach((file) => data.append("file", file, file.name));
+    return data;
+  }
+
+  function sendUpload(job) {
+    const xhr = new XMLHttpRequest();
+    job.xhr = xhr;
+    paintUpload(job, "sending", 0);
+    xhr.open("POST", `/api/rooms/${encodeURIComponent(room)}/messages`);
+    xhr.setRequestHeader("X-CSRFToken", csrfToken());
+    xhr.setRequestHeader("Accept", "application/json");
+    xhr.upload.addEventListener("progress", (e) => {
+      if (e.lengthComputable && job.xhr === xhr) paintUpload(job, "sending", e.loaded / e.total);
+    });
+    // All sent: the server checks the files and stores the message.
+    xhr.upload.addEventListener("load", () => { if (job.xhr === xhr) paintUpload(job, "checking", 1); });
+    xhr.addEventListener("load", () => uploadAnswered(job, xhr));
+    xhr.addEventListener("error", () => uploadFailed(job, "Not sent: the connection failed.", true));
+    xhr.addEventListener("abort", () => { if (job.xhr === xhr) dropUpload(job); });
+    xhr.send(uploadForm(job));
+  }
+
+  const UPLOAD_STATUS = {
+    413: "the files are too large", 415: "this type of file is not taken",
+    429: "too many messages; try again in a moment", 502: "the gateway is unavailable",
+    503: "the gateway is unavailable", 504: "the gateway did not answer in time",
+  };
+  const UPLOAD_HINTS = {  // what the visitor can do about it (an API client's words otherwise)
+    unauthorized: "log in to attach files",
+    login_required: "log in to attach files",
+    csrf_failed: "reload the page and try again",
+  };
+
+  function uploadAnswered(job, xhr) {
+    if (!uploads.has(job.clientId) || job.xhr !== xhr) return;
+    job.xhr = null;
+    let body = null;
+    try { body = JSON.parse(xhr.responseText); } catch (err) { body = null; }
+    if (xhr.status >= 200 && xhr.status < 300) {
+      paintUpload(job, "sent", 1);
+      // Shown when its frame arrives (now, or with a reconnect's catch-up); already, if so.
+      if (body && typeof body.id === "number" && body.id <= lastId) dropUpload(job);
+      return;
+    }
+    const refusal = body && body.type === "error" ? body : {};
+    const reason = UPLOAD_HINTS[refusal.code] || refusal.detail || UPLOAD_STATUS[xhr.status]
+      || `HTTP ${xhr.status}`;
+    uploadFailed(job, `Not sent: ${reason}.`.replace(/\.\.$/, "."),
+                 xhr.status === 429 || xhr.status >= 500);
+  }
+
+  function uploadFailed(job, text, transient) {
+    if (!uploads.has(job.clientId)) return;
+    job.xhr = null;
+    paintUpload(job, transient ? "retry" : "failed", null, text);
+    showNotice(text);
+    // Refused for good: the caption comes back to the composer (as a refused frame's text).
+    if (!transient && job.text && !textInput.value) textInput.value = job.text;
+  }
+
+  function uploadArrived(clientId) {
+    const job = clientId && uploads.get(clientId);
+    if (job) dropUpload(job);
+  }
+
+  function dropUpload(job) {
+    uploads.delete(job.clientId);
+    job.xhr = null;
+    job.li.remove();
+  }
+
+  function uploadItem(job) {
+    const li = el("li", "upload");
+    li.dataset.clientId = job.clientId;
+    const names = job.files.map((file) => file.name).join(", ");
+    const bar = el("progress", "upload-progress");
+    bar.max = 100;
+    bar.setAttribute("aria-label", `Uploading ${names}`);
+    li.append(el("span", "upload-files", names), bar, el("span", "upload-state"),
+              el("span", "upload-actions"));
+    return li;
+  }
+
+  // An upload's state: sending (with its fraction), checking, sent (its frame is awaited),
+  // retry (failed, may be sent again) or failed (refused for good).
+  function paintUpload(job, state, fraction, error) {
+    const li = job.li;
+    li.className = "upload " + state;
+    const bar = li.querySelector(".upload-progress");
+    const label = li.querySelector(".upload-state");
+    bar.hidden = state === "retry" || state === "failed";
+    if (fraction !== null) bar.value = Math.round(fraction * 100);
+    label.textContent = state === "sending" ? `${Math.round(fraction * 100)}%`
+      : state === "checking" ? "checking\u2026" : state === "sent" ? "sent" : error;
+    const actions = [];
+    if (state === "sending") {
+      actions.push(button("act cancel-upload", "Cancel", "Cancel this upload", () => {
+        if (job.xhr) job.xhr.abort();
+      }));
+    }
+    if (state === "retry") {
+      actions.push(button("act retry-upload", "Retry", "Send these files again", () => sendUpload(job)));
+    }
+    if (state === "retry" || state === "failed") {
+      actions.push(button("act dismiss-upload", "Dismiss", "Dismiss this upload", () => dropUpload(job)));
+    }
+    li.querySelector(".upload-actions").replaceChildren(...actions);
+  }
+
+  attachInput.addEventListener("change", () => {
+    stage(attachInput.files);
+    attachInput.value = ""; // the same file may be chosen again
+  });
+
+  textInput.addEventListener("paste", (e) => {
+    const files = e.clipboardData ? Array.from(e.clipboardData.files) : [];
+    if (!files.length) return;
+    if (!e.clipboardData.types.includes("text/plain")) e.preventDefault();
+    stage(files);
+  });
+
+  // Dropping files on the conversation attaches them; anywhere else on the page, a dropped
+  // file does nothing (the browser would leave the page to open it).
+  function carriesFiles(e) {
+    return Boolean(e.dataTransfer) && Array.from(e.dataTransfer.types || []).includes("Files");
+  }
+
+  let dragDepth = 0; // dragenter/dragleave pairs of the zone's children
+  dropZone.addEventListener("dragenter", (e) => {
+    if (!carriesFiles(e)) return;
+    e.preventDefault();
+    dragDepth += 1;
+    dropZone.classList.add("dragging");
+  });
+  dropZone.addEventListener("dragleave", (e) => {
+    if (!carriesFiles(e)) return;
+    dragDepth = Math.max(0, dragDepth - 1);
+    if (!dragDepth) dropZone.classList.remove("dragging");
+  });
+  dropZone.addEventListener("drop", (e) => {
+    if (!carriesFiles(e)) return;
+    e.preventDefault();
+    dragDepth = 0;
+    dropZone.classList.remove("dragging");
+    stage(e.dataTransfer.files);
+  });
+  for (const kind of ["dragover", "drop"]) {
+    window.addEventListener(kind, (e) => {
+      if (!carriesFiles(e)) return;
+      e.preventDefault();
+      if (kind === "dragover") e.dataTransfer.dropEffect = dropZone.contains(e.target) ? "copy" : "none";
+    });
+  }
 
   connect();
 })();
