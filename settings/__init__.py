@@ -407,6 +407,9 @@ MQTT = {
     # A device's scope closes after this many seconds without a message.
     "IDLE_TIMEOUT": env_float("MQTT_IDLE_TIMEOUT", 300.0, minimum=1.0),
     "KEEPALIVE": env_int("MQTT_KEEPALIVE", 30, minimum=5),
+    # The gateway's client speaks MQTT "3.1.1" or "5" to MQTT_URL's broker; with 5, devices'
+    # MQTT 5 properties reach it (a file's content type and name). The embedded broker: 3.1.1.
+    "PROTOCOL": env_str("MQTT_PROTOCOL", "3.1.1"),
     # The embedded broker: its address (loopback by default; production warns otherwise),
     # its largest packet in bytes, and who may connect. MQTT_DEVICE_PASSWORDS names a file
     # made by mosquitto_passwd (the same file deploy/mosquitto uses): a device logs in with

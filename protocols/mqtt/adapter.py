@@ -25,6 +25,7 @@ class MqttAdapter(Adapter):
         parser.add_argument("--no-mqtt", action="store_true", help="leave MQTT out")
 
     def servers(self, context: RunContext) -> list:
+        import aiomqtt
         from django.conf import settings
 
         from gateway.relay import Relay
@@ -37,9 +38,15 @@ class MqttAdapter(Adapter):
         client_id = (mqtt["CLIENT_ID"]
                      or f"rt-gateway-{socket.gethostname()}-{options.port}")[:128]
         services: list = []
+        protocol = _protocol(mqtt["PROTOCOL"])
         if mqtt["URL"]:
             address = BrokerAddress.from_url(mqtt["URL"])
         else:
+            if protocol != aiomqtt.ProtocolVersion.V311:
+                warn("MQTT_PROTOCOL=5 applies to a broker of your own (MQTT_URL): the embedded "
+                     "broker speaks MQTT 3.1.1, so devices' MQTT 5 properties (a file's "
+                     "content type and name) do not reach the gateway.")
+                protocol = aiomqtt.ProtocolVersion.V311
             broker = _embedded_broker(options, client_id)
             if broker is None:
                 return []
@@ -51,12 +58,22 @@ class MqttAdapter(Adapter):
         server = MqttServer(
             context.application, address=address, prefix=mqtt["TOPIC_PREFIX"],
             client_id=client_id, idle_timeout=mqtt["IDLE_TIMEOUT"],
-            keepalive=mqtt["KEEPALIVE"], shared_group=mqtt["SHARED_GROUP"],
+            keepalive=mqtt["KEEPALIVE"], shared_group=mqtt["SHARED_GROUP"], protocol=protocol,
         )
         # The relay after the server, so it stops first: what it is publishing goes out and
         # every room's position is saved while the broker connection is still there.
         out = MqttOut(server, prefix=mqtt["TOPIC_PREFIX"], idle_timeout=mqtt["IDLE_TIMEOUT"])
         return [*services, server, Relay(out)]
+
+
+def _protocol(version: str):
+    """MQTT_PROTOCOL: the MQTT version the gateway's client speaks (aiomqtt's enum)."""
+    import aiomqtt
+
+    versions = {"3.1.1": aiomqtt.ProtocolVersion.V311, "5": aiomqtt.ProtocolVersion.V5}
+    if version not in versions:
+        raise RunRefused(f"MQTT_PROTOCOL must be 3.1.1 or 5, not {version[:20]!r}")
+    return versions[version]
 
 
 def _embedded_broker(options: argparse.Namespace, client_id: str):

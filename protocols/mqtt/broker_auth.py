@@ -4,10 +4,10 @@
   rooms and the errors, ``<prefix>/+/out`` and ``<prefix>/+/error/+``, and reads anything.
 - A device logs in with its device id as user name and a password from a file made by
   ``mosquitto_passwd`` (``$7$`` PBKDF2-SHA512 or the older ``$6$`` SHA-512), publishes only
-  as itself, ``<prefix>/<room>/in/<its id>``, and reads ``<prefix>/+/out`` and its own
-  errors, ``<prefix>/+/error/<its id>``.
-- An anonymous client (when allowed) publishes as any device, ``<prefix>/+/in/+``, and reads
-  ``<prefix>/+/out`` and ``<prefix>/+/error/+``.
+  as itself, ``<prefix>/<room>/in/<its id>`` and its files on ``<prefix>/<room>/in/<its
+  id>/file``, and reads ``<prefix>/+/out`` and its own errors, ``<prefix>/+/error/<its id>``.
+- An anonymous client (when allowed) publishes as any device, ``<prefix>/+/in/+`` and
+  ``<prefix>/+/in/+/file``, and reads ``<prefix>/+/out`` and ``<prefix>/+/error/+``.
 
 Nothing else: no other topic, no ``#``. The gateway's user name (``gateway``) and client id
 are reserved for it.
@@ -26,6 +26,7 @@ from pathlib import Path
 from amqtt.mqtt.connack import BAD_USERNAME_PASSWORD, NOT_AUTHORIZED
 
 from gateway.names import room_name_is_valid
+from protocols.mqtt.wire import FILE
 
 GATEWAY_USER = "gateway"
 
@@ -210,7 +211,7 @@ class BrokerPolicy:
             return any(topic_matches(p, topic) for p in (self._topic("out"),
                                                          self._topic("error", "+")))
         device = client.device_id if client.kind == "device" and client.device_id else "+"
-        return topic_matches(self._topic("in", device), topic)
+        return any(topic_matches(p, topic) for p in self._device_topics(device))
 
     def may_subscribe(self, client: Client, topic_filter: str) -> bool:
         if client.is_gateway:
@@ -220,8 +221,12 @@ class BrokerPolicy:
                                                             self._topic("error", device)))
 
     def is_device_topic(self, topic: str) -> bool:
-        """A device's inbound topic, ``<prefix>/<room>/in/<device>``."""
-        return topic_matches(self._topic("in", "+"), topic)
+        """A device's inbound topic, ``<prefix>/<room>/in/<device>`` or its ``/file``."""
+        return any(topic_matches(p, topic) for p in self._device_topics("+"))
+
+    def _device_topics(self, device: str) -> tuple[str, str]:
+        """What ``device`` (``+``: any) publishes: its messages and its files."""
+        return self._topic("in", device), f"{self._topic('in', device)}/{FILE}"
 
     def _topic(self, kind: str, device: str | None = None) -> str:
         return "/".join([self.prefix, "+", kind, *([device] if device else [])])

@@ -3,15 +3,16 @@ gateway has stored it, clients log in before any session is touched, and each ma
 its topics (protocols/mqtt/broker_auth.py).
 
 amqtt acknowledges a QoS 1 PUBLISH as soon as it has read it. Here a device's message on
-``<prefix>/<room>/in/<device>`` goes straight to the gateway's own client instead (the only
-reader of those topics), and the device's PUBACK (PUBREC for QoS 2) is sent only when the
-gateway's client has acknowledged its copy, which it does once the message is stored
-(protocols/mqtt/server.py, manual acks). So a kill -9 of the process loses nothing a device
-was told was received: the chain of acknowledgements ends in the database. If the gateway's
-client is not there (starting, reconnecting) the message waits ``GATEWAY_WAIT``; if it is
-not taken by then, the device's connection is closed unacknowledged and the device sends it
-again when it reconnects (as MQTT devices do). Once taken, it waits ``ACK_TIMEOUT`` for the
-gateway's acknowledgement, then closes the device's connection so it sends the message again.
+``<prefix>/<room>/in/<device>`` (or a file on its ``/file`` topic) goes straight to the
+gateway's own client instead (the only reader of those topics), and the device's PUBACK
+(PUBREC for QoS 2) is sent only when the gateway's client has acknowledged its copy, which
+it does once the message is stored (protocols/mqtt/server.py, manual acks). So a kill -9 of
+the process loses nothing a device was told was received: the chain of acknowledgements ends
+in the database. If the gateway's client is not there (starting, reconnecting) the message
+waits ``GATEWAY_WAIT``; if it is not taken by then, the device's connection is closed
+unacknowledged and the device sends it again when it reconnects (as MQTT devices do). Once
+taken, it waits ``ACK_TIMEOUT`` for the gateway's acknowledgement, then closes the device's
+connection so it sends the message again.
 Every other topic keeps amqtt's own handling.
 
 Each device connection has the flood limit of every protocol (gateway/ratelimit.py), so

@@ -3,6 +3,11 @@
 The protocol server (protocols/mqtt/server.py) opens the scopes; the consumer translates
 between its ``mqtt.*`` events (protocols/mqtt/events.py) and the room. (A room's messages
 reach ``<prefix>/<room>/out`` through the relay: protocols/mqtt/relay.py.)
+
+A file (``mqtt.file``) is checked and kept by ``files.attachments_store`` in a thread of
+``FILE_THREADS`` (Pillow and the storage must not hold up the event loop, nor the database
+thread every other store of the process waits for), then posted as a message carrying it,
+through the same group commit as text.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from channels.db import database_sync_to_async
@@ -19,7 +25,7 @@ from channels.exceptions import StopConsumer
 from django.db import DatabaseError, InterfaceError, OperationalError
 
 from consumers.base import RoomConsumer
-from gateway import events, metrics, services
+from gateway import events, files, metrics, services
 from gateway.errors import GatewayError
 from gateway.ingest import Busy, message_post
 from gateway.logging import LogSampler
@@ -27,20 +33,27 @@ from gateway.names import display_name_clean
 from gateway.ratelimit import TokenBucket, flood_limit
 from gateway.services import Post
 from protocols.mqtt import wire as topics
-from protocols.mqtt.events import DeviceSend, MqttConnect, MqttDisconnect, MqttMessage
+from protocols.mqtt.events import DeviceSend, MqttConnect, MqttDisconnect, MqttFile, MqttMessage
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+Received = TypeVar("Received", MqttMessage, MqttFile)
 
 SEEN_INTERVAL = 60.0  # how often a device's last_seen is written while it is active
 RETRY_FIRST, RETRY_MAX = 0.5, 5.0  # backoff (seconds) while the database cannot store
 STALL = 1.0  # seconds: a store that took longer gives its time back to the device's rate
 LOGGED_PER_CODE = 5  # refusals logged per code and device scope; the rest counted
 ERROR_REPLY_BURST = 10  # error replies to a device at once (then one a second)
+# Threads checking and keeping devices' files (Pillow, the storage, one row each), shared by
+# the process's devices: they bound the CPU files take and the database connections these
+# threads keep (closed once older than CONN_MAX_AGE, as channels does around every call).
+FILE_THREADS = 2
+_file_threads = ThreadPoolExecutor(max_workers=FILE_THREADS, thread_name_prefix="mqtt-files")
 
 
 class MqttDeviceConsumer(RoomConsumer):
-    """One device in one room: what it publishes on ``<prefix>/<room>/in/<device>``."""
+    """One device in one room: what it publishes on ``<prefix>/<room>/in/<device>`` (and
+    its files, on ``.../in/<device>/file``)."""
 
     protocol = "mqtt"
     base_send: Callable[[DeviceSend], Awaitable[None]]  # the scope's send, typed
@@ -54,6 +67,7 @@ class MqttDeviceConsumer(RoomConsumer):
         self.log_sample = LogSampler(LOGGED_PER_CODE)
         self.seen_at = 0.0
         self.posted = False  # it has said something: it is in the room (notices)
+        self.client_id: object = None  # of the message being handled, for its error reply
         try:
             shown = await database_sync_to_async(services.display_name_for)(
                 sender_id=self.device_id, protocol=self.protocol, name=self.device_id
@@ -68,33 +82,82 @@ class MqttDeviceConsumer(RoomConsumer):
                            extra=self.log_extra(), exc_info=True)
 
     async def mqtt_message(self, message: MqttMessage) -> None:
-        client_id, stored = None, False
+        await self._received(message, self._message)
+
+    async def mqtt_file(self, message: MqttFile) -> None:
+        await self._received(message, self._file)
+
+    async def _received(self, message: Received,
+                        handle: Callable[[Received], Awaitable[bool]]) -> None:
+        """Handle what the device published (``handle``: stored, or GatewayError), answer
+        a refusal on its error topic, and report it handled."""
+        self.client_id, stored = None, False
         try:
             # Every message spends the limit, a refused one too; counted when it reached the
             # gateway: time it waited here is not the device's.
             if not self.bucket.allow(now=message.get("received_at")):
                 raise GatewayError("rate_limited", "too many messages from this device")
-            payload = topics.payload_decode(message["payload"])
-            client_id = payload.client_id
             started = time.monotonic()
-            await self._seen()
-            name = display_name_clean(payload.name or "") or self.device_id
-            sender = events.sender(protocol=self.protocol, id=self.device_id, name=name)
-            if not self.posted:
-                self.posted = True  # in the room now: announced if its policy asks
-                await self._notice(joined=True)
-            if payload.kind == "message":
-                _, stored = await self._post(payload.text, sender, client_id, payload.reply_to)
-            else:
-                stored = await self._change(payload, sender)
+            stored = await handle(message)
             self._stalled(time.monotonic() - started)
         except GatewayError as exc:
-            await self._refuse(exc.code, exc.detail, client_id)
+            await self._refuse(exc.code, exc.detail, self.client_id)
         except DatabaseError:
             logger.exception("could not store a device message", extra=self.log_extra())
-            await self._refuse("unavailable", "the message could not be stored", client_id)
+            await self._refuse("unavailable", "the message could not be stored", self.client_id)
         # Stored or refused: the server may acknowledge it to the broker now.
         await self.base_send({"type": "mqtt.handled", "ack": message["ack"], "stored": stored})
+
+    async def _message(self, message: MqttMessage) -> bool:
+        """A message (text or JSON), or a change to one: whether it was stored now."""
+        payload = topics.payload_decode(message["payload"])
+        self.client_id = payload.client_id
+        sender = await self._sender(payload.name)
+        if payload.kind == "message":
+            _, stored = await self._post(payload.text, sender, payload.client_id,
+                                         payload.reply_to)
+            return stored
+        return await self._change(payload, sender)
+
+    async def _file(self, message: MqttFile) -> bool:
+        """A file, kept and posted as a message carrying it (with its caption): whether it
+        was stored now (a repeat of its client_id is not; the core then lets the file go)."""
+        meta = topics.file_decode(message["content_type"], message["user_properties"])
+        self.client_id = meta.client_id
+        sender = await self._sender(None)
+        upload = files.Upload.of_bytes(message["payload"], name=meta.name,
+                                       declared_type=meta.content_type)
+        kept = await self._kept(upload, sender)
+        _, stored = await self._post(meta.caption or "", sender, meta.client_id, meta.reply_to,
+                                     attachments=tuple(kept))
+        return stored
+
+    async def _kept(self, upload: files.Upload,
+                    sender: events.Sender) -> list[events.Attachment]:
+        """The file checked and kept (pending until its message is stored): FileRefused, a
+        GatewayError, for a file the gateway does not take; waits out a database that cannot
+        take it now, as a message does. A storage that fails is ``unavailable``."""
+        keep = database_sync_to_async(files.attachments_store, thread_sensitive=False,
+                                      executor=_file_threads)
+        try:
+            return await self._stored(lambda: keep(room=self.scope["room"], sender=sender,
+                                                   uploads=[upload]))
+        except (GatewayError, DatabaseError):
+            raise
+        except Exception as exc:
+            logger.exception("could not keep a device's file", extra=self.log_extra())
+            raise GatewayError("unavailable", "the file could not be stored") from exc
+
+    async def _sender(self, name: str | None) -> events.Sender:
+        """The device as the room shows it (``name``, else its id); on its first message,
+        it is in the room now (announced if the room's policy asks)."""
+        await self._seen()
+        shown = display_name_clean(name or "") or self.device_id
+        sender = events.sender(protocol=self.protocol, id=self.device_id, name=shown)
+        if not self.posted:
+            self.posted = True
+            await self._notice(joined=True)
+        return sender
 
     async def _change(self, payload: topics.DevicePayload, sender: events.Sender) -> bool:
         """An edit or delete of one of its own messages, or a reaction: the room's next log
@@ -107,11 +170,12 @@ class MqttDeviceConsumer(RoomConsumer):
         return created
 
     async def _post(self, text: object, sender: events.Sender, client_id: object,
-                    reply_to: object = None) -> tuple[events.RoomMessage, bool]:
+                    reply_to: object = None, attachments: tuple[events.Attachment, ...] = (),
+                    ) -> tuple[events.RoomMessage, bool]:
         """Store the message (with whatever else arrives meanwhile: gateway/ingest.py)."""
         return await self._stored(lambda: message_post(Post(
             room=self.scope["room"], text=text, sender=sender, origin=self.scope_id,
-            client_id=client_id, reply_to=reply_to,
+            client_id=client_id, reply_to=reply_to, attachments=attachments,
         )))
 
     async def _stored(self, store: Callable[[], Awaitable[T]]) -> T:

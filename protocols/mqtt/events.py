@@ -15,12 +15,17 @@ The server sends a scope:
   ``<prefix>/<room>/in/<device>``. ``payload``: its bytes as received; ``ack``: the server's
   token for it, to be reported in ``mqtt.handled``; ``received_at``: when it reached the
   gateway (``time.monotonic()``), from which the device's rate limit counts.
+- ``mqtt.file`` (device): a file the device published on ``<prefix>/<room>/in/<device>/file``:
+  ``payload``, ``ack`` and ``received_at`` as ``mqtt.message``; ``content_type``: its MQTT 5
+  content type (None without one, as over MQTT 3.1.1); ``user_properties``: its MQTT 5 user
+  properties as ``(key, value)`` pairs, in order (none over 3.1.1). A device's messages and
+  files reach the same scope, so they are handled in the order they arrived.
 - ``mqtt.disconnect``: the scope ends; ``reason``: ``idle`` (the device went quiet: it
   has left the room) or ``shutdown`` (this process stops: it has not).
 
 A scope sends the server:
 
-- ``mqtt.handled``: the message ``ack`` was stored (``stored`` true) or refused; the
+- ``mqtt.handled``: the message (or file) ``ack`` was stored (``stored`` true) or refused; the
   server acknowledges it to the broker now.
 - ``mqtt.publish`` (``MqttErrorReply``): ``topic`` ``<prefix>/<room>/error/<device>``,
   ``payload`` the error JSON, ``refused`` the error code (the server counts refusals by
@@ -49,6 +54,16 @@ class MqttMessage(TypedDict):
 
 
 @final
+class MqttFile(TypedDict):
+    type: Literal["mqtt.file"]
+    payload: bytes  # the file, as the device published it
+    ack: int  # the server's token for it, returned in mqtt.handled
+    received_at: float  # time.monotonic() when it reached the gateway
+    content_type: str | None  # its MQTT 5 content type
+    user_properties: tuple[tuple[str, str], ...]  # its MQTT 5 user properties, in order
+
+
+@final
 class MqttDisconnect(TypedDict):
     type: Literal["mqtt.disconnect"]
     reason: Literal["idle", "shutdown"]
@@ -69,7 +84,7 @@ class MqttErrorReply(TypedDict):
     refused: str  # the error code, counted by the server
 
 
-DeviceReceive = MqttConnect | MqttMessage | MqttDisconnect  # server -> scope
+DeviceReceive = MqttConnect | MqttMessage | MqttFile | MqttDisconnect  # server -> scope
 DeviceSend = MqttHandled | MqttErrorReply  # scope -> server
 
 

@@ -5,7 +5,8 @@ and events for the root ASGI application, and carries bytes back to the broker. 
 are written down in protocols/mqtt/events.py.
 
 - A device scope per (device, room), ``{"type": "mqtt", "role": "device", ...}``, opened
-  on the device's first message and fed ``mqtt.message`` events; closed (``mqtt.disconnect``)
+  on the device's first message and fed ``mqtt.message`` events (``mqtt.file`` for what it
+  publishes on its ``/file`` topic, with the MQTT 5 properties); closed (``mqtt.disconnect``)
   after ``MQTT_IDLE_TIMEOUT`` without a message, and at shutdown. Its error replies
   (``mqtt.publish``) wait in a bounded outbox.
 - ``publish(topic, payload)`` for the relay (protocols/mqtt/relay.py: each room's messages on
@@ -16,7 +17,9 @@ what devices publish while the gateway is away), reconnects with exponential bac
 jitter. A publish waits out an unreachable broker, and one that the connection's end cut
 short is published again on the next. Inbound, with several gateway processes, each
 subscribes through a shared subscription (``MQTT_SHARED_GROUP``), so each device message
-reaches one of them.
+reaches one of them. MQTT 3.1.1, or MQTT 5 when asked (``MQTT_PROTOCOL=5``: the same
+sessions, said with Clean Start and a Session Expiry Interval); only then do devices'
+properties (a file's content type and name) reach the gateway.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from gateway import metrics, status
 from gateway.errors import GatewayError
@@ -39,7 +44,9 @@ from protocols.mqtt.events import (
     DeviceReceive,
     DeviceSend,
     MqttDisconnect,
+    MqttFile,
     MqttHandled,
+    MqttMessage,
     mqtt_connect,
     mqtt_disconnect,
 )
@@ -52,6 +59,7 @@ IDLE_CHECK_INTERVAL = 2.0  # seconds between looks for idle device scopes
 # broker costs bounded memory. (The relay's messages wait in the log, not here.)
 OUTBOX_LIMIT = 1_000
 PUBLISH_RETRY = 0.5  # seconds before a publish refused on a live connection is tried again
+SESSION_KEPT = 0xFFFFFFFF  # MQTT 5 Session Expiry Interval: never (3.1.1's clean session off)
 SCOPE_STOP_WAIT = 5.0  # seconds scopes get to finish at a stop before they are cancelled
 
 
@@ -123,6 +131,7 @@ class MqttServer:
         idle_timeout: float,
         keepalive: int = 30,
         shared_group: str = "",
+        protocol: aiomqtt.ProtocolVersion = aiomqtt.ProtocolVersion.V311,
     ) -> None:
         self.application = application
         self.address = address
@@ -131,6 +140,7 @@ class MqttServer:
         self.idle_timeout = idle_timeout
         self.keepalive = keepalive
         self.shared_group = shared_group
+        self.protocol = protocol
         self.devices: ScopeRegistry[tuple[str, str], Scope[DeviceReceive]] = ScopeRegistry()
         # Error replies to devices: (topic, payload)
         self.outbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(maxsize=OUTBOX_LIMIT)
@@ -195,7 +205,7 @@ class MqttServer:
         while True:
             try:
                 async with self._connect() as client:
-                    await client.subscribe(self.in_filter, qos=1)
+                    await self._subscribe(client)
                     backoff = 0.5
                     await self._serve(_Link(client))
             except aiomqtt.MqttError as exc:
@@ -223,9 +233,26 @@ class MqttServer:
                 self.connected.clear()
 
     @property
-    def in_filter(self) -> str:
-        plain = topics.in_filter(self.prefix)
-        return f"$share/{self.shared_group}/{plain}" if self.shared_group else plain
+    def in_filters(self) -> list[str]:
+        """What the gateway reads: devices' messages and their files."""
+        plain = [topics.in_filter(self.prefix), topics.in_file_filter(self.prefix)]
+        if self.shared_group:
+            return [f"$share/{self.shared_group}/{item}" for item in plain]
+        return plain
+
+    async def _subscribe(self, client: aiomqtt.Client) -> None:
+        """Subscribe to ``in_filters`` (one SUBSCRIBE). A filter the broker refuses is logged
+        and the others still serve: an ACL without the file topic (deploy/mosquitto/acl), on
+        a broker that checks it at subscribe time (Mosquitto grants it, then delivers
+        nothing)."""
+        filters = self.in_filters
+        granted = await client.subscribe([(item, 1) for item in filters])
+        for item, code in zip(filters, granted, strict=False):
+            value = getattr(code, "value", code)  # paho's ReasonCode, or an int
+            if isinstance(value, int) and value >= 0x80:
+                logger.error("the MQTT broker refused the subscription to %s (code %#x): check "
+                             "its ACL for the gateway's user", item, value,
+                             extra={"protocol": "mqtt", "broker": str(self.address)})
 
     def _connect(self) -> aiomqtt.Client:
         tls = aiomqtt.TLSParameters(cert_reqs=ssl.CERT_REQUIRED) if self.address.tls else None
@@ -235,20 +262,30 @@ class MqttServer:
             username=self.address.username,
             password=self.address.password,
             identifier=self.client_id,
-            # Alone, a persistent session: the broker keeps what devices publish while the
-            # gateway is away. Sharing a subscription, a clean one: a persistent session of
-            # a replica that died would go on taking its share of the devices' messages
-            # (the broker queues them for it), while a clean one ends with the connection
-            # and the live replicas get everything.
-            clean_session=bool(self.shared_group),
             keepalive=self.keepalive,
             tls_params=tls,
+            protocol=self.protocol,
+            **self._session(),
         )
         # Acknowledge a device's message only once it is stored (or refused), so one that
         # arrives as the gateway dies is delivered again. aiomqtt does not expose paho's
         # manual acknowledgements; its paho client does.
         client._client.manual_ack_set(True)  # noqa: SLF001
         return client
+
+    def _session(self) -> dict:
+        """Alone, a persistent session: the broker keeps what devices publish while the
+        gateway is away. Sharing a subscription, a clean one: a persistent session of a
+        replica that died would go on taking its share of the devices' messages (the broker
+        queues them for it), while a clean one ends with the connection and the live replicas
+        get everything. MQTT 5 says so with Clean Start and the Session Expiry Interval
+        (aiomqtt's default, a clean start on each new client, would drop the session)."""
+        clean = bool(self.shared_group)
+        if self.protocol != aiomqtt.ProtocolVersion.V5:
+            return {"clean_session": clean}
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = 0 if clean else SESSION_KEPT
+        return {"clean_start": clean, "properties": properties}
 
     def _ack(self, token: int) -> None:
         """Acknowledge a received message (on the connection it came on; after a reconnect
@@ -331,8 +368,16 @@ class MqttServer:
         self._acks[token] = (scope, link, message.mid, message.qos)
         # Stamped with its arrival: the device's rate counts from here, not from when its
         # turn to be stored comes (the database may be slow).
-        scope.put({"type": "mqtt.message", "payload": bytes(message.payload), "ack": token,
-                   "received_at": now})
+        event: MqttMessage | MqttFile
+        if where.file:
+            content_type, user_properties = topics.message_properties(message.properties)
+            event = {"type": "mqtt.file", "payload": bytes(message.payload), "ack": token,
+                     "received_at": now, "content_type": content_type,
+                     "user_properties": user_properties}
+        else:
+            event = {"type": "mqtt.message", "payload": bytes(message.payload), "ack": token,
+                     "received_at": now}
+        scope.put(event)
 
     def _open_device(self, scope: dict, *, name: str) -> Scope[DeviceReceive]:
         return scope_open(self.application, scope, self._send, first=mqtt_connect(),

@@ -6,17 +6,40 @@
                                         "reply_to"?}, or {"type": "edit", "id", "message"},
                                         {"type": "delete", "id"}, {"type": "react", "id",
                                         "emoji"} (edits and deletes of its own messages)
+    <prefix>/<room>/in/<device_id>/file
+                                        a device posts a file (a camera's snapshot): the
+                                        payload is its bytes, one file a message. Its type is
+                                        read from the bytes (the MQTT 5 content type is passed
+                                        on as a hint); MQTT 5 user properties, all optional:
+                                        ``filename`` (or ``name``) its file name (else one is
+                                        made), ``message`` a caption, ``client_id`` and
+                                        ``reply_to`` as in the JSON above; others are ignored.
+                                        Properties reach the gateway only when its client
+                                        speaks MQTT 5 (MQTT_PROTOCOL=5, with MQTT_URL's broker;
+                                        the embedded broker speaks 3.1.1). A file is one
+                                        packet: the embedded broker takes it up to
+                                        MQTT_MAX_PACKET_SIZE, and GATEWAY_FILE_* bound what is
+                                        kept (refusals: unsupported_type, file_too_large,
+                                        empty_file, invalid_image, image_too_large,
+                                        unsafe_content, on the error topic)
     <prefix>/<room>/out                 the room's log in the public shape (the WebSocket
                                         frames): {"type": "message", id, room, message,
                                         sender, ts, client_id, reply_to, edited_at,
-                                        reactions}, and {"type": "edit" | "delete" |
-                                        "reaction", id, room, cursor, sender, ...}
-    <prefix>/<room>/error/<device_id>   why the gateway refused a device's message
+                                        reactions, attachments}, and {"type": "edit" |
+                                        "delete" | "reaction", id, room, cursor, sender, ...};
+                                        ``attachments`` lists a message's files, never their
+                                        bytes: [{id, name, type, size, width, height, url,
+                                        thumbnail_url}], the URLs signed and expiring
+                                        (GATEWAY_FILE_URL_TTL), absolute with
+                                        GATEWAY_PUBLIC_URL
+    <prefix>/<room>/error/<device_id>   why the gateway refused a device's message or file:
+                                        {"type": "error", code, detail, client_id?}
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from gateway import events, files
@@ -24,15 +47,22 @@ from gateway.errors import GatewayError
 from gateway.names import room_name_is_valid
 from gateway.services import MESSAGE_CHANGES
 
+FILE = "file"  # the last level of a device's file topic
+
 
 @dataclass(frozen=True)
 class InTopic:
     room: str
     device_id: str
+    file: bool = False  # <prefix>/<room>/in/<device>/file: the payload is a file
 
 
 def in_filter(prefix: str) -> str:
     return f"{prefix}/+/in/+"
+
+
+def in_file_filter(prefix: str) -> str:
+    return f"{prefix}/+/in/+/{FILE}"
 
 
 def out_topic(prefix: str, room: str) -> str:
@@ -44,16 +74,19 @@ def error_topic(prefix: str, room: str, device_id: str) -> str:
 
 
 def in_topic_parse(prefix: str, topic: str) -> InTopic:
-    """The room and device of an inbound topic; GatewayError if either is invalid."""
+    """The room and device of an inbound topic (a message's, or a file's); GatewayError if
+    either is invalid."""
     parts = topic.split("/")
-    if len(parts) != 4 or parts[0] != prefix or parts[2] != "in":
-        raise GatewayError("invalid_topic", f"not a {prefix}/<room>/in/<device> topic")
+    file = len(parts) == 5 and parts[4] == FILE
+    if not (len(parts) == 4 or file) or parts[0] != prefix or parts[2] != "in":
+        raise GatewayError("invalid_topic",
+                           f"not a {prefix}/<room>/in/<device>[/{FILE}] topic")
     room, device_id = parts[1], parts[3]
     if not room_name_is_valid(room):
         raise GatewayError("invalid_room", f"invalid room name {room[:80]!r}")
     if not room_name_is_valid(device_id):  # device ids follow the room-name rule
         raise GatewayError("invalid_device", f"invalid device id {device_id[:80]!r}")
-    return InTopic(room=room, device_id=device_id)
+    return InTopic(room=room, device_id=device_id, file=file)
 
 
 @dataclass(frozen=True)
@@ -106,6 +139,46 @@ def payload_decode(payload: bytes) -> DevicePayload:
     return DevicePayload(text=data.get("message"), name=name, client_id=data.get("client_id"),
                          kind=kind, id=data.get("id"), emoji=data.get("emoji"),
                          reply_to=data.get("reply_to"), added=data.get("added"))
+
+
+@dataclass(frozen=True)
+class DeviceFile:
+    """What a device said of a file it published (its MQTT 5 properties; all optional)."""
+
+    name: str | None = None  # its file name (a hint: files.name_clean makes it safe)
+    content_type: str | None = None  # the type it declared (a hint: the bytes decide)
+    caption: str | None = None  # the message's text
+    client_id: object = None
+    reply_to: object = None
+
+
+UserProperties = tuple[tuple[str, str], ...]
+_REPLY_TO = re.compile(r"[0-9]{1,19}")
+
+
+def message_properties(properties: object) -> tuple[str | None, UserProperties]:
+    """The content type and user properties of a received message's MQTT 5 properties
+    (paho's ``Properties``; None, as a 3.1.1 connection gets, has neither)."""
+    content_type = getattr(properties, "ContentType", None)
+    pairs = getattr(properties, "UserProperty", None) or ()
+    user = tuple((str(key), str(value)) for key, value in pairs)
+    return (content_type if isinstance(content_type, str) else None), user
+
+
+def file_decode(content_type: str | None, user_properties: UserProperties) -> DeviceFile:
+    """A file's metadata from its properties: ``filename`` (else ``name``), ``message``,
+    ``client_id``, ``reply_to`` (decimal digits: a message id; anything else is passed on
+    for the service to refuse); a key given twice counts once (its first value), unknown
+    keys are ignored (brokers and SDKs add their own)."""
+    given: dict[str, str] = {}
+    for key, value in user_properties:
+        given.setdefault(key, value)
+    reply_to: object = given.get("reply_to")
+    if isinstance(reply_to, str) and _REPLY_TO.fullmatch(reply_to):
+        reply_to = int(reply_to)
+    return DeviceFile(name=given.get("filename", given.get("name")),
+                      content_type=content_type or None, caption=given.get("message"),
+                      client_id=given.get("client_id"), reply_to=reply_to)
 
 
 def out_payload(event: events.RoomMessage) -> bytes:
