@@ -9,6 +9,11 @@ repeated update does nothing).
 - A message: a command, or text posted to the joined room (as a reply to the room message
   the chat's message answers, when the chat's map knows it: gateway/chats.py), and recorded
   in the map as the room message's original in this chat.
+- A message with a file (``IncomingFile``, its bytes fetched by the platform's consumer once
+  ``file_room`` said the chat would post it): the file is checked and kept
+  (``files.attachments_store``) and posted with the caption as text. A file the platform
+  would not hand over (too large) is posted as a notice with the caption; one the gateway
+  refuses (its type, size...) is answered in the chat, like any refusal, and logged.
 - An edit of a message the chat posted: the room message gets the new text, as its author.
 - Reactions of a user to a chat's message (the bot's copy or an original): set on the room
   message, emoji by emoji, in the chat's room.
@@ -20,16 +25,17 @@ the bot does not answer what it was not asked).
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 from django.db import transaction
 
 from bots import formatting
 from bots.markup import Line, Reply, bold, line, reply
-from gateway import chats, events, metrics, selectors, services
+from gateway import chats, events, files, metrics, selectors, services
 from gateway.errors import GatewayError
 from gateway.models import BotChat, BotMessage
 from gateway.names import (
@@ -48,6 +54,17 @@ COMMAND_SHOWN = 64  # of an unknown command, quoted back (a reply fits a chat me
 # What an answered message cannot be any more: the reply is posted as a plain message.
 REPLY_REFUSALS = ("not_found", "deleted")
 MESSAGE, EDIT, REACTION, MIGRATE = "message", "edit", "reaction", "migrate"  # Incoming.kind
+
+
+@dataclass(frozen=True)
+class IncomingFile:
+    """A file a message carries (its caption is the message's text)."""
+
+    name: str  # the sender's name for it, or one the platform made up
+    size: int | None  # bytes, as the platform declares them (None: not said)
+    content_type: str = ""  # as the platform declares it: a hint only
+    data: bytes | None = field(default=None, repr=False)  # None: not fetched
+    too_large: bool = False  # the platform does not hand out files this large
 
 
 @dataclass(frozen=True)
@@ -71,49 +88,111 @@ class Incoming:
     added: tuple[str, ...] = ()  # reaction: emoji added, as the room writes them
     removed: tuple[str, ...] = ()  # reaction: emoji taken back
     migrate_to: str = ""  # migrate: the chat's new id
+    file: IncomingFile | None = None  # message: the file it carries (text is its caption)
 
     @property
     def private(self) -> bool:
         return self.chat_kind == "private"
 
 
+@dataclass
+class _Files:
+    """A message's files, kept before its update's transaction (so that none is in the
+    storage without a row to sweep it if that transaction rolls back): what the room is
+    posted, or why not."""
+
+    text: str  # the message's text: its caption, with a notice of a file not taken
+    room: str = ""  # where the files were kept for
+    attachments: list[events.Attachment] = field(default_factory=list)
+    refused: GatewayError | None = None
+    handed: bool = False  # to room_message_post, which discards them if not stored
+
+
 def handle(incoming: Incoming, *, bot_username: str = "") -> list[Reply]:
     """Answer one message: the replies to send to its chat (none for a repeated update)."""
-    with transaction.atomic():
-        if incoming.update_id is not None and not chats.bot_update_claim(
-            platform=incoming.platform, update_id=incoming.update_id
-        ):
-            logger.info("ignored a repeated update", extra=_log(incoming))
-            return []
-        if incoming.kind == MIGRATE:
-            chats.bot_chat_migrate(platform=incoming.platform, chat_id=incoming.chat_id,
-                                   to=incoming.migrate_to)
-            logger.info("the chat moved to its new id",
-                        extra=_log(incoming, to=incoming.migrate_to))
-            return []
-        chat = chats.bot_chat_open(
-            platform=incoming.platform, chat_id=incoming.chat_id, kind=incoming.chat_kind,
-            title=incoming.chat_title,
-        )
-        if chat.blocked:
-            logger.info("ignored a blocked chat", extra=_log(incoming))
-            return []
-        if incoming.kind == EDIT:
-            return _edit(chat, incoming)
-        if incoming.kind == REACTION:
-            return _react(chat, incoming)
-        if not incoming.text:  # a photo, a sticker, someone joining the group...
-            return [reply(ONLY_TEXT)] if incoming.private else []
-        command, argument = command_parse(incoming.text, bot_username)
-        if command is None:
-            return _post(chat, incoming)
-        if command == "":
-            return []  # a command for another bot in the group
-        action = COMMANDS.get(command)
-        if action is None:
-            shown = command[:COMMAND_SHOWN]
-            return [reply(f"Unknown command /{shown}. /help lists the commands.")]
-        return action(chat, incoming, argument)
+    kept = _files_keep(incoming)
+    try:
+        with transaction.atomic():
+            return _handle(incoming, bot_username, kept)
+    finally:
+        if kept.attachments and not kept.handed:  # a repeated update, a chat that left...
+            files.attachments_discard([item["id"] for item in kept.attachments])
+
+
+def file_room(incoming: Incoming) -> str:
+    """The room a chat's file would go to ("" if none: not in a room, blocked): asked before
+    the platform fetches the file (``handle`` decides again)."""
+    found = BotChat.objects.filter(platform=incoming.platform, chat_id=incoming.chat_id,
+                                   blocked=False).values_list("room", flat=True).first()
+    return found or ""
+
+
+def _files_keep(incoming: Incoming) -> _Files:
+    """Check and keep a message's file for the room the chat is in (refused: why)."""
+    file = incoming.file
+    if file is None:
+        return _Files(incoming.text)
+    if file.too_large:
+        notice = formatting.file_not_bridged(files.name_clean(file.name, "", ""), file.size)
+        return _Files(f"{incoming.text}\n{notice}" if incoming.text else notice)
+    room = file_room(incoming)
+    if not room:
+        return _Files(incoming.text)  # handle() answers as for any message outside a room
+    sender = events.sender(protocol=incoming.platform,
+                           id=f"{incoming.platform}-{incoming.user_id}",
+                           name=incoming.user_name or incoming.user_id)
+    try:
+        if file.data is None:  # not fetched: past the gateway's size, else unavailable
+            if file.size:  # refused as the gateway refuses a file this large
+                files.uploads_check([files.Upload(io.BytesIO(), file.size, file.name)])
+            raise GatewayError("file_unavailable", "the file could not be fetched from the "
+                               "chat app; send it again")
+        upload = files.Upload.of_bytes(file.data, name=file.name,
+                                       declared_type=file.content_type or None)
+        kept = files.attachments_store(room=room, sender=sender, uploads=[upload])
+    except GatewayError as exc:
+        return _Files(incoming.text, refused=exc)
+    return _Files(incoming.text, room=room, attachments=kept)
+
+
+def _handle(incoming: Incoming, bot_username: str, kept: _Files) -> list[Reply]:
+    """``handle``, inside the update's transaction."""
+    if incoming.update_id is not None and not chats.bot_update_claim(
+        platform=incoming.platform, update_id=incoming.update_id
+    ):
+        logger.info("ignored a repeated update", extra=_log(incoming))
+        return []
+    if incoming.kind == MIGRATE:
+        chats.bot_chat_migrate(platform=incoming.platform, chat_id=incoming.chat_id,
+                               to=incoming.migrate_to)
+        logger.info("the chat moved to its new id",
+                    extra=_log(incoming, to=incoming.migrate_to))
+        return []
+    chat = chats.bot_chat_open(
+        platform=incoming.platform, chat_id=incoming.chat_id, kind=incoming.chat_kind,
+        title=incoming.chat_title,
+    )
+    if chat.blocked:
+        logger.info("ignored a blocked chat", extra=_log(incoming))
+        return []
+    if incoming.kind == EDIT:
+        return _edit(chat, incoming)
+    if incoming.kind == REACTION:
+        return _react(chat, incoming)
+    if incoming.file is not None:  # its caption is never a command
+        return _post(chat, incoming, kept)
+    if not incoming.text:  # a location, a poll, someone joining the group...
+        return [reply(ONLY_TEXT)] if incoming.private else []
+    command, argument = command_parse(incoming.text, bot_username)
+    if command is None:
+        return _post(chat, incoming, kept)
+    if command == "":
+        return []  # a command for another bot in the group
+    action = COMMANDS.get(command)
+    if action is None:
+        shown = command[:COMMAND_SHOWN]
+        return [reply(f"Unknown command /{shown}. /help lists the commands.")]
+    return action(chat, incoming, argument)
 
 
 def command_parse(text: str, bot_username: str) -> tuple[str | None, str]:
@@ -140,18 +219,25 @@ def _sender(chat: BotChat, incoming: Incoming) -> events.Sender:
     )
 
 
-def _post(chat: BotChat, incoming: Incoming) -> list[Reply]:
+def _post(chat: BotChat, incoming: Incoming, kept: _Files) -> list[Reply]:
     if not chat.room:
         # In a group, people talk among themselves: only a private chat gets the hint.
         return [reply(JOIN_HINT)] if incoming.private else []
     answered = _answered(chat, incoming)
+    if kept.attachments and answered is not None and (
+            selectors.room_message_now(room=chat.room, id=answered) is None):
+        answered = None  # gone: not tried (a refused post discards the files it carries)
     try:
+        if kept.refused is not None:
+            raise kept.refused
+        if kept.attachments and kept.room != chat.room:  # it left meanwhile (staff, a block)
+            raise GatewayError("room_changed", "this chat changed rooms; send it again")
         try:
-            event, _ = _message_post(chat, incoming, answered)
+            event, _ = _message_post(chat, incoming, answered, kept)
         except GatewayError as exc:
-            if answered is None or exc.code not in REPLY_REFUSALS:
+            if answered is None or exc.code not in REPLY_REFUSALS or kept.attachments:
                 raise
-            event, _ = _message_post(chat, incoming, None)  # the answered one is gone
+            event, _ = _message_post(chat, incoming, None, kept)  # the answered one is gone
     except GatewayError as exc:
         logger.warning("refused a chat message %s: %s", exc.code, exc.detail,
                        extra=_log(incoming, room=chat.room, code=exc.code))
@@ -173,12 +259,13 @@ def _answered(chat: BotChat, incoming: Incoming) -> int | None:
 
 
 def _message_post(
-    chat: BotChat, incoming: Incoming, reply_to: int | None
+    chat: BotChat, incoming: Incoming, reply_to: int | None, kept: _Files
 ) -> tuple[events.RoomMessage, bool]:
+    kept.handed = True
     return services.room_message_post(
-        room=chat.room, text=incoming.text, sender=_sender(chat, incoming),
+        room=chat.room, text=kept.text, sender=_sender(chat, incoming),
         origin=selectors.bot_chat_origin(incoming.platform, incoming.chat_id),
-        client_id=_client_id(incoming), reply_to=reply_to,
+        client_id=_client_id(incoming), reply_to=reply_to, attachments=kept.attachments,
     )
 
 

@@ -9,16 +9,27 @@ only then. (Rooms reach the chats through the relay: protocols/telegram/relay.py
 
 Every update but a move spends the chat's flood limit: a flood of edits or reactions is
 refused like one of messages (only a message is answered "Slow down").
+
+A message with a file: once the flood limit let it through and the conversation says the
+chat would post it (``conversation.file_room``: it is in a room), its bytes are fetched
+through the scope's ``telegram.download`` (the server's Bot API client: download.py), at
+most the Bot API's 20 MB, and handed to the conversation with it. A larger file is not
+fetched (the room gets a notice), nor one past the gateway's own size limit (refused, from
+its declared size). An outage fetching it fails the update: it comes again, and is given up
+after a few tries (ingress.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 
 from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
+from django.conf import settings
 from django.db import DatabaseError
+from telegram.error import NetworkError
 
 from bots import conversation
 from bots.markup import reply
@@ -26,9 +37,12 @@ from consumers.base import ScopeConsumer
 from gateway.logging import scope_log
 from gateway.ratelimit import flood_limit
 from protocols.telegram import render
+from protocols.telegram.download import DOWNLOAD_MAX_BYTES, FileTooLarge, FileUnavailable
 from protocols.telegram.events import (
+    DOWNLOAD_EXTENSION,
     ChatConnect,
     ChatDisconnect,
+    ChatFile,
     ChatReceivedMessage,
     ChatSend,
 )
@@ -75,9 +89,16 @@ class TelegramChatConsumer(ScopeConsumer):
                        if incoming.kind == conversation.MESSAGE else [])
         else:
             try:
+                if (file := message.get("file")) is not None:
+                    incoming = await self._fetched(incoming, file)
                 replies = await database_sync_to_async(conversation.handle)(
                     incoming, bot_username=self.scope["bot_username"]
                 )
+            except NetworkError as exc:  # fetching the file: it comes again
+                logger.warning("could not fetch a chat's file (%s); it will come again",
+                               type(exc).__name__, extra=self.log)
+                await self.base_send({"type": "chat.failed", "update_id": message["update_id"]})
+                return
             except DatabaseError:
                 # Not stored and not claimed: the server fetches it again (or Telegram
                 # delivers it again), so it is neither lost nor posted twice.
@@ -90,6 +111,29 @@ class TelegramChatConsumer(ScopeConsumer):
                 await self.base_send({"type": "chat.send_message", "chat_id": self.chat_id,
                                       "text": text})
         await self.base_send({"type": "chat.handled", "update_id": message["update_id"]})
+
+    async def _fetched(self, incoming: conversation.Incoming,
+                       file: ChatFile) -> conversation.Incoming:
+        """The message with its file, fetched if the chat would post it (NetworkError: an
+        outage)."""
+        offered = conversation.IncomingFile(name=file["name"], size=file["size"],
+                                            content_type=file["mime_type"])
+        size = file["size"] or 0
+        if size > DOWNLOAD_MAX_BYTES:
+            offered = dataclasses.replace(offered, too_large=True)
+        elif size <= settings.GATEWAY["FILE_MAX_BYTES"] and await database_sync_to_async(
+                conversation.file_room)(incoming):
+            download = self.scope["extensions"][DOWNLOAD_EXTENSION]
+            try:
+                data = await download(file["file_id"], DOWNLOAD_MAX_BYTES)
+            except FileTooLarge:
+                offered = dataclasses.replace(offered, too_large=True)
+            except FileUnavailable as exc:
+                logger.warning("Telegram did not hand out a chat's file: %s", exc,
+                               extra=self.log)
+            else:
+                offered = dataclasses.replace(offered, data=data, size=len(data))
+        return dataclasses.replace(incoming, file=offered)
 
     async def chat_disconnect(self, message: ChatDisconnect) -> None:
         raise StopConsumer()

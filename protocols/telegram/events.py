@@ -23,7 +23,13 @@ The server sends a scope:
   did it (``id`` Telegram's user id, or the chat's when there is no user; ``username``
   without the @, maybe ""; ``name`` the full name, or the chat's title or id);
   ``reads_all``: whether the chat's plain text reaches the bot (False: a group under privacy
-  mode where the bot is no admin; None: not known, or not a message).
+  mode where the bot is no admin; None: not known, or not a message); ``file`` (a message
+  only, and may be left out): the file the message carries (a photo, document, voice note,
+  audio, video, animation, video note or sticker), whose caption is then ``text``: Telegram's
+  ``file_id`` to fetch it with (through the scope's ``telegram.download`` extension; never
+  stored or shown), its ``kind``, a ``name`` (the sender's, or the kind's),
+  ``size`` in bytes as Telegram says (None: not said) and ``mime_type`` as Telegram says
+  ("" if not: a hint only, the gateway reads the type from the bytes).
 - ``chat.disconnect``: the scope ends (idle chat, shutdown); no fields.
 
 A scope sends the server:
@@ -35,13 +41,19 @@ A scope sends the server:
 - ``chat.failed``: update ``update_id`` could not be handled (the database): not
   confirmed, so it comes again.
 
+A chat scope has the extension ``telegram.download`` (``scope["extensions"]``): an async
+callable ``(file_id, limit) -> bytes`` that fetches a file from the Bot API (protocols/
+telegram/download.py: ``FileTooLarge``, ``FileUnavailable``, or Telegram's ``NetworkError``).
+
 The TypedDicts are final, so mypy tells the events apart by their ``type``. This module
 imports only the standard library.
 """
 
 from __future__ import annotations
 
-from typing import Literal, TypedDict, final
+from typing import Literal, NotRequired, TypedDict, final
+
+DOWNLOAD_EXTENSION = "telegram.download"  # the chat scope's file fetcher
 
 
 class ChatUser(TypedDict):
@@ -59,6 +71,16 @@ class ChatConnect(TypedDict):
 
 
 ReceivedKind = Literal["message", "edit", "reaction", "migrate"]
+FileKind = Literal["photo", "document", "voice", "audio", "video", "animation", "video_note",
+                   "sticker"]
+
+
+class ChatFile(TypedDict):
+    file_id: str  # Telegram's id to fetch it with (getFile): never stored, logged or shown
+    kind: FileKind
+    name: str  # the sender's file name, or its kind ("photo", "voice")
+    size: int | None  # bytes, as Telegram says (None: not said)
+    mime_type: str  # as Telegram says ("" if not): a hint only
 
 
 @final
@@ -74,6 +96,7 @@ class ChatReceivedMessage(TypedDict):
     migrate_to: str | None  # migrate: the supergroup's chat id
     user: ChatUser
     reads_all: bool | None  # the chat's plain text reaches the bot; None: not known
+    file: NotRequired[ChatFile | None]  # message: the file it carries (its caption is text)
 
 
 @final

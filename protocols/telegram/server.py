@@ -24,7 +24,12 @@ are written down in protocols/telegram/events.py, the calls in calls.py.
   errors are retried with backoff, keeping the order. The queues and the pace are the pure
   ``Outbox`` (outbox.py); here a task per chat drains it, calls and retries. A room's
   backlog never waits here: the relay hands over one entry at a time and awaits it.
-  ``send`` answers with Telegram's id of the message sent, which the relay records.
+  ``send`` answers with Telegram's id of the message sent (an album's, one per file), which
+  the relay records. A call that uploads a file Telegram finds too large (413) is refused,
+  not retried.
+- Files a chat sends are fetched from the Bot API by its consumer, through the scope's
+  ``telegram.download`` extension (download.py), once it knows the file is wanted: the
+  token-bearing file URL never leaves python-telegram-bot.
 - A group that became a supergroup (``ChatMigrated`` in answer to a call) is moved to its
   new id (gateway/chats.py: its room, its place in the room) and the message is sent there
   (not as a reply: what it answered stayed in the old group); a change to one of its old
@@ -68,9 +73,10 @@ from telegram.request import HTTPXRequest  # noqa: E402
 from gateway import chats, metrics, status  # noqa: E402
 from gateway.lease import Lease, jitter  # noqa: E402
 from protocols.scopes import Scope, ScopeRegistry, scope_open, scopes_close  # noqa: E402
-from protocols.telegram import calls, handoff  # noqa: E402
-from protocols.telegram.calls import Call, SendText  # noqa: E402
+from protocols.telegram import calls, download, handoff  # noqa: E402
+from protocols.telegram.calls import Call  # noqa: E402
 from protocols.telegram.events import (  # noqa: E402
+    DOWNLOAD_EXTENSION,
     ChatDisconnect,
     ChatReceive,
     ChatReceivedMessage,
@@ -116,6 +122,13 @@ class Answer:
     sent: Sent
     message_id: int | None = None  # a message sent: Telegram's id of it in the chat
     moved_to: str | None = None  # the chat's new id: it became a supergroup meanwhile
+    others: tuple[int, ...] = ()  # an album: the ids of its other messages, in order
+    file_ids: tuple[str | None, ...] = ()  # files sent: Telegram's id of each, in order
+
+    @property
+    def message_ids(self) -> tuple[int, ...]:
+        """Every message sent, in order (an album has one per file)."""
+        return () if self.message_id is None else (self.message_id, *self.others)
 
 
 class ServerStopped(Exception):
@@ -175,6 +188,7 @@ class TelegramServer:
                  "retry_after_waits": self.stats["retry_after"],
                  "received": self.stats["received"], "sent": self.stats["sent"],
                  "changed": self.stats["changed"], "refused": self.stats["refused"],
+                 "downloaded": self.stats["downloaded"],
                  "group_privacy": self.group_privacy,
                  "updates_refused": self.stats["updates_refused"]}
         if self.group_privacy:
@@ -338,7 +352,8 @@ class TelegramServer:
         scope = self.chats.open(chat_id, lambda: scope_open(
             self.application,
             {"type": "telegram", "role": "chat", "chat": chat, "user": found.user,
-             "bot_username": self.bot.username},
+             "bot_username": self.bot.username,
+             "extensions": {DOWNLOAD_EXTENSION: self._download}},
             self._send, first=chat_connect(), name=f"telegram-chat-{chat_id}",
             on_exit=self._exited,
         ))
@@ -375,6 +390,12 @@ class TelegramServer:
             self.commands_only.add(chat_id)
         return reads_all
 
+    async def _download(self, file_id: str, limit: int) -> bytes:
+        """A file a chat sent (the scopes' ``telegram.download``): download.fetch."""
+        data = await download.fetch(self.bot, file_id, limit=limit)
+        self.stats["downloaded"] += 1
+        return data
+
     def _handled(self, update_id: int, ok: bool) -> None:
         pending = self.handling.pop(update_id, None)
         if pending is None:
@@ -394,7 +415,7 @@ class TelegramServer:
 
     async def _send(self, message: ChatSend) -> None:
         if message["type"] == "chat.send_message":
-            self._queue(str(message["chat_id"]), Outgoing(SendText(message["text"])))
+            self._queue(str(message["chat_id"]), Outgoing(calls.SendText(message["text"])))
         elif message["type"] == "chat.handled" or message["type"] == "chat.failed":
             self._handled(message["update_id"], message["type"] == "chat.handled")
         else:
@@ -472,9 +493,11 @@ class TelegramServer:
         while True:
             try:
                 await self._paced(chat_id)
-                message_id = await calls.perform(self.bot, int(moved_to or chat_id), call)
-                self.stats["sent" if isinstance(call, SendText) else "changed"] += 1
-                return Answer(Sent.SENT, message_id, moved_to)
+                made = await calls.perform(self.bot, int(moved_to or chat_id), call)
+                self.stats["sent" if calls.is_send(call) else "changed"] += 1
+                ids = made.message_ids
+                return Answer(Sent.SENT, ids[0] if ids else None, moved_to, ids[1:],
+                              made.file_ids)
             except RetryAfter as exc:
                 wait = seconds(exc.retry_after)
                 self.stats["retry_after"] += 1
@@ -486,14 +509,16 @@ class TelegramServer:
                     return self._refused(chat_id, call, exc, moved_to)
                 moved_to = str(exc.new_chat_id)
                 await self._migrated(chat_id, moved_to)
-                if not isinstance(call, SendText):  # its message stayed in the old group
-                    return self._refused(chat_id, call, exc, moved_to)
-                call = SendText(call.text)  # not as a reply: what it answers stayed there
+                if not isinstance(call, calls.SendText | calls.SendMedia):
+                    return self._refused(chat_id, call, exc, moved_to)  # it stayed there
+                call = calls.without_reply(call)  # what it answers stayed in the old group
             except (Forbidden, BadRequest) as exc:
                 if isinstance(exc, BadRequest) and calls.unchanged(exc):
                     return Answer(Sent.SENT, None, moved_to)
                 return self._refused(chat_id, call, exc, moved_to)
             except NetworkError as exc:  # includes TimedOut: kept, in order, and tried again
+                if calls.too_large(exc):  # an upload Telegram will never take
+                    return self._refused(chat_id, call, exc, moved_to)
                 delay = jitter(backoff)
                 logger.warning("calling Telegram failed (%s); retrying in %.1fs", exc, delay,
                                extra={**LOG, "chat": chat_id})
@@ -548,4 +573,4 @@ def _event(update_id: int, found: Received, reads_all: bool | None) -> ChatRecei
             "message_id": found.message_id, "text": found.text,
             "reply_to_message_id": found.reply_to, "added": found.added,
             "removed": found.removed, "migrate_to": found.migrate_to, "user": found.user,
-            "reads_all": reads_all}
+            "reads_all": reads_all, "file": found.file}
