@@ -29,8 +29,13 @@ def sender_label(sender: events.Sender, shown: str | None = None) -> tuple[Span,
 
 
 def room_message(event: events.RoomMessage, *, shown: str | None = None) -> Reply:
-    """A room message, who said it and from where first (a platform splits a long one)."""
-    return Reply((line(*sender_label(event["sender"], shown), event["text"]),))
+    """A room message, who said it and from where first (a platform splits a long one).
+    Files without text are captioned by who sent them alone (``doorcam (mqtt)``)."""
+    label = sender_label(event["sender"], shown)
+    if not event["text"] and event["attachments"]:
+        *head, tail = label
+        return Reply((line(*head, Span(tail.text.removesuffix(": "))),))
+    return Reply((line(*label, event["text"]),))
 
 
 def messages_skipped(count: int) -> Reply:
@@ -39,14 +44,45 @@ def messages_skipped(count: int) -> Reply:
                        "behind); /history shows them."),))
 
 
+FILE_MARK = "📎 "
+
+
+def file_size(size: int) -> str:
+    """``812 B``, ``14.2 KB``, ``3.1 MB`` (multiples of 1024)."""
+    if size < 1024:
+        return f"{size} B"
+    value = size / 1024
+    for unit in ("KB", "MB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GB"
+
+
+def file_link(name: str, size: int, url: str | None) -> Line:
+    """A file a platform does not carry (too large to send there): its name, size and the
+    gateway's link to it, or (the gateway has no public address) only that it did not come."""
+    shown = f"{FILE_MARK}{name} ({file_size(size)}) is too large to send here"
+    return line(f"{shown}: {url}") if url else line(f"{shown}.")
+
+
+def file_not_bridged(name: str, size: int | None) -> str:
+    """What a room is told of a file a chat sent that was too large to take."""
+    sized = f" ({file_size(size)})" if size is not None else ""
+    return f"{FILE_MARK}{name}{sized} was too large to bridge."
+
+
 EDITED = " (edited)"
 
 
 def history_line(event: events.RoomMessage, *, width: int = 300) -> Line:
     """One stored message on a line, as it is now: ``#12 14:03 alice (web): text``, with
-    ``↩ #7`` before the text of a reply and `` (edited)`` after an edited one (long texts
-    shortened)."""
+    ``↩ #7`` before the text of a reply, ``📎 photo.jpg`` after the text of one with files,
+    and `` (edited)`` after an edited one (long texts shortened)."""
     text = " ".join(event["text"].split())
+    if event["attachments"]:
+        names = ", ".join(item["name"] for item in event["attachments"])
+        text = f"{text} {FILE_MARK}{names}" if text else f"{FILE_MARK}{names}"
     if len(text) > width:
         text = text[: width - 1] + "…"
     stamp = time.strftime("%H:%M", time.gmtime(event["ts"]))

@@ -14,9 +14,15 @@ makes again at most the calls of the one entry in flight (Telegram has no idempo
   neither. Telegram's id of each piece sent is recorded in the map of messages
   (gateway/chats.py), in the database: edits, deletes, reactions and replies find the copies
   after a restart, and from any replica.
+- A message with files goes as photos, albums, documents, or links for files too large to
+  upload, with the rendered message as the first one's caption (media.py says which and
+  why). Their bytes are read from the gateway's storage (off the loop and the database
+  thread); once Telegram has a file, other chats are sent it by Telegram's id of it, not
+  uploaded again. A photo Telegram refuses goes again as a document.
 - An edit edits the chat's copy (``editMessageText``, each piece with the message's new
-  rendering; pieces the new text no longer needs are deleted, text beyond the pieces the
-  copy has is cut). "Not modified" counts as done; a copy older than 48 hours, which
+  rendering, or ``editMessageCaption`` for the caption of a message with files: media.py;
+  pieces the new text no longer needs are deleted, text beyond the pieces the copy has is
+  cut). "Not modified" counts as done; a copy older than 48 hours, which
   Telegram no longer lets the bot edit, is left as it is (logged).
 - A delete deletes the chat's copy, every piece; in the chat the message came from, its
   original too (where the bot may: private chats, groups where it is an admin). A refusal
@@ -38,21 +44,35 @@ makes again at most the calls of the one entry in flight (Telegram has no idempo
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
 
+from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
+from django.conf import settings
 from django.db.models import QuerySet
 
 from bots import formatting
-from gateway import chats, events, selectors, services
+from bots.markup import Line, Reply
+from gateway import chats, events, files, selectors, services
 from gateway.fanout import Delivery
 from gateway.models import BotMessage
 from gateway.policy import DEFAULT as DEFAULT_POLICY
 from gateway.policy import Policy
 from gateway.relay import Batch, RelayRole, TargetGone
-from protocols.telegram import reactions, render
-from protocols.telegram.calls import Call, Delete, EditText, React, SendText
+from protocols.telegram import media, reactions, render
+from protocols.telegram.calls import (
+    DOCUMENT,
+    PHOTO,
+    Call,
+    Delete,
+    EditText,
+    MediaFile,
+    React,
+    SendMedia,
+    SendText,
+)
 from protocols.telegram.server import Answer, Sent, TelegramServer
 
 logger = logging.getLogger(__name__)
@@ -60,16 +80,39 @@ logger = logging.getLogger(__name__)
 PLATFORM = "telegram"
 WIRE_FORMAT = "telegram-html"
 STATES_KEPT = 1000  # messages' current states read for edits and reactions, shared by chats
+FILE_IDS_KEPT = 1000  # Telegram's ids of files this bot sent, to send them again by id
 
 
-def _pieces(event: events.RoomMessage, policy: Policy = DEFAULT_POLICY) -> list[str]:
-    """A room message as Telegram messages: ``alice (web): hi``, or with the name the room's
+def _shown(event: events.RoomMessage, policy: Policy = DEFAULT_POLICY) -> Reply:
+    """A room message as the bot shows it: ``alice (web): hi``, or with the name the room's
     name format for Telegram gives a sender of another protocol."""
     sender = event["sender"]
     template = policy.name_format.get(PLATFORM)
     shown = None if template is None or sender["protocol"] == PLATFORM else (
         policy.name_shown(sender, target=PLATFORM, room=event["room"]))
-    return render.messages(formatting.room_message(event, shown=shown))
+    return formatting.room_message(event, shown=shown)
+
+
+def _pieces(event: events.RoomMessage, policy: Policy = DEFAULT_POLICY) -> list[str]:
+    """A room message as Telegram messages."""
+    return render.messages(_shown(event, policy))
+
+
+def _with_files(event: events.RoomMessage, policy: Policy = DEFAULT_POLICY) -> media.Rendered:
+    """A room message with files as Telegram messages (media.py)."""
+    return media.rendered(event["attachments"], _shown(event, policy), _link)
+
+
+def _link(attachment: events.Attachment) -> Line:
+    """A file too large to upload: the gateway's signed link, if it has a public address."""
+    public = bool(settings.GATEWAY["PUBLIC_URL"])
+    url = files.file_url(attachment) if public else None
+    return formatting.file_link(attachment["name"], attachment["size"], url)
+
+
+def _read(stored: str) -> bytes:
+    with files.storage().open(stored, "rb") as handle:
+        return handle.read()
 
 
 @dataclass
@@ -89,6 +132,13 @@ class _Chat:
         policy = self.policy
         return delivery.frame(f"{WIRE_FORMAT}:{template}", lambda e: _pieces(e, policy))
 
+    def with_files(self, delivery: Delivery) -> media.Rendered:
+        """A message with files, rendered once for every chat of the room."""
+        template = self.policy.name_format.get(PLATFORM)
+        policy = self.policy
+        return delivery.frame(f"{WIRE_FORMAT}:files:{template or ''}",
+                              lambda e: _with_files(e, policy))
+
     @property
     def log(self) -> dict[str, str]:
         return {"protocol": PLATFORM, "room": self.room, "chat": self.id}
@@ -105,6 +155,8 @@ class TelegramChats(RelayRole):
         self.backlog = backlog
         # (room, cursor of an edit or reaction) -> its message as it is now (None: deleted)
         self._states: dict[tuple[str, int], events.RoomMessage | None] = {}
+        # (attachment, PHOTO or DOCUMENT) -> Telegram's id of the file this bot sent so
+        self._file_ids: dict[tuple[str, str], str] = {}
 
     def targets(self) -> QuerySet:
         return selectors.relay_targets_bot_chats(platform=PLATFORM)
@@ -140,17 +192,91 @@ class TelegramChats(RelayRole):
         event = cast(events.RoomMessage, delivery.event)
         answered = event["reply_to"]
         reply_to = None if answered is None else await self._copy(chat, answered["id"])
-        sent: list[int] = []
-        for piece in chat.pieces(delivery):
-            answer = await self._call(chat, SendText(piece, None if sent else reply_to))
-            if answer.sent is not Sent.SENT or answer.message_id is None:
-                break  # refused for good: the rest of this message would not help
-            sent.append(answer.message_id)
+        if event["attachments"]:
+            sent = await self._with_files(chat, chat.with_files(delivery), reply_to)
+        else:
+            sent = await self._texts(chat, chat.pieces(delivery), reply_to)
         if sent:
             await database_sync_to_async(chats.bot_messages_record)(
                 platform=PLATFORM, chat_id=chat.id, room=chat.room, seq=event["id"],
                 message_ids=sent, own=True,
             )
+
+    async def _texts(self, chat: _Chat, pieces: Sequence[str], reply_to: int | None,
+                     sent: list[int] | None = None) -> list[int]:
+        """Send text pieces (the first as a reply, unless ``sent`` has some); the ids of the
+        messages sent, after ``sent``'s."""
+        sent = [] if sent is None else sent
+        for piece in pieces:
+            answer = await self._call(chat, SendText(piece, None if sent else reply_to))
+            if answer.sent is not Sent.SENT or answer.message_id is None:
+                break  # refused for good: the rest of this message would not help
+            sent.append(answer.message_id)
+        return sent
+
+    async def _with_files(self, chat: _Chat, message: media.Rendered,
+                          reply_to: int | None) -> list[int]:
+        """Send a message with files: its media (the caption on the first), then its text
+        messages; the ids of the messages sent, in order. A part refused for good ends it
+        (what was recorded stays a prefix of the layout: media.py)."""
+        sent: list[int] = []
+        for group in message.layout.groups:
+            caption = "" if sent else message.caption
+            made = await self._media(chat, group, caption, None if sent else reply_to)
+            if not made:
+                return sent
+            sent.extend(made)
+        return await self._texts(chat, message.texts, reply_to, sent)
+
+    async def _media(self, chat: _Chat, group: media.Group, caption: str,
+                     reply_to: int | None) -> tuple[int, ...]:
+        """Send one photo, document or album; the ids of its messages (none: refused for
+        good). Tried by Telegram's ids of files it has first, then uploaded; a photo
+        Telegram refuses is tried again as a document."""
+        kind, by_id = group.kind, True
+        while True:
+            call = await self._media_call(kind, group.files, caption, reply_to, by_id)
+            if call is None:
+                return ()
+            answer = await self._call(chat, call)
+            if answer.sent is Sent.SENT:
+                self._file_ids_keep(kind, group.files, answer.file_ids)
+                return answer.message_ids
+            if any(item.file_id for item in call.files):
+                for item in group.files:  # Telegram no longer takes the id: upload it
+                    self._file_ids.pop((item["id"], kind), None)
+                by_id = False
+            elif kind == PHOTO:
+                logger.info("Telegram refused a photo: sending it as a document", extra=chat.log)
+                kind = DOCUMENT
+            else:
+                return ()
+
+    async def _media_call(self, kind: str, attachments: Sequence[events.Attachment],
+                          caption: str, reply_to: int | None, by_id: bool) -> SendMedia | None:
+        """The call sending these files (None: one of them is gone from the storage)."""
+        items = []
+        for attachment in attachments:
+            known = self._file_ids.get((attachment["id"], kind)) if by_id else None
+            if known is not None:
+                items.append(MediaFile(attachment["name"], file_id=known))
+                continue
+            row = await database_sync_to_async(files.attachment_row)(attachment["id"])
+            if row is None:  # deleted or pruned meanwhile: its message is gone too
+                logger.info("a message's file is gone: not sent",
+                            extra={"protocol": PLATFORM, "attachment": attachment["id"]})
+                return None
+            data = await sync_to_async(_read, thread_sensitive=False)(row.file)
+            items.append(MediaFile(attachment["name"], data=data))
+        return SendMedia(kind, tuple(items), caption, reply_to)
+
+    def _file_ids_keep(self, kind: str, attachments: Sequence[events.Attachment],
+                       file_ids: Sequence[str | None]) -> None:
+        for attachment, file_id in zip(attachments, file_ids, strict=False):
+            if file_id:
+                self._file_ids[(attachment["id"], kind)] = file_id
+        while len(self._file_ids) > FILE_IDS_KEPT:
+            del self._file_ids[next(iter(self._file_ids))]
 
     async def _change(self, chat: _Chat, entry: events.RoomEntry, cursor: int) -> None:
         """An edit, a delete or a reaction, to the chat's copy of its message (if it has
@@ -179,6 +305,11 @@ class TelegramChats(RelayRole):
         own = [copy for copy in copies if copy.own]
         if message is None or not own:
             return  # deleted since (its delete follows), or the chat's original
+        if message["attachments"]:
+            rendered = _with_files(message, chat.policy)
+            for call in media.edits(rendered, [copy.message_id for copy in own]):
+                await self._call(chat, call)
+            return
         pieces = _pieces(message, chat.policy)
         for copy, piece in zip(own, pieces, strict=False):
             await self._call(chat, EditText(copy.message_id, piece))

@@ -5,6 +5,9 @@ Telegram counts a message's length after its markup is parsed, in UTF-16 code un
 4096), so lengths here are measured that way, on the visible text. A line too long for one
 message is split at a space (or line break) in the second half of what fits, else hard, and
 never inside an escaped entity (text is split before it is escaped).
+
+A caption (of a photo, a document, an album) holds at most ``CAPTION_LIMIT`` (1024): a longer
+text is the caption's first part, the rest following as text messages (``caption_split``).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import html
 from bots.markup import BOLD, CODE, Line, Reply, Span
 
 LIMIT = 4096
+CAPTION_LIMIT = 1024
 TAGS = {BOLD: "b", CODE: "code"}
 
 
@@ -44,6 +48,28 @@ def messages(reply: Reply, *, limit: int = LIMIT) -> list[str]:
     if current:
         out.append("\n".join(current))
     return out
+
+
+def caption_split(reply: Reply, *, caption_limit: int = CAPTION_LIMIT,
+                  limit: int = LIMIT) -> tuple[str, list[str]]:
+    """The reply as a caption of at most ``caption_limit`` (whole lines while they fit, else
+    the first line's head), and what does not fit as messages of at most ``limit``."""
+    lines = list(reply.lines)
+    taken: list[Line] = []
+    size = 0
+    while lines:
+        length = sum(visible_length(span.text) for span in lines[0])
+        if size + (1 if taken else 0) + length <= caption_limit:
+            size += (1 if taken else 0) + length
+            taken.append(lines.pop(0))
+            continue
+        if not taken:  # a first line too long for a caption: its head is the caption
+            head, *tail = _split(lines[0], caption_limit)
+            taken.append(head)
+            lines[0] = tuple(span for piece in tail for span in piece)
+        break
+    caption = "\n".join(_html(line) for line in taken)
+    return caption, messages(Reply(tuple(lines)), limit=limit) if lines else []
 
 
 def _html(line: Line) -> str:
