@@ -18,6 +18,19 @@ is an admin, and only to a bot that asks for them in ``allowed_updates``) and re
 (``text_update(..., reply_to=)``); a group becomes a supergroup (``migrate``: its service
 messages, and every call to the old group answered with ``migrate_to_chat_id``).
 
+Files (https://core.telegram.org/bots/api#sending-files): users send photos (several sizes),
+documents, voice notes, audio, video, animations, video notes and stickers (``file_update``);
+the bot fetches them with ``getFile`` (refused past 20 MB: "file is too big") and then
+``GET /file/bot<token>/<file_path>`` (each download is recorded in ``downloads``). The bot
+sends files with ``sendPhoto``, ``sendDocument`` and ``sendMediaGroup`` as multipart uploads
+(an album's parts named by ``attach://<name>`` in its ``media``) or by the ``file_id`` of a
+file Telegram has (``media``: every message sent so, with the exact bytes, file name and
+caption); uploads past 50 MB are refused with 413, photos past 10 MB or 10,000 pixels of
+width and height together, or sides more than 20 to 1 (the wording of those refusals is
+approximate), captions past 1024 characters. It edits captions with ``editMessageCaption``
+(``caption_edits``); ``editMessageText`` of a message without text is refused ("there is no
+text in the message to edit"), as ``editMessageCaption`` of one without a caption.
+
 Privacy mode (https://core.telegram.org/bots/features#privacy-mode) is on by default, as for
 a new bot: in a group where the bot is not an administrator, only commands (not addressed to
 another bot), replies to the bot's messages and service messages reach it; other messages
@@ -30,7 +43,9 @@ import asyncio
 import email.parser
 import email.policy
 import html
+import io
 import json
+import mimetypes
 import re
 import threading
 import time
@@ -41,14 +56,21 @@ from html.parser import HTMLParser
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
+from PIL import Image
 from telegram.constants import ReactionEmoji
 
 from tests.servers import free_port
 
 BOT_ID = 4242
 MAX_TEXT_LENGTH = 4096  # in UTF-16 code units, after entity parsing, as Telegram counts
+MAX_CAPTION_LENGTH = 1024
+DOWNLOAD_LIMIT = 20 * 1024 * 1024  # what getFile hands a bot
+UPLOAD_LIMIT = 50 * 1024 * 1024  # what a bot may upload
+PHOTO_LIMIT = 10 * 1024 * 1024
+ALBUM_SIZES = range(2, 11)
+FILE_FIELDS = {"sendPhoto": "photo", "sendDocument": "document"}
 FIRST_UPDATE_ID = 1000
 GROUP_USER_ID = 1001  # the sender of text_update() in a group when no user_id is given
 CHANGE_WINDOW = 48 * 3600  # seconds after which a message can no longer be edited or deleted
@@ -65,7 +87,7 @@ NOT_MODIFIED = ("message is not modified: specified new message content and repl
 # Form values that are strings even when they look like JSON ("123", "true", "[1]").
 STRING_PARAMS = frozenset(
     "text caption parse_mode url secret_token ip_address title description short_description"
-    " name business_connection_id".split()
+    " name business_connection_id file_id photo document".split()
 )
 HTML_TAGS = frozenset(
     "b strong i em u ins s strike del a code pre tg-spoiler span blockquote tg-emoji".split()
@@ -272,6 +294,37 @@ def emoji_reactions(emoji: list[str | dict]) -> list[dict]:
     return [{"type": "emoji", "emoji": e} if isinstance(e, str) else e for e in emoji]
 
 
+def image_size(content: bytes | None) -> tuple[int, int] | None:
+    """An image's width and height, or None if it is none."""
+    try:
+        with Image.open(io.BytesIO(content or b"")) as image:
+            return image.size
+    except Exception:  # noqa: BLE001 - whatever Pillow makes of it: not an image
+        return None
+
+
+def _medium(kind: str, ref: dict, *, file_name: str | None, mime_type: str | None, emoji: str,
+            is_animated: bool, is_video: bool) -> dict:
+    """A user's file as a message carries it (the fields Telegram always sends)."""
+    if kind == "document":
+        return {**ref, "file_name": file_name or "document",
+                "mime_type": mime_type or "application/octet-stream"}
+    if kind == "voice":
+        return {**ref, "duration": 2, "mime_type": mime_type or "audio/ogg"}
+    if kind == "audio":
+        return {**ref, "duration": 2, "file_name": file_name or "audio.mp3",
+                "mime_type": mime_type or "audio/mpeg"}
+    if kind in ("video", "animation"):
+        return {**ref, "width": 320, "height": 240, "duration": 2,
+                "file_name": file_name or f"{kind}.mp4", "mime_type": mime_type or "video/mp4"}
+    if kind == "video_note":
+        return {**ref, "length": 240, "duration": 2}
+    if kind == "sticker":
+        return {**ref, "type": "regular", "width": 512, "height": 512,
+                "is_animated": is_animated, "is_video": is_video, "emoji": emoji}
+    raise ValueError(f"unknown kind of file {kind!r}")
+
+
 class BotApiStandIn:
     """Telegram's Bot API for one bot token, on 127.0.0.1, in a background thread."""
 
@@ -299,6 +352,11 @@ class BotApiStandIn:
         self.edited: list[dict] = []  # editMessageText calls that edited a message
         self.deleted: list[dict] = []  # deleteMessage calls that deleted one
         self.reacted: list[dict] = []  # setMessageReaction calls that set the bot's reaction
+        self.media: list[dict] = []  # photos and documents the bot sent, one per message
+        self.caption_edits: list[dict] = []  # editMessageCaption calls that edited one
+        self.downloads: list[str] = []  # file_path of each file downloaded
+        # file_id -> {"content", "file_unique_id", "file_size", "file_path", "kind", ...}
+        self.files: dict[str, dict] = {}
         # (chat, message_id) -> {"message": as Telegram sends it, "source": (text, parse_mode)}
         self.messages: dict[tuple[int, int], dict] = {}
         self.bot_reactions: dict[tuple[int, int], list[str]] = {}  # the bot's, per message
@@ -325,6 +383,11 @@ class BotApiStandIn:
             "getUpdates": self._get_updates,
             "sendMessage": self._send_message,
             "editMessageText": self._edit_message_text,
+            "editMessageCaption": self._edit_message_caption,
+            "sendPhoto": lambda params: self._send_file("sendPhoto", params),
+            "sendDocument": lambda params: self._send_file("sendDocument", params),
+            "sendMediaGroup": self._send_media_group,
+            "getFile": self._get_file,
             "deleteMessage": self._delete_message,
             "setMessageReaction": self._set_message_reaction,
             "setWebhook": self._set_webhook,
@@ -435,6 +498,73 @@ class BotApiStandIn:
     ) -> dict:
         """Push a "message" update with this text from a user in a chat (``reply_to``: as a
         reply to that message of the chat); return it."""
+        fields: dict[str, Any] = {"text": text}
+        if text.startswith("/"):
+            command = text.split(maxsplit=1)[0]
+            fields["entities"] = [
+                {"type": "bot_command", "offset": 0, "length": utf16_len(command)}
+            ]
+        return self._user_message(
+            chat_id, fields, text, user_id=user_id, username=username, first_name=first_name,
+            last_name=last_name, chat_type=chat_type, title=title, update_id=update_id,
+            reply_to=reply_to)
+
+    def file_update(
+        self,
+        chat_id: int,
+        kind: str,
+        content: bytes,
+        *,
+        caption: str | None = None,
+        file_name: str | None = None,
+        mime_type: str | None = None,
+        file_size: int | None = None,
+        emoji: str = "🙂",
+        is_animated: bool = False,
+        is_video: bool = False,
+        user_id: int | None = None,
+        username: str | None = "alice",
+        first_name: str = "Alice",
+        chat_type: str = "private",
+        title: str | None = None,
+        reply_to: int | None = None,
+    ) -> dict:
+        """Push a "message" update carrying a file a user sent: ``kind`` is ``photo`` (sent
+        as a small size, with other bytes, and the full ``content``), ``document``,
+        ``voice``, ``audio``, ``video``, ``animation`` (with its ``document`` too, as
+        Telegram does), ``video_note`` or ``sticker``. ``file_size`` is what the update
+        declares (default: the content's length); getFile serves the file."""
+        size = len(content) if file_size is None else file_size
+        with self._cond:
+            if kind == "photo":
+                width, height = image_size(content) or (800, 600)
+                small = self._file_register("photo", b"a small size of the photo", None,
+                                            file_path_kind="photos")
+                full = self._file_register("photo", content, size, file_path_kind="photos")
+                fields: dict[str, Any] = {"photo": [
+                    {**self._file_ref(small), "width": 90, "height": 67},
+                    {**self._file_ref(full), "width": width, "height": height}]}
+            else:
+                ref = self._file_ref(self._file_register(kind, content, size))
+                fields = {kind: _medium(kind, ref, file_name=file_name, mime_type=mime_type,
+                                        emoji=emoji, is_animated=is_animated,
+                                        is_video=is_video)}
+                if kind == "animation":
+                    fields["document"] = {**ref, "file_name": file_name or "animation.mp4",
+                                          "mime_type": mime_type or "video/mp4"}
+        if caption is not None:
+            fields["caption"] = caption
+        return self._user_message(
+            chat_id, fields, caption or "", user_id=user_id, username=username,
+            first_name=first_name, chat_type=chat_type, title=title, reply_to=reply_to)
+
+    def _user_message(
+        self, chat_id: int, fields: dict[str, Any], source: str, *, user_id: int | None,
+        username: str | None, first_name: str, chat_type: str, title: str | None,
+        last_name: str | None = None, update_id: int | None = None,
+        reply_to: int | None = None,
+    ) -> dict:
+        """Push a "message" update from a user in a chat with these fields; return it."""
         if user_id is None:
             user_id = chat_id if chat_type == "private" else GROUP_USER_ID
         sender: dict[str, Any] = {"id": user_id, "is_bot": False, "first_name": first_name}
@@ -446,16 +576,11 @@ class BotApiStandIn:
         if title is not None:
             chat["title"] = title
         message: dict[str, Any] = {"date": int(time.time()), "chat": chat, "from": sender,
-                                   "text": text}
-        if text.startswith("/"):
-            command = text.split(maxsplit=1)[0]
-            message["entities"] = [
-                {"type": "bot_command", "offset": 0, "length": utf16_len(command)}
-            ]
+                                   **fields}
         with self._cond:
             if reply_to is not None:
                 message["reply_to_message"] = self._answered(chat_id, reply_to)
-            message = self._keep({"message_id": self._take_message_id(), **message}, text)
+            message = self._keep({"message_id": self._take_message_id(), **message}, source)
         update: dict[str, Any] = {"message": message}
         if update_id is not None:
             update = {"update_id": update_id, **update}
@@ -579,6 +704,24 @@ class BotApiStandIn:
             await asyncio.sleep(0.02)
         return self.wait_sent(chat_id, count, timeout=0)
 
+    def media_to(self, chat_id: int) -> list[dict]:
+        with self._cond:
+            return [sent for sent in self.media if sent["chat_id"] == chat_id]
+
+    async def wait_media_async(self, chat_id: int, count: int,
+                               timeout: float = 10.0) -> list[dict]:
+        """Wait (without blocking the loop) until ``count`` photos or documents were sent
+        to the chat; return them all."""
+        deadline = time.monotonic() + timeout
+        while len(self.media_to(chat_id)) < count and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+        media = self.media_to(chat_id)
+        if len(media) < count:
+            names = [(sent["method"], sent["filename"]) for sent in media]
+            raise AssertionError(f"expected {count} files sent to chat {chat_id} within "
+                                 f"{timeout}s, got {len(media)}: {names!r}")
+        return media
+
     def pending_updates(self) -> list[dict]:
         """The queued updates no offset has confirmed yet, oldest first."""
         with self._cond:
@@ -658,10 +801,12 @@ class BotApiStandIn:
     def _chat(self, chat_id: int) -> dict:
         return dict(self._chats.get(chat_id) or {"id": chat_id, "type": "private"})
 
-    def _keep(self, message: dict, text: str, parse_mode: str | None = None) -> dict:
-        """Remember a message of a chat as Telegram sends it; return it."""
+    def _keep(self, message: dict, text: str, parse_mode: str | None = None, *,
+              media: bool = False) -> dict:
+        """Remember a message of a chat as Telegram sends it (``media``: a photo or document,
+        its caption as ``text``); return it."""
         key = (message["chat"]["id"], message["message_id"])
-        self.messages[key] = {"message": message, "source": (text, parse_mode)}
+        self.messages[key] = {"message": message, "source": (text, parse_mode), "media": media}
         return dict(message)
 
     def _answered(self, chat_id: int, message_id: int) -> dict:
@@ -807,6 +952,8 @@ class BotApiStandIn:
         if not isinstance(text, str) or not text.strip():
             raise bad_request("message text is empty")
         message = stored["message"]
+        if stored.get("media"):
+            raise bad_request("there is no text in the message to edit")
         if message["from"]["id"] != BOT_ID or time.time() - message["date"] > CHANGE_WINDOW:
             raise bad_request("message can't be edited")
         shown = visible_text(text, parse_mode).strip()
@@ -819,6 +966,180 @@ class BotApiStandIn:
                             "at": time.monotonic()})
         self._cond.notify_all()
         return self._keep(edited, text, parse_mode)
+
+    def _edit_message_caption(self, params: dict) -> dict:
+        key, stored = self._message_of(params, "edit")
+        message = stored["message"]
+        caption, parse_mode = params.get("caption") or "", params.get("parse_mode")
+        if not stored.get("media"):
+            raise bad_request("there is no caption in the message to edit")
+        if message["from"]["id"] != BOT_ID or time.time() - message["date"] > CHANGE_WINDOW:
+            raise bad_request("message can't be edited")
+        shown = visible_text(caption, parse_mode).strip()
+        if utf16_len(shown) > MAX_CAPTION_LENGTH:
+            raise bad_request("message caption is too long")
+        if stored["source"] == (caption, parse_mode):
+            raise bad_request(NOT_MODIFIED)
+        edited = {**message, "caption": shown, "edit_date": int(time.time())}
+        self.caption_edits.append({**params, "chat_id": key[0], "visible_caption": shown,
+                                   "at": time.monotonic()})
+        self._cond.notify_all()
+        return self._keep(edited, caption, parse_mode, media=True)
+
+    def _get_file(self, params: dict) -> dict:
+        found = self.files.get(params.get("file_id"))  # type: ignore[arg-type]
+        if found is None:
+            raise bad_request("invalid file_id")
+        if found["file_size"] is not None and found["file_size"] > DOWNLOAD_LIMIT:
+            raise bad_request("file is too big")
+        return {**self._file_ref(found), "file_path": found["file_path"]}
+
+    def _send_file(self, method: str, params: dict) -> dict:
+        """sendPhoto, sendDocument: one file, uploaded or by file_id, with a caption."""
+        kind = FILE_FIELDS[method]
+        chat_id = self._chat_id_of(params)
+        upload = self._upload(kind, params.get(kind), params)
+        self._upload_limit([upload])
+        caption, parse_mode, shown = self._caption(params.get("caption"),
+                                                   params.get("parse_mode"))
+        answered = self._reply_of(chat_id, params.get("reply_parameters"))
+        return self._media_message(method, chat_id, kind, upload, caption, parse_mode, shown,
+                                   answered, None)
+
+    def _send_media_group(self, params: dict) -> list[dict]:
+        chat_id = self._chat_id_of(params)
+        items = params.get("media")
+        if not isinstance(items, list) or len(items) not in ALBUM_SIZES:
+            raise bad_request("wrong number of media in the media group (2 to 10)")
+        kinds = {item.get("type") for item in items if isinstance(item, dict)}
+        if len(kinds) != 1 or not kinds <= {"photo", "document"}:
+            raise bad_request("can't mix media types in a media group")
+        (kind,) = kinds
+        uploads = []
+        for item in items:
+            source = item.get("media")
+            if isinstance(source, str) and source.startswith("attach://"):
+                source = params.get(source.removeprefix("attach://"))
+                if not isinstance(source, dict):
+                    raise bad_request("wrong HTTP URL specified")  # no such part
+            uploads.append(self._upload(kind, source, item))
+        self._upload_limit(uploads)
+        answered = self._reply_of(chat_id, params.get("reply_parameters"))
+        group = f"album-{self._next_message_id}"
+        sent = []
+        for item, upload in zip(items, uploads, strict=True):
+            caption, parse_mode, shown = self._caption(item.get("caption"),
+                                                       item.get("parse_mode"))
+            sent.append(self._media_message("sendMediaGroup", chat_id, kind, upload, caption,
+                                            parse_mode, shown, answered, group))
+        return sent
+
+    def _chat_id_of(self, params: dict) -> int | str:
+        if params.get("chat_id") in (None, ""):
+            raise bad_request("chat_id is empty")
+        return as_chat_id(params["chat_id"])
+
+    def _caption(self, caption: Any, parse_mode: Any) -> tuple[str, str | None, str]:
+        caption = caption if isinstance(caption, str) else ""
+        shown = visible_text(caption, parse_mode).strip()
+        if utf16_len(shown) > MAX_CAPTION_LENGTH:
+            raise bad_request("message caption is too long")
+        return caption, parse_mode, shown
+
+    def _upload(self, kind: str, source: Any, params: dict) -> dict:
+        """A file to send: a multipart part ``{"filename", "content"}``, or a file_id."""
+        if isinstance(source, str):
+            found = self.files.get(source)
+            if found is None:
+                raise bad_request("wrong file identifier/HTTP URL specified")
+            if found["kind"] != kind:
+                raise bad_request("type of file mismatch")
+            return {"content": found["content"], "filename": found.get("file_name"),
+                    "by_file_id": source}
+        if not isinstance(source, dict) or not isinstance(source.get("content"), bytes):
+            raise bad_request(f"there is no {kind} in the request")
+        upload = {"content": source["content"], "filename": source.get("filename"),
+                  "by_file_id": None}
+        if kind == "photo":
+            if len(source["content"]) > PHOTO_LIMIT:
+                raise bad_request("PHOTO_SAVE_FILE_INVALID")  # approximate wording
+            size = image_size(source["content"])
+            if size is None:
+                raise bad_request("IMAGE_PROCESS_FAILED")
+            width, height = size
+            if width + height > 10_000 or max(size) > 20 * min(size):
+                raise bad_request("PHOTO_INVALID_DIMENSIONS")
+        return upload
+
+    def _upload_limit(self, uploads: list[dict]) -> None:
+        if sum(len(u["content"]) for u in uploads if u["by_file_id"] is None) > UPLOAD_LIMIT:
+            raise ApiError(413, "Request Entity Too Large")
+
+    def _media_message(self, method: str, chat_id: int | str, kind: str, upload: dict,
+                       caption: str, parse_mode: str | None, shown: str,
+                       answered: dict | None, group: str | None) -> dict:
+        """Keep a photo or document the bot sent, recorded in ``media``; the message."""
+        content = upload["content"]
+        message_id = self._take_message_id()
+        name = upload["filename"] or ("photo.jpg" if kind == "photo" else "document")
+        found = self.files.get(upload["by_file_id"] or "") or self._file_register(
+            kind, content, len(content), file_name=name)
+        message: dict[str, Any] = {
+            "message_id": message_id, "date": int(time.time()), "chat": self._chat(chat_id),
+            "from": {k: self.me[k] for k in ("id", "is_bot", "first_name", "username")},
+        }
+        if kind == "photo":
+            width, height = image_size(content) or (1, 1)
+            message["photo"] = [{**self._file_ref(found), "width": width, "height": height}]
+        else:
+            message["document"] = {**self._file_ref(found), "file_name": found["file_name"],
+                                   "mime_type": mimetypes.guess_type(name)[0]
+                                   or "application/octet-stream"}
+        if shown:
+            message["caption"] = shown
+        if group is not None:
+            message["media_group_id"] = group
+        if answered is not None:
+            message["reply_to_message"] = answered
+        self.media.append({"method": method, "chat_id": chat_id, "message_id": message_id,
+                           "kind": kind, "filename": upload["filename"], "content": content,
+                           "by_file_id": upload["by_file_id"], "caption": caption,
+                           "parse_mode": parse_mode, "visible_caption": shown,
+                           "media_group_id": group, "at": time.monotonic(),
+                           **({"reply_to_message": answered} if answered else {})})
+        self._cond.notify_all()
+        return self._keep(message, caption, parse_mode, media=True)
+
+    def _file_register(self, kind: str, content: bytes | None, size: int | None, *,
+                       file_name: str | None = None, file_path_kind: str | None = None) -> dict:
+        """A file Telegram keeps (a user's, or one the bot sent), under a new file_id."""
+        number = len(self.files) + 1
+        folder = file_path_kind or f"{kind}s"
+        extension = file_name.rpartition(".")[2] if file_name and "." in file_name else "bin"
+        found = {"file_id": f"AgAC-{kind}-{number}-x", "file_unique_id": f"uniq{number}",
+                 "file_size": size, "content": content, "kind": kind, "file_name": file_name,
+                 "file_path": f"{folder}/file_{number}.{extension}"}
+        self.files[found["file_id"]] = found
+        return found
+
+    @staticmethod
+    def _file_ref(found: dict) -> dict:
+        ref = {"file_id": found["file_id"], "file_unique_id": found["file_unique_id"]}
+        if found["file_size"] is not None:
+            ref["file_size"] = found["file_size"]
+        return ref
+
+    def serve_file(self, token: str, path: str, generation: int) -> tuple[int, bytes | None]:
+        """``GET /file/bot<token>/<file_path>``: the file's bytes (404 unless known)."""
+        with self._cond:
+            if generation != self._generation:
+                return 0, None
+            self.calls.append(("GET /file", {"file_path": path}))
+            found = next((f for f in self.files.values() if f["file_path"] == path), None)
+            if token != self.token or found is None or found["content"] is None:
+                return 404, None
+            self.downloads.append(path)
+            return 200, found["content"]
 
     def _delete_message(self, params: dict) -> bool:
         key, stored = self._message_of(params, "delete")
@@ -902,6 +1223,7 @@ class BotApiStandIn:
 
 
 _PATH = re.compile(r"^/bot(?P<token>[^/]*)/(?P<method>[A-Za-z0-9_]+)/?$")
+_FILE_PATH = re.compile(r"^/file/bot(?P<token>[^/]*)/(?P<path>.+)$")
 
 
 class _Server(ThreadingHTTPServer):
@@ -937,7 +1259,30 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._answer(status, body)
 
-    do_GET = do_POST
+    def do_GET(self) -> None:
+        url = urlsplit(self.path)
+        match = _FILE_PATH.match(url.path)
+        if match is None:
+            self.do_POST()
+            return
+        server = self.server
+        # python-telegram-bot quotes the path, the token's ":" too.
+        status, content = server.standin.serve_file(unquote(match["token"]),
+                                                    unquote(match["path"]), server.generation)
+        if status == 0:
+            self.close_connection = True
+            return
+        if content is None:
+            self._answer(status, ApiError(404, "Not Found").payload())
+            return
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(content)))
+            self.end_headers()
+            self.wfile.write(content)
+        except ConnectionError:
+            pass
 
     def _answer(self, status: int, body: dict) -> None:
         data = json.dumps(body).encode()

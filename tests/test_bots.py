@@ -37,6 +37,19 @@ def test_a_room_message_names_its_sender_and_protocol_escaped():
     ]
 
 
+def test_files_without_text_are_captioned_by_their_sender_alone():
+    photo = {"id": "k1", "name": "door.jpg", "type": "image/jpeg", "size": 10,
+             "width": 4, "height": 3}
+    assert telegram(formatting.room_message(message("", name="doorcam", protocol="mqtt",
+                                                    attachments=[photo]))) == [
+        "<b>doorcam</b> (mqtt)"
+    ]
+    assert formatting.room_message(message("look", attachments=[photo])).plain() == (
+        "ann (web): look")
+    assert formatting.room_message(message("", attachments=[photo]),
+                                   shown="Ann [web]").plain() == "Ann [web]"
+
+
 def test_the_markup_is_neutral_and_its_plain_text_is_what_was_said():
     said = formatting.room_message(message("1 < 2", name="ann"))
     assert said.plain() == "ann (web): 1 < 2"
