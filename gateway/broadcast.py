@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 PUBLISH_BACKLOG = 10_000  # committed events waiting for the layer, per process
 PUBLISH_BATCH = 500  # events published by one round trip to the layer
+# A round trip that takes longer is given up (and retried once): a connection left
+# half-open by a Redis restart must not hold every later event behind it.
+PUBLISH_TIMEOUT = 5.0
 
 
 async def room_event_broadcast(event: LogEntry) -> None:
@@ -58,15 +61,16 @@ async def _group_send_many(sends: list[tuple[str, Mapping[str, Any]]]) -> None:
     """``group_send`` each (group, event), in order, in as few round trips as the layer
     allows. A failure is retried once (the first publish after a Redis restart fails on a
     stale pooled connection; the retry gets a fresh one: a receiver drops what it had twice),
-    then logged."""
+    then logged. Each attempt is bounded by ``PUBLISH_TIMEOUT``."""
     layer = get_channel_layer()
     done = 0  # sent one by one so far (a retry goes on from there)
     for attempt in (1, 2):
         try:
-            if not await _pipeline_publish(layer, sends):
-                for group, event in sends[done:]:
-                    await layer.group_send(group, event)
-                    done += 1
+            async with asyncio.timeout(PUBLISH_TIMEOUT):
+                if not await _pipeline_publish(layer, sends):
+                    for group, event in sends[done:]:
+                        await layer.group_send(group, event)
+                        done += 1
             return
         except Exception:
             if attempt == 1:

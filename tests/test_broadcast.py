@@ -16,6 +16,15 @@ def entry(room: str, cursor: int) -> dict:
     return {"type": events.ROOM_ENTRY, "room": room, "cursor": cursor, "kind": "delete"}
 
 
+async def within(step, what: str, seconds: float = 20):
+    """Await ``step``; a hang fails with what it was, rather than the whole test's timeout."""
+    try:
+        async with asyncio.timeout(seconds):
+            return await step
+    except TimeoutError:
+        raise AssertionError(f"{what} hung for {seconds}s") from None
+
+
 async def drain(layer, channel: str, count: int) -> list[dict]:
     got = []
     async with asyncio.timeout(10):
@@ -45,11 +54,13 @@ async def test_a_batch_goes_through_one_redis_pipeline_in_room_order(redis_serve
 
         # After a Redis restart the pooled connection is stale: the retry gets a fresh one.
         redis_server.restart()
-        await broadcast._group_send_many([(room_group_name("ra"), entry("ra", 1000))])
-        await layer.flush()
+        await within(broadcast._group_send_many([(room_group_name("ra"), entry("ra", 1000))]),
+                     "the publish after the restart")
+        await within(layer.flush(), "the layer's flush")
         fresh = await layer.new_channel("c.")
-        await layer.group_add(room_group_name("ra"), fresh)
-        await broadcast._group_send_many([(room_group_name("ra"), entry("ra", 1001))])
+        await within(layer.group_add(room_group_name("ra"), fresh), "subscribing again")
+        await within(broadcast._group_send_many([(room_group_name("ra"), entry("ra", 1001))]),
+                     "the next publish")
         assert [e["cursor"] for e in await drain(layer, fresh, 1)] == [1001]
     finally:
         await layer.flush()
