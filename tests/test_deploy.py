@@ -210,6 +210,13 @@ class Browser:
             await asyncio.gather(self.task, return_exceptions=True)
 
 
+def relay_story(replicas) -> list[str]:
+    """What the replicas logged about leases, relays and calls to Telegram (a failure's why)."""
+    words = ("lease", "relay", "Telegram", "retrying", "now polls")
+    return [f"replica {n}: {line}" for n, replica in enumerate(replicas)
+            for line in replica.log().splitlines() if any(w in line for w in words)][-60:]
+
+
 def texts_by_sender(frames: list[dict]) -> dict[str, list[str]]:
     by_sender: dict[str, list[str]] = {}
     for frame in frames:
@@ -353,7 +360,7 @@ async def test_three_replicas_behind_nginx_lose_and_double_nothing_when_one_is_k
             # else, and never across a graceful restart.
             doubled = [t for t in set(relayed) if relayed.count(t) > 1]
             phase = [t.rpartition(" ")[2][0] for t in doubled]  # "b0 (web): b0 b1" -> "b"
-            assert len(doubled) <= 1 and phase in ([], ["b"]), doubled
+            assert len(doubled) <= 1 and phase in ([], ["b"]), (doubled, relay_story(replicas))
             assert len(relayed) == total - 9 + len(doubled)
             relayed = list(dict.fromkeys(relayed))
             by_sender: dict[str, list[str]] = {}
