@@ -593,7 +593,7 @@ async def test_files_posted_over_the_api_reach_the_chat_as_photos_albums_and_doc
     (document,) = (await api.wait_media_async(ALICE, 4))[3:]
     assert (document["method"], document["content"], document["filename"]) == (
         "sendDocument", pdf(), "minutes.pdf")
-    assert document["visible_caption"] == "camera (api):"
+    assert document["visible_caption"] == "camera (api)"
     # An edit of the photo's message edits its caption.
     edited = await asyncio.to_thread(
         httpx.patch, f"{gw.http}/api/rooms/out/messages/{one['id']}",
