@@ -298,6 +298,8 @@ async def test_three_replicas_behind_nginx_lose_and_double_nothing_when_one_is_k
                     assert per_replica == [2, 2, 2], frame["processes"]
                     assert frame["connections"]["total"] == 9
 
+                # Phase a has reached the chat: a double from the kill can only be phase b's.
+                await api.wait_sent_async(chat, 1 + 6, timeout=40)
                 # Mid-stream, kill the replica that polls Telegram.
                 poller = next(r for r in replicas if "now polls Telegram" in r.log())
                 survivors = [r for r in replicas if r is not poller]
