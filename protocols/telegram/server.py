@@ -96,6 +96,7 @@ PLATFORM = "telegram"
 LEASE = "telegram-poll"  # held by the process that polls (rooms reach chats by the relay)
 LEASE_TTL = 10.0  # another process takes over within this after the holder dies
 TICK = 1.0  # lease renewal, idle scopes
+CALL_READ_TIMEOUT = 20.0  # seconds a call waits for its answer (PTB: 5)
 PRUNE_INTERVAL = 3600.0
 UPDATES_KEPT = 48 * 3600.0  # Telegram redelivers an update for at most 24 hours
 ME_REFRESH = 300.0  # getMe again: the privacy mode may have been changed in BotFather
@@ -564,7 +565,10 @@ def telegram_bot(token: str, *, api_url: str) -> Bot:
         base_file_url=f"{api_url}/file/bot",
         # Chats are sent to concurrently (each in order): more than PTB's single connection.
         # (Polls have their own connection; PTB adds the poll timeout to their read timeout.)
-        request=HTTPXRequest(connection_pool_size=16),
+        # A call Telegram answers late may have gone through: it is sent again only past a
+        # read timeout well beyond PTB's 5 s (Telegram has no idempotent send).
+        request=HTTPXRequest(connection_pool_size=16, read_timeout=CALL_READ_TIMEOUT,
+                             write_timeout=CALL_READ_TIMEOUT),
     )
 
 
