@@ -20,9 +20,15 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 ensure_venv "[test]"
+# The whole suite (no arguments) runs on GATEWAY_TEST_WORKERS pytest-xdist workers (default
+# 2: most tests wait on servers and sockets, not the CPU; 1 runs it in this process).
+# With arguments, pytest gets exactly them.
+workers="${GATEWAY_TEST_WORKERS:-2}"
+parallel=()
+[ $# -ne 0 ] || [ "$workers" -le 1 ] || parallel=(-n "$workers")
 # Both stages run whatever the first one gives; the script fails if either failed.
 status=0
-.venv/bin/python -m pytest "$@" || status=$?
+.venv/bin/python -m pytest "${parallel[@]}" "$@" || status=$?
 
 # The whole suite (no arguments) also runs the storage tests on PostgreSQL: the machine's
 # (127.0.0.1:5432, trust auth) unless GATEWAY_TEST_DATABASE_URL says otherwise;
@@ -31,7 +37,7 @@ if [ $# -eq 0 ] && [ "${GATEWAY_TEST_POSTGRES:-1}" != 0 ]; then
     url="${GATEWAY_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/gateway}"
     echo "Storage tests on PostgreSQL: $url"
     pg_status=0
-    DATABASE_URL="$url" .venv/bin/python -m pytest -q tests/test_units.py \
+    DATABASE_URL="$url" .venv/bin/python -m pytest -q "${parallel[@]}" tests/test_units.py \
         tests/test_consumer.py tests/test_http.py tests/test_bots.py \
         tests/test_room_policy.py tests/test_conversation.py tests/test_relay.py \
         tests/test_group_commit.py tests/test_room_log.py tests/test_message_life.py \
