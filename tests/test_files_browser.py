@@ -6,17 +6,17 @@ with their message; and nothing a file or its name holds ever runs in the page."
 from __future__ import annotations
 
 import base64
-import io
 import json
 import re
 import urllib.request
 
 import httpx
 import pytest
-from PIL import Image
 from playwright.sync_api import Page, Route, WebSocketRoute, expect
 
+from tests import samples
 from tests.helpers import ARTIFACTS, FAST, PASSWORD, log_in, open_chat
+from tests.samples import jpeg, pdf
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -27,20 +27,7 @@ WAIT = 10_000  # ms: every wait below is bounded
 
 
 def png(width: int = 640, height: int = 480, color=(200, 30, 30)) -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", (width, height), color).save(out, "PNG")
-    return out.getvalue()
-
-
-def jpeg(width: int = 800, height: int = 600) -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", (width, height), (10, 120, 200)).save(out, "JPEG")
-    return out.getvalue()
-
-
-def pdf(size: int = 3000) -> bytes:
-    head = b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\n"
-    return head + b"%" + b"x" * (size - len(head) - 7) + b"\n%%EOF\n"
+    return samples.png(width, height, color)
 
 
 @pytest.fixture
