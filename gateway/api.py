@@ -223,17 +223,23 @@ def _refusal(http: HttpRequest, principal: access.Principal | None, room: str | 
     return response
 
 
-def _json_body(http: HttpRequest) -> dict[str, Any]:
-    kind = http.content_type or ""
-    if kind != "application/json":
-        raise GatewayError("unsupported_media_type", "send JSON (Content-Type: application/json)")
-    limit = settings.GATEWAY["API_MAX_BODY_BYTES"]
+def _declared_length_check(http: HttpRequest, limit: int) -> None:
+    """``body_too_large`` when the request says its body is over ``limit`` (before reading
+    it; what is read is checked again)."""
     try:
         declared = int(http.headers.get("Content-Length") or 0)
     except ValueError:
         declared = 0
     if declared > limit:
         raise GatewayError("body_too_large", f"the body is over {limit} bytes")
+
+
+def _json_body(http: HttpRequest) -> dict[str, Any]:
+    kind = http.content_type or ""
+    if kind != "application/json":
+        raise GatewayError("unsupported_media_type", "send JSON (Content-Type: application/json)")
+    limit = settings.GATEWAY["API_MAX_BODY_BYTES"]
+    _declared_length_check(http, limit)
     raw = http.body
     if len(raw) > limit:
         raise GatewayError("body_too_large", f"the body is over {limit} bytes")
@@ -250,12 +256,7 @@ def _form_body(http: HttpRequest) -> tuple[dict[str, Any], list[files.Upload]]:
     """A multipart form: its fields (one value each; ``reply_to`` as a number) and its
     ``file`` parts, within the files' limits plus the JSON body's for the fields."""
     limit = settings.GATEWAY["FILE_MAX_MESSAGE_BYTES"] + settings.GATEWAY["API_MAX_BODY_BYTES"]
-    try:
-        declared = int(http.headers.get("Content-Length") or 0)
-    except ValueError:
-        declared = 0
-    if declared > limit:
-        raise GatewayError("body_too_large", f"the body is over {limit} bytes")
+    _declared_length_check(http, limit)
     try:
         form, parts = http.POST, http.FILES
     except (MultiPartParserError, RequestDataTooBig, TooManyFieldsSent, TooManyFilesSent) as exc:
