@@ -122,9 +122,7 @@ def handle(incoming: Incoming, *, bot_username: str = "") -> list[Reply]:
 def file_room(incoming: Incoming) -> str:
     """The room a chat's file would go to ("" if none: not in a room, blocked): asked before
     the platform fetches the file (``handle`` decides again)."""
-    found = BotChat.objects.filter(platform=incoming.platform, chat_id=incoming.chat_id,
-                                   blocked=False).values_list("room", flat=True).first()
-    return found or ""
+    return selectors.bot_chat_room(platform=incoming.platform, chat_id=incoming.chat_id)
 
 
 def _files_keep(incoming: Incoming) -> _Files:

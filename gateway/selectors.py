@@ -268,6 +268,13 @@ def room_list(
     return rooms
 
 
+def bot_chat_room(*, platform: str, chat_id: str) -> str:
+    """The room an unblocked bot chat is in ("" if none)."""
+    found = BotChat.objects.filter(platform=platform, chat_id=chat_id, blocked=False
+                                   ).values_list("room", flat=True).first()
+    return found or ""
+
+
 def bot_chat_origin(platform: str, chat_id: str) -> str:
     """The origin of the messages a bot chat posts, and its member id: a chat is never sent
     what came from it."""
