@@ -27,7 +27,14 @@ from channels_redis.pubsub import RedisPubSubChannelLayer
 from django.db import transaction
 
 from gateway import metrics
-from gateway.events import CONTROL_GROUP, ROOM_ENTRY, ROOM_MESSAGE, ROOM_PRESENCE, LogEntry
+from gateway.events import (
+    CONTROL_GROUP,
+    ROOM_DEVICE,
+    ROOM_ENTRY,
+    ROOM_MESSAGE,
+    ROOM_PRESENCE,
+    LogEntry,
+)
 from gateway.names import room_group_name
 
 logger = logging.getLogger(__name__)
@@ -37,6 +44,8 @@ PUBLISH_BATCH = 500  # events published by one round trip to the layer
 # A round trip that takes longer is given up (and retried once): a connection left
 # half-open by a Redis restart must not hold every later event behind it.
 PUBLISH_TIMEOUT = 5.0
+# A room's live events outside its log: who is here, a device's status and state.
+LIVE_ONLY = (ROOM_PRESENCE, ROOM_DEVICE)
 
 
 async def room_event_broadcast(event: LogEntry) -> None:
@@ -144,7 +153,7 @@ class Publisher:
 
     def _put(self, events: tuple[Mapping[str, Any], ...] | list[Mapping[str, Any]]) -> None:
         for event in events:
-            for listener in tuple(_committed_listeners) if event["type"] != ROOM_PRESENCE else ():
+            for listener in tuple(_committed_listeners) if event["type"] not in LIVE_ONLY else ():
                 try:
                     listener(event)
                 except Exception:
@@ -195,7 +204,7 @@ def publisher_install(publisher: Publisher | None) -> None:
 
 
 def _group_of(event: Mapping[str, Any]) -> str:
-    if event["type"] in (ROOM_MESSAGE, ROOM_ENTRY, ROOM_PRESENCE):
+    if event["type"] in (ROOM_MESSAGE, ROOM_ENTRY, *LIVE_ONLY):
         return room_group_name(event["room"])
     return CONTROL_GROUP
 
@@ -219,6 +228,12 @@ def presence_broadcast(events: list[Mapping[str, Any]]) -> None:
     publisher = _publisher
     if publisher is not None and events:
         publisher.submit_many(events)
+
+
+def live_broadcast_on_commit(event: Mapping[str, Any]) -> None:
+    """Send a room's live event (``room.device``) to every process serving the room once
+    the current transaction commits (a state others may read from the database first)."""
+    transaction.on_commit(lambda: _publish([event]))
 
 
 def room_events_broadcast_on_commit(events: list[Mapping[str, Any]]) -> None:

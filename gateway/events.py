@@ -31,6 +31,9 @@ MESSAGE_ENTRY_KINDS = (ENTRY_DELETE, ENTRY_EDIT, ENTRY_REACTION)
 EXCERPT_LENGTH = 100  # characters of a replied-to message shown with the reply
 # Who came and went in a room, from one process (not part of the log: presence is live only).
 ROOM_PRESENCE = "room.presence"
+# A device's status or last state changed (not part of the log: the room keeps only the last).
+ROOM_DEVICE = "room.device"
+DEVICE_STATUSES = ("online", "offline", "unknown")  # and None: it never said
 # Control events, on the group every process joins (CONTROL_GROUP): not part of any log.
 SCOPE_DISCONNECT = "scope.disconnect"  # {"scope"}: that connection is closed
 CONTROL_GROUP = "gateway.control"
@@ -121,6 +124,26 @@ class RoomPresence(TypedDict):
     seq: int  # that process's presence sequence: its row records the last one it includes
     joined: list[PresenceMember]
     left: list[PresenceMember]
+
+
+class DeviceState(TypedDict):
+    """A device as a member of a room (gateway/devices.py): its status and last state."""
+
+    id: str  # the device id
+    room: str
+    status: str | None  # one of DEVICE_STATUSES, or None: it never said
+    status_at: float | None  # epoch seconds of the status's last change
+    detail: dict[str, Any] | None  # a JSON status as the device sent it
+    state: Any  # its last state: a JSON object, or text (None: none)
+    state_at: float | None
+    seen_at: float | None  # when it last published its status or state (live)
+
+
+class RoomDevice(TypedDict):
+    type: str  # ROOM_DEVICE
+    room: str
+    change: str  # "status" or "state": what changed
+    device: DeviceState
 
 
 class ScopeDisconnect(TypedDict):
@@ -385,6 +408,32 @@ def room_presence_decode(data: object) -> RoomPresence:
         if not isinstance(member, dict):
             raise EventError("presence: members are objects")
         _check_keys(member, _MEMBER_KEYS, "presence member")
+    return data  # type: ignore[return-value]
+
+
+_DEVICE_KEYS: dict[str, type | tuple[type, ...]] = {
+    "id": str, "room": str, "status": (str, type(None)), "status_at": (float, type(None)),
+    "detail": (dict, type(None)), "state": (dict, str, type(None)),
+    "state_at": (float, type(None)), "seen_at": (float, type(None)),
+}
+
+
+def room_device(*, change: str, device: DeviceState) -> RoomDevice:
+    if change not in ("status", "state"):
+        raise EventError(f"unknown device change {change!r}")
+    return {"type": ROOM_DEVICE, "room": device["room"], "change": change, "device": device}
+
+
+def room_device_decode(data: object) -> RoomDevice:
+    """Validate a received ``room.device`` against the contract and return it."""
+    if not isinstance(data, dict) or data.get("type") != ROOM_DEVICE:
+        raise EventError("not a room.device event")
+    _check_keys(data, {"type": str, "room": str, "change": str, "device": dict}, ROOM_DEVICE)
+    _check_keys(data["device"], _DEVICE_KEYS, "device")
+    if data["change"] not in ("status", "state") or data["device"]["room"] != data["room"]:
+        raise EventError("device: a status or state change of a device of the room")
+    if data["device"]["status"] not in (*DEVICE_STATUSES, None):
+        raise EventError(f"device: unknown status {data['device']['status']!r}")
     return data  # type: ignore[return-value]
 
 

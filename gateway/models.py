@@ -317,6 +317,9 @@ class Device(models.Model):
     rooms = models.JSONField(default=list, blank=True, help_text="Rooms it has posted to")
     # Blocked by staff: its messages are dropped (not stored, not broadcast).
     blocked = models.BooleanField(default=False)
+    # Staff may stop commands to it (its own ACL on the gateway's side): refused as
+    # command_not_allowed before anything is published.
+    commands = models.BooleanField(default=True, help_text="It takes commands from the rooms")
 
     class Meta:
         ordering = ["device_id"]
@@ -464,3 +467,64 @@ class Attachment(models.Model):
 
     def __str__(self) -> str:
         return f"{self.room}#{self.seq} {self.name}"
+
+
+class DeviceRoom(models.Model):
+    """A device as a member of a room (gateway/devices.py): its status (from
+    ``<prefix>/<room>/status/<device>``: online, offline, or unknown after a silence) and its
+    last state (``<prefix>/<room>/state/<device>``: a JSON object or text), each with when it
+    changed. Written by one process at a time (the ``mqtt-devices`` lease); no history."""
+
+    ONLINE, OFFLINE, UNKNOWN = "online", "offline", "unknown"
+    STATUSES = [(ONLINE, "online"), (OFFLINE, "offline"), (UNKNOWN, "unknown")]
+
+    room = models.CharField(max_length=64)
+    device_id = models.CharField(max_length=64)
+    status = models.CharField(max_length=8, choices=STATUSES, blank=True, default="")
+    status_detail = models.JSONField(null=True, blank=True,
+                                     help_text="A JSON status as the device sent it")
+    status_at = models.DateTimeField(null=True, blank=True)
+    state = models.JSONField(null=True, blank=True, help_text="Its last state (object or text)")
+    state_at = models.DateTimeField(null=True, blank=True)
+    seen_at = models.DateTimeField(null=True, blank=True,
+                                   help_text="When it last published its status or state")
+
+    class Meta:
+        ordering = ["room", "device_id"]
+        constraints = [
+            models.UniqueConstraint(fields=["room", "device_id"], name="device_room_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.device_id} in {self.room}"
+
+
+class DeviceCommand(models.Model):
+    """A command sent to a device from a room (gateway/devices.py): its message in the room,
+    then its publication (once: ``sent_at`` is claimed), then its answer or its timeout
+    (once: ``state`` leaves ``pending`` under a condition)."""
+
+    PENDING, ANSWERED, EXPIRED = "pending", "answered", "expired"
+    STATES = [(PENDING, "pending"), (ANSWERED, "answered"), (EXPIRED, "expired")]
+
+    key = models.CharField(max_length=32, unique=True, help_text="Its correlation id")
+    room = models.CharField(max_length=64)
+    device_id = models.CharField(max_length=64)
+    seq = models.BigIntegerField(help_text="Its message's id in the room")
+    command = models.TextField()
+    sender = models.JSONField(help_text="Who sent it")
+    state = models.CharField(max_length=8, choices=STATES, default=PENDING)
+    created_at = models.DateTimeField()
+    deadline = models.DateTimeField(help_text="No answer by then: a timeout notice")
+    sent_at = models.DateTimeField(null=True, blank=True)
+    answered_seq = models.BigIntegerField(null=True, blank=True,
+                                          help_text="The answer's (or the notice's) id")
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            models.Index(fields=["state", "deadline"], name="device_command_due"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.room}#{self.seq} -> {self.device_id}"

@@ -1,6 +1,7 @@
 """A room's policy: which protocols may post into it and which receive it, how a sender is
 shown to the other protocols, its message rate limit, how long it keeps messages, and
-whether it announces the chats and devices that come and go.
+whether it announces the chats and devices that come and go (a device's status going
+online or offline too), and who may send its devices commands.
 
 Set by staff (the admin, the API with a ``manage`` key) through ``services.room_policy_set``,
 applied live: a change is an entry of the room's log (kind ``policy``, carrying the policy's
@@ -14,7 +15,9 @@ Its public form (the API's ``policy``, the log entry's)::
      "name_format": {"telegram": "{name} [{protocol}]", ...},
      "rate_limit": null | {"per_second": 2.0, "burst": 10},
      "retention": {"days": null | n, "messages": null | n},   null: the gateway's default
-     "notices": false}
+     "notices": false,
+     "commands": null | ["web", "telegram", ...]}  sender protocols that may command the
+                                               room's devices (null: all that may post)
 
 Staff (the system sender) may always post. A name format applies to messages from another
 protocol than its target (a page shows its own protocol's names as they are); its
@@ -41,7 +44,7 @@ NAME_MAX = 128  # characters of a name as shown (the sender name's column)
 RATE_MAX = 10_000.0  # messages per second a room may be allowed (beyond: no limit at all)
 BURST_MAX = 100_000
 RETENTION_DAYS_MAX = 36_500
-KEYS = ("post", "receive", "name_format", "rate_limit", "retention", "notices")
+KEYS = ("post", "receive", "name_format", "rate_limit", "retention", "notices", "commands")
 
 
 @dataclass(frozen=True)
@@ -54,9 +57,16 @@ class Policy:
     retention_days: int | None = None  # None: the gateway's default; 0: forever
     retention_messages: int | None = None
     notices: bool = False
+    commands: frozenset[str] | None = None  # sender protocols that may command; None: all
 
     def may_post(self, protocol: str) -> bool:
         return protocol == "system" or self.post is None or protocol in self.post
+
+    def may_command(self, protocol: str) -> bool:
+        """Whether a sender of ``protocol`` may send the room's devices commands (it must
+        also be allowed to post: the command is a message of the room)."""
+        return self.may_post(protocol) and (
+            protocol == "system" or self.commands is None or protocol in self.commands)
 
     def receives(self, protocol: str) -> bool:
         return self.receive is None or protocol in self.receive
@@ -72,6 +82,7 @@ class Policy:
             "rate_limit": rate,
             "retention": {"days": self.retention_days, "messages": self.retention_messages},
             "notices": self.notices,
+            "commands": None if self.commands is None else sorted(self.commands),
         }
 
     def name_shown(self, sender: events.Sender, *, target: str, room: str) -> str:
@@ -142,6 +153,8 @@ def policy_update(base: Policy, data: object, *, senders: set[str],
         if not isinstance(data["notices"], bool):
             raise _invalid("'notices' must be true or false")
         changes["notices"] = data["notices"]
+    if "commands" in data:
+        changes["commands"] = _protocols(data["commands"], "commands", senders - {"system"})
     return replace(base, **changes)
 
 
@@ -238,6 +251,8 @@ def policy_columns(policy: Policy) -> dict[str, Any]:
         extra["name_format"] = dict(policy.name_format)
     if policy.notices:
         extra["notices"] = True
+    if policy.commands is not None:
+        extra["commands"] = sorted(policy.commands)
     return {
         "post_allowed": allowed_column(policy.post),
         "receive_allowed": allowed_column(policy.receive),
@@ -259,7 +274,12 @@ def policy_from_columns(*, post_allowed: str, receive_allowed: str, policy: Mapp
         rate_per_second=rate_per_second, rate_burst=rate_burst,
         retention_days=retention_days, retention_messages=retention_messages,
         notices=bool(policy.get("notices")),
+        commands=_protocols_kept(policy.get("commands")),
     )
+
+
+def _protocols_kept(value: object) -> frozenset[str] | None:
+    return None if not isinstance(value, list) else frozenset(str(v) for v in value)
 
 
 POLICY_FIELDS = ("post_allowed", "receive_allowed", "policy", "rate_per_second", "rate_burst",
@@ -278,4 +298,5 @@ def policy_from_public(data: Mapping[str, Any]) -> Policy:
         rate_per_second=rate.get("per_second"), rate_burst=rate.get("burst"),
         retention_days=retention.get("days"), retention_messages=retention.get("messages"),
         notices=bool(data.get("notices")),
+        commands=_protocols_kept(data.get("commands")),
     )

@@ -407,6 +407,13 @@ MQTT = {
     # A device's scope closes after this many seconds without a message.
     "IDLE_TIMEOUT": env_float("MQTT_IDLE_TIMEOUT", 300.0, minimum=1.0),
     "KEEPALIVE": env_int("MQTT_KEEPALIVE", 30, minimum=5),
+    # Devices as members: a device whose status is online and that has published nothing
+    # (status, state, messages) for this many seconds is shown as unknown (a device that
+    # died without a will). 0: never.
+    "DEVICE_SILENCE": env_float("MQTT_DEVICE_SILENCE", 0.0, minimum=0.0),
+    # Seconds a command waits for its device's answer when it names no timeout of its own;
+    # then the room is told it timed out.
+    "COMMAND_TIMEOUT": env_float("MQTT_COMMAND_TIMEOUT", 10.0, minimum=0.5),
     # The gateway's client speaks MQTT "3.1.1" or "5" to MQTT_URL's broker; with 5, devices'
     # MQTT 5 properties reach it (a file's content type and name). The embedded broker: 3.1.1.
     "PROTOCOL": env_str("MQTT_PROTOCOL", "3.1.1"),
