@@ -29,6 +29,7 @@ class MqttAdapter(Adapter):
         from django.conf import settings
 
         from gateway.relay import Relay
+        from protocols.mqtt.devices import DeviceKeeper
         from protocols.mqtt.relay import MqttOut
         from protocols.mqtt.server import BrokerAddress, MqttServer
 
@@ -63,7 +64,9 @@ class MqttAdapter(Adapter):
         # The relay after the server, so it stops first: what it is publishing goes out and
         # every room's position is saved while the broker connection is still there.
         out = MqttOut(server, prefix=mqtt["TOPIC_PREFIX"], idle_timeout=mqtt["IDLE_TIMEOUT"])
-        return [*services, server, Relay(out)]
+        keeper = DeviceKeeper(server, prefix=mqtt["TOPIC_PREFIX"],
+                              silence=mqtt["DEVICE_SILENCE"])
+        return [*services, server, keeper, Relay(out)]
 
 
 def _protocol(version: str):

@@ -8,6 +8,11 @@
   id>/file``, and reads ``<prefix>/+/out`` and its own errors, ``<prefix>/+/error/<its id>``.
 - An anonymous client (when allowed) publishes as any device, ``<prefix>/+/in/+`` and
   ``<prefix>/+/in/+/file``, and reads ``<prefix>/+/out`` and ``<prefix>/+/error/+``.
+- Devices as members: the gateway also publishes commands, ``<prefix>/+/cmd/+``, and its own
+  status, ``gateway/status/+``; a device publishes its status, its state and its answers as
+  itself (``<prefix>/+/status/<id>``, ``<prefix>/+/state/<id>``,
+  ``<prefix>/+/cmd/<id>/reply``; anonymous: any id), reads its own commands
+  (``<prefix>/+/cmd/<id>``), and every device's status and state and the gateway's.
 
 Nothing else: no other topic, no ``#``. The gateway's user name (``gateway``) and client id
 are reserved for it.
@@ -26,7 +31,7 @@ from pathlib import Path
 from amqtt.mqtt.connack import BAD_USERNAME_PASSWORD, NOT_AUTHORIZED
 
 from gateway.names import room_name_is_valid
-from protocols.mqtt.wire import FILE
+from protocols.mqtt.wire import CMD, FILE, GATEWAY_STATUS, REPLY, STATE, STATUS
 
 GATEWAY_USER = "gateway"
 
@@ -208,17 +213,21 @@ class BrokerPolicy:
         if topic is None or not topic_is_publishable(topic):
             return False
         if client.is_gateway:
-            return any(topic_matches(p, topic) for p in (self._topic("out"),
-                                                         self._topic("error", "+")))
+            return any(topic_matches(p, topic) for p in (
+                self._topic("out"), self._topic("error", "+"), self._topic(CMD, "+"),
+                f"{GATEWAY_STATUS}/+"))
         device = client.device_id if client.kind == "device" and client.device_id else "+"
-        return any(topic_matches(p, topic) for p in self._device_topics(device))
+        return any(topic_matches(p, topic) for p in (
+            *self._device_topics(device), self._topic(STATUS, device),
+            self._topic(STATE, device), f"{self._topic(CMD, device)}/{REPLY}"))
 
     def may_subscribe(self, client: Client, topic_filter: str) -> bool:
         if client.is_gateway:
             return True
         device = client.device_id if client.kind == "device" else "+"
-        return any(filter_covers(p, topic_filter) for p in (self._topic("out"),
-                                                            self._topic("error", device)))
+        return any(filter_covers(p, topic_filter) for p in (
+            self._topic("out"), self._topic("error", device), self._topic(CMD, device),
+            self._topic(STATUS, "+"), self._topic(STATE, "+"), f"{GATEWAY_STATUS}/+"))
 
     def is_device_topic(self, topic: str) -> bool:
         """A device's inbound topic, ``<prefix>/<room>/in/<device>`` or its ``/file``."""

@@ -25,7 +25,7 @@ from channels.exceptions import StopConsumer
 from django.db import DatabaseError, InterfaceError, OperationalError
 
 from consumers.base import RoomConsumer
-from gateway import events, files, metrics, services
+from gateway import devices, events, files, metrics, services
 from gateway.errors import GatewayError
 from gateway.ingest import Busy, message_post
 from gateway.logging import LogSampler
@@ -33,11 +33,18 @@ from gateway.names import display_name_clean
 from gateway.ratelimit import TokenBucket, flood_limit
 from gateway.services import Post
 from protocols.mqtt import wire as topics
-from protocols.mqtt.events import DeviceSend, MqttConnect, MqttDisconnect, MqttFile, MqttMessage
+from protocols.mqtt.events import (
+    DeviceSend,
+    MqttConnect,
+    MqttDisconnect,
+    MqttFile,
+    MqttMessage,
+    MqttReply,
+)
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-Received = TypeVar("Received", MqttMessage, MqttFile)
+Received = TypeVar("Received", MqttMessage, MqttFile, MqttReply)
 
 SEEN_INTERVAL = 60.0  # how often a device's last_seen is written while it is active
 RETRY_FIRST, RETRY_MAX = 0.5, 5.0  # backoff (seconds) while the database cannot store
@@ -87,6 +94,9 @@ class MqttDeviceConsumer(RoomConsumer):
     async def mqtt_file(self, message: MqttFile) -> None:
         await self._received(message, self._file)
 
+    async def mqtt_reply(self, message: MqttReply) -> None:
+        await self._received(message, self._reply)
+
     async def _received(self, message: Received,
                         handle: Callable[[Received], Awaitable[bool]]) -> None:
         """Handle what the device published (``handle``: stored, or GatewayError), answer
@@ -131,6 +141,16 @@ class MqttDeviceConsumer(RoomConsumer):
         _, stored = await self._post(meta.caption or "", sender, meta.client_id, meta.reply_to,
                                      attachments=tuple(kept))
         return stored
+
+    async def _reply(self, message: MqttReply) -> bool:
+        """The device's answer to a command: its reply to the command's message, once
+        (whether it was stored now: a late or repeated answer is not, and is only logged)."""
+        key, reply = topics.reply_decode(message["payload"], message["correlation_data"])
+        await self._seen()
+        answer = database_sync_to_async(devices.command_answer)
+        event = await self._stored(lambda: answer(
+            room=self.scope["room"], device_id=self.device_id, key=key, reply=reply))
+        return event is not None
 
     async def _kept(self, upload: files.Upload,
                     sender: events.Sender) -> list[events.Attachment]:

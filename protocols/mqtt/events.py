@@ -20,6 +20,10 @@ The server sends a scope:
   content type (None without one, as over MQTT 3.1.1); ``user_properties``: its MQTT 5 user
   properties as ``(key, value)`` pairs, in order (none over 3.1.1). A device's messages and
   files reach the same scope, so they are handled in the order they arrived.
+- ``mqtt.reply`` (device): the device's answer to a command, published on
+  ``<prefix>/<room>/cmd/<device>/reply``: ``payload``, ``ack`` and ``received_at`` as
+  ``mqtt.message``; ``correlation_data``: its MQTT 5 correlation data (the command's id when
+  the payload is only the reply), None without.
 - ``mqtt.disconnect``: the scope ends; ``reason``: ``idle`` (the device went quiet: it
   has left the room) or ``shutdown`` (this process stops: it has not).
 
@@ -64,6 +68,15 @@ class MqttFile(TypedDict):
 
 
 @final
+class MqttReply(TypedDict):
+    type: Literal["mqtt.reply"]
+    payload: bytes  # {"id", "reply"}, or the reply (with correlation_data)
+    ack: int  # the server's token for it, returned in mqtt.handled
+    received_at: float  # time.monotonic() when it reached the gateway
+    correlation_data: bytes | None  # its MQTT 5 correlation data
+
+
+@final
 class MqttDisconnect(TypedDict):
     type: Literal["mqtt.disconnect"]
     reason: Literal["idle", "shutdown"]
@@ -84,7 +97,7 @@ class MqttErrorReply(TypedDict):
     refused: str  # the error code, counted by the server
 
 
-DeviceReceive = MqttConnect | MqttMessage | MqttFile | MqttDisconnect  # server -> scope
+DeviceReceive = MqttConnect | MqttMessage | MqttFile | MqttReply | MqttDisconnect  # server -> scope
 DeviceSend = MqttHandled | MqttErrorReply  # scope -> server
 
 

@@ -3,9 +3,10 @@
 The relay (gateway/relay.py) holds the ``mqtt-out`` lease, follows the rooms with news and
 keeps each room's position; this role only carries bytes: it encodes each message as the
 public message JSON (protocols/mqtt/wire.py), and each edit, delete and reaction as its
-public JSON, and publishes them through the MQTT server's broker connection (QoS 1, in
-order, waiting out an outage). The room's own entries (a close, a reopen) are passed over:
-the room's position moves past them.
+public JSON (over MQTT 5 with its content type and the user properties ``id``, ``sender``
+and ``protocol``, so a subscriber can route without parsing), and publishes them through
+the MQTT server's broker connection (QoS 1, in order, waiting out an outage). The room's
+own entries (a close, a reopen) are passed over: the room's position moves past them.
 
 Every room has one target, ``""``: its ``out`` topic. A room new to the role is published
 from its first message, also one created while no process held the role for a moment (a
@@ -63,9 +64,15 @@ class MqttOut(RelayRole):
 
             def encode(event: events.RoomMessage) -> bytes:
                 return wire.out_payload(message_shown(event, policy, target=self.protocol))
+        mqtt5 = self.server.mqtt5
         for delivery in batch.entries:
-            if delivery.event["type"] == events.ROOM_MESSAGE:
-                await self.server.publish(topic, delivery.frame(wire_format, encode))
+            event = delivery.event
+            if event["type"] == events.ROOM_MESSAGE:
+                await self.server.publish(topic, delivery.frame(wire_format, encode),
+                                          properties=wire.out_properties(event) if mqtt5
+                                          else None)
             elif (payload := delivery.frame(ENTRY_FORMAT, wire.entry_payload)) is not None:
-                await self.server.publish(topic, payload)
+                await self.server.publish(topic, payload,
+                                          properties=wire.out_properties(event) if mqtt5
+                                          else None)
             batch.done(delivery.cursor)  # a batch cut short (a stop) keeps what went out

@@ -29,6 +29,7 @@ import logging
 import ssl
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
@@ -47,6 +48,7 @@ from protocols.mqtt.events import (
     MqttFile,
     MqttHandled,
     MqttMessage,
+    MqttReply,
     mqtt_connect,
     mqtt_disconnect,
 )
@@ -100,13 +102,15 @@ class _Link:
         self.client = client
         self.lost = asyncio.Event()
 
-    async def publish(self, topic: str, payload: bytes) -> bool:
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False,
+                      properties: Properties | None = None) -> bool:
         """True once the broker has confirmed it (QoS 1); False if this connection ended
         first (aiomqtt would wait out its timeout on a dead connection); MqttError if the
         broker refused it or did not confirm it in time."""
         if self.lost.is_set():
             return False
-        sending = asyncio.ensure_future(self.client.publish(topic, payload, qos=1))
+        sending = asyncio.ensure_future(self.client.publish(
+            topic, payload, qos=1, retain=retain, properties=properties))
         ending = asyncio.ensure_future(self.lost.wait())
         try:
             await asyncio.wait((sending, ending), return_when=asyncio.FIRST_COMPLETED)
@@ -154,6 +158,9 @@ class MqttServer:
         # Received messages not yet acknowledged: token -> (scope, connection, mid, qos)
         self._acks: dict[int, tuple[Scope[DeviceReceive] | None, _Link, int, int]] = {}
         self._token = 0
+        # Devices' status and state (protocols/mqtt/devices.py takes them), as received:
+        # (topic, payload, retained).
+        self.device_reports: Callable[[topics.DeviceTopic, bytes, bool], None] | None = None
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -192,6 +199,7 @@ class MqttServer:
             except TimeoutError:
                 logger.warning("stopped with %d MQTT error replies unpublished",
                                self.outbox.qsize(), extra={"protocol": "mqtt"})
+            await self._gateway_status(topics.OFFLINE)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -207,7 +215,12 @@ class MqttServer:
                 async with self._connect() as client:
                     await self._subscribe(client)
                     backoff = 0.5
-                    await self._serve(_Link(client))
+                    link = _Link(client)
+                    birth = asyncio.create_task(self._birth(link), name="mqtt-birth")
+                    try:
+                        await self._serve(link)
+                    finally:
+                        birth.cancel()
             except aiomqtt.MqttError as exc:
                 self.stats["reconnects"] += 1
                 delay = jitter(backoff)
@@ -234,11 +247,39 @@ class MqttServer:
 
     @property
     def in_filters(self) -> list[str]:
-        """What the gateway reads: devices' messages and their files."""
-        plain = [topics.in_filter(self.prefix), topics.in_file_filter(self.prefix)]
+        """What the gateway reads: devices' messages, their files and their answers to
+        commands (each by one process, with a shared subscription), and their status and
+        state (by every process: a shared subscription gets no retained messages, and every
+        process keeps the devices' last ones to take over their writing)."""
+        plain = [topics.in_filter(self.prefix), topics.in_file_filter(self.prefix),
+                 topics.reply_filter(self.prefix)]
         if self.shared_group:
-            return [f"$share/{self.shared_group}/{item}" for item in plain]
-        return plain
+            plain = [f"$share/{self.shared_group}/{item}" for item in plain]
+        return [*plain, topics.status_filter(self.prefix), topics.state_filter(self.prefix)]
+
+    @property
+    def status_topic(self) -> str:
+        """Where this process says it is online (retained; ``offline`` is its will)."""
+        return topics.gateway_status_topic(self.client_id)
+
+    async def _birth(self, link: _Link) -> None:
+        """Say this process is online, retained (its will says offline)."""
+        try:
+            await link.publish(self.status_topic, topics.ONLINE.encode(), retain=True)
+        except aiomqtt.MqttError as exc:
+            logger.warning("could not publish the gateway's status (%s)", exc,
+                           extra={"protocol": "mqtt", "topic": self.status_topic})
+
+    async def _gateway_status(self, status: str) -> None:
+        link = self._link
+        if link is None:
+            return
+        try:
+            async with asyncio.timeout(2.0):
+                await link.publish(self.status_topic, status.encode(), retain=True)
+        except (aiomqtt.MqttError, TimeoutError) as exc:
+            logger.warning("could not publish the gateway's status (%s)", exc,
+                           extra={"protocol": "mqtt", "topic": self.status_topic})
 
     async def _subscribe(self, client: aiomqtt.Client) -> None:
         """Subscribe to ``in_filters`` (one SUBSCRIBE). A filter the broker refuses is logged
@@ -265,6 +306,7 @@ class MqttServer:
             keepalive=self.keepalive,
             tls_params=tls,
             protocol=self.protocol,
+            will=aiomqtt.Will(self.status_topic, topics.OFFLINE.encode(), qos=1, retain=True),
             **self._session(),
         )
         # Acknowledge a device's message only once it is stored (or refused), so one that
@@ -309,17 +351,24 @@ class MqttServer:
             finally:
                 self.outbox.task_done()
 
-    async def publish(self, topic: str, payload: bytes) -> None:
+    @property
+    def mqtt5(self) -> bool:
+        """Whether the connection speaks MQTT 5 (properties go with what it publishes)."""
+        return self.protocol == aiomqtt.ProtocolVersion.V5
+
+    async def publish(self, topic: str, payload: bytes, *,
+                      properties: Properties | None = None) -> None:
         """Publish until the broker confirms it, on whatever connection is current: in the
         order asked, never skipped (QoS 1: a message cut short may reach subscribers twice).
-        ``ServerStopped`` once the server stops."""
+        ``ServerStopped`` once the server stops. ``properties`` (MQTT 5) only when
+        ``mqtt5``."""
         while True:
             while (link := self._link) is None:
                 if self._stopping:
                     raise ServerStopped("the MQTT server has stopped")
                 await self._connection_change()
             try:
-                if await link.publish(topic, payload):
+                if await link.publish(topic, payload, properties=properties):
                     self.stats["published"] += 1
                     return
             except aiomqtt.MqttError as exc:
@@ -345,17 +394,24 @@ class MqttServer:
         token = self._token = self._token + 1
         self._acks[token] = (None, link, message.mid, message.qos)
         topic = str(message.topic)
+        try:
+            device = topics.device_topic_parse(self.prefix, topic)
+        except GatewayError as exc:
+            self._refused(topic, exc)
+            return self._ack(token)
+        if device is not None and device.kind != topics.REPLY:
+            # A status or a state, live or retained (replayed on subscribe: the truth now).
+            if self.device_reports is not None:
+                self.device_reports(device, bytes(message.payload), bool(message.retain))
+            return self._ack(token)
         if message.retain:
             # Replayed by the broker on (re)subscribe: already stored when it was live.
             logger.info("ignored a retained message", extra={"protocol": "mqtt", "topic": topic})
             return self._ack(token)
         try:
-            where = topics.in_topic_parse(self.prefix, topic)
+            where = device or topics.in_topic_parse(self.prefix, topic)
         except GatewayError as exc:
-            self.stats["rejected"] += 1
-            metrics.refused("mqtt", exc.code)
-            logger.warning("refused MQTT message: %s", exc.detail,
-                           extra={"protocol": "mqtt", "topic": topic[:200], "code": exc.code})
+            self._refused(topic, exc)
             return self._ack(token)
         self.stats["received"] += 1
         scope = self.devices.open((where.device_id, where.room), lambda: self._open_device(
@@ -368,8 +424,12 @@ class MqttServer:
         self._acks[token] = (scope, link, message.mid, message.qos)
         # Stamped with its arrival: the device's rate counts from here, not from when its
         # turn to be stored comes (the database may be slow).
-        event: MqttMessage | MqttFile
-        if where.file:
+        event: MqttMessage | MqttFile | MqttReply
+        if isinstance(where, topics.DeviceTopic):  # an answer to a command
+            event = {"type": "mqtt.reply", "payload": bytes(message.payload), "ack": token,
+                     "received_at": now,
+                     "correlation_data": topics.correlation_data(message.properties)}
+        elif where.file:
             content_type, user_properties = topics.message_properties(message.properties)
             event = {"type": "mqtt.file", "payload": bytes(message.payload), "ack": token,
                      "received_at": now, "content_type": content_type,
@@ -378,6 +438,24 @@ class MqttServer:
             event = {"type": "mqtt.message", "payload": bytes(message.payload), "ack": token,
                      "received_at": now}
         scope.put(event)
+
+    def _refused(self, topic: str, exc: GatewayError) -> None:
+        self.stats["rejected"] += 1
+        metrics.refused("mqtt", exc.code)
+        logger.warning("refused MQTT message: %s", exc.detail,
+                       extra={"protocol": "mqtt", "topic": topic[:200], "code": exc.code})
+
+    def error_reply(self, topic: str, payload: bytes, code: str) -> None:
+        """Queue an error reply to a device (dropped, counted, when the outbox is full)."""
+        self.refused[code] += 1
+        try:
+            self.outbox.put_nowait((topic, payload))
+        except asyncio.QueueFull:
+            self.stats["dropped"] += 1
+            metrics.dropped("mqtt", "error_replies")
+            if self.stats["dropped"] % 1000 == 1:  # the first, then one line a thousand
+                logger.warning("MQTT outbox full: dropped %d error replies so far",
+                               self.stats["dropped"], extra={"protocol": "mqtt"})
 
     def _open_device(self, scope: dict, *, name: str) -> Scope[DeviceReceive]:
         return scope_open(self.application, scope, self._send, first=mqtt_connect(),
@@ -401,15 +479,7 @@ class MqttServer:
             return self._handled(message)
         if message["type"] != "mqtt.publish":
             raise ValueError(f"unknown mqtt event {message['type']!r}")
-        self.refused[message["refused"]] += 1
-        try:
-            self.outbox.put_nowait((message["topic"], message["payload"]))
-        except asyncio.QueueFull:
-            self.stats["dropped"] += 1
-            metrics.dropped("mqtt", "error_replies")
-            if self.stats["dropped"] % 1000 == 1:  # the first, then one line a thousand
-                logger.warning("MQTT outbox full: dropped %d error replies so far",
-                               self.stats["dropped"], extra={"protocol": "mqtt"})
+        self.error_reply(message["topic"], message["payload"], message["refused"])
 
     def _handled(self, message: MqttHandled) -> None:
         """A device's message is stored or refused: acknowledge it (a stored one reaches the

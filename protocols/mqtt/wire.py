@@ -34,6 +34,27 @@
                                         GATEWAY_PUBLIC_URL
     <prefix>/<room>/error/<device_id>   why the gateway refused a device's message or file:
                                         {"type": "error", code, detail, client_id?}
+
+Devices as members (gateway/devices.py):
+
+    <prefix>/<room>/status/<device_id>  its status, retained: ``online`` or ``offline`` (its
+                                        birth and its will), or a JSON object with
+                                        ``status`` and anything else it wants shown; empty:
+                                        cleared. Read by every gateway process (never a
+                                        shared subscription: retained messages reach each)
+    <prefix>/<room>/state/<device_id>   its last state, retained: a JSON object, or text (at
+                                        most STATE_MAX bytes); empty: cleared
+    <prefix>/<room>/cmd/<device_id>     a command from the room (QoS 1): {"id", "command",
+                                        "sender"}; over MQTT 5 also the response topic (the
+                                        reply topic below), the correlation data (the id),
+                                        a message expiry (its timeout) and the content type
+    <prefix>/<room>/cmd/<device_id>/reply
+                                        the device's answer: {"id", "reply"}; over MQTT 5 the
+                                        correlation data may give the id, the payload then
+                                        being the reply's text
+    gateway/status/<client id>          the gateway process's own status, retained:
+                                        ``online`` once connected, ``offline`` as its will
+                                        and when it stops
 """
 
 from __future__ import annotations
@@ -42,12 +63,19 @@ import json
 import re
 from dataclasses import dataclass
 
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
 from gateway import events, files
 from gateway.errors import GatewayError
 from gateway.names import room_name_is_valid
 from gateway.services import MESSAGE_CHANGES
 
 FILE = "file"  # the last level of a device's file topic
+STATUS, STATE, CMD, REPLY = "status", "state", "cmd", "reply"
+STATE_MAX = 16_384  # bytes of a status or state payload
+ONLINE, OFFLINE = "online", "offline"
+GATEWAY_STATUS = "gateway/status"  # + /<client id>: the gateway's own
 
 
 @dataclass(frozen=True)
@@ -71,6 +99,127 @@ def out_topic(prefix: str, room: str) -> str:
 
 def error_topic(prefix: str, room: str, device_id: str) -> str:
     return f"{prefix}/{room}/error/{device_id}"
+
+
+@dataclass(frozen=True)
+class DeviceTopic:
+    kind: str  # STATUS, STATE or REPLY
+    room: str
+    device_id: str
+
+
+def status_filter(prefix: str) -> str:
+    return f"{prefix}/+/{STATUS}/+"
+
+
+def state_filter(prefix: str) -> str:
+    return f"{prefix}/+/{STATE}/+"
+
+
+def reply_filter(prefix: str) -> str:
+    return f"{prefix}/+/{CMD}/+/{REPLY}"
+
+
+def cmd_topic(prefix: str, room: str, device_id: str) -> str:
+    return f"{prefix}/{room}/{CMD}/{device_id}"
+
+
+def reply_topic(prefix: str, room: str, device_id: str) -> str:
+    return f"{cmd_topic(prefix, room, device_id)}/{REPLY}"
+
+
+def gateway_status_topic(client_id: str) -> str:
+    return f"{GATEWAY_STATUS}/{client_id}"
+
+
+def device_topic_parse(prefix: str, topic: str) -> DeviceTopic | None:
+    """A device's status, state or reply topic; None for any other topic; GatewayError if
+    its room or device is invalid."""
+    parts = topic.split("/")
+    if len(parts) == 4 and parts[2] in (STATUS, STATE):
+        kind = parts[2]
+    elif len(parts) == 5 and parts[2] == CMD and parts[4] == REPLY:
+        kind = REPLY
+    else:
+        return None
+    if parts[0] != prefix:
+        return None
+    room, device_id = parts[1], parts[3]
+    if not room_name_is_valid(room):
+        raise GatewayError("invalid_room", f"invalid room name {room[:80]!r}")
+    if not room_name_is_valid(device_id):
+        raise GatewayError("invalid_device", f"invalid device id {device_id[:80]!r}")
+    return DeviceTopic(kind=kind, room=room, device_id=device_id)
+
+
+def _text(payload: bytes, what: str) -> str:
+    if len(payload) > STATE_MAX:
+        raise GatewayError(f"{what}_too_large", f"a {what} is at most {STATE_MAX} bytes")
+    try:
+        return payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise GatewayError("invalid_utf8", "the payload is not valid UTF-8") from None
+
+
+def _object(text: str, what: str) -> dict | None:
+    """A JSON object if ``text`` starts with '{' (GatewayError if it is not one), else None."""
+    if not text.lstrip().startswith("{"):
+        return None
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        raise GatewayError("invalid_json", f"a {what} starting with '{{' must be JSON") from None
+    if not isinstance(data, dict):
+        raise GatewayError("not_an_object", "send a JSON object")
+    return data
+
+
+def status_decode(payload: bytes) -> tuple[str | None, dict | None]:
+    """A status: ``online``/``offline`` as text (any case), or a JSON object whose
+    ``status`` is one of them (the object kept as the status's detail); empty: cleared
+    (None, None)."""
+    text = _text(payload, "status").strip()
+    if not text:
+        return None, None
+    data = _object(text, "status")
+    value = data.get("status") if data is not None else text
+    if not isinstance(value, str) or value.strip().lower() not in (ONLINE, OFFLINE):
+        raise GatewayError("invalid_status", "a status is online or offline (or a JSON "
+                           'object {"status": "online" | "offline", ...})')
+    return value.strip().lower(), data
+
+
+def state_decode(payload: bytes) -> object:
+    """A state: a JSON object, else text as it came; empty: cleared (None)."""
+    text = _text(payload, "state")
+    if not text.strip():
+        return None
+    data = _object(text, "state")
+    return data if data is not None else text
+
+
+def reply_decode(payload: bytes, correlation: bytes | None) -> tuple[str, object]:
+    """A device's answer: the command's id and the reply. ``{"id", "reply"}``; or, with
+    MQTT 5 correlation data (the id), the payload is the reply: text, or that JSON."""
+    text = _text(payload, "reply")
+    data = _object(text, "reply")
+    if data is not None and "id" in data:
+        unknown = data.keys() - {"id", "reply"}
+        if unknown:
+            raise GatewayError("unknown_field", f"unknown field(s): {sorted(unknown)}")
+        return data["id"], data.get("reply")
+    if correlation:
+        try:
+            key = correlation.decode("ascii")
+        except UnicodeDecodeError:
+            raise GatewayError("invalid_id", "the correlation data is not a command id") from None
+        return key, (data.get("reply") if data is not None else text)
+    raise GatewayError("missing_id", "'id' is required (or MQTT 5 correlation data)")
+
+
+def command_payload(command: dict) -> bytes:
+    """A command as its device is sent it: ``{"id", "command", "sender"}``."""
+    return json.dumps(command, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 def in_topic_parse(prefix: str, topic: str) -> InTopic:
@@ -156,6 +305,12 @@ UserProperties = tuple[tuple[str, str], ...]
 _REPLY_TO = re.compile(r"[0-9]{1,19}")
 
 
+def correlation_data(properties: object) -> bytes | None:
+    """A received message's MQTT 5 correlation data (None over 3.1.1, or without)."""
+    value = getattr(properties, "CorrelationData", None)
+    return bytes(value) if isinstance(value, bytes | bytearray) else None
+
+
 def message_properties(properties: object) -> tuple[str | None, UserProperties]:
     """The content type and user properties of a received message's MQTT 5 properties
     (paho's ``Properties``; None, as a 3.1.1 connection gets, has neither)."""
@@ -195,6 +350,17 @@ def entry_payload(entry: events.RoomEntry) -> bytes | None:
     if public is None:
         return None
     return json.dumps(public, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def out_properties(event: events.LogEntry) -> Properties:
+    """The MQTT 5 properties of what ``out`` carries: its content type, and the message's
+    id, its sender's id and protocol as user properties."""
+    properties = Properties(PacketTypes.PUBLISH)
+    properties.ContentType = "application/json"
+    sender = event["sender"]
+    properties.UserProperty = [("id", str(event["id"])), ("sender", sender["id"]),
+                               ("protocol", sender["protocol"])]
+    return properties
 
 
 def error_payload(code: str, detail: str, client_id: object = None) -> bytes:
