@@ -8,6 +8,10 @@ client -> server  {"message": "hi"}                     tutorial form
                   {"type": "delete", "id": 7}                           its author, or staff
                   {"type": "react", "id": 7, "emoji": "👍"}   toggles the sender's reaction
                   ... "added": true | false                 sets it so instead
+                  {"type": "command", "device": "d1", "command": "set 21", "client_id": "c2",
+                   "timeout": 10}      a command to one of the room's devices: a message
+                                       of the room (``/cmd d1 set 21``), then the device's
+                                       answer as its reply, or a timeout notice
                   {"type": "ping"}
 server -> client  {"type": "message", "message": "hi", "id": 7, "cursor": 7, "room": "lobby",
                    "sender": {"protocol": "web", "id": "anon:...", "name": "alice"},
@@ -22,8 +26,12 @@ server -> client  {"type": "message", "message": "hi", "id": 7, "cursor": 7, "ro
                   {"type": "delete", "id": 7, "ts": ..., "cursor": 10, "room", "sender", ...}
                   {"type": "reaction", "id": 7, "emoji": "👍", "added": true, "count": 2,
                    "cursor": 11, "room", "sender", "client_id"}
-                  {"type": "presence", "members": [...], "you": {sender}} on joining, then
+                  {"type": "presence", "members": [...], "you": {sender},
+                   "devices": [{device}, ...]} on joining, then
                   {"type": "presence", "joined": [...]} / {"type": "presence", "left": [...]}
+                  {"type": "device", "room", "change": "status" | "state", "device": {"id",
+                   "status": "online" | "offline" | "unknown" | null, "status_at",
+                   "detail", "state", "state_at", "seen_at"}}    a device's status or state
 
 A client written for the tutorial prints ``data.message`` of every frame, so it gets what
 it always got: message frames, the replies to its own frames, and a staff or author delete
@@ -75,13 +83,14 @@ from django.conf import settings
 from django.db import DatabaseError
 
 from consumers.base import RoomConsumer
-from gateway import access, events, files, metrics, selectors, services
+from gateway import access, devices, events, files, metrics, selectors, services
 from gateway.errors import GatewayError
 from gateway.fanout import (
     END_DISCONNECTED,
     END_SHUTDOWN,
     FRAME_WRITER_EXTENSION,
     Delivery,
+    DeviceChange,
     PresenceChange,
 )
 from gateway.ingest import message_post
@@ -127,6 +136,7 @@ DELETED_FORMAT = "ws-deleted"
 PREPARED_DELETED_FORMAT = "ws-deleted-prepared"
 PREPARED_ENTRY_FORMAT = "ws-entry-prepared"
 POLICY_FORMAT = "ws-policy"
+DEVICE_FORMAT = "ws-device"
 PREPARED_POLICY_FORMAT = "ws-policy-prepared"
 SUBPROTOCOL_V2 = "rt-gateway.v2"  # or ?v=2: the extended frames
 
@@ -152,6 +162,12 @@ def presence_frames(change: PresenceChange) -> list[str]:
         {"protocol": m["protocol"], "id": m["id"], "name": m["name"]} for m in members]},
         ensure_ascii=False, separators=(",", ":"))
         for key, members in (("joined", change.joined), ("left", change.left)) if members]
+
+
+def device_frame(event: events.RoomDevice) -> str:
+    """A device's status or state changed, for extended clients."""
+    return json.dumps({"type": "device", "room": event["room"], "change": event["change"],
+                       "device": event["device"]}, ensure_ascii=False, separators=(",", ":"))
 
 
 def policy_frame(entry: events.RoomEntry) -> str:
@@ -341,16 +357,20 @@ class ChatConsumer(RoomConsumer):
         assert self.runtime is not None and self.room is not None
         try:
             members = await self.runtime.hub.roster(self.room, self)
+            known = await database_sync_to_async(devices.room_devices)(room=self.room)
         except Exception:
             # The room works without it: the page shows no member list until it resumes.
             logger.warning("presence not available", extra=self.log_extra(), exc_info=True)
             return
         await self.send_json({"type": "presence", "room": self.room, "members": members,
-                              "you": self.sender})
+                              "you": self.sender, "devices": known})
 
     async def presence_changed(self, change: PresenceChange) -> None:
         for text in change.frame(PRESENCE_FORMAT, presence_frames):
             await self.send_text(text)
+
+    async def device_changed(self, change: DeviceChange) -> None:
+        await self.send_text(change.frame(DEVICE_FORMAT, device_frame))
 
     async def _accept(self) -> None:
         accept: dict[str, object] = {"type": "websocket.accept"}
@@ -435,6 +455,8 @@ class ChatConsumer(RoomConsumer):
             return await self._post(data, client_id, echo)
         if kind in services.MESSAGE_CHANGES:
             return await self._change(kind, data, client_id, echo)
+        if kind == "command":
+            return await self._command(data, client_id, echo)
         return await self.send_error("unknown_type", f"unknown type {str(kind)[:32]!r}")
 
     async def _authenticate(self, message) -> None:
@@ -507,6 +529,30 @@ class ChatConsumer(RoomConsumer):
                  "cursor": entry["cursor"] if entry is not None else None,
                  "duplicate": not created}
             )
+
+    async def _command(self, data: dict, client_id: object, echo: str | None) -> None:
+        """A command to one of the room's devices: its message stored (which every member
+        then receives), the command published, acknowledged like a message."""
+        if (room := self.room) is None:
+            return
+        for field in ("device", "command"):
+            if field not in data:
+                return await self.send_error(f"missing_{field}", f"'{field}' is required", echo)
+        try:
+            event, command = await database_sync_to_async(devices.command_send)(
+                room=room, device=data["device"], command=data["command"], sender=self.sender,
+                origin=self.scope_id, staff=self.staff, client_id=client_id,
+                timeout=data.get("timeout"))
+        except GatewayError as exc:
+            return await self.send_error(exc.code, exc.detail, echo)
+        except DatabaseError:
+            logger.exception("could not store a command", extra=self.log_extra())
+            return await self.send_error("unavailable", "not stored; send it again", echo)
+        devices.command_dispatch(command)
+        if client_id is not None:
+            await self.send_json(
+                {"type": "ack", "client_id": client_id, "id": event["id"],
+                 "cursor": event["id"], "duplicate": command is None})
 
     # --- room -> client ----------------------------------------------------------------
 

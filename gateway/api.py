@@ -31,7 +31,7 @@ from django.http.multipartparser import MultiPartParserError
 from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.csrf import csrf_exempt
 
-from gateway import access, events, files, metrics, selectors, services
+from gateway import access, devices, events, files, metrics, selectors, services
 from gateway.adapters import adapters_all
 from gateway.errors import GatewayError, RateLimited
 from gateway.models import ApiKey
@@ -48,7 +48,8 @@ STATUS = {
     "unauthorized": 401, "invalid_key": 401, "token_invalid": 401, "token_expired": 401,
     "login_required": 401,
     "forbidden": 403, "read_only": 403, "blocked": 403, "token_room": 403, "csrf_failed": 403,
-    "not_reached": 403,
+    "not_reached": 403, "command_not_allowed": 403,
+    "unknown_device": 404,
     "invalid_room": 404, "room_not_found": 404, "not_found": 404, "no_such_webhook": 404,
     "method_not_allowed": 405,
     "room_closed": 409, "deleted": 409,
@@ -420,8 +421,15 @@ def message_post(request: Request, room: str) -> HttpResponse:
     """``{"message", "name"?, "client_id"?, "reply_to"?}``: 201 with the stored message;
     the same ``client_id`` again: 200 with that message and ``"duplicate": true``. As a
     multipart form, the same fields and one or more ``file`` parts (``message`` may then be
-    left out): the files are checked and kept, then carried by the message."""
+    left out): the files are checked and kept, then carried by the message.
+    ``{"type": "command", "device", "command", "timeout"?, "client_id"?}`` sends one of the
+    room's devices a command: 201 with its message, and ``command`` (its ``id``, the
+    ``device``, the ``timeout``)."""
     data = request.body_or_form()
+    if data.get("type", "message") == "command":
+        return _command_post(request, room, data)
+    if data.get("type", "message") != "message":
+        raise GatewayError("unknown_type", f"unknown type {str(data.get('type'))[:32]!r}")
     uploads = request.uploads
     if "message" not in data and not uploads:
         raise GatewayError("missing_message", "'message' is required")
@@ -448,6 +456,30 @@ def message_post(request: Request, room: str) -> HttpResponse:
             "cursor": event["id"],
             "duplicate": not created}
     return JsonResponse(body, status=201 if created else 200)
+
+
+def _command_post(request: Request, room: str, data: dict[str, Any]) -> HttpResponse:
+    for field in ("device", "command"):
+        if field not in data:
+            raise GatewayError(f"missing_{field}", f"'{field}' is required")
+    sender = _sender(request)
+    event, command = devices.command_send(
+        room=room, device=data["device"], command=data["command"], sender=sender,
+        origin=f"api-{sender['id']}", staff=request.principal.staff,
+        client_id=data.get("client_id"), timeout=data.get("timeout"))
+    devices.command_dispatch(command)
+    body = {"type": "message", **files.message_public(event, absolute=_absolute(request)),
+            "cursor": event["id"], "duplicate": command is None,
+            "command": None if command is None else {
+                "id": command.key, "device": command.device_id, "timeout": command.timeout}}
+    return JsonResponse(body, status=201 if command is not None else 200)
+
+
+def devices_list(request: Request, room: str) -> HttpResponse:
+    """The room's devices: each one's status and last state (``[]``: none has said)."""
+    if selectors.room_closed(room=room) is None:
+        raise ApiError("room_not_found", f"no room {room}", 404)
+    return JsonResponse({"room": room, "devices": devices.room_devices(room=room)})
 
 
 def message_get(request: Request, room: str, id: str) -> HttpResponse:
@@ -520,3 +552,4 @@ api_messages = endpoint({"GET": (READ, messages_list), "POST": (POST, message_po
 api_message = endpoint({"GET": (READ, message_get), "PATCH": (POST, message_patch),
                         "DELETE": (POST, message_delete)})
 api_reactions = endpoint({"POST": (POST, reaction_post)})
+api_devices = endpoint({"GET": (READ, devices_list)})

@@ -31,16 +31,19 @@ from gateway.events import (
     ENTRY_CLOSE,
     ENTRY_POLICY,
     ENTRY_REOPEN,
+    ROOM_DEVICE,
     ROOM_ENTRY,
     ROOM_MESSAGE,
     ROOM_PRESENCE,
     EventError,
     LogEntry,
     PresenceMember,
+    RoomDevice,
     RoomPresence,
     control_decode,
     entry_cursor,
     log_entry_decode,
+    room_device_decode,
     room_presence_decode,
 )
 from gateway.names import room_group_name
@@ -114,10 +117,31 @@ class PresenceChange:
             return frame
 
 
+class DeviceChange:
+    """A device's status or state changed (``room.device``), on its way to the local
+    watchers, encoded once per process and format."""
+
+    __slots__ = ("event", "_frames")
+
+    def __init__(self, event: RoomDevice) -> None:
+        self.event = event
+        self._frames: dict[str, Any] = {}
+
+    def frame(self, wire_format: str, encode: Callable[[RoomDevice], Any]) -> Any:
+        try:
+            return self._frames[wire_format]
+        except KeyError:
+            frame = self._frames[wire_format] = encode(self.event)
+            return frame
+
+
 class PresenceSubscriber(Subscriber, Protocol):
-    """A subscriber that is told who comes and goes (it has asked ``RoomHub.roster``)."""
+    """A subscriber that is told who comes and goes, and how the room's devices are (it
+    has asked ``RoomHub.roster``)."""
 
     async def presence_changed(self, change: PresenceChange) -> None: ...
+
+    async def device_changed(self, change: DeviceChange) -> None: ...
 
 
 class _RoomState:
@@ -287,6 +311,23 @@ class RoomHub:
         elif state.roster is not None:
             await self._tell(event["room"], state, *state.roster.apply(event))
 
+    async def _on_device(self, message: dict[str, Any]) -> None:
+        """A device's status or state changed: told to the room's watchers here."""
+        try:
+            event = room_device_decode(message)
+        except EventError as exc:
+            logger.error("dropped malformed device event: %s", exc, extra={"protocol": "layer"})
+            return
+        state = self.rooms.get(event["room"])
+        if state is None or not state.watchers:
+            return
+        change = DeviceChange(event)
+        for watcher in tuple(state.watchers):
+            try:
+                await watcher.device_changed(change)
+            except Exception:
+                logger.exception("device change not delivered", extra={"scope": watcher.scope_id})
+
     async def _tell(self, room: str, state: _RoomState, joined: list[PresenceMember],
                     left: list[PresenceMember]) -> None:
         if not (joined or left):
@@ -357,6 +398,9 @@ class RoomHub:
                 continue
             if message.get("type") == ROOM_PRESENCE:
                 await self._on_presence(message)
+                continue
+            if message.get("type") == ROOM_DEVICE:
+                await self._on_device(message)
                 continue
             if message.get("type") not in (ROOM_MESSAGE, ROOM_ENTRY):
                 await self._on_control(message)

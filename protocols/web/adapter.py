@@ -30,6 +30,8 @@ class WebAdapter(Adapter):
             re_path(r"^chat/(?P<room>[^/]*)/$", views.chat, name="chat"),
             path("api/rooms/", api.api_rooms, name="api-rooms"),
             re_path(r"^api/rooms/(?P<room>[^/]*)/$", api.api_room, name="api-room"),
+            re_path(r"^api/rooms/(?P<room>[^/]*)/devices$", api.api_devices,
+                    name="api-devices"),
             re_path(r"^api/rooms/(?P<room>[^/]*)/messages$", api.api_messages,
                     name="api-messages"),
             re_path(r"^api/rooms/(?P<room>[^/]*)/messages/(?P<id>[1-9][0-9]{0,17})$",
