@@ -1,0 +1,240 @@
+"""Devices as members, end to end through a real Mosquitto: status (birth, will), retained
+state, commands answered from MQTT 5 and 3.1.1 devices, timeouts, refusals, two replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiomqtt
+import httpx
+import pytest
+import websockets
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from tests.helpers import device, mqtt_env, mqtt_ready, next_of, wait_until
+
+pytestmark = pytest.mark.slow
+
+V5 = aiomqtt.ProtocolVersion.V5
+
+
+def api_key(gw, room: str, name: str = "ops") -> str:
+    out = gw.manage("apikey", "create", "--name", name, "--rooms", room, "--scopes", "read,post")
+    return out.strip().splitlines()[-1]
+
+
+def devices_of(gw, room: str) -> dict[str, dict]:
+    return {d["id"]: d for d in gw.get_json(f"/api/rooms/{room}/devices")["devices"]}
+
+
+def history(gw, room: str) -> list[dict]:
+    return gw.get_json(f"/api/rooms/{room}/messages?after=0")["messages"]
+
+
+async def next_raw(client: aiomqtt.Client, timeout: float = 15) -> aiomqtt.Message:
+    async with asyncio.timeout(timeout):
+        return await anext(aiter(client.messages))
+
+
+async def thermostat(broker, name: str = "thermo1", room: str = "home", **kwargs):
+    """A device with a will (offline) that says it is online and its state, retained."""
+    will = aiomqtt.Will(f"rooms/{room}/status/{name}", b"offline", qos=1, retain=True)
+    client = device(broker, identifier=name, will=will, keepalive=5, **kwargs)
+    await client.__aenter__()
+    await client.publish(f"rooms/{room}/status/{name}", b"online", qos=1, retain=True)
+    await client.publish(f"rooms/{room}/state/{name}", b'{"temperature": 20.5, "target": 21}',
+                         qos=1, retain=True)
+    return client
+
+
+async def test_status_and_state_reach_api_and_v2_sockets_and_the_will_says_offline(
+    gateway_factory, mosquitto
+):
+    gw = gateway_factory(env=mqtt_env(mosquitto)).start()
+    await mqtt_ready(gw)
+    async with websockets.connect(gw.ws("/ws/chat/home/?v=2&name=ann"),
+                                  origin=gw.origin) as ws, \
+            websockets.connect(gw.ws("/ws/chat/home/?name=old"), origin=gw.origin) as tutorial:
+        first = await next_of(ws, "presence")
+        assert first["devices"] == []
+        thermo = await thermostat(mosquitto)
+        status = await next_of(ws, "device")
+        assert (status["change"], status["device"]["id"], status["device"]["status"]) == (
+            "status", "thermo1", "online")
+        state = await next_of(ws, "device")
+        assert state["device"]["state"] == {"temperature": 20.5, "target": 21}
+        listed = devices_of(gw, "home")["thermo1"]
+        assert (listed["status"], listed["state"]["target"]) == ("online", 21)
+        assert listed["status_at"] and listed["seen_at"]
+
+        # Killed without a word: the broker fires its will.
+        thermo._client._sock.close()  # noqa: SLF001 - a crash, not a DISCONNECT
+        gone = await next_of(ws, "device", timeout=20)
+        assert (gone["device"]["status"], gone["change"]) == ("offline", "status")
+        assert devices_of(gw, "home")["thermo1"]["status"] == "offline"
+        # A tutorial client is sent no device frames (notices are off by default).
+        await tutorial.send(json.dumps({"message": "still here"}))
+        frame = json.loads(await asyncio.wait_for(tutorial.recv(), 5))
+        assert frame["message"] == "still here"
+    assert [m["message"] for m in history(gw, "home")] == ["still here"]
+
+
+async def test_retained_state_is_read_when_the_gateway_starts_and_notices_are_told(
+    gateway_factory, mosquitto
+):
+    async with device(mosquitto) as early:
+        await early.publish("rooms/attic/status/fan1", b'{"status": "online", "rssi": -60}',
+                            qos=1, retain=True)
+        await early.publish("rooms/attic/state/fan1", b"spinning", qos=1, retain=True)
+    gw = gateway_factory(env=mqtt_env(mosquitto)).start()
+    await mqtt_ready(gw)
+    await wait_until(lambda: "fan1" in devices_of(gw, "attic"), 15, "no retained state read")
+    fan = devices_of(gw, "attic")["fan1"]
+    assert (fan["status"], fan["detail"], fan["state"]) == (
+        "online", {"status": "online", "rssi": -60}, "spinning")
+    assert fan["seen_at"] is None  # heard from the broker's memory, not from the device
+
+    # The room asks for notices: a status change is told in the room, once.
+    key = gw.manage("apikey", "create", "--name", "ops", "--scopes", "read,post,manage")
+    key = key.strip().splitlines()[-1]
+    answer = httpx.patch(f"{gw.http}/api/rooms/attic/", json={"policy": {"notices": True}},
+                         headers={"Authorization": f"Bearer {key}"}, timeout=10)
+    assert answer.status_code == 200, answer.text
+    async with device(mosquitto) as fan1:
+        await fan1.publish("rooms/attic/status/fan1", b"offline", qos=1, retain=True)
+        await fan1.publish("rooms/attic/status/fan1", b"offline", qos=1, retain=True)
+    await wait_until(lambda: any(m["message"] == "device fan1 is offline"
+                                 for m in history(gw, "attic")), 10, "no notice")
+    await asyncio.sleep(1)
+    assert [m["message"] for m in history(gw, "attic")] == ["device fan1 is offline"]
+
+    # A malformed status is refused on the device's error topic; the last one stands.
+    async with device(mosquitto) as fan1:
+        await fan1.subscribe("rooms/attic/error/fan1", qos=1)
+        await fan1.publish("rooms/attic/status/fan1", b"sleepy", qos=1)
+        error = json.loads((await next_raw(fan1)).payload)
+        assert error["code"] == "invalid_status"
+    assert devices_of(gw, "attic")["fan1"]["status"] == "offline"
+
+
+async def answer_commands(client: aiomqtt.Client, *, mqtt5: bool, seen: list) -> None:
+    """A device that answers each command: on the 3.1.1 reply topic with the id, or (MQTT 5)
+    on the response topic with the correlation data."""
+    async for message in client.messages:
+        command = json.loads(message.payload)
+        seen.append((str(message.topic), command, message.properties))
+        reply = f"done: {command['command']}"
+        if mqtt5:
+            props = Properties(PacketTypes.PUBLISH)
+            props.CorrelationData = message.properties.CorrelationData
+            await client.publish(message.properties.ResponseTopic, reply.encode(), qos=1,
+                                 properties=props)
+        else:
+            await client.publish(f"{message.topic}/reply",
+                                 json.dumps({"id": command["id"], "reply": reply}).encode(),
+                                 qos=1)
+
+
+@pytest.mark.parametrize("mqtt5", [False, True], ids=["3.1.1", "mqtt5"])
+async def test_a_command_from_the_api_and_a_socket_is_answered_in_the_room(
+    gateway_factory, mosquitto, mqtt5
+):
+    env = mqtt_env(mosquitto, **({"MQTT_PROTOCOL": "5"} if mqtt5 else {}))
+    gw = gateway_factory(env=env).start()
+    await mqtt_ready(gw)
+    seen: list = []
+    kwargs = {"protocol": V5} if mqtt5 else {}
+    async with device(mosquitto, identifier="thermo1", **kwargs) as thermo:
+        await thermo.publish("rooms/home/status/thermo1", b"online", qos=1, retain=True)
+        await thermo.subscribe("rooms/home/cmd/thermo1", qos=1)
+        answering = asyncio.create_task(answer_commands(thermo, mqtt5=mqtt5, seen=seen))
+        await wait_until(lambda: "thermo1" in devices_of(gw, "home"), 10, "device not known")
+        key = api_key(gw, "home")
+        answer = httpx.post(f"{gw.http}/api/rooms/home/messages", json={
+            "type": "command", "device": "thermo1", "command": "set 22"},
+            headers={"Authorization": f"Bearer {key}"}, timeout=10)
+        assert answer.status_code == 201, answer.text
+        sent = answer.json()
+        assert sent["message"] == "/cmd thermo1 set 22" and sent["command"]["device"] == "thermo1"
+        await wait_until(lambda: len(history(gw, "home")) == 2, 10, "no answer in the room")
+        command, reply = history(gw, "home")
+        assert reply["message"] == "done: set 22"
+        assert (reply["sender"]["id"], reply["reply_to"]["id"]) == ("thermo1", command["id"])
+        topic, payload, properties = seen[0]
+        assert topic == "rooms/home/cmd/thermo1"
+        assert payload["id"] == sent["command"]["id"] and payload["command"] == "set 22"
+        assert payload["sender"]["protocol"] == "api"
+        if mqtt5:
+            assert properties.ResponseTopic == "rooms/home/cmd/thermo1/reply"
+            assert properties.CorrelationData == sent["command"]["id"].encode()
+            assert 1 <= properties.MessageExpiryInterval <= 10
+
+        # From a socket, acknowledged like a message; the answer reaches the socket.
+        async with websockets.connect(gw.ws("/ws/chat/home/?after=2&name=ann"),
+                                      origin=gw.origin) as ws:
+            await ws.send(json.dumps({"type": "command", "device": "thermo1",
+                                      "command": "status", "client_id": "c1"}))
+            frames = [json.loads(await asyncio.wait_for(ws.recv(), 10)) for _ in range(3)]
+            kinds = sorted(f["type"] for f in frames)
+            assert kinds == ["ack", "message", "message"]
+            texts = [f["message"] for f in frames if f["type"] == "message"]
+            assert texts == ["/cmd thermo1 status", "done: status"]
+        answering.cancel()
+    assert len(seen) == 2
+
+
+async def test_no_answer_is_a_timeout_notice_and_refusals_are_clear(gateway_factory, mosquitto):
+    gw = gateway_factory(env=mqtt_env(mosquitto)).start()
+    await mqtt_ready(gw)
+    async with device(mosquitto, identifier="mute1") as mute:
+        await mute.publish("rooms/lab/state/mute1", b"idle", qos=1, retain=True)
+        await wait_until(lambda: "mute1" in devices_of(gw, "lab"), 10, "device not known")
+    async with websockets.connect(gw.ws("/ws/chat/lab/?name=ann"), origin=gw.origin) as ws:
+        await ws.send(json.dumps({"type": "command", "device": "mute1", "command": "ping",
+                                  "timeout": 1}))
+        command = await next_of(ws, "message")
+        notice = await next_of(ws, "message", timeout=10)
+        assert notice["message"] == "mute1 did not answer within 1 s"
+        assert (notice["sender"]["protocol"], notice["reply_to"]["id"]) == ("system",
+                                                                           command["id"])
+        # A late answer lands nowhere: the command timed out.
+        for frame, code in (
+            ({"type": "command", "device": "ghost", "command": "x"}, "unknown_device"),
+            ({"type": "command", "device": "mute1", "command": ""}, "invalid_command"),
+            ({"type": "command", "device": "mute1"}, "missing_command"),
+            ({"type": "command", "device": "mute1", "command": "x", "timeout": 9999},
+             "invalid_timeout"),
+        ):
+            await ws.send(json.dumps(frame))
+            assert (await next_of(ws, "error"))["code"] == code
+
+    # The room's policy lets only Telegram command its devices: the web is refused.
+    key = gw.manage("apikey", "create", "--name", "ops", "--scopes", "read,post,manage")
+    key = key.strip().splitlines()[-1]
+    answer = httpx.patch(f"{gw.http}/api/rooms/lab/", json={"policy": {"commands": ["telegram"]}},
+                         headers={"Authorization": f"Bearer {key}"}, timeout=10)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["policy"]["commands"] == ["telegram"]
+    async with websockets.connect(gw.ws("/ws/chat/lab/?name=ann"), origin=gw.origin) as ws:
+        await ws.send(json.dumps({"type": "command", "device": "mute1", "command": "x"}))
+        assert (await next_of(ws, "error"))["code"] == "command_not_allowed"
+    assert [m["message"] for m in history(gw, "lab")] == [
+        "/cmd mute1 ping", "mute1 did not answer within 1 s"]
+    assert "command sent to mute1" in gw.log()
+
+
+async def test_the_gateway_says_it_is_online_and_its_will_says_offline(
+    gateway_factory, mosquitto
+):
+    gw = gateway_factory(env=mqtt_env(mosquitto, MQTT_CLIENT_ID="gw-a")).start()
+    await mqtt_ready(gw)
+    async with device(mosquitto) as watcher:
+        await watcher.subscribe("gateway/status/+", qos=1)
+        message = await next_raw(watcher)
+        assert (str(message.topic), message.payload, message.retain) == (
+            "gateway/status/gw-a", b"online", True)
+        gw.kill()
+        message = await next_raw(watcher, timeout=60)
+        assert (str(message.topic), message.payload) == ("gateway/status/gw-a", b"offline")
