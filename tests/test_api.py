@@ -285,7 +285,8 @@ def test_a_manage_key_creates_rooms_changes_policy_and_closes(client):
     assert policy == {"post": ["api", "web"], "receive": None,
                       "name_format": {"telegram": "{name} via {protocol}"},
                       "rate_limit": {"per_second": 2.0, "burst": 5},
-                      "retention": {"days": 30, "messages": None}, "notices": True}
+                      "retention": {"days": 30, "messages": None}, "notices": True,
+                      "commands": None}
     assert RoomEvent.objects.filter(kind="policy").count() == 2
     closed = call(client, "PATCH", "/api/rooms/ops/", manager, {"closed": True})
     assert closed.json()["closed"] is True and Room.objects.get(name="ops").closed
@@ -374,7 +375,8 @@ def test_the_admin_edits_a_rooms_policy_through_the_services(staff_client):
     assert policy == {"post": ["mqtt", "web"], "receive": None,
                       "name_format": {"telegram": "{name} [{protocol}]"},
                       "rate_limit": {"per_second": 2.0, "burst": 4},
-                      "retention": {"days": 30, "messages": None}, "notices": True}
+                      "retention": {"days": 30, "messages": None}, "notices": True,
+                      "commands": None}
     entry = RoomEvent.objects.get(kind="policy")
     assert entry.sender_id.startswith("staff:") and entry.data == policy
     bad = staff_client.post(url, {**form, "name_format": '{"telegram": "{name.__class__}"}'})

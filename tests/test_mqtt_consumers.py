@@ -242,10 +242,13 @@ async def test_a_database_error_that_is_not_an_outage_is_refused_at_once(monkeyp
 class Broker:
     """Stands in for the MQTT server: records what the role publishes."""
 
+    mqtt5 = False  # MQTT 3.1.1: no properties
+
     def __init__(self) -> None:
         self.published: asyncio.Queue[tuple[str, dict]] = asyncio.Queue()
 
-    async def publish(self, topic: str, payload: bytes) -> None:
+    async def publish(self, topic: str, payload: bytes, *, properties=None) -> None:
+        assert properties is None
         self.published.put_nowait((topic, json.loads(payload)))
 
     async def next(self, room: str) -> dict:
@@ -310,9 +313,9 @@ async def test_a_lagging_out_topic_gets_its_messages_as_they_are_now_not_their_p
     gate.set()
 
     class Stuck(Broker):  # the broker holds publishes while the gate is shut
-        async def publish(self, topic: str, payload: bytes) -> None:
+        async def publish(self, topic: str, payload: bytes, *, properties=None) -> None:
             await gate.wait()
-            await super().publish(topic, payload)
+            await super().publish(topic, payload, properties=properties)
 
     broker = Stuck()
     relay = Relay(MqttOut(broker, prefix=PREFIX, idle_timeout=60), tick=0.05)  # type: ignore

@@ -111,10 +111,13 @@ def test_the_server_subscribes_to_messages_and_files_shared_or_not():
         return MqttServer(None, address=BrokerAddress(host="127.0.0.1", port=1), prefix="p",
                           client_id="unit", idle_timeout=60, shared_group=group)
 
-    assert server("").in_filters == ["p/+/in/+", "p/+/in/+/file"]
-    assert server("gw").in_filters == ["$share/gw/p/+/in/+", "$share/gw/p/+/in/+/file"]
-    for item in server("").in_filters:  # each file topic matches exactly one filter
-        assert [topic_matches(item, t) for t in ("p/r/in/d", "p/r/in/d/file")].count(True) == 1
+    devices = ["p/+/status/+", "p/+/state/+"]  # never shared: retained ones reach each
+    assert server("").in_filters == ["p/+/in/+", "p/+/in/+/file", "p/+/cmd/+/reply", *devices]
+    assert server("gw").in_filters == ["$share/gw/p/+/in/+", "$share/gw/p/+/in/+/file",
+                                       "$share/gw/p/+/cmd/+/reply", *devices]
+    topics = ("p/r/in/d", "p/r/in/d/file", "p/r/cmd/d/reply", "p/r/status/d", "p/r/state/d")
+    for item in server("").in_filters:  # each topic matches exactly one filter
+        assert [topic_matches(item, t) for t in topics].count(True) == 1
 
 
 class Subscriber:
@@ -131,11 +134,11 @@ class Subscriber:
 async def test_a_filter_the_broker_refuses_is_logged_and_the_others_serve(caplog):
     server = MqttServer(None, address=BrokerAddress(host="127.0.0.1", port=1), prefix="p",
                         client_id="unit", idle_timeout=60)
-    granted = Subscriber(1, 1)
+    granted = Subscriber(1, 1, 1, 1, 1)
     await server._subscribe(granted)  # type: ignore[arg-type]
-    assert granted.asked == [[("p/+/in/+", 1), ("p/+/in/+/file", 1)]]
+    assert granted.asked == [[(item, 1) for item in server.in_filters]]
     assert "refused the subscription" not in caplog.text
-    await server._subscribe(Subscriber(1, 0x87))  # type: ignore[arg-type]
+    await server._subscribe(Subscriber(1, 0x87, 1, 1, 1))  # type: ignore[arg-type]
     assert "refused the subscription to p/+/in/+/file (code 0x87)" in caplog.text
     assert "p/+/in/+ " not in caplog.text
 
