@@ -99,8 +99,9 @@ async def test_retained_state_is_read_when_the_gateway_starts_and_notices_are_to
     # The room asks for notices: a status change is told in the room, once.
     key = gw.manage("apikey", "create", "--name", "ops", "--scopes", "read,post,manage")
     key = key.strip().splitlines()[-1]
-    answer = httpx.patch(f"{gw.http}/api/rooms/attic/", json={"policy": {"notices": True}},
-                         headers={"Authorization": f"Bearer {key}"}, timeout=10)
+    answer = await asyncio.to_thread(
+        httpx.patch, f"{gw.http}/api/rooms/attic/", json={"policy": {"notices": True}},
+        headers={"Authorization": f"Bearer {key}"}, timeout=10)
     assert answer.status_code == 200, answer.text
     async with device(mosquitto) as fan1:
         await fan1.publish("rooms/attic/status/fan1", b"offline", qos=1, retain=True)
@@ -152,7 +153,7 @@ async def test_a_command_from_the_api_and_a_socket_is_answered_in_the_room(
         answering = asyncio.create_task(answer_commands(thermo, mqtt5=mqtt5, seen=seen))
         await wait_until(lambda: "thermo1" in devices_of(gw, "home"), 10, "device not known")
         key = api_key(gw, "home")
-        answer = httpx.post(f"{gw.http}/api/rooms/home/messages", json={
+        answer = await asyncio.to_thread(httpx.post, f"{gw.http}/api/rooms/home/messages", json={
             "type": "command", "device": "thermo1", "command": "set 22"},
             headers={"Authorization": f"Bearer {key}"}, timeout=10)
         assert answer.status_code == 201, answer.text
@@ -213,8 +214,9 @@ async def test_no_answer_is_a_timeout_notice_and_refusals_are_clear(gateway_fact
     # The room's policy lets only Telegram command its devices: the web is refused.
     key = gw.manage("apikey", "create", "--name", "ops", "--scopes", "read,post,manage")
     key = key.strip().splitlines()[-1]
-    answer = httpx.patch(f"{gw.http}/api/rooms/lab/", json={"policy": {"commands": ["telegram"]}},
-                         headers={"Authorization": f"Bearer {key}"}, timeout=10)
+    answer = await asyncio.to_thread(
+        httpx.patch, f"{gw.http}/api/rooms/lab/", json={"policy": {"commands": ["telegram"]}},
+        headers={"Authorization": f"Bearer {key}"}, timeout=10)
     assert answer.status_code == 200, answer.text
     assert answer.json()["policy"]["commands"] == ["telegram"]
     async with websockets.connect(gw.ws("/ws/chat/lab/?name=ann"), origin=gw.origin) as ws:
