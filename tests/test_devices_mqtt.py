@@ -4,7 +4,9 @@ state, commands answered from MQTT 5 and 3.1.1 devices, timeouts, refusals, two 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import urllib.error
 
 import aiomqtt
 import httpx
@@ -26,7 +28,13 @@ def api_key(gw, room: str, name: str = "ops") -> str:
 
 
 def devices_of(gw, room: str) -> dict[str, dict]:
-    return {d["id"]: d for d in gw.get_json(f"/api/rooms/{room}/devices")["devices"]}
+    """The room's devices by id (none while the room does not exist)."""
+    try:
+        listed = gw.get_json(f"/api/rooms/{room}/devices")["devices"]
+    except urllib.error.HTTPError as refused:
+        assert refused.code == 404
+        return {}
+    return {d["id"]: d for d in listed}
 
 
 def history(gw, room: str) -> list[dict]:
@@ -123,6 +131,11 @@ async def test_retained_state_is_read_when_the_gateway_starts_and_notices_are_to
 async def answer_commands(client: aiomqtt.Client, *, mqtt5: bool, seen: list) -> None:
     """A device that answers each command: on the 3.1.1 reply topic with the id, or (MQTT 5)
     on the response topic with the correlation data."""
+    with contextlib.suppress(aiomqtt.MqttError):  # its connection ends with the test
+        await _answer(client, mqtt5=mqtt5, seen=seen)
+
+
+async def _answer(client: aiomqtt.Client, *, mqtt5: bool, seen: list) -> None:
     async for message in client.messages:
         command = json.loads(message.payload)
         seen.append((str(message.topic), command, message.properties))
@@ -240,3 +253,84 @@ async def test_the_gateway_says_it_is_online_and_its_will_says_offline(
         gw.kill()
         message = await next_raw(watcher, timeout=60)
         assert (str(message.topic), message.payload) == ("gateway/status/gw-a", b"offline")
+
+
+async def test_two_replicas_show_the_same_devices_and_send_and_answer_each_command_once(
+    gateway_factory, mosquitto, redis_server, tmp_path
+):
+    env = mqtt_env(mosquitto, REDIS_URL=redis_server.url, MQTT_SHARED_GROUP="gateway")
+    a = gateway_factory(env=env, datadir=tmp_path / "shared").start()
+    b = gateway_factory(env=env, datadir=tmp_path / "shared").start()
+    await mqtt_ready(a)
+    await mqtt_ready(b)
+    seen: list = []
+    async with websockets.connect(a.ws("/ws/chat/duo/?v=2&name=ann"), origin=a.origin) as on_a, \
+            websockets.connect(b.ws("/ws/chat/duo/?v=2&name=bob"), origin=b.origin) as on_b, \
+            device(mosquitto, identifier="thermo1") as thermo:
+        for ws in (on_a, on_b):
+            await next_of(ws, "presence")
+        await thermo.subscribe("rooms/duo/cmd/thermo1", qos=1)
+        answering = asyncio.create_task(answer_commands(thermo, mqtt5=False, seen=seen))
+        for value in ("online", "offline", "online"):
+            await thermo.publish("rooms/duo/status/thermo1", value.encode(), qos=1,
+                                 retain=True)
+            for ws in (on_a, on_b):  # each change told once on each replica
+                assert (await next_of(ws, "device"))["device"]["status"] == value
+        assert devices_of(a, "duo") == devices_of(b, "duo")
+
+        keys = {gw: api_key(gw, "duo", name=f"ops-{gw.port}") for gw in (a, b)}
+        total = 10
+        for i in range(total):
+            gw = (a, b)[i % 2]
+            answer = await asyncio.to_thread(
+                httpx.post, f"{gw.http}/api/rooms/duo/messages",
+                json={"type": "command", "device": "thermo1", "command": f"c{i}"},
+                headers={"Authorization": f"Bearer {keys[gw]}"}, timeout=10)
+            assert answer.status_code == 201, answer.text
+        await wait_until(lambda: len(history(a, "duo")) == 2 * total, 20,
+                         "not every command was answered")
+        await asyncio.sleep(1.5)  # nothing more comes: no command published twice
+        answering.cancel()
+    assert sorted(command["command"] for _, command, _ in seen) == sorted(
+        f"c{i}" for i in range(total))
+    messages = history(a, "duo")
+    assert len(messages) == 2 * total
+    answers = [m for m in messages if m["sender"]["id"] == "thermo1"]
+    assert sorted(m["message"] for m in answers) == sorted(f"done: c{i}" for i in range(total))
+    # One process at a time writes the devices' status.
+    holds = "holding the devices' lease"
+    assert (holds in a.log()) != (holds in b.log())
+
+
+async def test_the_deploy_acl_lets_a_device_be_a_member_only_as_itself(
+    gateway_factory, tmp_path
+):
+    from tests.test_mqtt import secured_mosquitto
+
+    broker = secured_mosquitto(tmp_path)
+    broker.start()
+    try:
+        env = mqtt_env(broker, MQTT_URL=f"mqtt://gateway:gw-secret@127.0.0.1:{broker.port}")
+        gw = gateway_factory(env=env).start()
+        await mqtt_ready(gw)
+        seen: list = []
+        async with device(broker, identifier="sensor1", username="sensor1",
+                          password="s1-secret") as sensor:
+            await sensor.publish("rooms/acl/status/sensor1", b"online", qos=1, retain=True)
+            await sensor.publish("rooms/acl/state/sensor2", b"spoofed", qos=1, retain=True)
+            await sensor.subscribe("rooms/acl/cmd/sensor1", qos=1)
+            answering = asyncio.create_task(answer_commands(sensor, mqtt5=False, seen=seen))
+            await wait_until(lambda: "sensor1" in devices_of(gw, "acl"), 10, "status not read")
+            async with websockets.connect(gw.ws("/ws/chat/acl/?name=ann"),
+                                          origin=gw.origin) as ws:
+                await ws.send(json.dumps({"type": "command", "device": "sensor1",
+                                          "command": "ping"}))
+                await next_of(ws, "message")
+                answer = await next_of(ws, "message")
+                assert (answer["message"], answer["sender"]["id"]) == ("done: ping", "sensor1")
+            answering.cancel()
+        assert list(devices_of(gw, "acl")) == ["sensor1"]  # not another device's state
+        status = await asyncio.to_thread(gw.get_json, "/api/rooms/acl/devices")
+        assert status["devices"][0]["status"] == "online"
+    finally:
+        broker.stop()

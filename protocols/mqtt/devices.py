@@ -6,6 +6,8 @@
   ``mqtt-devices`` lease writes them (gateway/devices.py ``devices_report``) in the order
   its broker delivered them, so there is one writer and one order; a process taking the
   lease over writes what it holds, which brings the rooms to the truth after a restart.
+  Reports that arrive while a write is under way are gathered per device and topic: the
+  last one is written (the room keeps the last, not each; a burst tells its end).
 - **Commands.** A command sent in this process (``devices.command_dispatch``) is published
   at once on ``<prefix>/<room>/cmd/<device>`` (QoS 1; over MQTT 5 with its response topic,
   correlation data, expiry and content type) once claimed, so it goes out once whichever
