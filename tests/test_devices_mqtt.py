@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import urllib.error
+from types import SimpleNamespace
 
 import aiomqtt
 import httpx
@@ -15,7 +16,8 @@ import websockets
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from tests.helpers import device, mqtt_env, mqtt_ready, next_of, wait_until
+from tests.helpers import FAST, device, mqtt_env, mqtt_ready, next_of, wait_until
+from tests.servers import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -334,3 +336,35 @@ async def test_the_deploy_acl_lets_a_device_be_a_member_only_as_itself(
         assert status["devices"][0]["status"] == "online"
     finally:
         broker.stop()
+
+
+async def test_the_embedded_broker_serves_devices_as_members_and_leaks_no_retained_state(
+    gateway_factory
+):
+    port = free_port()
+    gw = gateway_factory(env={**FAST, "MQTT_ENABLED": "1", "MQTT_EMBEDDED_PORT": str(port)})
+    gw.start()
+    await wait_until(lambda: "connected to the MQTT broker" in gw.log(), 15,
+                     "the gateway did not connect to its embedded broker")
+    broker = SimpleNamespace(port=port)  # what device() needs of a broker
+    thermo = await thermostat(broker, room="den")
+    await wait_until(lambda: devices_of(gw, "den").get("thermo1", {}).get("state"), 10,
+                     "state not read")
+    seen: list = []
+    await thermo.subscribe("rooms/den/cmd/thermo1", qos=1)
+    answering = asyncio.create_task(answer_commands(thermo, mqtt5=False, seen=seen))
+    # Another client subscribed only to its commands gets nothing else: amqtt would offer it
+    # the retained status and state the gateway reads.
+    async with device(broker, identifier="other") as other:
+        await other.subscribe("rooms/den/cmd/other", qos=1)
+        async with websockets.connect(gw.ws("/ws/chat/den/?name=ann"), origin=gw.origin) as ws:
+            await ws.send(json.dumps({"type": "command", "device": "thermo1",
+                                      "command": "set 22"}))
+            await next_of(ws, "message")
+            assert (await next_of(ws, "message"))["message"] == "done: set 22"
+        with pytest.raises(TimeoutError):
+            await next_raw(other, timeout=1)
+    answering.cancel()
+    thermo._client._sock.close()  # noqa: SLF001 - its will fires
+    await wait_until(lambda: devices_of(gw, "den")["thermo1"]["status"] == "offline", 15,
+                     "the embedded broker did not publish the will")

@@ -194,6 +194,16 @@ class GatewayBroker(Broker):
             self.gateway_changed()
         return granted
 
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Session
+    ) -> None:
+        """Retained messages for one of the session's own subscriptions only: amqtt offers a
+        client that connects those of every client's filters (it would be sent the devices'
+        status and state that the gateway reads, whatever it may subscribe to)."""
+        held = self._subscriptions.get(subscription[0], ())
+        if any(owner.client_id == session.client_id for owner, _ in held):
+            await super()._publish_retained_messages_for_subscription(subscription, session)
+
     # --- the gateway's client -----------------------------------------------------------
 
     def gateway_changed(self) -> None:
