@@ -70,23 +70,39 @@ END_SHUTDOWN = "shutdown"  # this process stops: reconnect (elsewhere) and resum
 END_DISCONNECTED = "disconnected"  # staff disconnected it: do not come back by yourself
 
 
-class Delivery:
+class _Framed:
+    """Something on its way to local subscribers, encoded once per wire format for all."""
+
+    __slots__ = ("_frames",)
+
+    def __init__(self) -> None:
+        self._frames: dict[str, Any] = {}
+
+    def frame(self, wire_format: str, encode: Callable[[Any], Any]) -> Any:
+        """Encoded for ``wire_format`` (``encode`` is given what ``_encoded`` says),
+        computed once for all subscribers."""
+        try:
+            return self._frames[wire_format]
+        except KeyError:
+            frame = self._frames[wire_format] = encode(self._encoded())
+            return frame
+
+    def _encoded(self) -> Any:
+        return self
+
+
+class Delivery(_Framed):
     """One log entry on its way to local subscribers, with its encodings cached."""
 
-    __slots__ = ("event", "cursor", "_frames")
+    __slots__ = ("event", "cursor")
 
     def __init__(self, event: LogEntry):
         self.event = event
         self.cursor = entry_cursor(event)
-        self._frames: dict[str, Any] = {}
+        self._frames = {}
 
-    def frame(self, wire_format: str, encode: Callable[[Any], Any]) -> Any:
-        """The event encoded for ``wire_format``, computed once for all subscribers."""
-        try:
-            return self._frames[wire_format]
-        except KeyError:
-            frame = self._frames[wire_format] = encode(self.event)
-            return frame
+    def _encoded(self) -> LogEntry:
+        return self.event
 
 
 class Subscriber(Protocol):
@@ -98,41 +114,30 @@ class Subscriber(Protocol):
     async def end(self, reason: str) -> None: ...
 
 
-class PresenceChange:
+class PresenceChange(_Framed):
     """Who came and went in a room, on its way to the local watchers, with its encodings
     cached (as ``Delivery`` for log entries): a change is encoded once per process."""
 
-    __slots__ = ("room", "joined", "left", "_frames")
+    __slots__ = ("room", "joined", "left")
 
     def __init__(self, room: str, joined: list[PresenceMember],
                  left: list[PresenceMember]) -> None:
+        super().__init__()
         self.room, self.joined, self.left = room, joined, left
-        self._frames: dict[str, Any] = {}
-
-    def frame(self, wire_format: str, encode: Callable[[PresenceChange], Any]) -> Any:
-        try:
-            return self._frames[wire_format]
-        except KeyError:
-            frame = self._frames[wire_format] = encode(self)
-            return frame
 
 
-class DeviceChange:
+class DeviceChange(_Framed):
     """A device's status or state changed (``room.device``), on its way to the local
     watchers, encoded once per process and format."""
 
-    __slots__ = ("event", "_frames")
+    __slots__ = ("event",)
 
     def __init__(self, event: RoomDevice) -> None:
+        super().__init__()
         self.event = event
-        self._frames: dict[str, Any] = {}
 
-    def frame(self, wire_format: str, encode: Callable[[RoomDevice], Any]) -> Any:
-        try:
-            return self._frames[wire_format]
-        except KeyError:
-            frame = self._frames[wire_format] = encode(self.event)
-            return frame
+    def _encoded(self) -> RoomDevice:
+        return self.event
 
 
 class PresenceSubscriber(Subscriber, Protocol):
