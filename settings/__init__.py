@@ -414,9 +414,12 @@ MQTT = {
     # Seconds a command waits for its device's answer when it names no timeout of its own;
     # then the room is told it timed out.
     "COMMAND_TIMEOUT": env_float("MQTT_COMMAND_TIMEOUT", 10.0, minimum=0.5),
-    # The gateway's client speaks MQTT "3.1.1" or "5" to MQTT_URL's broker; with 5, devices'
-    # MQTT 5 properties reach it (a file's content type and name). The embedded broker: 3.1.1.
-    "PROTOCOL": env_str("MQTT_PROTOCOL", "3.1.1"),
+    # The gateway's client speaks MQTT "5" (the default with MQTT_URL) or "3.1.1" to
+    # MQTT_URL's broker; with 5, devices' MQTT 5 properties reach it (a file's content type
+    # and name, a command's correlation data) and it sets its own (response topic and
+    # correlation data on commands, user properties on out). Devices may speak either. The
+    # embedded broker speaks 3.1.1 only.
+    "PROTOCOL": env_str("MQTT_PROTOCOL", "5" if MQTT_URL else "3.1.1"),
     # The embedded broker: its address (loopback by default; production warns otherwise),
     # its largest packet in bytes, and who may connect. MQTT_DEVICE_PASSWORDS names a file
     # made by mosquitto_passwd (the same file deploy/mosquitto uses): a device logs in with

@@ -157,7 +157,7 @@ async def _answer(client: aiomqtt.Client, *, mqtt5: bool, seen: list) -> None:
 async def test_a_command_from_the_api_and_a_socket_is_answered_in_the_room(
     gateway_factory, mosquitto, mqtt5
 ):
-    env = mqtt_env(mosquitto, **({"MQTT_PROTOCOL": "5"} if mqtt5 else {}))
+    env = mqtt_env(mosquitto, MQTT_PROTOCOL="5" if mqtt5 else "3.1.1")
     gw = gateway_factory(env=env).start()
     await mqtt_ready(gw)
     seen: list = []
