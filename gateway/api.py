@@ -321,8 +321,10 @@ def _room_body(room: str) -> dict[str, Any]:
     found = selectors.room_detail(room=room)
     members = selectors.room_member_list(room=room)
     if found is None:  # listening creates no room: it has no log yet
-        return {"name": room, "last_id": 0, "exists": False, "members": members}
-    return {**found, "exists": True, "members": members}
+        return {"name": room, "last_id": 0, "exists": False, "members": members,
+                "devices": []}
+    return {**found, "exists": True, "members": members,
+            "devices": devices.room_devices(room=room)}
 
 
 def room_put(request: Request, room: str) -> HttpResponse:
