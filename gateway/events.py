@@ -4,7 +4,10 @@ A room's log has two kinds of entry, each with its cursor (its place in the room
 sequence): ``room.message`` (its ``id`` is its cursor) and ``room.entry``, every other change
 (``kind`` delete, edit, reaction, close, reopen or policy; ``id`` the message it concerns,
 ``cursor`` its own place).
-Both go to the room's group, in cursor order; ``entry_cursor`` reads either's place.
+Both go to the room's group, in cursor order; ``entry_cursor`` reads either's place. Beside the
+log, the group also carries live events that are not kept as entries: ``room.presence`` (who
+came and went, per process) and ``room.device`` (a device's status or last state changed:
+the room keeps only the last, gateway/devices.py).
 
 Every consumer and protocol server builds and reads room events only through this module.
 Events carry primitives only (channels-redis serialises them with msgpack): times are epoch

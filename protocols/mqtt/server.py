@@ -9,8 +9,15 @@ are written down in protocols/mqtt/events.py.
   publishes on its ``/file`` topic, with the MQTT 5 properties); closed (``mqtt.disconnect``)
   after ``MQTT_IDLE_TIMEOUT`` without a message, and at shutdown. Its error replies
   (``mqtt.publish``) wait in a bounded outbox.
-- ``publish(topic, payload)`` for the relay (protocols/mqtt/relay.py: each room's messages on
-  ``<prefix>/<room>/out``, from the process holding the ``mqtt-out`` lease).
+- ``publish(topic, payload, properties=)`` for the relay (protocols/mqtt/relay.py: each
+  room's messages on ``<prefix>/<room>/out``, from the process holding the ``mqtt-out``
+  lease) and for commands to devices (protocols/mqtt/devices.py).
+- Devices' status and state (``<prefix>/+/status/+``, ``<prefix>/+/state/+``, retained ones
+  too) go to ``device_reports`` (protocols/mqtt/devices.py), not to a scope: they are the
+  room's view of the device, not messages; answers to commands
+  (``<prefix>/+/cmd/+/reply``) go to the device's scope as ``mqtt.reply``.
+- Its own status, retained on ``gateway/status/<client id>``: ``online`` once connected,
+  ``offline`` as its will and when it stops.
 
 One connection, QoS 1 both ways, a fixed client id with clean session off (the broker keeps
 what devices publish while the gateway is away), reconnects with exponential backoff and
