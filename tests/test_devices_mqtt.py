@@ -78,6 +78,7 @@ async def test_status_and_state_reach_api_and_v2_sockets_and_the_will_says_offli
         listed = devices_of(gw, "home")["thermo1"]
         assert (listed["status"], listed["state"]["target"]) == ("online", 21)
         assert listed["status_at"] and listed["seen_at"]
+        assert gw.get_json("/api/rooms/home/")["devices"] == [listed]  # beside its members
 
         # Killed without a word: the broker fires its will.
         thermo._client._sock.close()  # noqa: SLF001 - a crash, not a DISCONNECT

@@ -25,7 +25,6 @@ import logging
 import math
 import time
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 from channels.db import database_sync_to_async
 from django.db import DatabaseError
@@ -36,9 +35,7 @@ from gateway import devices, metrics
 from gateway.errors import GatewayError
 from gateway.lease import Lease
 from protocols.mqtt import wire
-
-if TYPE_CHECKING:
-    from protocols.mqtt.server import MqttServer
+from protocols.mqtt.server import MqttServer, ServerStopped
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +134,9 @@ class DeviceKeeper:
                         self.dirty.setdefault(key, report)  # unless a newer one came
                     await asyncio.sleep(RETRY)
                     continue
+                except Exception:  # a bug: these reports are dropped, the next ones written
+                    logger.exception("devices' status not written", extra={"protocol": "mqtt"})
+                    continue
                 self.stats["written"] += len(written)
 
     async def _lease_loop(self) -> None:
@@ -168,6 +168,11 @@ class DeviceKeeper:
                 # Left unclaimed: published after UNCLAIMED_AFTER by whoever scans first.
                 logger.warning("could not claim a command; it waits for the scan",
                                exc_info=True, extra={"protocol": "mqtt", "room": command.room})
+            except ServerStopped:
+                return
+            except Exception:  # a bug: this command times out, the next ones go
+                logger.exception("command not published", extra={
+                    "protocol": "mqtt", "room": command.room, "device": command.device_id})
 
     async def publish(self, command: devices.Command) -> None:
         properties = None
@@ -208,6 +213,8 @@ class DeviceKeeper:
             except DatabaseError:
                 logger.warning("devices' scan failed; will retry", exc_info=True,
                                extra={"protocol": "mqtt"})
+            except Exception:  # a bug: logged, and the next scan tries again
+                logger.exception("devices' scan failed", extra={"protocol": "mqtt"})
 
     async def _scan_unclaimed(self) -> None:
         """Publish the commands sent where MQTT does not run (or whose process failed to
