@@ -88,9 +88,16 @@ def test_an_answer_names_its_command_by_id_or_by_mqtt5_correlation_data():
 
 def test_out_carries_the_message_id_and_sender_as_mqtt5_user_properties():
     event = events.room_message(id=7, room="r", text="hi", sender=ALICE, ts=1.0, origin="")
-    properties = wire.out_properties(event)
-    assert properties.ContentType == "application/json"
-    assert properties.UserProperty == [("id", "7"), ("sender", "user:1"), ("protocol", "web")]
+    long = events.sender(protocol="web", id="user:" + "é" * 100, name="x")
+    for sender, expected in ((ALICE, "user:1"), (long, long["id"])):
+        event = events.room_message(id=7, room="r", text="hi", sender=sender, ts=1.0, origin="")
+        packed = wire.out_properties(event).pack()
+        properties = Properties(PacketTypes.PUBLISH)  # read back as paho reads them
+        _, length = properties.unpack(packed)
+        assert length == len(packed)
+        assert properties.ContentType == "application/json"
+        assert properties.UserProperty == [("id", "7"), ("sender", expected),
+                                           ("protocol", "web")]
 
 
 def test_the_embedded_broker_lets_a_device_speak_for_itself_only():

@@ -176,7 +176,7 @@ async def test_a_command_from_the_api_and_a_socket_is_answered_in_the_room(
         sent = answer.json()
         assert sent["message"] == "/cmd thermo1 set 22" and sent["command"]["device"] == "thermo1"
         await wait_until(lambda: len(history(gw, "home")) == 2, 10, "no answer in the room")
-        command, reply = history(gw, "home")
+        command, reply = history(gw, "home")[:2]
         assert reply["message"] == "done: set 22"
         assert (reply["sender"]["id"], reply["reply_to"]["id"]) == ("thermo1", command["id"])
         topic, payload, properties = seen[0]
@@ -187,9 +187,24 @@ async def test_a_command_from_the_api_and_a_socket_is_answered_in_the_room(
             assert properties.ResponseTopic == "rooms/home/cmd/thermo1/reply"
             assert properties.CorrelationData == sent["command"]["id"].encode()
             assert 1 <= properties.MessageExpiryInterval <= 10
+            # out names each message's id and sender in its user properties.
+            async with device(mosquitto, protocol=V5) as listener:
+                await listener.subscribe("rooms/home/out", qos=1)
+                await asyncio.to_thread(
+                    httpx.post, f"{gw.http}/api/rooms/home/messages",
+                    json={"message": "hello devices"},
+                    headers={"Authorization": f"Bearer {key}"}, timeout=10)
+                out = await next_raw(listener)
+                hello = json.loads(out.payload)
+                assert hello["message"] == "hello devices"
+                assert out.properties.ContentType == "application/json"
+                assert out.properties.UserProperty == [
+                    ("id", str(hello["id"])), ("sender", hello["sender"]["id"]),
+                    ("protocol", "api")]
 
         # From a socket, acknowledged like a message; the answer reaches the socket.
-        async with websockets.connect(gw.ws("/ws/chat/home/?after=2&name=ann"),
+        after = history(gw, "home")[-1]["id"]
+        async with websockets.connect(gw.ws(f"/ws/chat/home/?after={after}&name=ann"),
                                       origin=gw.origin) as ws:
             await ws.send(json.dumps({"type": "command", "device": "thermo1",
                                       "command": "status", "client_id": "c1"}))
