@@ -10,6 +10,7 @@ import re
 import urllib.error
 import urllib.request
 
+import aiomqtt
 import pytest
 import websockets
 from prometheus_client.parser import text_string_to_metric_families
@@ -18,6 +19,9 @@ from tests.helpers import (
     FAST,
     connect,
     dashboard_socket,
+    device,
+    mqtt_env,
+    mqtt_ready,
     next_message,
     next_of,
     snapshot_until,
@@ -251,3 +255,51 @@ async def test_a_staff_user_who_logged_out_is_refused_on_the_open_dashboard(gate
         assert code == 4403
         assert not [f for f in frames if f["type"] == "done"]
     assert gw.get_json("/api/rooms/after-logout/messages")["messages"] == []
+
+
+def device_of(frame: dict, device_id: str) -> dict | None:
+    return next((d for d in frame["devices"] if d["id"] == device_id), None)
+
+
+async def test_the_dashboard_shows_devices_their_rooms_status_and_state(
+    gateway_factory, mosquitto
+):
+    gw = gateway_factory(env=mqtt_env(mosquitto)).start()
+    gw.create_user(STAFF, STAFF_PASSWORD, staff=True)
+    await mqtt_ready(gw)
+    will = aiomqtt.Will("rooms/home/status/thermo1", b"offline", qos=1, retain=True)
+    thermo = device(mosquitto, identifier="thermo1", will=will, keepalive=5)
+    await thermo.__aenter__()
+    try:
+        await thermo.publish("rooms/home/status/thermo1", b"online", qos=1, retain=True)
+        await thermo.publish("rooms/home/state/thermo1", b'{"temperature": 20.5}', qos=1,
+                             retain=True)
+        await thermo.publish("rooms/lab/in/thermo1", b"hello lab", qos=1)
+        async with dashboard_socket(gw, gw.login(STAFF, STAFF_PASSWORD)) as dash:
+            frame = await snapshot_until(dash, lambda f: (d := device_of(f, "thermo1")) and (
+                d["state"] and len(d["rooms"]) == 2))
+            shown = device_of(frame, "thermo1")
+            home, lab = shown["rooms"]
+            assert (home["room"], home["status"], home["state"]) == (
+                "home", "online", '{"temperature":20.5}')
+            assert home["status_at"] and home["seen_at"]
+            assert (lab["room"], lab["status"]) == ("lab", None)  # it only posted there
+            assert shown["state"] == '{"temperature":20.5}'
+            assert (shown["blocked"], shown["commands"], shown["protocol"]) == (
+                False, True, "mqtt")
+            assert shown["last_seen"] >= home["seen_at"]
+
+            # staff turn its commands off (as the admin does): the next snapshot shows it
+            await asyncio.to_thread(gw.manage, "shell", "-c", (
+                "from gateway.models import Device; "
+                "Device.objects.filter(device_id='thermo1').update(commands=False)"))
+            await snapshot_until(dash, lambda f: device_of(f, "thermo1")["commands"] is False)
+
+            # killed without a word: its will says offline, and the dashboard follows
+            thermo._client._sock.close()  # noqa: SLF001 - a crash, not a DISCONNECT
+            frame = await snapshot_until(dash, lambda f: device_of(f, "thermo1")["rooms"][0][
+                "status"] == "offline", timeout=30)
+            assert device_of(frame, "thermo1")["rooms"][0]["status_at"] > home["status_at"]
+    finally:
+        with contextlib.suppress(Exception):
+            await thermo.__aexit__(None, None, None)

@@ -109,6 +109,54 @@
     }));
   }
 
+  // Devices, the most recently active first (the server sends a bounded number): each
+  // room's status with when it changed, the newest state as one cut-short line.
+  const STATUS_CLASS = { online: "ready", offline: "not-ready", unknown: "muted" };
+
+  function since(ts) { // the time today, else the date too
+    const date = new Date(ts * 1000);
+    return date.toDateString() === new Date().toDateString() ? date.toLocaleTimeString() : date.toLocaleString();
+  }
+
+  function drawDevices(devices, shownMax) {
+    const table = document.getElementById("devices");
+    document.getElementById("devices-none").hidden = devices.length > 0;
+    const more = document.getElementById("devices-more");
+    more.hidden = !(shownMax && devices.length >= shownMax);
+    more.textContent = `The ${devices.length} most recently active; the admin lists them all.`;
+    table.tBodies[0].replaceChildren(...devices.map((device) => {
+      const row = el("tr");
+      row.dataset.device = device.id;
+      const name = el("td");
+      const link = el("a", device.id);
+      link.href = `${table.dataset.admin}?q=${encodeURIComponent(device.id)}`;
+      name.append(link);
+      const rooms = el("td");
+      device.rooms.forEach((room, i) => {
+        const item = el("span", undefined, "device-room");
+        item.dataset.room = room.room;
+        item.dataset.status = room.status || "";
+        const status = room.status || "posted";
+        item.append(el("strong", `#${room.room} `),
+          el("span", status, STATUS_CLASS[room.status] || "muted"));
+        if (room.status_at) item.append(el("span", ` ${since(room.status_at)}`, "muted"));
+        item.title = [room.state_at ? `state ${when(room.state_at)}` : "",
+          room.seen_at ? `seen ${when(room.seen_at)}` : ""].filter(Boolean).join(", ");
+        if (i > 0) rooms.append(", ");
+        rooms.append(item);
+      });
+      if (device.rooms_more) rooms.append(el("span", ` +${device.rooms_more} more`, "muted"));
+      const state = el("td", device.state === null ? "" : device.state, "muted");
+      if (device.state_at) state.title = `since ${when(device.state_at)}`;
+      row.append(name, rooms, el("td", when(device.last_seen)), state,
+        el("td", device.blocked ? "BLOCKED" : "no", device.blocked ? "not-ready" : "muted"),
+        el("td", device.commands ? "takes" : "refused", device.commands ? "ready" : "not-ready"));
+      row.cells[4].dataset.field = "blocked";
+      row.cells[5].dataset.field = "commands";
+      return row;
+    }));
+  }
+
   function addFeed(items) {
     const feed = document.getElementById("feed");
     for (const m of items) {
@@ -202,6 +250,7 @@
       drawRooms(frame.connections);
       drawServers(frame.processes);
       drawWebhooks(frame.webhooks || []);
+      drawDevices(frame.devices || [], frame.devices_shown);
       addFeed(frame.feed);
       drawChart(frame.chart, frame.chart_reset, frame.now);
     } else if (frame.type === "done") {
