@@ -1,4 +1,5 @@
-"""Django admin for staff: rooms, messages, devices, bot chats and blocked senders.
+"""Django admin for staff: rooms, messages, devices (their rooms and commands), bot chats
+and blocked senders.
 
 Changes with an effect on live connections go through the services (deleting a message
 removes it from open pages too; closing a room disconnects its members), never straight to
@@ -7,6 +8,7 @@ the ORM.
 
 from __future__ import annotations
 
+import json
 import time
 
 from django import forms
@@ -22,6 +24,8 @@ from gateway.models import (
     Attachment,
     BotChat,
     Device,
+    DeviceCommand,
+    DeviceRoom,
     Message,
     MessageRevision,
     Room,
@@ -79,6 +83,13 @@ class RoomPolicyForm(forms.ModelForm):
         help_text="Keep the newest this many. Empty: the gateway's default; 0: all")
     notices = forms.BooleanField(required=False,
                                  label="Announce Telegram chats and devices that come and go")
+    commands = forms.MultipleChoiceField(
+        required=False, widget=forms.CheckboxSelectMultiple,
+        label="The protocols that may send the room's devices commands",
+        help_text="None ticked: every protocol that may post")
+    commands_staff_only = forms.BooleanField(
+        required=False, label="Only staff may send commands",
+        help_text="Tick no protocol above")
 
     class Meta:
         model = Room
@@ -88,6 +99,7 @@ class RoomPolicyForm(forms.ModelForm):
         super().__init__(*args, **kwargs)
         senders = {p for adapter in adapters_all().values() for p in adapter.sender_protocols}
         self.fields["post"].choices = _choices(senders)
+        self.fields["commands"].choices = _choices(senders)
         self.fields["receive"].choices = _choices(adapters_all())
         if self.instance.pk is not None:
             current = services.room_policy_get(room=self.instance.name)
@@ -101,7 +113,9 @@ class RoomPolicyForm(forms.ModelForm):
                 rate_burst=(public.get("rate_limit") or {}).get("burst"),
                 retention_days=public["retention"]["days"] if public else None,
                 retention_messages=public["retention"]["messages"] if public else None,
-                notices=public.get("notices", False))
+                notices=public.get("notices", False),
+                commands=public.get("commands") or [],
+                commands_staff_only=public.get("commands") == [])
 
     def policy_data(self) -> dict:
         data = self.cleaned_data
@@ -116,10 +130,15 @@ class RoomPolicyForm(forms.ModelForm):
             "retention": {"days": data.get("retention_days"),
                           "messages": data.get("retention_messages")},
             "notices": bool(data.get("notices")),
+            # none ticked: every protocol that may post; "only staff" keeps an empty list
+            "commands": [] if data.get("commands_staff_only") else (
+                list(data.get("commands") or []) or None),
         }
 
     def clean(self):
         cleaned = super().clean()
+        if cleaned.get("commands_staff_only") and cleaned.get("commands"):
+            raise forms.ValidationError("Commands: tick protocols, or 'only staff', not both.")
         if self.instance.pk is not None and not self.errors:
             current = services.room_policy_get(room=self.instance.name)
             senders = {p for a in adapters_all().values() for p in a.sender_protocols}
@@ -145,7 +164,8 @@ class RoomAdmin(admin.ModelAdmin):
                            "created_at", "closed"]}),
         ("Policy (applied live to every protocol)", {"fields": [
             "post_all", "post", "receive_all", "receive", "name_format", "rate_per_second",
-            "rate_burst", "retention_days", "retention_messages", "notices"]}),
+            "rate_burst", "retention_days", "retention_messages", "notices", "commands",
+            "commands_staff_only"]}),
     ]
     actions = ["close_rooms", "reopen_rooms"]
 
@@ -172,6 +192,8 @@ class RoomAdmin(admin.ModelAdmin):
                          f"{retention['messages'] or '∞'} messages")
         if shown["notices"]:
             parts.append("notices")
+        if shown["commands"] is not None:
+            parts.append("commands: " + (", ".join(shown["commands"]) or "staff only"))
         return "; ".join(parts)
 
     def save_model(self, request: HttpRequest, obj: Room, form, change: bool) -> None:
@@ -255,11 +277,16 @@ class MessageAdmin(admin.ModelAdmin):
 
 @admin.register(Device)
 class DeviceAdmin(admin.ModelAdmin):
-    list_display = ["device_id", "protocol", "last_seen", "room_list", "blocked"]
-    list_editable = ["blocked"]
-    list_filter = ["blocked"]
+    """Blocking a device drops its messages and refuses its commands; turning ``commands``
+    off refuses commands alone (both read when a command is sent: no cache to refresh)."""
+
+    list_display = ["device_id", "protocol", "last_seen", "room_list", "blocked", "commands"]
+    list_editable = ["blocked", "commands"]
+    list_filter = ["blocked", "commands", "protocol"]
     search_fields = ["device_id"]
     readonly_fields = ["device_id", "protocol", "first_seen", "last_seen", "rooms"]
+    fields = ["device_id", "protocol", "first_seen", "last_seen", "rooms", "blocked",
+              "commands"]
 
     @admin.display(description="rooms")
     def room_list(self, device: Device) -> str:
@@ -267,6 +294,63 @@ class DeviceAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # devices appear when they publish
+
+
+def _excerpt(value: object, size: int = 80) -> str:
+    text = "" if value is None else value if isinstance(value, str) else json.dumps(
+        value, ensure_ascii=False, separators=(",", ":"))
+    return text if len(text) <= size else text[:size - 1] + "…"
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Rows the gateway writes (through its services): staff look, never add or change."""
+
+    def get_readonly_fields(self, request: HttpRequest, obj=None):
+        return [f.name for f in self.model._meta.fields]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+
+@admin.register(DeviceRoom)
+class DeviceRoomAdmin(ReadOnlyAdmin):
+    """Devices as members of rooms: the status and last state each published there (written
+    by the MQTT lease holder; a change is broadcast, so it is not edited or deleted here)."""
+
+    list_display = ["room", "device_id", "status", "status_at", "state_excerpt", "seen_at"]
+    list_filter = ["status"]
+    search_fields = ["device_id", "room"]
+
+    @admin.display(description="state")
+    def state_excerpt(self, row: DeviceRoom) -> str:
+        return _excerpt(row.state)
+
+    def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+
+@admin.register(DeviceCommand)
+class DeviceCommandAdmin(ReadOnlyAdmin):
+    """Commands sent to devices, and how each ended (answered, or expired without an
+    answer). Deleting a pending one drops its answer and its timeout notice."""
+
+    list_display = ["room", "device_id", "command_excerpt", "sender_name", "state",
+                    "created_at", "deadline", "sent_at"]
+    list_filter = ["state"]
+    search_fields = ["device_id", "room", "command"]
+    date_hierarchy = "created_at"
+
+    @admin.display(description="command")
+    def command_excerpt(self, row: DeviceCommand) -> str:
+        return _excerpt(row.command)
+
+    @admin.display(description="sender")
+    def sender_name(self, row: DeviceCommand) -> str:
+        sender = row.sender if isinstance(row.sender, dict) else {}
+        return f"{sender.get('name', '?')} ({sender.get('protocol', '?')})"
 
 
 @admin.register(BotChat)
