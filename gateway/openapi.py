@@ -13,6 +13,8 @@ from typing import Any
 from django.conf import settings
 from django.http import HttpRequest, JsonResponse
 
+from gateway.devices import COMMAND_MAX, TIMEOUT_MAX, TIMEOUT_MIN
+
 REF = "#/components/schemas/"
 
 
@@ -37,6 +39,8 @@ WEBHOOK_ID = {"name": "id", "in": "path", "required": True,
               "schema": {"type": "integer", "minimum": 1}}
 NULLABLE_STRING = {"type": ["string", "null"]}
 NULLABLE_TIME = {"type": ["number", "null"], "description": "epoch seconds"}
+DEVICE_ID = {"type": "string", "pattern": "^[A-Za-z0-9_.\\-]{1,64}$",
+             "description": "a device id: 1 to 64 of A-Z a-z 0-9 - _ ."}
 
 COMMON = {
     "401": _error("No credentials where they are needed, or a bad key or token "
@@ -94,6 +98,21 @@ def schemas() -> dict[str, Any]:
                 "duplicate": {"type": "boolean",
                               "description": "its client_id was stored before: this is "
                                              "that message"},
+                "command": {"oneOf": [ref("CommandSent"), {"type": "null"}],
+                            "description": "only in the answer to a command: the command "
+                                           "on its way (null: its client_id was sent "
+                                           "before, nothing new)"},
+            },
+            "additionalProperties": False,
+        },
+        "CommandSent": {
+            "type": "object", "required": ["id", "device", "timeout"],
+            "properties": {
+                "id": {"type": "string", "description": "its correlation id (the device "
+                       "answers with it)"},
+                "device": {"type": "string"},
+                "timeout": {"type": "number", "description": "seconds it waits for the "
+                            "device's answer; none by then: a notice in the room"},
             },
             "additionalProperties": False,
         },
@@ -134,6 +153,7 @@ def schemas() -> dict[str, Any]:
         "MessagePost": {
             "type": "object", "required": ["message"],
             "properties": {
+                "type": {"const": "message", "description": "the default"},
                 "message": {"type": "string", "minLength": 1,
                             "maxLength": settings.GATEWAY["MAX_MESSAGE_LENGTH"]},
                 "name": {"type": "string", "description": "the sender name shown for this "
@@ -142,6 +162,54 @@ def schemas() -> dict[str, Any]:
                               "description": "the same again: stored once"},
                 "reply_to": {"type": "integer", "minimum": 1},
             },
+        },
+        "CommandPost": {
+            "type": "object", "required": ["type", "device", "command"],
+            "description": "a command to one of the room's devices: stored as the room's "
+                           "message `/cmd <device> <command>`, then published to the device; "
+                           "its answer (or, after `timeout`, a notice that none came) is a "
+                           "message replying to it",
+            "properties": {
+                "type": {"const": "command"},
+                "device": {**DEVICE_ID, "description": "a device of the room (it has a status "
+                           "or a state there, or posted there)"},
+                "command": {"type": "string", "minLength": 1, "maxLength": COMMAND_MAX},
+                "timeout": {"type": "number", "minimum": TIMEOUT_MIN, "maximum": TIMEOUT_MAX,
+                            "description": "seconds to wait for the answer (default: the "
+                                           "gateway's MQTT_COMMAND_TIMEOUT)"},
+                "client_id": {"type": "string", "minLength": 1, "maxLength": 64,
+                              "description": "the same again: sent once"},
+            },
+        },
+        "DeviceState": {
+            "type": "object",
+            "required": ["id", "room", "status", "status_at", "detail", "state", "state_at",
+                         "seen_at"],
+            "description": "a device as a member of a room: its status and its last state, "
+                           "as it published them (no history)",
+            "properties": {
+                "id": {"type": "string"},
+                "room": {"type": "string"},
+                "status": {"enum": ["online", "offline", "unknown", None],
+                           "description": "unknown: online, then silent too long; null: it "
+                                          "never said"},
+                "status_at": {**NULLABLE_TIME, "description": "epoch seconds of the status's "
+                              "last change"},
+                "detail": {"type": ["object", "null"],
+                           "description": "a JSON status as the device sent it"},
+                "state": {"type": ["object", "string", "null"],
+                          "description": "its last state: a JSON object, or text"},
+                "state_at": NULLABLE_TIME,
+                "seen_at": {**NULLABLE_TIME, "description": "when it last published its "
+                            "status or state"},
+            },
+            "additionalProperties": False,
+        },
+        "Devices": {
+            "type": "object", "required": ["room", "devices"],
+            "properties": {"room": {"type": "string"},
+                           "devices": {"type": "array", "items": ref("DeviceState")}},
+            "additionalProperties": False,
         },
         "Change": {
             "type": "object", "required": ["type", "id", "room", "cursor", "duplicate"],
@@ -193,7 +261,11 @@ def schemas() -> dict[str, Any]:
                     "messages": {"type": ["integer", "null"], "minimum": 0}},
                     "additionalProperties": False,
                     "description": "null: the gateway's default; 0: forever"},
-                "notices": {"type": "boolean"},
+                "notices": {"type": "boolean", "description": "announce the Telegram chats "
+                            "and devices that come and go (a device's status too)"},
+                "commands": {"type": ["array", "null"], "items": {"type": "string"},
+                             "description": "sender protocols that may send the room's "
+                                            "devices commands (null: all that may post)"},
             },
             "additionalProperties": False,
         },
@@ -209,6 +281,7 @@ def schemas() -> dict[str, Any]:
                 "first_available": {"type": "integer"}, "last_activity": NULLABLE_TIME,
                 "policy": ref("Policy"),
                 "members": {"type": "array", "items": ref("Member")},
+                "devices": {"type": "array", "items": ref("DeviceState")},
             },
             "additionalProperties": False,
         },
@@ -255,7 +328,8 @@ def schemas() -> dict[str, Any]:
 def _op(summary: str, responses: dict[str, Any], *, scope: str | None = None,
         body: str | None = None, parameters: list[dict[str, Any]] | None = None,
         description: str = "") -> dict[str, Any]:
-    operation: dict[str, Any] = {"summary": summary, "responses": {**responses, **COMMON}}
+    common = {status: answer for status, answer in COMMON.items() if status not in responses}
+    operation: dict[str, Any] = {"summary": summary, "responses": {**responses, **common}}
     if description:
         operation["description"] = description
     if scope is not None:
@@ -300,12 +374,23 @@ def paths() -> dict[str, Any]:
             "get": _op("History: messages after a cursor, oldest first, each as it is now", {
                 "200": _json(ref("History"), "a page"), "400": bad}, scope="read",
                 parameters=[after, limit]),
-            "post": {**_op("Post a message, with files or without", {
-                "201": _json(ref("Message"), "stored"),
+            "post": {**_op("Post a message, with files or without, or send a device a "
+                           "command", {
+                "201": _json(ref("Message"), "stored (a command: with `command`)"),
                 "200": _json(ref("Message"), "its client_id was stored before"),
                 "400": _error("a bad body or query (`invalid_json`, `missing_message`, "
-                              "`invalid_form`, `invalid_image`, `empty_file`, ...)"),
-                "404": _error("a bad room name; a new room only staff may open"),
+                              "`invalid_form`, `invalid_image`, `empty_file`, "
+                              "`unknown_type`; a command's `missing_device`, "
+                              "`missing_command`, `invalid_device`, `invalid_command`, "
+                              "`invalid_timeout`, ...)"),
+                "403": _error("Not allowed: the key's scopes or rooms (`forbidden`), the "
+                              "room's policy (`read_only`; `command_not_allowed`: commands "
+                              "from this protocol), a blocked sender (`blocked`), a device "
+                              "staff blocked or that takes no commands "
+                              "(`command_not_allowed`), a session without its CSRF token "
+                              "(`csrf_failed`)"),
+                "404": _error("a bad room name; a new room only staff may open; a device "
+                              "the room does not know (`unknown_device`)"),
                 "409": _error("the room is closed"),
                 "413": _error("over the length limit, or the body over its limit; a file "
                               "too large, too many, or an image with too many pixels"),
@@ -313,9 +398,17 @@ def paths() -> dict[str, Any]:
                               "taken (`unsupported_type`), or markup beside an image "
                               "(`unsafe_content`)")}, scope="post"),
                 "requestBody": {"required": True, "content": {
-                    "application/json": {"schema": ref("MessagePost")},
+                    "application/json": {"schema": {"oneOf": [ref("MessagePost"),
+                                                              ref("CommandPost")]}},
                     "multipart/form-data": {"schema": ref("MessageUpload"), "encoding": {
                         "file": {"contentType": "*/*"}}}}}},
+        },
+        "/api/rooms/{room}/devices": {
+            "parameters": [ROOM],
+            "get": _op("The room's devices: each one's status and last state, by id", {
+                "200": _json(ref("Devices"), "the devices (none: `[]`)"),
+                "404": _error("no such room, or a bad name (`room_not_found`, "
+                              "`invalid_room`)")}, scope="read"),
         },
         "/api/rooms/{room}/messages/{id}": {
             "parameters": [ROOM, MESSAGE_ID],

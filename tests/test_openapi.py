@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import pytest
 from jsonschema import Draft202012Validator
@@ -13,7 +14,7 @@ from openapi_spec_validator import validate
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from gateway import access, events, services
+from gateway import access, devices, events, services
 from gateway.adapters import adapters_all
 
 pytestmark = pytest.mark.django_db
@@ -118,3 +119,90 @@ def test_the_answers_follow_the_schemas(client, document):
     assert [answer.status_code for _, _, answer in refusals] == [400, 409, 404, 413, 401, 404]
     for method, path, answer in refusals:
         check(document, path, method, answer)
+
+
+def request_schema(document: dict, path: str, method: str) -> dict:
+    body = document["paths"][path][method]["requestBody"]
+    return body["content"]["application/json"]["schema"]
+
+
+def test_devices_and_commands_follow_the_schemas(client, document):
+    """The devices list (a status, a state as an object and as text, a device that never
+    said its status), a command's answer, its repeat, and its refusals."""
+    key = access.api_key_create(name="ci", scopes="read,post,manage")[1]
+    auth = {"HTTP_AUTHORIZATION": f"Bearer {key}"}
+
+    def call(method: str, url: str, body=None):
+        data = {} if body is None else {"data": json.dumps(body),
+                                         "content_type": "application/json"}
+        return getattr(client, method)(url, **data, **auth)
+
+    now = time.time()
+    devices.devices_report([
+        devices.Report(room="home", device_id="thermo1", kind="status", at=now, live=True,
+                       status="online"),
+        devices.Report(room="home", device_id="thermo1", kind="state", at=now, live=True,
+                       state={"temperature": 20.5}),
+        devices.Report(room="home", device_id="lamp", kind="state", at=now, live=False,
+                       state="on"),
+        devices.Report(room="home", device_id="plug", kind="status", at=now, live=True,
+                       status="offline", detail={"status": "offline", "reason": "power"}),
+    ])
+    listed = check(document, "/api/rooms/{room}/devices", "get",
+                   call("get", "/api/rooms/home/devices"))
+    assert [(d["id"], d["status"], d["state"]) for d in listed["devices"]] == [
+        ("lamp", None, "on"), ("plug", "offline", None),
+        ("thermo1", "online", {"temperature": 20.5})]
+    room = check(document, "/api/rooms/{room}/", "get", call("get", "/api/rooms/home/"))
+    assert len(room["devices"]) == 3
+    check(document, "/api/rooms/{room}/devices", "get", call("get", "/api/rooms/none/devices"))
+
+    command = {"type": "command", "device": "thermo1", "command": "set 21", "timeout": 5,
+               "client_id": "k1"}
+    body_schema = request_schema(document, "/api/rooms/{room}/messages", "post")
+    for body in (command, {"message": "hi"}, {"type": "message", "message": "hi"}):
+        assert not list(validator(document, body_schema).iter_errors(body)), body
+    for body in ({**command, "timeout": 0.1}, {"type": "command", "device": "thermo1"},
+                 {**command, "device": "bad id"}):
+        assert list(validator(document, body_schema).iter_errors(body)), body
+    sent = check(document, "/api/rooms/{room}/messages", "post",
+                 call("post", "/api/rooms/home/messages", command))
+    assert (sent["message"], sent["command"]["device"], sent["command"]["timeout"]) == (
+        "/cmd thermo1 set 21", "thermo1", 5.0)
+    again = call("post", "/api/rooms/home/messages", command)
+    assert again.status_code == 200
+    assert check(document, "/api/rooms/{room}/messages", "post", again)["command"] is None
+
+    poster = access.api_key_create(name="poster", scopes="read,post")[1]
+
+    def refused(body) -> tuple[int, str]:
+        """Sent with a key without manage: the room's policy applies to it (not to staff)."""
+        answer = client.post("/api/rooms/home/messages", data=json.dumps(body),
+                             content_type="application/json",
+                             HTTP_AUTHORIZATION=f"Bearer {poster}")
+        check(document, "/api/rooms/{room}/messages", "post", answer)
+        return answer.status_code, answer.json()["code"]
+
+    once = {**command, "client_id": None}
+    assert [refused(body) for body in (
+        {**once, "device": "ghost"}, {**once, "device": "bad id"}, {**once, "command": " "},
+        {**once, "timeout": 301}, {"type": "command", "command": "x"})] == [
+        (404, "unknown_device"), (400, "invalid_device"), (400, "invalid_command"),
+        (400, "invalid_timeout"), (400, "missing_device")]
+    services.room_policy_set(room="home", policy=services.Policy(commands=frozenset({"web"})),
+                             by=services.SYSTEM_SENDER)
+    assert refused(once) == (403, "command_not_allowed")
+    policy = check(document, "/api/rooms/{room}/", "get", call("get", "/api/rooms/home/"))
+    assert policy["policy"]["commands"] == ["web"]
+
+
+def test_the_new_error_codes_are_documented(document):
+    post = document["paths"]["/api/rooms/{room}/messages"]["post"]["responses"]
+    for status, codes in {"400": ["invalid_device", "invalid_command", "invalid_timeout"],
+                          "403": ["command_not_allowed"], "404": ["unknown_device"]}.items():
+        for code in codes:
+            assert f"`{code}`" in post[status]["description"], (status, code)
+    schemas = document["components"]["schemas"]
+    assert schemas["DeviceState"]["properties"]["status"]["enum"] == [
+        "online", "offline", "unknown", None]
+    assert schemas["Policy"]["properties"]["commands"]["type"] == ["array", "null"]
