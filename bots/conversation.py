@@ -18,6 +18,9 @@ repeated update does nothing).
 - Reactions of a user to a chat's message (the bot's copy or an original): set on the room
   message, emoji by emoji, in the chat's room.
 - A group that became a supergroup: the chat moves to its new id.
+- A command to one of the room's devices (``/cmd <device> <text>``): stored as the chat's
+  message with the command (gateway/devices.py), published once the update's transaction
+  commits; the device's answer reaches the chat through the relay, as a reply to it.
 
 A refused edit is told only in a private chat; a refused reaction only logged (in a group
 the bot does not answer what it was not asked).
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
@@ -35,7 +39,7 @@ from django.db import transaction
 
 from bots import formatting
 from bots.markup import Line, Reply, bold, line, reply
-from gateway import chats, events, files, metrics, selectors, services
+from gateway import chats, devices, events, files, metrics, selectors, services
 from gateway.errors import GatewayError
 from gateway.models import BotChat, BotMessage
 from gateway.names import (
@@ -51,6 +55,7 @@ HISTORY_DEFAULT = 10
 HISTORY_MAX = 50
 ROOMS_SHOWN = 20
 COMMAND_SHOWN = 64  # of an unknown command, quoted back (a reply fits a chat message)
+DEVICES_SHOWN = 50  # of a room's devices, by /who and /devices
 # What an answered message cannot be any more: the reply is posted as a plain message.
 REPLY_REFUSALS = ("not_found", "deleted")
 MESSAGE, EDIT, REACTION, MIGRATE = "message", "edit", "reaction", "migrate"  # Incoming.kind
@@ -333,6 +338,8 @@ HELP = (
     "/leave: leave the room\n"
     "/who: who is in the room\n"
     f"/history [n]: the last n messages (up to {HISTORY_MAX})\n"
+    "/devices: the room's devices, their status and last state\n"
+    "/cmd <device> <command>: send a device of the room a command\n"
     "/name <name>: the name others see\n"
     "/help: this help"
 )
@@ -424,7 +431,73 @@ def _who(chat: BotChat, incoming: Incoming, argument: str) -> list[Reply]:
     for member in members:
         label = formatting.protocol_label(str(member["protocol"]))
         items.append(line(f"• {member['name']} ({label})"))
+    found = devices.room_devices(room=chat.room)
+    if found:
+        items.append(line("Devices:"))
+        items.extend(_device_lines(found, states=False))
     return [reply(*items)]
+
+
+def _devices(chat: BotChat, incoming: Incoming, argument: str) -> list[Reply]:
+    if not chat.room:
+        return [reply(JOIN_HINT)]
+    found = devices.room_devices(room=chat.room)
+    if not found:
+        return [reply("No devices in this room.")]
+    return [reply(line("Devices in ", bold(chat.room), ":"), *_device_lines(found, states=True))]
+
+
+def _device_lines(found: list[events.DeviceState], *, states: bool) -> list[Line]:
+    """Each device with its status (and its last state under it), the first few."""
+    now = time.time()
+    out = []
+    for device in found[:DEVICES_SHOWN]:
+        out.append(formatting.device_line(device, now=now))
+        if states and device["state"] is not None:
+            out.append(line("  ↳ ", formatting.device_state(device["state"])))
+    if len(found) > DEVICES_SHOWN:
+        out.append(line(f"… and {len(found) - DEVICES_SHOWN} more"))
+    return out
+
+
+CMD_USAGE = "Usage: /cmd <device> <command>, e.g. /cmd thermo1 set 22 (/devices lists them)"
+
+
+def _cmd(chat: BotChat, incoming: Incoming, argument: str) -> list[Reply]:
+    """Send a device of the room a command: its message is the chat's (not sent back here);
+    the device's answer, or the timeout's notice, comes through the relay."""
+    if not chat.room:
+        return [reply(JOIN_HINT)]
+    device, *rest = argument.split(maxsplit=1) or [""]
+    if not rest:
+        return [reply(CMD_USAGE)]
+    try:
+        event, command = devices.command_send(
+            room=chat.room, device=device, command=rest[0], sender=_sender(chat, incoming),
+            origin=selectors.bot_chat_origin(incoming.platform, incoming.chat_id),
+            client_id=_client_id(incoming))
+    except GatewayError as exc:
+        logger.warning("refused a chat's command %s: %s", exc.code, exc.detail,
+                       extra=_log(incoming, room=chat.room, code=exc.code))
+        metrics.refused(incoming.platform, exc.code)
+        return [reply(_command_refusal(exc, device))]
+    # Published once the update's transaction commits: before, nobody could claim it.
+    transaction.on_commit(lambda: devices.command_dispatch(command))
+    if incoming.message_id is not None:  # the device's answer comes as a reply to it
+        chats.bot_messages_record(platform=incoming.platform, chat_id=incoming.chat_id,
+                                  room=chat.room, seq=event["id"],
+                                  message_ids=[incoming.message_id], own=False)
+    return []
+
+
+def _command_refusal(exc: GatewayError, device: str) -> Line:
+    if exc.code == "unknown_device":
+        return line("Not sent: no device ", bold(device), " in this room (/devices lists them).")
+    if exc.code == "invalid_device":
+        return line("Not sent: ", bold(device[:COMMAND_SHOWN]), " is not a device id.")
+    if exc.code == "invalid_command":
+        return line(f"Not sent: a command is text of 1 to {devices.COMMAND_MAX} characters.")
+    return line(f"Not sent: {exc.detail}")
 
 
 def _history(chat: BotChat, incoming: Incoming, argument: str) -> list[Reply]:
@@ -467,5 +540,7 @@ COMMANDS: dict[str, Callable[[BotChat, Incoming, str], list[Reply]]] = {
     "leave": _leave,
     "who": _who,
     "history": _history,
+    "devices": _devices,
+    "cmd": _cmd,
     "name": _name,
 }

@@ -2,11 +2,14 @@
 ``alice (web): hi`` with the name in bold, ``#12 14:03 alice (web): hi`` for history, each
 message in its current state there: ``#13 14:05 bob (web): ↩ #12 yes (edited)`` for a reply
 whose text was edited. (A platform marks edits and replies of the messages it is sent its
-own way: Telegram edits the message, and sends a reply as one.)"""
+own way: Telegram edits the message, and sends a reply as one.) Devices of a room:
+``thermo1 — offline since 14:03`` and their last state as ``temperature: 20.5, target: 21``."""
 
 from __future__ import annotations
 
+import json
 import time
+from typing import Any
 
 from bots.markup import Line, Reply, Span, bold, code, line
 from gateway import events
@@ -91,3 +94,46 @@ def history_line(event: events.RoomMessage, *, width: int = 300) -> Line:
     edited = EDITED if event["edited_at"] is not None else ""
     return line(code(f"#{event['id']}"), f" {stamp} ", *sender_label(event["sender"]),
                 *reply_mark, text + edited)
+
+
+# --- devices -------------------------------------------------------------------------------
+
+STATE_WIDTH = 200  # characters of a device's state shown on its line
+
+
+def clock(at: float, *, now: float | None = None) -> str:
+    """``14:03`` (UTC, as history shows times), ``2024-05-01 14:03`` when not today."""
+    day = "%Y-%m-%d"
+    today = time.strftime(day, time.gmtime(time.time() if now is None else now))
+    shown = time.gmtime(at)
+    stamp = time.strftime("%H:%M", shown)
+    return stamp if time.strftime(day, shown) == today else f"{time.strftime(day, shown)} {stamp}"
+
+
+def device_status(device: events.DeviceState, *, now: float | None = None) -> str:
+    """``offline since 14:03``, or ``no status`` for a device that never said."""
+    status = device["status"]
+    if not status:
+        return "no status"
+    at = device["status_at"]
+    return status if at is None else f"{status} since {clock(at, now=now)}"
+
+
+def device_line(device: events.DeviceState, *, now: float | None = None) -> Line:
+    """``• thermo1 — offline since 14:03`` with the id in bold."""
+    return line("• ", bold(device["id"]), f" — {device_status(device, now=now)}")
+
+
+def device_state(state: Any, *, width: int = STATE_WIDTH) -> str:
+    """A device's last state on one line: a JSON object as ``key: value`` pairs, text as
+    it is (runs of spaces and line breaks as one space), cut to ``width``."""
+    if isinstance(state, dict):
+        text = ", ".join(f"{key}: {_state_value(value)}" for key, value in state.items())
+    else:
+        text = _state_value(state)
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _state_value(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)

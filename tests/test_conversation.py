@@ -4,11 +4,14 @@ fuzzed, get an answer Telegram accepts, never an exception."""
 from __future__ import annotations
 
 import itertools
+import time
 
 import pytest
 
-from bots import conversation
+from bots import conversation, formatting
 from bots.conversation import HISTORY_MAX, Incoming, count_parse
+from gateway import devices, selectors
+from gateway.models import DeviceCommand
 from protocols.telegram import render
 from tests.botapi import visible_text
 
@@ -84,3 +87,69 @@ def test_join_in_a_group_says_when_its_plain_text_does_not_reach_the_bot():
     assert "plain text in this group does not reach me" in told
     (plain,) = say("/join crew", chat_id="-101", kind="supergroup")
     assert "does not reach" not in plain and "what you write goes there" in plain
+
+
+def report(device: str, kind: str, room: str = "home", **fields) -> None:
+    devices.devices_report([devices.Report(room=room, device_id=device, kind=kind,
+                                           at=time.time(), live=True, **fields)])
+
+
+def seen(text: str) -> list[str]:
+    """The replies to ``text`` as the chat shows them (markup gone)."""
+    return [visible_text(reply, "HTML") for reply in say(text)]
+
+
+def test_who_and_devices_show_the_room_s_devices_with_status_and_state():
+    say("/join home")
+    assert seen("/devices") == ["No devices in this room."]
+    report("thermo1", "status", status="offline")
+    report("thermo1", "state", state={"temperature": 20.5, "mode": "heat", "x": [1, 2]})
+    report("fan1", "state", state="spinning\nfast " + "x" * 500)
+    at = formatting.clock(devices.room_device(room="home", device_id="thermo1")["status_at"])
+    (who,) = seen("/who")
+    assert who.splitlines()[-3:] == [
+        "Devices:", "• fan1 — no status", f"• thermo1 — offline since {at}"]
+    (listed,) = seen("/devices")
+    fan_state = listed.splitlines()[2]
+    assert fan_state.startswith("  ↳ spinning fast xxx") and fan_state.endswith("x…")
+    assert len(fan_state) == len("  ↳ ") + formatting.STATE_WIDTH
+    assert listed.splitlines()[:2] + listed.splitlines()[3:] == [
+        "Devices in home:", "• fan1 — no status",
+        f"• thermo1 — offline since {at}",
+        "  ↳ temperature: 20.5, mode: heat, x: [1, 2]"]
+    say("/leave")
+    assert seen("/devices") == [conversation.JOIN_HINT]
+
+
+def test_cmd_sends_the_command_as_the_chat_s_message_and_refuses_clearly(
+    django_capture_on_commit_callbacks,
+):
+    assert seen("/cmd thermo1 set 22") == [conversation.JOIN_HINT]
+    say("/join home")
+    report("thermo1", "status", status="online")
+    for usage in ["/cmd", "/cmd thermo1", "/cmd   thermo1  "]:
+        assert seen(usage) == [conversation.CMD_USAGE]
+    assert seen("/cmd ghost x") == [
+        "Not sent: no device ghost in this room (/devices lists them)."]
+    assert seen("/cmd bad/id x") == ["Not sent: bad/id is not a device id."]
+    dispatched: list[devices.Command] = []
+    devices.command_dispatcher_install(dispatched.append)
+    try:
+        with django_capture_on_commit_callbacks(execute=True):
+            assert seen("/cmd thermo1 set   22 ") == []
+            assert dispatched == []  # not before its update's transaction commits
+    finally:
+        devices.command_dispatcher_install(None)
+    (sent,) = DeviceCommand.objects.all()
+    assert [command.key for command in dispatched] == [sent.key]
+    assert (sent.room, sent.device_id, sent.command, sent.sender["protocol"]) == (
+        "home", "thermo1", "set   22", "telegram")
+    (message,) = selectors.room_messages_last(room="home", limit=5)
+    assert (message["id"], message["text"], message["origin"]) == (
+        sent.seq, "/cmd thermo1 set   22", "telegram-chat-7")
+
+
+def test_clock_shows_the_date_of_another_day():
+    now = 1_714_572_000.0  # 2024-05-01 14:00 UTC
+    assert formatting.clock(now - 60, now=now) == "13:59"
+    assert formatting.clock(now - 86_400, now=now) == "2024-04-30 14:00"
