@@ -25,6 +25,7 @@ import aiomqtt
 import pytest
 from paho.mqtt.client import CallbackAPIVersion, Client
 
+from protocols.mqtt.wire import varint
 from tests.helpers import FAST, database_write_lock, wait_until
 from tests.servers import Gateway, free_port
 
@@ -403,15 +404,6 @@ def vmrss(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError("no VmRSS")
-
-
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, byte = n >> 7, n & 0x7F
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def mqtt_string(text: bytes) -> bytes:

@@ -69,7 +69,9 @@ def check(document: dict, path: str, method: str, answer) -> dict:
     return body
 
 
-def test_the_answers_follow_the_schemas(client, document):
+@pytest.fixture
+def call(client):
+    """A call of the API with a key that may do everything: ``call(method, url, body?)``."""
     key = access.api_key_create(name="ci", scopes="read,post,manage")[1]
     auth = {"HTTP_AUTHORIZATION": f"Bearer {key}"}
 
@@ -77,6 +79,11 @@ def test_the_answers_follow_the_schemas(client, document):
         data = {} if body is None else {"data": json.dumps(body),
                                          "content_type": "application/json"}
         return getattr(client, method)(url, **data, **auth)
+
+    return call
+
+
+def test_the_answers_follow_the_schemas(client, call, document):
 
     services.room_message_post(room="lab", text="first", sender=WEB, origin="w")
     posted = call("post", "/api/rooms/lab/messages", {"message": "hi", "client_id": "c1"})
@@ -126,16 +133,9 @@ def request_schema(document: dict, path: str, method: str) -> dict:
     return body["content"]["application/json"]["schema"]
 
 
-def test_devices_and_commands_follow_the_schemas(client, document):
+def test_devices_and_commands_follow_the_schemas(client, call, document):
     """The devices list (a status, a state as an object and as text, a device that never
     said its status), a command's answer, its repeat, and its refusals."""
-    key = access.api_key_create(name="ci", scopes="read,post,manage")[1]
-    auth = {"HTTP_AUTHORIZATION": f"Bearer {key}"}
-
-    def call(method: str, url: str, body=None):
-        data = {} if body is None else {"data": json.dumps(body),
-                                         "content_type": "application/json"}
-        return getattr(client, method)(url, **data, **auth)
 
     now = time.time()
     devices.devices_report([

@@ -378,7 +378,8 @@ def _mqtt_string(text: str) -> bytes:
     return len(data).to_bytes(2, "big") + data
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
+    """MQTT's variable byte integer (a remaining length, a properties' length)."""
     out = bytearray()
     while True:
         value, digit = value >> 7, value & 0x7F
@@ -397,7 +398,7 @@ def out_properties(event: events.LogEntry) -> PackedProperties:
             ("id", str(event["id"])), ("sender", sender["id"]),
             ("protocol", sender["protocol"]))),
     ])
-    return PackedProperties(_varint(len(body)) + body)
+    return PackedProperties(varint(len(body)) + body)
 
 
 def error_payload(code: str, detail: str, client_id: object = None) -> bytes:
