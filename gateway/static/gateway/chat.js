@@ -1,6 +1,7 @@
 // The chat page: history, live messages and their changes (edits, deletes, replies and
-// reactions), their files, live presence, and reconnect-and-resume. The wire format is
-// described at the top of consumers/websocket.py; the page asks for the extended frames (v=2).
+// reactions), their files, live presence, the room's devices (their status, last state, and
+// commands sent to them), and reconnect-and-resume. The wire format is described at the top
+// of consumers/websocket.py; the page asks for the extended frames (v=2).
 // Files are posted over HTTP (the API, gateway/api.py), and come back as the socket's frames.
 // Every user-supplied string is set with textContent, never as markup.
 (() => {
@@ -19,6 +20,8 @@
   const textInput = document.getElementById("text");
   const nameInput = document.getElementById("name");
   const membersEl = document.getElementById("members");
+  const devicesSection = document.getElementById("devices-section");
+  const devicesEl = document.getElementById("devices");
   const replyBar = document.getElementById("replying");
   const replyName = document.getElementById("replying-to");
   const replyExcerpt = document.getElementById("replying-text");
@@ -31,6 +34,9 @@
   const REACTIONS = ["\u{1F44D}", "\u2764\uFE0F", "\u{1F602}", "\u{1F62E}", "\u{1F622}", "\u{1F389}"];
   const EXCERPT_LENGTH = 100; // characters of a replied-to message a reply shows (the server's)
   const THUMBNAIL_SIZE = 320; // pixels, the longer side of an image's thumbnail (the server's)
+  const COMMAND_MAX = 1000;   // characters of a command's text (the server's)
+  const STATE_SHOWN = 300;    // characters of a device's state a card shows
+  const STATE_TITLE = 1000;   // ... and its title (the rest is cut)
 
   let lastId = 0;          // newest log cursor seen (a message's id is its cursor); resumed after
   let historyLoaded = false;
@@ -43,6 +49,7 @@
   const sent = new Set();   // client_ids this page sent: a frame with one of them is ours
   const shown = new Map();  // message id -> its record on the page (see messageItem)
   const members = new Map(); // "protocol:id" -> {protocol, id, name, connections}
+  const devices = new Map(); // device id -> its card on the page (see deviceCard)
   const staged = [];         // files chosen for the next message
   const uploads = new Map(); // client_id -> an upload on its way (see startUpload)
 
@@ -455,6 +462,7 @@
 
   function onPresence(frame) {
     if (frame.you) iAm(frame.you);
+    if (Array.isArray(frame.devices)) onDeviceList(frame.devices); // on joining: all of them
     if (Array.isArray(frame.members)) {  // the full list: it replaces ours
       members.clear();
       frame.members.forEach((m) => members.set(memberKey(m), {
@@ -488,6 +496,227 @@
       li.append(badge);
       return li;
     }));
+  }
+
+  // --- devices ---------------------------------------------------------------------------
+  // The room's devices (v2): the full list in the presence frame of every join, then a
+  // device frame per change of one's status or state. Cards are updated in place, so a
+  // command being typed on one survives its device's changes. A card's record: {data (the
+  // device as the server last said), li, dot, status, when, state, seen, seenAt, opener
+  // (its Command… button), form (its command form, while open)}.
+
+  const DEVICE_STATUSES = ["online", "offline", "unknown"]; // else none: it never said
+
+  function onDeviceList(list) {
+    const listed = new Set();
+    list.forEach((d) => {
+      if (!isDevice(d)) return;
+      listed.add(d.id);
+      deviceUpdate(d);
+    });
+    devices.forEach((card, id) => {
+      if (!listed.has(id)) { card.li.remove(); devices.delete(id); }
+    });
+    devicesEl.classList.remove("stale");
+    devicesSection.hidden = !devices.size;
+  }
+
+  function onDevice(frame) {
+    const d = frame.device;
+    if (!isDevice(d)) return;
+    const before = devices.get(d.id);
+    const was = before ? before.data.status : undefined;
+    deviceUpdate(d);
+    devicesSection.hidden = !devices.size;
+    if (frame.change === "status" && was !== d.status) {
+      announcer.textContent = `${d.id} is ${statusWord(d.status)}`;
+    }
+  }
+
+  function isDevice(d) {
+    return Boolean(d) && typeof d === "object" && typeof d.id === "string" && d.id !== "";
+  }
+
+  function deviceUpdate(d) {
+    let card = devices.get(d.id);
+    if (!card) {  // in the server's order (by id), without moving the others
+      card = deviceCard(d.id);
+      const after = [...devices.keys()].filter((id) => id > d.id).sort()[0];
+      devicesEl.insertBefore(card.li, after === undefined ? null : devices.get(after).li);
+      devices.set(d.id, card);
+    }
+    card.data = d;
+    paintDevice(card);
+  }
+
+  function deviceCard(id) {
+    const li = el("li", "device");
+    li.dataset.device = id;
+    const card = { li, data: null, form: null };
+    card.dot = el("span", "device-dot");
+    card.dot.setAttribute("aria-hidden", "true"); // the status word says it
+    const head = el("div", "device-head");
+    head.append(card.dot, el("span", "device-name", id));
+    card.status = el("span", "device-status");
+    card.when = el("time", "device-when");
+    const line = el("div", "device-line");
+    line.append(card.status, card.when);
+    card.state = el("div", "device-state");
+    card.seenAt = el("time", "device-when");
+    card.seen = el("div", "device-seen");
+    card.seen.append("last seen ", card.seenAt);
+    card.opener = button("act device-command", "Command\u2026", `Send ${id} a command`,
+                         () => (card.form ? closeCommand(card, true) : openCommand(card)));
+    card.opener.setAttribute("aria-expanded", "false");
+    li.append(head, line, card.state, card.seen, card.opener);
+    return card;
+  }
+
+  function paintDevice(card) {
+    const d = card.data;
+    const status = DEVICE_STATUSES.includes(d.status) ? d.status : "none";
+    card.li.dataset.status = status;
+    card.dot.className = "device-dot " + status;
+    card.status.textContent = statusWord(d.status);
+    card.status.title = d.detail && typeof d.detail === "object" ? pairsText(d.detail) : "";
+    setTime(card.when, d.status_at, `${statusWord(d.status)} since`);
+    paintState(card.state, d.state, d.state_at);
+    card.seen.hidden = !setTime(card.seenAt, d.seen_at, "last seen");
+  }
+
+  function statusWord(status) {
+    return DEVICE_STATUSES.includes(status) ? status : "no status";
+  }
+
+  // A time on a card: short (HH:MM today, else the day), the full one in its title.
+  function setTime(node, epoch, label) {
+    if (typeof epoch !== "number") {
+      node.hidden = true;
+      return false;
+    }
+    const when = new Date(epoch * 1000);
+    const today = when.toDateString() === new Date().toDateString();
+    node.hidden = false;
+    node.dateTime = when.toISOString();
+    node.textContent = today ? when.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" })
+      : when.toLocaleDateString([], { month: "short", day: "numeric" });
+    node.title = `${label} ${when.toLocaleString()}`;
+    return true;
+  }
+
+  // A device's last state: a JSON object as "key: value" pairs, text as it came; long ones
+  // cut (the card clamps it to a few lines; its title has more). Text only, never markup.
+  function paintState(node, state, at) {
+    const isObject = state !== null && typeof state === "object" && !Array.isArray(state);
+    const full = isObject ? pairsText(state) : state === null || state === undefined ? ""
+      : typeof state === "string" ? state : JSON.stringify(state);
+    node.hidden = !full;
+    node.title = clip(full, STATE_TITLE) + (typeof at === "number"
+      ? `\n(state of ${new Date(at * 1000).toLocaleString()})` : "");
+    if (!isObject) {
+      node.textContent = clip(full, STATE_SHOWN);
+      return;
+    }
+    node.replaceChildren();
+    let length = 0;
+    for (const [key, value] of Object.entries(state)) {
+      if (length >= STATE_SHOWN) { node.append("\u2026"); break; }
+      if (length) node.append(", ");
+      const text = clip(valueText(value), STATE_SHOWN);
+      const pair = el("span", "state-pair");
+      pair.append(el("span", "state-key", clip(key, STATE_SHOWN) + ":"), " " + text);
+      node.append(pair);
+      length += key.length + text.length + 4;
+    }
+  }
+
+  function pairsText(object) {
+    return Object.entries(object).map(([key, value]) => `${key}: ${valueText(value)}`).join(", ");
+  }
+
+  function valueText(value) {
+    return typeof value === "string" ? value : JSON.stringify(value);
+  }
+
+  function clip(text, size) {
+    const chars = Array.from(text);
+    return chars.length > size ? chars.slice(0, size - 1).join("") + "\u2026" : text;
+  }
+
+  // --- commands to devices -------------------------------------------------------------------
+  // From a card's Command… form, or typed as "/cmd <device> <command>": a command frame.
+  // The server stores it as a message of the room (which comes back like any other) and
+  // the device's answer as a reply to it; a refusal comes as an error frame (onError).
+
+  function openCommand(card) {
+    const id = card.data.id;
+    const form = el("form", "device-form");
+    form.autocomplete = "off";
+    const input = el("input", "device-input");
+    input.maxLength = COMMAND_MAX;
+    input.placeholder = "command";
+    input.setAttribute("aria-label", `Command for ${id}`);
+    const send = el("button", "device-send", "Send");
+    send.type = "submit";
+    const cancel = button("act device-cancel", "\u2715", "Cancel the command (Escape)",
+                          () => closeCommand(card, true));
+    form.append(input, send, cancel);
+    form.addEventListener("submit", (e) => {
+      e.preventDefault();
+      if (sendCommand(id, input.value)) closeCommand(card, true);
+      else input.focus();
+    });
+    input.addEventListener("keydown", (e) => {
+      if (e.key === "Escape") { e.preventDefault(); closeCommand(card, true); }
+    });
+    card.form = form;
+    card.opener.setAttribute("aria-expanded", "true");
+    card.opener.after(form);
+    input.focus();
+  }
+
+  function closeCommand(card, refocus) {
+    if (!card.form) return;
+    card.form.remove();
+    card.form = null;
+    card.opener.setAttribute("aria-expanded", "false");
+    if (refocus && card.opener.isConnected) card.opener.focus();
+  }
+
+  function sendCommand(device, text) {
+    const command = text.trim();
+    if (!command) {
+      showNotice(`Type the command to send ${device}.`);
+      return false;
+    }
+    transmit({ type: "command", device, command, client_id: randomId() });
+    return true;
+  }
+
+  // "/cmd <device> <command>" in the composer: {device, command} (either may be empty);
+  // null for any other text, which is a message.
+  function typedCommand(text) {
+    const match = /^\s*\/cmd(?:\s+|$)([\s\S]*)$/.exec(text);
+    if (!match) return null;
+    const [, device, command] = /^(\S*)\s*([\s\S]*)$/.exec(match[1]);
+    return { device, command };
+  }
+
+  // Sent, or why not (the text stays in the composer to be fixed).
+  function submitCommand(typed) {
+    if (!typed.device) {
+      showNotice("Which device? Type /cmd <device> <command>, for example /cmd thermo1 set 22.");
+      return false;
+    }
+    if (!typed.command.trim()) {
+      showNotice(`What should ${typed.device} do? Type /cmd ${typed.device} <command>.`);
+      return false;
+    }
+    if (staged.length) {
+      showNotice("A command carries no files: remove them to send it.");
+      return false;
+    }
+    return sendCommand(typed.device, typed.command);
   }
 
   // --- history and the socket ------------------------------------------------------------
@@ -530,6 +759,7 @@
     delete: (frame) => onEntry(frame, onDelete),
     reaction: (frame) => onEntry(frame, onReaction),
     presence: onPresence,
+    device: onDevice,
     policy: onPolicy,
     pruned: (frame) => showNotice(
       `Older messages of this room were removed (its retention): it now starts at #${frame.first_available}.`),
@@ -563,6 +793,7 @@
     socket.addEventListener("close", (e) => {
       socket = null;
       membersEl.classList.add("stale"); // until the next full list
+      devicesEl.classList.add("stale");
       if (e.code in STOPPED) {  // no point in reconnecting by ourselves
         setStatus(e.code === 4410 ? "room closed" : "refused", "bad");
         showNotice(STOPPED[e.code]);
@@ -654,7 +885,9 @@
     if (payload) {  // refused for good: do not resend it
       outbox.delete(frame.client_id);
       if (payload.type === "message" && !textInput.value) textInput.value = payload.message;
-      else settle(payload);
+      else if (payload.type === "command" && !textInput.value) {
+        textInput.value = `/cmd ${payload.device} ${payload.command}`; // to be fixed, or not
+      } else settle(payload);
     }
     showNotice(frame.detail);
   }
@@ -678,7 +911,10 @@
   form.addEventListener("submit", (e) => {
     e.preventDefault();
     const text = textInput.value;
-    if (staged.length) {  // files (and the text as their caption) go over HTTP
+    const typed = typedCommand(text);
+    if (typed) {
+      if (!submitCommand(typed)) { textInput.focus(); return; }
+    } else if (staged.length) {  // files (and the text as their caption) go over HTTP
       startUpload(staged.splice(0), text, replyTo ? replyTo.id : null);
       paintStaged();
     } else {
