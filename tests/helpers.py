@@ -19,6 +19,8 @@ from pathlib import Path
 import aiomqtt
 import websockets
 from channels.testing import WebsocketCommunicator
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from playwright.sync_api import Page, expect
 
 from tests.botapi import BotApiStandIn
@@ -291,3 +293,58 @@ async def until_live(scope_id: str) -> None:
         while not any(s.scope_id == scope_id and getattr(s, "live", False)  # noqa: ASYNC110
                       for s in runtime.hub.subscribers()):
             await asyncio.sleep(0.01)
+
+
+# --- devices as members ------------------------------------------------------------------
+
+
+def devices_of(gw, room: str) -> dict[str, dict]:
+    """The room's devices by id (none while the room does not exist)."""
+    try:
+        listed = gw.get_json(f"/api/rooms/{room}/devices")["devices"]
+    except urllib.error.HTTPError as refused:
+        assert refused.code == 404
+        return {}
+    return {d["id"]: d for d in listed}
+
+
+def history(gw, room: str) -> list[dict]:
+    """A room's first page of messages, oldest first."""
+    return gw.get_json(f"/api/rooms/{room}/messages?after=0")["messages"]
+
+
+async def next_mqtt(client: aiomqtt.Client, timeout: float = 15) -> aiomqtt.Message:
+    async with asyncio.timeout(timeout):
+        return await anext(aiter(client.messages))
+
+
+async def thermostat(broker, name: str = "thermo1", room: str = "home",
+                     **kwargs) -> aiomqtt.Client:
+    """A connected device with a will (offline) that says it is online and its state,
+    retained (the caller disconnects it, or kills it: ``client._client._sock.close()``)."""
+    will = aiomqtt.Will(f"rooms/{room}/status/{name}", b"offline", qos=1, retain=True)
+    client = device(broker, identifier=name, will=will, keepalive=5, **kwargs)
+    await client.__aenter__()
+    await client.publish(f"rooms/{room}/status/{name}", b"online", qos=1, retain=True)
+    await client.publish(f"rooms/{room}/state/{name}", b'{"temperature": 20.5, "target": 21}',
+                         qos=1, retain=True)
+    return client
+
+
+async def answer_commands(client: aiomqtt.Client, *, mqtt5: bool, seen: list) -> None:
+    """A device that answers each command (``done: <command>``): on the 3.1.1 reply topic
+    with the id, or (MQTT 5) on the response topic with the correlation data; ``seen`` gets
+    (topic, command, properties) of each."""
+    with contextlib.suppress(aiomqtt.MqttError):  # its connection ends with the test
+        async for message in client.messages:
+            command = json.loads(message.payload)
+            seen.append((str(message.topic), command, message.properties))
+            reply = f"done: {command['command']}"
+            if mqtt5:
+                props = Properties(PacketTypes.PUBLISH)
+                props.CorrelationData = message.properties.CorrelationData
+                await client.publish(message.properties.ResponseTopic, reply.encode(), qos=1,
+                                     properties=props)
+            else:
+                await client.publish(f"{message.topic}/reply", json.dumps(
+                    {"id": command["id"], "reply": reply}).encode(), qos=1)

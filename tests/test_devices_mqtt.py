@@ -4,19 +4,27 @@ state, commands answered from MQTT 5 and 3.1.1 devices, timeouts, refusals, two 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import urllib.error
 from types import SimpleNamespace
 
 import aiomqtt
 import httpx
 import pytest
 import websockets
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
-from tests.helpers import FAST, device, mqtt_env, mqtt_ready, next_of, wait_until
+from tests.helpers import (
+    FAST,
+    answer_commands,
+    device,
+    devices_of,
+    history,
+    mqtt_env,
+    mqtt_ready,
+    next_mqtt,
+    next_of,
+    thermostat,
+    wait_until,
+)
 from tests.servers import free_port
 
 pytestmark = pytest.mark.slow
@@ -27,36 +35,6 @@ V5 = aiomqtt.ProtocolVersion.V5
 def api_key(gw, room: str, name: str = "ops") -> str:
     out = gw.manage("apikey", "create", "--name", name, "--rooms", room, "--scopes", "read,post")
     return out.strip().splitlines()[-1]
-
-
-def devices_of(gw, room: str) -> dict[str, dict]:
-    """The room's devices by id (none while the room does not exist)."""
-    try:
-        listed = gw.get_json(f"/api/rooms/{room}/devices")["devices"]
-    except urllib.error.HTTPError as refused:
-        assert refused.code == 404
-        return {}
-    return {d["id"]: d for d in listed}
-
-
-def history(gw, room: str) -> list[dict]:
-    return gw.get_json(f"/api/rooms/{room}/messages?after=0")["messages"]
-
-
-async def next_raw(client: aiomqtt.Client, timeout: float = 15) -> aiomqtt.Message:
-    async with asyncio.timeout(timeout):
-        return await anext(aiter(client.messages))
-
-
-async def thermostat(broker, name: str = "thermo1", room: str = "home", **kwargs):
-    """A device with a will (offline) that says it is online and its state, retained."""
-    will = aiomqtt.Will(f"rooms/{room}/status/{name}", b"offline", qos=1, retain=True)
-    client = device(broker, identifier=name, will=will, keepalive=5, **kwargs)
-    await client.__aenter__()
-    await client.publish(f"rooms/{room}/status/{name}", b"online", qos=1, retain=True)
-    await client.publish(f"rooms/{room}/state/{name}", b'{"temperature": 20.5, "target": 21}',
-                         qos=1, retain=True)
-    return client
 
 
 async def test_status_and_state_reach_api_and_v2_sockets_and_the_will_says_offline(
@@ -126,32 +104,9 @@ async def test_retained_state_is_read_when_the_gateway_starts_and_notices_are_to
     async with device(mosquitto) as fan1:
         await fan1.subscribe("rooms/attic/error/fan1", qos=1)
         await fan1.publish("rooms/attic/status/fan1", b"sleepy", qos=1)
-        error = json.loads((await next_raw(fan1)).payload)
+        error = json.loads((await next_mqtt(fan1)).payload)
         assert error["code"] == "invalid_status"
     assert devices_of(gw, "attic")["fan1"]["status"] == "offline"
-
-
-async def answer_commands(client: aiomqtt.Client, *, mqtt5: bool, seen: list) -> None:
-    """A device that answers each command: on the 3.1.1 reply topic with the id, or (MQTT 5)
-    on the response topic with the correlation data."""
-    with contextlib.suppress(aiomqtt.MqttError):  # its connection ends with the test
-        await _answer(client, mqtt5=mqtt5, seen=seen)
-
-
-async def _answer(client: aiomqtt.Client, *, mqtt5: bool, seen: list) -> None:
-    async for message in client.messages:
-        command = json.loads(message.payload)
-        seen.append((str(message.topic), command, message.properties))
-        reply = f"done: {command['command']}"
-        if mqtt5:
-            props = Properties(PacketTypes.PUBLISH)
-            props.CorrelationData = message.properties.CorrelationData
-            await client.publish(message.properties.ResponseTopic, reply.encode(), qos=1,
-                                 properties=props)
-        else:
-            await client.publish(f"{message.topic}/reply",
-                                 json.dumps({"id": command["id"], "reply": reply}).encode(),
-                                 qos=1)
 
 
 @pytest.mark.parametrize("mqtt5", [False, True], ids=["3.1.1", "mqtt5"])
@@ -194,7 +149,7 @@ async def test_a_command_from_the_api_and_a_socket_is_answered_in_the_room(
                     httpx.post, f"{gw.http}/api/rooms/home/messages",
                     json={"message": "hello devices"},
                     headers={"Authorization": f"Bearer {key}"}, timeout=10)
-                out = await next_raw(listener)
+                out = await next_mqtt(listener)
                 hello = json.loads(out.payload)
                 assert hello["message"] == "hello devices"
                 assert out.properties.ContentType == "application/json"
@@ -265,11 +220,11 @@ async def test_the_gateway_says_it_is_online_and_its_will_says_offline(
     await mqtt_ready(gw)
     async with device(mosquitto) as watcher:
         await watcher.subscribe("gateway/status/+", qos=1)
-        message = await next_raw(watcher)
+        message = await next_mqtt(watcher)
         assert (str(message.topic), message.payload, message.retain) == (
             "gateway/status/gw-a", b"online", True)
         gw.kill()
-        message = await next_raw(watcher, timeout=60)
+        message = await next_mqtt(watcher, timeout=60)
         assert (str(message.topic), message.payload) == ("gateway/status/gw-a", b"offline")
 
 
@@ -379,7 +334,7 @@ async def test_the_embedded_broker_serves_devices_as_members_and_leaks_no_retain
             await next_of(ws, "message")
             assert (await next_of(ws, "message"))["message"] == "done: set 22"
         with pytest.raises(TimeoutError):
-            await next_raw(other, timeout=1)
+            await next_mqtt(other, timeout=1)
     answering.cancel()
     thermo._client._sock.close()  # noqa: SLF001 - its will fires
     await wait_until(lambda: devices_of(gw, "den")["thermo1"]["status"] == "offline", 15,

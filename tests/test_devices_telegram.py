@@ -11,8 +11,20 @@ import pytest
 
 from bots.conversation import CMD_USAGE
 from tests.botapi import BotApiStandIn
-from tests.helpers import ALICE, BEN, TOKEN, mqtt_env, mqtt_ready, say, tg_env, wait_until
-from tests.test_devices_mqtt import answer_commands, devices_of, history, thermostat
+from tests.helpers import (
+    ALICE,
+    BEN,
+    TOKEN,
+    answer_commands,
+    devices_of,
+    history,
+    mqtt_env,
+    mqtt_ready,
+    say,
+    tg_env,
+    thermostat,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
