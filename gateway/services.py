@@ -53,7 +53,7 @@ def message_text_validate(text: object, *, empty_ok: bool = False) -> str:
     limit = settings.GATEWAY["MAX_MESSAGE_LENGTH"]
     if not isinstance(text, str):
         raise GatewayError("invalid_message", "'message' must be a string")
-    _unicode_check(text, "message")
+    unicode_check(text, "message")
     if not text.strip() and not empty_ok:
         raise GatewayError("empty_message", "'message' is empty")
     if len(text) > limit:
@@ -66,11 +66,11 @@ def client_id_validate(client_id: object) -> str | None:
         return None
     if not isinstance(client_id, str) or not 1 <= len(client_id) <= 64:
         raise GatewayError("invalid_client_id", "'client_id' must be a string of 1-64 characters")
-    _unicode_check(client_id, "client_id", code="invalid_client_id")
+    unicode_check(client_id, "client_id", code="invalid_client_id")
     return client_id
 
 
-def _unicode_check(value: str, field: str, *, code: str = "invalid_message") -> None:
+def unicode_check(value: str, field: str, *, code: str = "invalid_message") -> None:
     """Refuse what no database stores as text: lone surrogates and NUL characters."""
     if "\x00" in value:
         raise GatewayError(code, f"'{field}' contains a NUL character")

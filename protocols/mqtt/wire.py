@@ -60,6 +60,7 @@ Devices as members (gateway/devices.py):
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 
@@ -69,7 +70,7 @@ from paho.mqtt.properties import Properties
 from gateway import events, files
 from gateway.errors import GatewayError
 from gateway.names import room_name_is_valid
-from gateway.services import MESSAGE_CHANGES
+from gateway.services import MESSAGE_CHANGES, unicode_check
 
 FILE = "file"  # the last level of a device's file topic
 STATUS, STATE, CMD, REPLY = "status", "state", "cmd", "reply"
@@ -161,16 +162,48 @@ def _text(payload: bytes, what: str) -> str:
         raise GatewayError("invalid_utf8", "the payload is not valid UTF-8") from None
 
 
+_INT_LIMIT = 2**63  # what a database's JSON and the channel layer's msgpack carry
+
+
+def _constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:20]} is out of range")
+    return value
+
+
+def _storable(value: object, what: str) -> None:
+    """Refuse what a database's JSON or msgpack cannot carry: integers past 64 bits, NUL
+    characters and lone surrogates (NaN and infinities are refused while parsing)."""
+    if isinstance(value, str):
+        unicode_check(value, what, code="invalid_json")
+    elif isinstance(value, int) and not -_INT_LIMIT <= value < _INT_LIMIT:
+        raise GatewayError("invalid_json", f"a number in the {what} is out of range")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _storable(key, what)
+            _storable(item, what)
+    elif isinstance(value, list):
+        for item in value:
+            _storable(item, what)
+
+
 def _object(text: str, what: str) -> dict | None:
-    """A JSON object if ``text`` starts with '{' (GatewayError if it is not one), else None."""
+    """A JSON object if ``text`` starts with '{' (GatewayError if it is not one, or holds
+    what cannot be stored), else None."""
     if not text.lstrip().startswith("{"):
         return None
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_constant=_constant, parse_float=_finite)
     except (ValueError, RecursionError):
         raise GatewayError("invalid_json", f"a {what} starting with '{{' must be JSON") from None
     if not isinstance(data, dict):
         raise GatewayError("not_an_object", "send a JSON object")
+    _storable(data, what)
     return data
 
 
@@ -195,12 +228,15 @@ def state_decode(payload: bytes) -> object:
     if not text.strip():
         return None
     data = _object(text, "state")
+    if data is None:
+        unicode_check(text, "state", code="invalid_state")
     return data if data is not None else text
 
 
 def reply_decode(payload: bytes, correlation: bytes | None) -> tuple[str, object]:
     """A device's answer: the command's id and the reply. ``{"id", "reply"}``; or, with
-    MQTT 5 correlation data (the id), the payload is the reply: text, or that JSON."""
+    MQTT 5 correlation data (the id), the payload is the reply: text, or a JSON object whose
+    ``reply`` is it."""
     text = _text(payload, "reply")
     data = _object(text, "reply")
     if data is not None and "id" in data:
