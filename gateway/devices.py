@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,13 +33,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import DatabaseError, InterfaceError, OperationalError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
 from gateway import broadcast, events, services
 from gateway.errors import GatewayError
-from gateway.models import Device, DeviceCommand, DeviceRoom
+from gateway.models import Device, DeviceCommand, DeviceRoom, Message
 from gateway.names import room_name_is_valid, room_name_validate
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ logger = logging.getLogger(__name__)
 COMMAND_MAX = 1_000  # characters of a command's text
 TIMEOUT_MIN, TIMEOUT_MAX = 0.5, 300.0  # seconds a command may wait for its answer
 NOTICE_LABEL = "device"
+NOTICE_INTERVAL = 30.0  # seconds between two status notices of a device in a room
 
 
 def _epoch(value: datetime | None) -> float | None:
@@ -109,30 +111,54 @@ def devices_report(reports: Sequence[Report]) -> list[events.RoomDevice]:
                            extra={"protocol": "mqtt", "room": report.room,
                                   "device": report.device_id, "code": exc.code})
             continue
+        except (OperationalError, InterfaceError):
+            raise  # the database cannot now: the caller tries again
+        except DatabaseError as exc:  # this report only (a value it cannot hold): dropped
+            logger.warning("device %s not stored: %s", report.kind, exc,
+                           extra={"protocol": "mqtt", "room": report.room,
+                                  "device": report.device_id, "code": "invalid_state"})
+            continue
         if change is not None:
             changes.append(change)
     return changes
 
 
 def _report_apply(report: Report) -> events.RoomDevice | None:
-    services.room_get_or_create(room=report.room, creator=report.device_id)
+    """One report, taken as the device's message would be: its room created within the
+    room policy for it, refused for a blocked device (``blocked``) and where the room's
+    policy lets no device post (``read_only``). A report does not undo what the room learnt
+    after it was heard (the silence rule's ``unknown``; a takeover's older view)."""
+    room = services.room_get_or_create(room=report.room, creator=report.device_id)
     at = _at(report.at)
+    device, _ = Device.objects.get_or_create(device_id=report.device_id, defaults={
+        "protocol": "mqtt", "last_seen": at, "rooms": [report.room]})
+    if device.blocked:
+        raise GatewayError("blocked", "staff blocked this device")
+    policy = services.room_policy_get(room=room.name)
+    if policy is not None and not policy.may_post("mqtt"):
+        raise GatewayError("read_only", "the room's policy lets no device post")
+    if report.room not in device.rooms:
+        device.rooms = [*device.rooms, report.room]
+        device.save(update_fields=["rooms"])
     with transaction.atomic():
         row, created = DeviceRoom.objects.select_for_update().get_or_create(
             room=report.room, device_id=report.device_id)
         fields: list[str] = []
         before = row.status
-        if report.live:
+        if report.live and (row.seen_at is None or row.seen_at < at):
             row.seen_at = at
             fields.append("seen_at")
+        # Not over what the room learnt after this report was heard (the silence rule's
+        # unknown; a newer value written before a takeover).
         if report.kind == "status":
             status = report.status or ""
-            changed = status != row.status or report.detail != row.status_detail
+            changed = (status != row.status or report.detail != row.status_detail) and (
+                row.status_at is None or row.status_at <= at)
             if changed:
                 row.status, row.status_detail, row.status_at = status, report.detail, at
                 fields += ["status", "status_detail", "status_at"]
         else:
-            changed = report.state != row.state
+            changed = report.state != row.state and (row.state_at is None or row.state_at <= at)
             if changed:
                 row.state, row.state_at = report.state, at
                 fields += ["state", "state_at"]
@@ -176,13 +202,27 @@ def devices_silent(*, silence: float, now: float) -> list[events.RoomDevice]:
 
 
 def _status_notice(row: DeviceRoom) -> None:
-    """Tell the room a device's status changed, if its policy asks (``notices``)."""
+    """Tell the room a device's status changed, if its policy asks (``notices``): at most
+    one notice per device and room every ``NOTICE_INTERVAL`` (a device that flaps does not
+    fill the room), and never at the cost of the status (a closed room is not told)."""
     policy = services.room_policy_get(room=row.room)
     if policy is None or not policy.notices or not row.status:
         return
+    prefix = f"status:{row.device_id}:"
+    last = (Message.objects.filter(room__name=row.room, sender_id=services.SYSTEM_SENDER["id"],
+                                   client_id__startswith=prefix)
+            .order_by("-seq").values_list("created_at", flat=True).first())
+    if last is not None and (timezone.now() - last).total_seconds() < NOTICE_INTERVAL:
+        return
     text = f"{NOTICE_LABEL} {row.device_id} is {row.status}"
-    services.room_message_post(room=row.room, text=text, sender=services.SYSTEM_SENDER,
-                               origin="", client_id=f"status:{uuid.uuid4().hex}")
+    try:
+        with transaction.atomic():
+            services.room_message_post(room=row.room, text=text,
+                                       sender=services.SYSTEM_SENDER, origin="",
+                                       client_id=f"{prefix}{uuid.uuid4().hex}")
+    except GatewayError as exc:
+        logger.info("device status not told: %s", exc.detail, extra={
+            "protocol": "mqtt", "room": row.room, "device": row.device_id, "code": exc.code})
 
 
 # --- commands ----------------------------------------------------------------------------
@@ -197,7 +237,12 @@ class Command:
     device_id: str
     command: str
     sender: events.Sender
-    timeout: float  # seconds it waits for its answer from now on
+    timeout: float  # seconds it waits for its answer, as sent
+    deadline: float  # epoch seconds: past it, the room is told it timed out
+
+    def remaining(self, now: float | None = None) -> float:
+        """Seconds left before its deadline (a command past it is not published)."""
+        return self.deadline - (time.time() if now is None else now)
 
     def payload(self) -> dict[str, Any]:
         """What the device is sent: ``{"id", "command", "sender"}``."""
@@ -212,8 +257,8 @@ def command_text(device_id: str, command: str) -> str:
 def timeout_validate(value: object) -> float:
     if value is None:
         return float(settings.MQTT["COMMAND_TIMEOUT"])
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(
-            value) or not TIMEOUT_MIN <= value <= TIMEOUT_MAX:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (
+            TIMEOUT_MIN <= value <= TIMEOUT_MAX) or not math.isfinite(value):
         raise GatewayError("invalid_timeout", f"'timeout' must be a number of seconds "
                            f"between {TIMEOUT_MIN:g} and {TIMEOUT_MAX:g}")
     return float(value)
@@ -268,7 +313,8 @@ def command_send(*, room: str, device: object, command: object, sender: events.S
                 extra={"protocol": sender["protocol"], "room": room, "device": device,
                        "sender": event["sender"]["id"], "id": event["id"], "command_id": key})
     return event, Command(key=key, room=room, device_id=device, command=command,
-                          sender=event["sender"], timeout=wait)
+                          sender=event["sender"], timeout=wait,
+                          deadline=(now + timedelta(seconds=wait)).timestamp())
 
 
 # Where this process publishes commands (protocols/mqtt/devices.py installs it where MQTT
@@ -302,8 +348,9 @@ def commands_unclaimed(*, older_than: float, limit: int = 100) -> list[Command]:
         state=DeviceCommand.PENDING, sent_at__isnull=True,
         created_at__lt=now - timedelta(seconds=older_than)).order_by("created_at")[:limit]
     return [Command(key=row.key, room=row.room, device_id=row.device_id, command=row.command,
-                    sender=row.sender, timeout=max(0.0, (row.deadline - now).total_seconds()))
-            for row in rows]
+                    sender=row.sender, timeout=(row.deadline - row.created_at).total_seconds(),
+                    deadline=row.deadline.timestamp())
+            for row in rows if row.deadline > now]
 
 
 def command_answer(*, room: str, device_id: str, key: object,

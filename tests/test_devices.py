@@ -18,6 +18,7 @@ from gateway.errors import GatewayError
 from gateway.models import Device, DeviceCommand, DeviceRoom, Message
 from protocols.mqtt import wire
 from protocols.mqtt.broker_auth import ANONYMOUS, BrokerPolicy, Client
+from protocols.mqtt.devices import ERROR_REPLY_BURST as ERROR_REPLIES_AT_ONCE
 from protocols.mqtt.devices import DeviceKeeper
 
 ALICE = events.sender(protocol="web", id="user:1", name="alice")
@@ -156,7 +157,7 @@ def test_an_online_device_silent_too_long_becomes_unknown(room_events):
     now = time.time()
     devices.devices_report([report(status="online", at=now - 100)])
     assert devices.devices_silent(silence=200, now=now) == []
-    Device.objects.create(device_id="t1", protocol="mqtt", last_seen=devices._at(now - 10))
+    Device.objects.filter(device_id="t1").update(last_seen=devices._at(now - 10))
     assert devices.devices_silent(silence=50, now=now) == []  # it still posts messages
     Device.objects.filter(device_id="t1").update(last_seen=devices._at(now - 90))
     [change] = devices.devices_silent(silence=50, now=now)
@@ -224,8 +225,7 @@ def test_who_may_command_is_the_rooms_policy_and_the_devices_own(thermo):
         send()  # one who may not post may not command either
     assert refused.value.code == "command_not_allowed"
     set_policy(post=None)
-    Device.objects.create(device_id="t1", protocol="mqtt", last_seen=devices._at(time.time()),
-                          commands=False)
+    Device.objects.filter(device_id="t1").update(commands=False)
     with pytest.raises(GatewayError) as refused:
         send()
     assert refused.value.code == "command_not_allowed"
@@ -277,6 +277,8 @@ class Server:
     device_reports = None
 
     def __init__(self) -> None:
+        self.connected = asyncio.Event()
+        self.connected.set()
         self.published: list[tuple[str, bytes, Properties | None]] = []
         self.errors: list[tuple[str, bytes, str]] = []
 
@@ -288,6 +290,7 @@ class Server:
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("runtime_stopped")  # the database thread's connection closed
 async def test_only_the_lease_holder_writes_and_a_taker_writes_what_it_heard(room_events):
     first, second = Server(), Server()
     holder = DeviceKeeper(first, prefix="rooms", silence=0)  # type: ignore[arg-type]
@@ -318,6 +321,7 @@ async def test_only_the_lease_holder_writes_and_a_taker_writes_what_it_heard(roo
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("runtime_stopped")  # the database thread's connection closed
 async def test_a_command_sent_here_is_published_once_with_its_mqtt5_properties():
     server = Server()
     keeper = DeviceKeeper(server, prefix="rooms", silence=0)  # type: ignore[arg-type]
@@ -343,3 +347,100 @@ async def test_a_command_sent_here_is_published_once_with_its_mqtt5_properties()
         assert isinstance(properties, Properties) and properties.packetType == PacketTypes.PUBLISH
     finally:
         await keeper.stop()
+
+
+# --- what a careless or hostile device cannot do ----------------------------------------------
+
+
+@pytest.mark.parametrize("payload", [
+    b'{"t": NaN}', b'{"t": Infinity}', b'{"t": 1e999}', b'{"t": 18446744073709551616}',
+    b'{"t": "a\\u0000b"}', b'{"\\ud800": 1}', b'{"t": [{"u": -9223372036854775809}]}',
+])
+def test_a_state_no_database_or_layer_could_carry_is_refused(payload):
+    with pytest.raises(GatewayError) as refused:
+        wire.state_decode(payload)
+    assert refused.value.code == "invalid_json"
+    with pytest.raises(GatewayError):
+        wire.status_decode(payload.replace(b'{"t"', b'{"status": "online", "t"'))
+
+
+def test_a_timeout_past_any_float_is_refused_not_raised(thermo):
+    with pytest.raises(GatewayError) as refused:
+        send(timeout=10**400)
+    assert refused.value.code == "invalid_timeout"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_blocked_device_and_a_room_closed_to_devices_take_no_report(room_events):
+    devices.devices_report([report(status="online")])
+    Device.objects.filter(device_id="t1").update(blocked=True)
+    assert devices.devices_report([report(status="offline")]) == []
+    Device.objects.filter(device_id="t1").update(blocked=False)
+    set_policy(post=["web"])
+    assert devices.devices_report([report(status="offline")]) == []
+    assert devices.room_devices(room="home")[0]["status"] == "online"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_flapping_device_is_told_once_and_a_closed_room_still_shows_its_status(room_events):
+    devices.devices_report([report(status="online")])
+    set_policy(notices=True)
+    for status in ("offline", "online", "offline"):
+        assert devices.devices_report([report(status=status)])
+    assert list(Message.objects.values_list("text", flat=True)) == ["device t1 is offline"]
+    services.room_close(room="home")
+    Message.objects.all().delete()  # no notice within NOTICE_INTERVAL: none to wait out
+    assert devices.devices_report([report(status="online")])  # applied, not told
+    assert devices.room_devices(room="home")[0]["status"] == "online"
+    assert not Message.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_brokers_replay_does_not_undo_what_the_room_learnt_since(room_events):
+    heard = time.time() - 60  # a new lease holder heard the retained "online" a minute ago
+    devices.devices_report([report(status="online", at=heard - 100)])
+    [unknown] = devices.devices_silent(silence=30, now=heard + 30)
+    assert unknown["device"]["status"] == "unknown"
+    assert devices.devices_report([report(status="online", live=False, at=heard)]) == []
+    assert devices.room_devices(room="home")[0]["status"] == "unknown"
+    assert devices.devices_report([report(status="online", at=time.time())])  # live: it is
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("runtime_stopped")  # the database thread's connection closed
+async def test_a_command_past_its_deadline_is_not_published_late(caplog):
+    server = Server()
+    keeper = DeviceKeeper(server, prefix="rooms", silence=0)  # type: ignore[arg-type]
+    late = devices.Command(key="k1", room="home", device_id="t1", command="unlock",
+                           sender=ALICE, timeout=1.0, deadline=time.time() - 0.1)
+    await keeper.publish(late)
+    assert server.published == []
+    assert "not published before its deadline" in caplog.text
+
+
+def test_a_device_flooding_its_status_is_refused_and_told_a_few_times(settings):
+    settings.GATEWAY = {**settings.GATEWAY, "RATE_LIMIT_PER_SECOND": 0.01,
+                        "RATE_LIMIT_BURST": 3}
+    server = Server()
+    keeper = DeviceKeeper(server, prefix="rooms", silence=0)  # type: ignore[arg-type]
+    topic = wire.DeviceTopic("status", "home", "t1")
+    for _ in range(30):
+        keeper.report(topic, b"online", False)
+    assert keeper.stats["reports"] == 3
+    assert 1 <= len(server.errors) <= ERROR_REPLIES_AT_ONCE
+    assert {code for _, _, code in server.errors} == {"rate_limited"}
+    for _ in range(5):  # the broker's replay is not the device's flood
+        keeper.report(topic, b"online", True)
+    assert keeper.stats["reports"] == 8
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("runtime_stopped")  # the database thread's connection closed
+async def test_a_process_not_connected_to_the_broker_does_not_hold_the_lease():
+    server = Server()
+    keeper = DeviceKeeper(server, prefix="rooms", silence=0)  # type: ignore[arg-type]
+    await keeper._lease_round()
+    assert keeper.lease.held
+    server.connected.clear()
+    await keeper._lease_round()
+    assert not keeper.lease.held

@@ -24,16 +24,17 @@ import asyncio
 import logging
 import math
 import time
-from dataclasses import replace
 
 from channels.db import database_sync_to_async
-from django.db import DatabaseError
+from django.db import DatabaseError, InterfaceError, OperationalError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from gateway import devices, metrics
 from gateway.errors import GatewayError
 from gateway.lease import Lease
+from gateway.logging import LogSampler
+from gateway.ratelimit import TokenBucket, flood_limit
 from protocols.mqtt import wire
 from protocols.mqtt.server import MqttServer, ServerStopped
 
@@ -43,9 +44,16 @@ LEASE = "mqtt-devices"
 WRITE_BATCH = 200  # reports written by one call
 RETRY = 1.0  # seconds before writes the database refused are tried again
 SCAN_INTERVAL = 0.5  # seconds between looks for commands due (timeouts, unclaimed)
+CONNECTED_CHECK = 0.25  # seconds between looks for the broker connection, without the lease
 SILENCE_INTERVAL = 5.0  # seconds between looks for silent devices
 FORGET_INTERVAL = 3600.0  # seconds between removals of old commands
 UNCLAIMED_AFTER = 2.0  # seconds a command waits for the process that sent it to publish it
+# Reports kept (each device's last per room and topic, what a takeover writes) and devices'
+# limits kept: past it the oldest are forgotten (a device publishing to endless rooms costs
+# bounded memory).
+KEPT_MAX = 100_000
+LOGGED_PER_CODE = 5  # refused reports logged per code (the rest counted in the metrics)
+ERROR_REPLY_BURST = 10  # error replies to a device at once (then one a second)
 
 
 class DeviceKeeper:
@@ -62,6 +70,8 @@ class DeviceKeeper:
         self._tasks: list[asyncio.Task] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self.stats = {"reports": 0, "written": 0, "refused": 0, "commands": 0}
+        self._buckets: dict[str, tuple[TokenBucket, TokenBucket]] = {}
+        self.log_sample = LogSampler(LOGGED_PER_CODE)
         # From the first connection on: the retained reports come with the subscription.
         server.device_reports = self.report
 
@@ -86,8 +96,13 @@ class DeviceKeeper:
     # --- status and state ------------------------------------------------------------
 
     def report(self, topic: wire.DeviceTopic, payload: bytes, retained: bool) -> None:
-        """What the server received on a status or state topic (on the loop)."""
+        """What the server received on a status or state topic (on the loop). A live one
+        spends the device's flood limit (a retained one is the broker's replay); a refused
+        one is logged (the first few of each code) and answered on the device's error topic
+        (a burst, then one a second)."""
         try:
+            if not retained and not self._limits(topic.device_id)[0].allow():
+                raise GatewayError("rate_limited", "too many status or state reports")
             if topic.kind == wire.STATUS:
                 status, detail = wire.status_decode(payload)
                 report = devices.Report(room=topic.room, device_id=topic.device_id,
@@ -98,22 +113,40 @@ class DeviceKeeper:
                                         kind="state", at=time.time(), live=not retained,
                                         state=wire.state_decode(payload))
         except GatewayError as exc:
-            self.stats["refused"] += 1
-            metrics.refused("mqtt", exc.code)
-            logger.warning("refused a device's %s: %s", topic.kind, exc.detail, extra={
-                "protocol": "mqtt", "room": topic.room, "device": topic.device_id,
-                "code": exc.code})
-            if not retained:
-                self.server.error_reply(
-                    wire.error_topic(self.prefix, topic.room, topic.device_id),
-                    wire.error_payload(exc.code, exc.detail), exc.code)
-            return
+            return self._refuse(topic, exc, retained)
         self.stats["reports"] += 1
         key = (topic.room, topic.device_id, report.kind)
-        self.latest[key] = report
+        self.latest.pop(key, None)  # to the end: the oldest are forgotten first
+        if report.status is not None or report.state is not None:  # a clear is not kept
+            self.latest[key] = report
+            while len(self.latest) > KEPT_MAX:
+                self.latest.pop(next(iter(self.latest)))
         self.dirty.pop(key, None)  # to the end: written in the order received
         self.dirty[key] = report
         self._wake.set()
+
+    def _limits(self, device_id: str) -> tuple[TokenBucket, TokenBucket]:
+        """A device's flood limit and error-reply limit (the most recent devices' kept)."""
+        limits = self._buckets.pop(device_id, None) or (
+            flood_limit(), TokenBucket(rate=1.0, burst=ERROR_REPLY_BURST))
+        self._buckets[device_id] = limits
+        while len(self._buckets) > KEPT_MAX:
+            self._buckets.pop(next(iter(self._buckets)))
+        return limits
+
+    def _refuse(self, topic: wire.DeviceTopic, exc: GatewayError, retained: bool) -> None:
+        self.stats["refused"] += 1
+        metrics.refused("mqtt", exc.code)
+        if self.log_sample.allow(exc.code):
+            more = " (more are counted, not logged)" if self.log_sample.last_logged(
+                exc.code) else ""
+            logger.warning("refused a device's %s: %s%s", topic.kind, exc.detail, more, extra={
+                "protocol": "mqtt", "room": topic.room, "device": topic.device_id,
+                "code": exc.code})
+        if not retained and self._limits(topic.device_id)[1].allow():
+            self.server.error_reply(
+                wire.error_topic(self.prefix, topic.room, topic.device_id),
+                wire.error_payload(exc.code, exc.detail), exc.code)
 
     async def _write_loop(self) -> None:
         while True:
@@ -127,7 +160,7 @@ class DeviceKeeper:
                 batch = [self.dirty.pop(key) for key in keys]
                 try:
                     written = await database_sync_to_async(devices.devices_report)(batch)
-                except DatabaseError:
+                except (OperationalError, InterfaceError):
                     logger.warning("could not write devices' status; retrying", exc_info=True,
                                    extra={"protocol": "mqtt"})
                     for key, report in zip(keys, batch, strict=True):
@@ -140,15 +173,33 @@ class DeviceKeeper:
                 self.stats["written"] += len(written)
 
     async def _lease_loop(self) -> None:
+        """Hold the lease while connected to the broker (a process that hears nothing must
+        not be the one that writes), and write what this process holds on taking it."""
         while True:
-            held = self.lease.held
-            if await self.lease.renew() and not held:
-                logger.info("holding the devices' lease", extra={"protocol": "mqtt"})
-                # Write what this process holds: the truth as its broker replayed it.
-                for key, report in self.latest.items():
-                    self.dirty.setdefault(key, replace(report, live=False))
-                self._wake.set()
-            await asyncio.sleep(self.lease.ttl / 3)
+            try:
+                await self._lease_round()
+            except Exception:  # a bug: this process stops writing until the next round
+                self.lease.held = False
+                logger.exception("the devices' lease round failed", extra={"protocol": "mqtt"})
+            # Until connected, look often: the lease is taken as soon as the broker is there.
+            connected = self.server.connected.is_set()
+            await asyncio.sleep(self.lease.ttl / 3 if connected else CONNECTED_CHECK)
+
+    async def _lease_round(self) -> None:
+        if not self.server.connected.is_set():
+            if self.lease.held:
+                logger.info("left the devices' lease: not connected to the broker",
+                            extra={"protocol": "mqtt"})
+                await self.lease.release()
+            return
+        held = self.lease.held
+        if await self.lease.renew() and not held:
+            logger.info("holding the devices' lease", extra={"protocol": "mqtt"})
+            # Write what this process holds: the truth as its broker replayed it (what the
+            # room learnt after it heard it, the writer keeps).
+            for key, report in self.latest.items():
+                self.dirty.setdefault(key, report)
+            self._wake.set()
 
     # --- commands --------------------------------------------------------------------
 
@@ -175,21 +226,36 @@ class DeviceKeeper:
                     "protocol": "mqtt", "room": command.room, "device": command.device_id})
 
     async def publish(self, command: devices.Command) -> None:
+        """Publish a claimed command while it has time left: one whose deadline passed (the
+        broker away meanwhile) is not sent late, when the room was told it timed out. Over
+        MQTT 5 its expiry is the time it has left."""
+        remaining = command.remaining()
+        if remaining <= 0:
+            return self._late(command)
         properties = None
         if self.server.mqtt5:
             properties = Properties(PacketTypes.PUBLISH)
             properties.ResponseTopic = wire.reply_topic(self.prefix, command.room,
                                                         command.device_id)
             properties.CorrelationData = command.key.encode("ascii")
-            properties.MessageExpiryInterval = max(1, math.ceil(command.timeout))
+            properties.MessageExpiryInterval = max(1, math.ceil(remaining))
             properties.ContentType = "application/json"
-        await self.server.publish(
-            wire.cmd_topic(self.prefix, command.room, command.device_id),
-            wire.command_payload(command.payload()), properties=properties)
+        try:
+            async with asyncio.timeout(remaining):
+                await self.server.publish(
+                    wire.cmd_topic(self.prefix, command.room, command.device_id),
+                    wire.command_payload(command.payload()), properties=properties)
+        except TimeoutError:
+            return self._late(command)
         self.stats["commands"] += 1
         logger.info("published a command", extra={
             "protocol": "mqtt", "room": command.room, "device": command.device_id,
             "command_id": command.key, "sender": command.sender["id"]})
+
+    def _late(self, command: devices.Command) -> None:
+        logger.warning("a command was not published before its deadline (the broker away?)",
+                       extra={"protocol": "mqtt", "room": command.room,
+                              "device": command.device_id, "command_id": command.key})
 
     # --- what time does --------------------------------------------------------------
 
