@@ -42,6 +42,7 @@ if [ $# -eq 0 ] && [ "${GATEWAY_TEST_POSTGRES:-1}" != 0 ]; then
         tests/test_room_policy.py tests/test_conversation.py tests/test_relay.py \
         tests/test_group_commit.py tests/test_room_log.py tests/test_message_life.py \
         tests/test_api.py tests/test_policy.py tests/test_retention.py tests/test_files.py \
+        tests/test_devices.py tests/test_devices_units.py \
         || pg_status=$?
     echo "Stages: whole suite exit $status; storage tests on PostgreSQL exit $pg_status"
     [ "$status" -ne 0 ] || status=$pg_status
