@@ -276,6 +276,8 @@ def command_send(*, room: str, device: object, command: object, sender: events.S
     (``unknown_device``); the room's policy (``command_not_allowed``, and whatever refuses a
     message: a closed room, a sender that may not post, a block, the rate limit); a device
     staff blocked or whose commands they turned off (``command_not_allowed``)."""
+    if not settings.MQTT["ENABLED"]:  # nobody would publish it, nor tell it timed out
+        raise GatewayError("unavailable", "devices take commands over MQTT, which is off")
     if not isinstance(device, str) or not room_name_is_valid(device):
         raise GatewayError("invalid_device", "'device' must be a device id")
     if not isinstance(command, str) or not command.strip() or len(command) > COMMAND_MAX:

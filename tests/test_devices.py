@@ -444,3 +444,11 @@ async def test_a_process_not_connected_to_the_broker_does_not_hold_the_lease():
     server.connected.clear()
     await keeper._lease_round()
     assert not keeper.lease.held
+
+
+def test_without_mqtt_a_command_is_refused_not_left_pending(thermo, settings):
+    settings.MQTT = {**settings.MQTT, "ENABLED": False}
+    with pytest.raises(GatewayError) as refused:
+        send()
+    assert refused.value.code == "unavailable"
+    assert not DeviceCommand.objects.exists()
