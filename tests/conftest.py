@@ -9,6 +9,8 @@ from asgiref.sync import sync_to_async
 from django.db import connections
 
 from gateway.runtime import stop_runtime
+from tests.botapi import BotApiStandIn
+from tests.helpers import TOKEN
 from tests.servers import Gateway, Mosquitto, RedisServer
 
 
@@ -38,6 +40,13 @@ def redis_server(tmp_path):
 @pytest.fixture
 def mosquitto(tmp_path):
     yield from running(Mosquitto(tmp_path))
+
+
+@pytest.fixture
+def api():
+    """The Bot API stand-in (tests/botapi.py), over HTTP on a free port."""
+    with BotApiStandIn(TOKEN) as standin:
+        yield standin
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ from tests.botapi import BotApiStandIn
 from tests.helpers import (
     ALICE,
     BEN,
-    TOKEN,
     answer_commands,
     devices_of,
     history,
@@ -27,12 +26,6 @@ from tests.helpers import (
 )
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def api():
-    with BotApiStandIn(TOKEN) as standin:
-        yield standin
 
 
 def told(api: BotApiStandIn, chat_id: int, text: str) -> str:

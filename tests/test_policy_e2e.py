@@ -13,7 +13,6 @@ import pytest
 from tests.botapi import BotApiStandIn
 from tests.helpers import (
     ALICE,
-    TOKEN,
     connect,
     device,
     gather_out,
@@ -27,12 +26,6 @@ from tests.helpers import (
 )
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def api():
-    with BotApiStandIn(TOKEN) as standin:
-        yield standin
 
 
 def call(gw, method: str, path: str, key: str, body: dict | None = None) -> dict:

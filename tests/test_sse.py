@@ -12,11 +12,9 @@ import pytest
 
 from gateway import events
 from protocols.sse.consumer import _cursor, entry_event
-from tests.botapi import BotApiStandIn
 from tests.helpers import (
     ALICE,
     FAST,
-    TOKEN,
     connect,
     device,
     mqtt_env,
@@ -59,12 +57,6 @@ class Stream:
 def stream(client: httpx.AsyncClient, gw, room: str, **headers: str):
     return client.stream("GET", f"{gw.http}/sse/rooms/{room}/", headers=headers,
                          timeout=httpx.Timeout(30, read=None))
-
-
-@pytest.fixture
-def api():
-    with BotApiStandIn(TOKEN) as standin:
-        yield standin
 
 
 @pytest.mark.slow

@@ -9,7 +9,6 @@ import time
 
 import pytest
 
-from tests.botapi import BotApiStandIn
 from tests.helpers import (
     ALICE,
     BEN,
@@ -25,12 +24,6 @@ from tests.helpers import (
 )
 
 pytestmark = pytest.mark.slow
-
-@pytest.fixture
-def api():
-    with BotApiStandIn(TOKEN) as standin:
-        yield standin
-
 
 async def test_join_then_chat_both_ways_with_browsers(api, gateway_factory):
     gw = gateway_factory(env=tg_env(api)).start()

@@ -69,12 +69,6 @@ def attachment(name: str = "a.png", type: str = "image/png", size: int = 1000,
                              height=height, thumbnail=width is not None)
 
 
-@pytest.fixture
-def api():
-    with BotApiStandIn(TOKEN) as standin:
-        yield standin
-
-
 # --- which calls carry a message's files (fast) ---------------------------------------------
 
 

@@ -21,12 +21,6 @@ pytestmark = pytest.mark.slow
 HUGE = 2**63  # one past what the BigIntegerField of handled updates holds
 
 
-@pytest.fixture
-def api():
-    with BotApiStandIn(TOKEN) as standin:
-        yield standin
-
-
 def telegram_status(gw) -> dict:
     """The Telegram server's status dict, as /readyz (and the dashboard) show it."""
     try:

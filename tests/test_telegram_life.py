@@ -15,7 +15,6 @@ from tests.botapi import BotApiStandIn
 from tests.helpers import (
     ALICE,
     BEN,
-    TOKEN,
     connect,
     next_message,
     next_of,
@@ -29,12 +28,6 @@ pytestmark = pytest.mark.slow
 
 GROUP, SUPERGROUP = -300, -1000000000300
 CAROL = 333  # a member of the group
-
-
-@pytest.fixture
-def api():
-    with BotApiStandIn(TOKEN) as standin:
-        yield standin
 
 
 def extended(gw, room: str, name: str = "ann", **kwargs):
