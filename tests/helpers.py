@@ -7,6 +7,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import socket
 import sqlite3
 import time
@@ -263,6 +264,23 @@ def open_chat(browser, gw, room: str, name: str) -> Page:
     page.locator("#name").dispatch_event("change")  # reconnects under the new name
     expect(page.locator("#status")).to_have_text("connected")
     return page
+
+
+def forged_chat(browser, gw, room: str, timeout: float = 10_000) -> tuple[Page, list]:
+    """A chat page whose socket frames a test can forge: the page and its sockets (Playwright
+    ``WebSocketRoute``s, still connected to the server; ``sockets[-1].send(...)`` is a frame
+    as if the server had sent it), once connected."""
+    page = browser.new_context().new_page()
+    sockets: list = []
+
+    def route(ws) -> None:
+        ws.connect_to_server()
+        sockets.append(ws)
+
+    page.route_web_socket(re.compile(r"/ws/chat/"), route)
+    page.goto(f"{gw.http}/chat/{room}/")
+    expect(page.locator("#status")).to_have_text("connected", timeout=timeout)
+    return page, sockets
 
 
 def send(page: Page, text: str) -> None:

@@ -15,9 +15,9 @@ from typing import Any
 
 import aiomqtt
 import pytest
-from playwright.sync_api import Locator, Page, WebSocketRoute, expect
+from playwright.sync_api import Locator, Page, expect
 
-from tests.helpers import FAST, device, mqtt_env, mqtt_ready, open_chat, send
+from tests.helpers import FAST, device, forged_chat, mqtt_env, mqtt_ready, open_chat, send
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -262,16 +262,7 @@ def test_forged_device_frames_keep_their_place(browser, gateway_factory):
     """Every status's dot, long and nested states, and a full list that replaces the cards
     (frames forged at the page's socket, as if the server had sent them)."""
     gw = gateway_factory(env=FAST).start()
-    page = browser.new_context().new_page()
-    sockets: list[WebSocketRoute] = []
-
-    def route(ws: WebSocketRoute) -> None:
-        ws.connect_to_server()
-        sockets.append(ws)
-
-    page.route_web_socket(re.compile(r"/ws/chat/"), route)
-    page.goto(f"{gw.http}/chat/forged/")
-    expect(page.locator("#status")).to_have_text("connected", timeout=WAIT)
+    page, sockets = forged_chat(browser, gw, "forged", WAIT)
     expect(page.locator("#members li")).to_have_count(1, timeout=WAIT)  # its presence came
 
     def forged(device_id: str, status: str | None, state: object) -> dict:

@@ -12,10 +12,10 @@ import urllib.request
 
 import httpx
 import pytest
-from playwright.sync_api import Page, Route, WebSocketRoute, expect
+from playwright.sync_api import Page, Route, expect
 
 from tests import samples
-from tests.helpers import ARTIFACTS, FAST, PASSWORD, log_in, open_chat
+from tests.helpers import ARTIFACTS, FAST, PASSWORD, forged_chat, log_in, open_chat
 from tests.samples import jpeg, pdf
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
@@ -410,16 +410,7 @@ FORGED = {
 
 
 def test_a_frame_cannot_put_markup_or_foreign_urls_in_the_page(browser, gateway):
-    page = browser.new_context().new_page()
-    sockets: list[WebSocketRoute] = []
-
-    def route(ws: WebSocketRoute) -> None:
-        ws.connect_to_server()
-        sockets.append(ws)
-
-    page.route_web_socket(re.compile(r"/ws/chat/"), route)
-    page.goto(f"{gateway.http}/chat/forged/")
-    expect(page.locator("#status")).to_have_text("connected", timeout=WAIT)
+    page, sockets = forged_chat(browser, gateway, "forged", WAIT)
     sockets[-1].send(json.dumps(FORGED))  # as if the server had sent it
 
     item = page.locator("#messages li[data-id='1']")
